@@ -1,0 +1,52 @@
+"""The one label convention of agmm_jax.
+
+Every label map that reaches the model, the losses or the metrics is an int32
+array with these values:
+
+* ``0 .. num_classes - 1``: the pixel is labeled with that class;
+* ``UNLABELED`` (-1): a real image pixel without a label (sparse supervision
+  leaves most pixels like this) or a void pixel of a dense ground truth;
+* ``PADDING`` (-2): not an image pixel at all (crop padding or the padded part
+  of an evaluation canvas).
+
+Self-supervised terms (GMM, absent-class) cover real pixels, ``label != PADDING``.
+Supervised terms (pCE) and metrics cover labeled pixels, ``label >= 0``.
+
+On disk (PNG inside TFRecords) labels are uint8 with class ids and
+``STORED_UNLABELED`` (255) for unlabeled / void pixels. Padding is never stored:
+the input pipeline creates it. ``from_stored`` maps the stored encoding to the
+in-memory one.
+"""
+
+from typing import Final
+
+import numpy as np
+
+UNLABELED: Final[int] = -1
+PADDING: Final[int] = -2
+STORED_UNLABELED: Final[int] = 255
+
+
+def labeled_mask(label):
+  """True where the pixel carries a class id (works on NumPy and JAX arrays)."""
+  return label >= 0
+
+
+def real_mask(label):
+  """True where the pixel belongs to the image (not padding)."""
+  return label != PADDING
+
+
+def from_stored(stored: np.ndarray, num_classes: int) -> np.ndarray:
+  """Maps a stored uint8 label map (class ids, 255 unlabeled) to int32.
+
+  Raises ValueError if a value is neither a class id nor ``STORED_UNLABELED``.
+  """
+  label = stored.astype(np.int32)
+  bad = (label >= num_classes) & (label != STORED_UNLABELED)
+  if bad.any():
+    raise ValueError(
+        f'label values {sorted(set(np.unique(label[bad]).tolist()))} are '
+        f'neither class ids < {num_classes} nor {STORED_UNLABELED}')
+  label[label == STORED_UNLABELED] = UNLABELED
+  return label
