@@ -1,0 +1,76 @@
+r"""CamVid (11 classes, real street photos) with synthesized sparse labels.
+
+The real-data benchmark of this project (docs/results.md). The data are read
+from ../shared/datasets/camvid (or --config.data.prepare.root) and converted on
+first use into --config.data.dir, with sparse labels from the project's seeded
+generator. The argument after the colon selects the cell of the study:
+
+  labels  generator spec: clicks:20 (default), clicks:100, points:1, ...
+  method  agmm_released (default) | agmm_paper | pce_only | full (dense labels)
+  size    cpu (default: ResNet-18 from scratch at half resolution, 2-core
+          friendly) | gpu (ResNet-50 deep stem, OS 8, full resolution)
+  lseed   seed of the sparse-label generator (default 0)
+
+  python main.py --config=configs/camvid_clicks.py:labels=clicks:20,method=pce_only \
+      --workdir=runs/camvid_clicks20_pce --config.seed=1
+"""
+
+import ml_collections
+
+from agmm_jax import losses
+from configs import common
+
+_DEFAULTS = {'labels': 'clicks:20', 'method': 'agmm_released', 'size': 'cpu',
+             'lseed': '0'}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, _DEFAULTS)
+  if args['method'] not in ('agmm_released', 'agmm_paper', 'pce_only', 'full'):
+    raise ValueError(f'unknown method {args["method"]!r}')
+  if args['size'] not in ('cpu', 'gpu'):
+    raise ValueError(f'size must be cpu or gpu, got {args["size"]!r}')
+  config = common.base_config()
+  labels_tag = args['labels'].replace(':', '').replace('=', '')
+  resolution = 'half' if args['size'] == 'cpu' else 'full'
+  config.data.dir = f'data/camvid_{resolution}_{labels_tag}_lseed{args["lseed"]}'
+  config.data.prepare.converter = 'folder'
+  config.data.prepare.root = '../shared/datasets/camvid'
+  config.data.prepare.sparse = args['labels']
+  config.data.prepare.void_value = 11
+  config.data.prepare.seed = int(args['lseed'])
+  config.data.prepare.dense_train = True
+  config.data.prepare.downscale = 2 if args['size'] == 'cpu' else 1
+  config.data.augment = 'basic'
+  config.model.pretrained = ''
+  config.model.stem = 'deep'
+  config.model.aspp_rates = (6, 12, 18)
+  config.optimizer.lr = 1e-2
+  config.optimizer.head_lr_multiplier = 1.0
+  config.eval.mode = 'whole'
+  config.checkpoint_every_steps = 200
+  config.log_every_steps = 20
+
+  if args['method'] == 'full':
+    config.data.train_labels = 'dense'
+    config.loss = losses.preset_config('pce_only')
+  else:
+    config.loss = losses.preset_config(args['method'])
+
+  if args['size'] == 'cpu':
+    config.model.depth = 18
+    config.model.stem = 'torchvision'
+    config.model.output_stride = 16
+    config.data.crop_size = 161
+    config.data.eval_canvas = (180, 240)
+    config.global_batch_size = 8
+    config.num_epochs = 40
+    config.eval.batch_size = 8
+  else:
+    config.model.depth = 50
+    config.model.output_stride = 8
+    config.data.crop_size = 353
+    config.data.eval_canvas = (360, 480)
+    config.global_batch_size = 16
+    config.num_epochs = 200
+  return config

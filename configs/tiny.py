@@ -1,0 +1,47 @@
+r"""A tiny configuration for tests and smoke runs (CPU, seconds per step).
+
+ResNet-18 (torchvision stem) at output stride 16, 33x33 crops, global batch 8
+(divisible by 1, 2, 4 or 8 devices), 4 steps with an evaluation at step 2 and
+at the end. Point ``data.dir`` at a prepared folder, e.g. the one
+``tests/fixtures.make_folder_dataset_tfrecords`` writes:
+
+  python main.py --config=configs/tiny.py --workdir=/tmp/agmm_tiny \
+      --config.data.dir=/path/to/prepared_folder
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = common.base_config()
+  config.global_batch_size = 8
+  config.num_train_steps = 4
+  config.log_every_steps = 1
+  config.eval_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 2
+  config.image_summary_every_steps = 2
+
+  config.data.dir = ''
+  config.data.crop_size = 33
+  config.data.scale_range = (0.75, 1.25)
+  config.data.augment = 'basic'
+  config.data.eval_canvas = (48, 64)
+  config.data.num_threads = 1
+  config.data.prefetch = 1
+
+  config.model.depth = 18
+  config.model.stem = 'torchvision'
+  config.model.output_stride = 16
+  config.model.aspp_rates = (1, 2, 3)
+  config.model.pretrained = ''
+
+  config.optimizer.lr = 1e-2
+
+  config.eval.batch_size = 8
+  config.eval.mode = 'whole'
+  config.eval.scales = (0.75, 1.0)
+  config.eval.flip = True
+  return config

@@ -1,0 +1,608 @@
+"""Shared machinery of the converters: validation, encoding, sharding, metadata.
+
+A converter (``folder``, ``voc``, ``cityscapes``) only finds its files and
+describes their label encodings; ``convert`` does the rest:
+
+1. every example is loaded and checked in worker processes (image decodes;
+   label files exist, are single-channel, have the image's size and only
+   declared values), label values are mapped to the stored convention (class
+   ids, 255 = unlabeled/void; ``agmm_jax.labels``), sparse labels are read or
+   generated, and the ``tf.train.Example`` is serialized;
+2. the main process writes the records, in the input order, into
+   ``{split}-{i:05d}-of-{n:05d}.tfrecord`` shards and ``metadata.json`` inside a
+   temporary sibling folder, which is renamed to the output only at the end.
+
+Any problem (of every file, not just the first) raises ``ConversionError`` and
+leaves no output, unless ``skip_bad`` is set; then the bad examples are left out
+and listed in ``bad_files.txt`` of the output. Nothing is dropped silently.
+"""
+
+import argparse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import concurrent.futures
+import dataclasses
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+import tqdm
+
+from agmm_jax import labels as labels_lib
+from agmm_jax import tfrecord
+from data_prep import sparse_labels
+
+STORED_UNLABELED = labels_lib.STORED_UNLABELED
+METADATA_FILE = 'metadata.json'
+BAD_FILES_FILE = 'bad_files.txt'
+# Shards hold about this many examples when --num_shards is 0 (automatic).
+_EXAMPLES_PER_SHARD = 500
+_INVALID = -1
+
+
+class ConversionError(Exception):
+  """Bad input; ``problems`` has one line per offending file."""
+
+  def __init__(self, problems: Sequence[str]):
+    self.problems = list(problems)
+    super().__init__(f'{len(self.problems)} problem(s):\n' +
+                     '\n'.join(self.problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelDecoder:
+  """Maps raw label PNG values to the stored convention.
+
+  Attributes:
+    lut: 256 entries, ``lut[raw] = stored`` value (class id or 255), or -1 when
+      ``raw`` is not allowed.
+    description: the allowed values in words, for error messages.
+  """
+  lut: tuple[int, ...]
+  description: str
+
+  @classmethod
+  def identity(cls, num_classes: int,
+               unlabeled_values: Iterable[int]) -> 'LabelDecoder':
+    """Class ids as they are; each of ``unlabeled_values`` becomes 255."""
+    unlabeled_values = sorted(set(int(v) for v in unlabeled_values))
+    lut = [_INVALID] * 256
+    for value in range(num_classes):
+      lut[value] = value
+    for value in unlabeled_values:
+      if value < num_classes:
+        raise ValueError(f'unlabeled/void value {value} is a class id '
+                         f'(< {num_classes})')
+      lut[value] = STORED_UNLABELED
+    return cls(tuple(lut), f'classes 0..{num_classes - 1} and '
+               f'unlabeled/void {unlabeled_values}')
+
+  @classmethod
+  def from_mapping(cls, mapping: Mapping[int, int],
+                   description: str) -> 'LabelDecoder':
+    """Raw value -> stored value (e.g. Cityscapes labelIds -> trainIds)."""
+    lut = [_INVALID] * 256
+    for raw, stored in mapping.items():
+      lut[raw] = stored
+    return cls(tuple(lut), description)
+
+  @property
+  def unlabeled_raw_values(self) -> list[int]:
+    return [raw for raw, stored in enumerate(self.lut)
+            if stored == STORED_UNLABELED]
+
+  def decode(self, raw: np.ndarray, path: str) -> np.ndarray:
+    """Stored uint8 labels for ``raw`` ``[H, W]``; errors name ``path``."""
+    if raw.size and (raw.min() < 0 or raw.max() > 255):
+      raise ValueError(f'{path}: label values outside 0..255 '
+                       f'(min {raw.min()}, max {raw.max()})')
+    lut = np.asarray(self.lut, np.int32)
+    stored = lut[raw.astype(np.intp)]
+    if (stored == _INVALID).any():
+      bad = sorted(np.unique(raw[stored == _INVALID]).tolist())
+      raise ValueError(f'{path}: label values {bad[:20]} are not '
+                       f'{self.description}')
+    return stored.astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceExample:
+  """Files of one example; ``None`` where the split has no such label."""
+  image_id: str
+  image_path: str
+  dense_path: str | None = None
+  sparse_path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+  """How one split is converted.
+
+  Attributes:
+    dense_decoder: raw dense values -> stored; None when there is no dense
+      label.
+    store_dense: write ``label/dense/encoded`` (the val split always does).
+    sparse_decoder: raw values of provided sparse PNGs -> stored.
+    sparse_spec: generate sparse labels from the dense ones with this spec.
+    seed: generator seed.
+    downscale: integer factor; images are shrunk with a box filter, labels by
+      nearest neighbour (the pixel at the centre of each block), before
+      sparse labels are generated.
+    jpeg_quality: 0 keeps JPEG/PNG image bytes as they are; otherwise images
+      are re-encoded as JPEG of this quality.
+  """
+  dense_decoder: LabelDecoder | None = None
+  store_dense: bool = True
+  sparse_decoder: LabelDecoder | None = None
+  sparse_spec: sparse_labels.SparseSpec | None = None
+  seed: int = 0
+  downscale: int = 1
+  jpeg_quality: int = 0
+
+  @property
+  def has_sparse(self) -> bool:
+    return self.sparse_decoder is not None or self.sparse_spec is not None
+
+
+@dataclasses.dataclass
+class SplitSource:
+  """A split to convert: examples, options and problems found so far."""
+  examples: list[SourceExample]
+  options: SplitOptions
+  problems: list[str] = dataclasses.field(default_factory=list)
+  sparse_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Result:
+  image_id: str
+  record: bytes | None = None
+  problems: list[str] = dataclasses.field(default_factory=list)
+  sparse_stats: sparse_labels.SparseStats | None = None
+  unlabeled_values_found: list[int] = dataclasses.field(default_factory=list)
+  overlay_png: bytes | None = None
+
+
+def encode_png(label: np.ndarray) -> bytes:
+  """PNG bytes of a uint8 ``[H, W]`` label map (mode L)."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(label, np.uint8), mode='L').save(
+      buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+  """Inverse of ``encode_png``: uint8 ``[H, W]``."""
+  return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _load_image(path: str, options: SplitOptions) -> tuple[bytes, str, int,
+                                                           int, np.ndarray]:
+  """Returns (encoded bytes, 'jpeg'|'png', height, width, RGB uint8 array)."""
+  if not os.path.exists(path):
+    raise ValueError(f'{path}: missing image file')
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    source_format = image.format
+    rgb = np.asarray(image.convert('RGB'))
+  except Exception as e:  # PIL raises many types for corrupt files.
+    raise ValueError(f'{path}: cannot decode image ({e})') from e
+  factor = options.downscale
+  if factor > 1:
+    height, width = rgb.shape[0] // factor, rgb.shape[1] // factor
+    rgb = np.asarray(Image.fromarray(rgb).resize((width, height),
+                                                 Image.Resampling.BOX))
+  keep = (factor == 1 and options.jpeg_quality == 0 and image.mode == 'RGB'
+          and source_format in ('JPEG', 'PNG'))
+  if keep:
+    return data, source_format.lower(), rgb.shape[0], rgb.shape[1], rgb
+  buffer = io.BytesIO()
+  if options.jpeg_quality:
+    Image.fromarray(rgb).save(buffer, format='JPEG',
+                              quality=options.jpeg_quality)
+    image_format = 'jpeg'
+  else:
+    Image.fromarray(rgb).save(buffer, format='PNG')
+    image_format = 'png'
+  return buffer.getvalue(), image_format, rgb.shape[0], rgb.shape[1], rgb
+
+
+def _load_label(path: str, decoder: LabelDecoder, image_path: str,
+                image_size: tuple[int, int],
+                downscale: int) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (stored uint8 [H, W], raw values) after the checks."""
+  if not os.path.exists(path):
+    raise ValueError(f'{path}: missing label file (for image {image_path})')
+  try:
+    label_image = Image.open(path)
+    label_image.load()
+  except Exception as e:  # PIL raises many types for corrupt files.
+    raise ValueError(f'{path}: cannot decode label PNG ({e})') from e
+  if label_image.mode not in ('P', 'L', 'I', 'I;16', '1'):
+    raise ValueError(f'{path}: label must be a single-channel PNG (class '
+                     f'indices), got mode {label_image.mode}')
+  raw = np.asarray(label_image).astype(np.int32)
+  if downscale > 1:
+    height, width = raw.shape[0] // downscale, raw.shape[1] // downscale
+    offset = downscale // 2
+    raw = raw[offset::downscale, offset::downscale][:height, :width]
+  if raw.shape != image_size:
+    raise ValueError(
+        f'{path}: label size {raw.shape[1]}x{raw.shape[0]} differs from image '
+        f'size {image_size[1]}x{image_size[0]} ({image_path})')
+  return decoder.decode(raw, path), raw
+
+
+def process_example(example: SourceExample, options: SplitOptions,
+                    num_classes: int, want_overlay: bool = False) -> _Result:
+  """Loads, checks and serializes one example (runs in a worker process)."""
+  result = _Result(example.image_id)
+  try:
+    image_bytes, image_format, height, width, rgb = _load_image(
+        example.image_path, options)
+  except ValueError as e:
+    result.problems.append(str(e))
+    return result
+  features = {
+      'image/encoded': image_bytes,
+      'image/format': image_format,
+      'image/id': example.image_id,
+      'image/height': height,
+      'image/width': width,
+  }
+  dense = None
+  # Dense labels are read when stored or needed to generate sparse ones, so a
+  # sparse-only training split does not require dense files.
+  if options.dense_decoder is not None and (options.store_dense or
+                                            options.sparse_spec is not None):
+    try:
+      dense, _ = _load_label(example.dense_path, options.dense_decoder,
+                             example.image_path, (height, width),
+                             options.downscale)
+    except ValueError as e:
+      result.problems.append(str(e))
+    else:
+      if options.store_dense:
+        features['label/dense/encoded'] = encode_png(dense)
+  sparse = None
+  if options.sparse_decoder is not None:
+    try:
+      sparse, raw = _load_label(example.sparse_path, options.sparse_decoder,
+                                example.image_path, (height, width),
+                                options.downscale)
+      result.unlabeled_values_found = sorted(
+          set(np.unique(raw).tolist())
+          & set(options.sparse_decoder.unlabeled_raw_values))
+    except ValueError as e:
+      result.problems.append(str(e))
+  elif options.sparse_spec is not None and dense is not None:
+    sparse = sparse_labels.generate(dense, options.sparse_spec,
+                                    seed=options.seed,
+                                    image_id=example.image_id)
+  if result.problems:
+    return result
+  if sparse is not None:
+    features['label/sparse/encoded'] = encode_png(sparse)
+    result.sparse_stats = sparse_labels.SparseStats(num_classes)
+    result.sparse_stats.add(sparse, dense)
+    if want_overlay:
+      result.overlay_png = sparse_labels.png_bytes(
+          sparse_labels.overlay(rgb, sparse))
+  result.record = tfrecord.encode_example(features)
+  return result
+
+
+def _process_star(args) -> _Result:
+  return process_example(*args)
+
+
+def shard_names(split: str, num_shards: int) -> list[str]:
+  return [f'{split}-{i:05d}-of-{num_shards:05d}.tfrecord'
+          for i in range(num_shards)]
+
+
+def _check_ids(split: str, examples: Sequence[SourceExample]) -> list[str]:
+  seen = {}
+  problems = []
+  for example in examples:
+    if example.image_id in seen:
+      problems.append(f'{example.image_path}: duplicate image id '
+                      f'{example.image_id!r} in split {split} (also '
+                      f'{seen[example.image_id]})')
+    else:
+      seen[example.image_id] = example.image_path
+  return problems
+
+
+def _raise_on_signal(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f'signal {signum}')
+
+
+def convert(*, name: str, classes: Sequence[str],
+            splits: Mapping[str, SplitSource], output: str,
+            num_shards: int = 0, num_workers: int = 1, skip_bad: bool = False,
+            overwrite: bool = False, overlays: int = 0,
+            extra_metadata: Mapping[str, Any] | None = None,
+            progress: bool = True) -> dict[str, Any]:
+  """Converts ``splits`` into a prepared dataset folder at ``output``.
+
+  Args:
+    name: dataset name for the metadata.
+    classes: class names; their number is ``num_classes``.
+    splits: split name -> examples and options.
+    output: the folder to create (must not exist unless ``overwrite``).
+    num_shards: shards per split; 0 picks about one per 500 examples.
+    num_workers: processes that decode/encode examples (1: in this process).
+    skip_bad: leave bad examples out (listed in bad_files.txt) instead of
+      failing.
+    overwrite: replace an existing ``output``.
+    overlays: write this many overlay PNGs per sparse split to
+      ``output/overlays/{split}/``.
+    extra_metadata: merged into metadata.json (converter settings).
+    progress: show tqdm bars.
+
+  Returns:
+    The metadata written to ``output/metadata.json``.
+
+  Raises:
+    ConversionError: listing every problem (unless ``skip_bad``), or when the
+      output exists.
+  """
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise ConversionError([f'{output}: output exists (use --overwrite to '
+                           'replace it)'])
+  num_classes = len(classes)
+  parent = os.path.dirname(output)
+  os.makedirs(parent, exist_ok=True)
+  temporary = os.path.join(
+      parent, f'.{os.path.basename(output)}.incomplete-{os.getpid()}')
+  if os.path.exists(temporary):
+    shutil.rmtree(temporary)
+  os.makedirs(temporary)
+  start = time.perf_counter()
+  try:
+    metadata = _convert_into(
+        temporary, name=name, classes=classes, splits=splits,
+        num_shards=num_shards, num_workers=num_workers, skip_bad=skip_bad,
+        overlays=overlays, progress=progress, num_classes=num_classes)
+    metadata.update(extra_metadata or {})
+    metadata['conversion_seconds'] = round(time.perf_counter() - start, 2)
+    with open(os.path.join(temporary, METADATA_FILE), 'w') as f:
+      json.dump(metadata, f, indent=2)
+    if os.path.exists(output):
+      trash = f'{temporary}.old'
+      os.rename(output, trash)
+      os.rename(temporary, output)
+      shutil.rmtree(trash)
+    else:
+      os.rename(temporary, output)
+  except BaseException:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise
+  return metadata
+
+
+def _convert_into(directory: str, *, name, classes, splits, num_shards,
+                  num_workers, skip_bad, overlays, progress,
+                  num_classes) -> dict[str, Any]:
+  metadata = {
+      'name': name,
+      'classes': list(classes),
+      'num_classes': num_classes,
+      'splits': {},
+      'label_convention': {
+          'stored_unlabeled': STORED_UNLABELED,
+          'description': 'uint8 PNG labels: class ids 0..num_classes-1, 255 '
+                         'unlabeled (sparse) or void (dense)',
+      },
+      'sparse_labels': {},
+  }
+  all_problems = []
+  for split, source in splits.items():
+    all_problems.extend(source.problems)
+    all_problems.extend(_check_ids(split, source.examples))
+  executor = None
+  if num_workers > 1:
+    # spawn: workers must not inherit a forked JAX runtime or locks of the
+    # calling program.
+    executor = concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context('spawn'))
+  try:
+    for split, source in splits.items():
+      split_metadata, sparse_metadata, problems = _convert_split(
+          directory, split, source, num_shards=num_shards, executor=executor,
+          overlays=overlays, progress=progress, num_classes=num_classes,
+          skip_bad=skip_bad, failed_already=bool(all_problems))
+      all_problems.extend(problems)
+      metadata['splits'][split] = split_metadata
+      if sparse_metadata is not None:
+        metadata['sparse_labels'][split] = sparse_metadata
+  finally:
+    if executor is not None:
+      executor.shutdown(wait=True, cancel_futures=True)
+  if all_problems and not skip_bad:
+    raise ConversionError(all_problems)
+  metadata['num_bad_files'] = len(all_problems)
+  if all_problems:
+    with open(os.path.join(directory, BAD_FILES_FILE), 'w') as f:
+      f.write('\n'.join(all_problems) + '\n')
+  return metadata
+
+
+def _convert_split(directory, split, source: SplitSource, *, num_shards,
+                   executor, overlays, progress, num_classes, skip_bad,
+                   failed_already):
+  """Writes one split's shards; returns (split metadata, sparse metadata,
+  problems)."""
+  examples = source.examples
+  options = source.options
+  count = len(examples)
+  shards = num_shards or max(1, math.ceil(count / _EXAMPLES_PER_SHARD))
+  shards = max(1, min(shards, max(count, 1)))
+  names = shard_names(split, shards)
+  tasks = [(example, options, num_classes,
+            options.has_sparse and position < overlays)
+           for position, example in enumerate(examples)]
+  if executor is None:
+    results = map(_process_star, tasks)
+  else:
+    results = executor.map(_process_star, tasks, chunksize=4)
+  problems = []
+  sparse_stats = sparse_labels.SparseStats(num_classes)
+  unlabeled_found = set()
+  written = 0
+  writers = []
+  try:
+    writers = [tfrecord.TFRecordWriter(os.path.join(directory, n))
+               for n in names]
+    bar = tqdm.tqdm(results, total=count, desc=f'{split}', unit='img',
+                    disable=not progress)
+    for position, result in enumerate(bar):
+      if result.problems:
+        problems.extend(result.problems)
+        continue
+      if not skip_bad and (failed_already or problems):
+        # The conversion will fail; keep checking files but skip writing.
+        continue
+      # Contiguous shards: example i goes to shard i * shards // count.
+      writers[position * shards // count].write(result.record)
+      written += 1
+      if result.sparse_stats is not None:
+        sparse_stats.merge(result.sparse_stats)
+      unlabeled_found.update(result.unlabeled_values_found)
+      if result.overlay_png is not None:
+        overlay_dir = os.path.join(directory, 'overlays', split)
+        os.makedirs(overlay_dir, exist_ok=True)
+        with open(os.path.join(overlay_dir, f'{result.image_id}.png'),
+                  'wb') as f:
+          f.write(result.overlay_png)
+  finally:
+    for writer in writers:
+      writer.close()
+  split_metadata = {
+      'num_examples': written,
+      'shards': names,
+      'has_sparse': options.has_sparse,
+      'has_dense': options.dense_decoder is not None and options.store_dense,
+  }
+  sparse_metadata = None
+  if options.has_sparse:
+    sparse_metadata = {
+        'source': 'provided' if options.sparse_decoder is not None
+                  else 'generated',
+        **source.sparse_settings,
+        **sparse_stats.to_dict(),
+    }
+    if options.sparse_spec is not None:
+      sparse_metadata.update(options.sparse_spec.to_dict())
+      sparse_metadata['seed'] = options.seed
+    if options.sparse_decoder is not None:
+      sparse_metadata['unlabeled_values_found'] = sorted(unlabeled_found)
+  return split_metadata, sparse_metadata, problems
+
+
+def print_summary(metadata: Mapping[str, Any], output: str,
+                  file=sys.stdout) -> None:
+  """One line per split plus sparse-label statistics."""
+  print(f'{output}: {metadata["name"]}, {metadata["num_classes"]} classes, '
+        f'{metadata["conversion_seconds"]} s', file=file)
+  for split, info in metadata['splits'].items():
+    print(f'  {split}: {info["num_examples"]} examples in '
+          f'{len(info["shards"])} shard(s), dense={info["has_dense"]}, '
+          f'sparse={info["has_sparse"]}', file=file)
+    sparse = metadata['sparse_labels'].get(split)
+    if sparse:
+      print(f'    sparse ({sparse["source"]}'
+            f'{", " + sparse["spec"] if "spec" in sparse else ""}): '
+            f'{sparse_labels.format_stats(sparse)}', file=file)
+      if 'unlabeled_values_found' in sparse:
+        print(f'    unlabeled values found in the sparse files: '
+              f'{sparse["unlabeled_values_found"]} (stored as 255)', file=file)
+  if metadata.get('num_bad_files'):
+    print(f'  skipped {metadata["num_bad_files"]} bad file(s), listed in '
+          f'{os.path.join(output, BAD_FILES_FILE)}', file=file)
+
+
+def run_cli(build: Callable[[], dict[str, Any]], output: str) -> int:
+  """Runs a converter's ``build()`` (which calls ``convert``) for ``main``.
+
+  Prints every problem on its own line to stderr and returns 1 on bad input;
+  SIGTERM interrupts like Ctrl-C (exit status 130), and ``convert`` removes its
+  temporary folder on the way out.
+  """
+  previous = signal.signal(signal.SIGTERM, _raise_on_signal)
+  try:
+    metadata = build()
+  except ConversionError as e:
+    for problem in e.problems:
+      print(problem, file=sys.stderr)
+    hint = ('' if os.path.exists(output) else
+            ' (--skip_bad leaves bad examples out and lists them)')
+    print(f'conversion failed: {len(e.problems)} problem(s); nothing written '
+          f'to {output}{hint}', file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f'interrupted; nothing written to {output}', file=sys.stderr)
+    return 130
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  print_summary(metadata, output)
+  return 0
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags shared by all converters."""
+  parser.add_argument('--output', required=True,
+                      help='dataset folder to create (metadata.json + shards)')
+  parser.add_argument('--num_shards', type=int, default=0,
+                      help='shards per split (0: about one per 500 examples)')
+  parser.add_argument('--num_workers', type=int, default=1,
+                      help='worker processes for decoding/encoding')
+  parser.add_argument('--seed', type=int, default=0,
+                      help='seed of the sparse-label generator')
+  parser.add_argument('--skip_bad', action='store_true',
+                      help='leave bad examples out, listed in bad_files.txt')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace an existing output folder')
+  parser.add_argument('--overlays', type=int, default=0,
+                      help='overlay PNGs of sparse labels per split '
+                      '(OUTPUT/overlays/SPLIT/)')
+  parser.add_argument('--train_dense', default=True,
+                      action=argparse.BooleanOptionalAction,
+                      help='also store dense labels for training splits '
+                      '(full-supervision upper bound); val always has them')
+  parser.add_argument('--jpeg_quality', type=int, default=0,
+                      help='re-encode images as JPEG of this quality (0: keep '
+                      'the source JPEG/PNG bytes)')
+  parser.add_argument('--no_progress', action='store_true',
+                      help='hide progress bars')
+
+
+def read_split_file(path: str) -> list[list[str]]:
+  """Lines of a split list, split on whitespace; blank lines skipped."""
+  with open(path) as f:
+    return [line.split() for line in f if line.strip()]
+
+
+def parse_split_files(values: Sequence[str]) -> dict[str, str]:
+  """``['train=PATH', ...]`` -> ``{'train': PATH}`` (the --split_file flag)."""
+  split_files = {}
+  for value in values:
+    split, sep, path = value.partition('=')
+    if not sep or not split or not path:
+      raise ValueError(f'--split_file must be SPLIT=PATH, got {value!r}')
+    split_files[split] = path
+  return split_files
