@@ -1,0 +1,438 @@
+"""Tests of agmm_jax.losses against independent references.
+
+References: naive NumPy loops (prototypes, the paper GMM), finite differences
+(float64), a PyTorch port of the official AGMM-SASS loss functions written here
+(released preset, values and gradients) and hand-computed values.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from agmm_jax import labels as labels_lib
+from agmm_jax import losses
+
+# Label 13 x 17 with stride-4 features 4 x 5, as 321 -> 81 ((H - 1) / 4 + 1).
+BATCH, HEIGHT, WIDTH, FEAT_H, FEAT_W, CHANNELS, NUM_CLASSES = 2, 13, 17, 4, 5, 6, 5
+
+
+def make_batch(rng, *, batch=BATCH, height=HEIGHT, width=WIDTH, feat_h=FEAT_H,
+               feat_w=FEAT_W, channels=CHANNELS, num_classes=NUM_CLASSES,
+               labeled_fraction=0.15, padding_rows=3, dtype=np.float32):
+  """Random batch: sparse labels of a few classes, bottom rows padded.
+
+  class_present marks the labeled classes plus one class that only occurs
+  outside the crop, as pre-crop presence can.
+  """
+  label = np.full((batch, height, width), labels_lib.UNLABELED, np.int32)
+  present = np.zeros((batch, num_classes), np.float32)
+  for b in range(batch):
+    classes = rng.choice(num_classes, size=min(3, num_classes), replace=False)
+    labeled = rng.random((height, width)) < labeled_fraction
+    label[b][labeled] = rng.choice(classes, size=labeled.sum())
+    present[b, np.unique(label[b][label[b] >= 0])] = 1.0
+    present[b, rng.integers(num_classes)] = 1.0
+  if padding_rows:
+    label[:, -padding_rows:, :] = labels_lib.PADDING
+  logits = rng.normal(size=(batch, height, width, num_classes)).astype(dtype)
+  features = rng.normal(size=(batch, feat_h, feat_w, channels)).astype(dtype)
+  return losses.LossInputs(logits, features, label, present)
+
+
+def as_jax(inputs):
+  return losses.LossInputs(*(jnp.asarray(x) for x in inputs))
+
+
+def torch_half_pixel_resize(x_nhwc, size):
+  """Independent resize reference: torch ``F.interpolate`` default bilinear."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  x = torch.from_numpy(np.ascontiguousarray(np.asarray(x_nhwc, np.float64))).permute(0, 3, 1, 2)
+  return F.interpolate(x, size=size, mode='bilinear').permute(0, 2, 3, 1).numpy()
+
+
+def to_official_mask(label, num_classes):
+  """agmm_jax labels -> the official encoding (unlabeled K, padding 255)."""
+  mask = np.array(label, np.int64)
+  mask[label == labels_lib.UNLABELED] = num_classes
+  mask[label == labels_lib.PADDING] = 255
+  return mask
+
+
+def torch_official_loss(logits, features, mask, class_present, num_classes):
+  """PyTorch port of the official ``train_voc.py`` loss (model/tools.py).
+
+  Args are NCHW torch tensors (logits, features), the official mask encoding
+  and the pre-crop class labels. Returns the four terms as a dict of scalars.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  eps = 1e-6
+  k = num_classes
+  batch, channels = features.shape[:2]
+
+  def one_hot(m):
+    clipped = m.clone()
+    clipped[m > k] = k
+    return F.one_hot(clipped, k + 1).permute(0, 3, 1, 2)[:, :k].to(logits.dtype)
+
+  # seg_loss: loss_calc(pred, mask, ignore_index=nclass).
+  target = mask.clone()
+  target[mask == k] = 255
+  seg_loss = F.cross_entropy(logits, target, ignore_index=255)
+  # cls_loss: get_cls_loss(pred, cls_label, mask).
+  probs = torch.softmax(logits, dim=1)
+  cls_loss = -(1 - class_present[:, :, None, None]) * torch.log(1 - probs + eps)
+  cls_loss = cls_loss.sum(1)[mask != 255].mean()
+  # build_cur_cls_label.
+  crop_present = one_hot(mask).amax(dim=(2, 3))
+  # cal_protypes + proto_loss: per-image class loops on upsampled features.
+  upsampled = F.interpolate(features, size=mask.shape[-2:], mode='bilinear')
+  prototypes = torch.zeros(batch, k, channels, dtype=features.dtype)
+  for i in range(batch):
+    for class_id in torch.unique(mask[i]).tolist():
+      if class_id >= k:
+        continue
+      selected = mask[i] == class_id
+      count = selected.to(features.dtype).sum()  # the official one-hot is float
+      prototypes[i, class_id] = upsampled[i][:, selected].sum(-1) / (count + eps)
+  images_with_class = crop_present.sum(0)[:, None]
+  vecs = prototypes.sum(0) * images_with_class / (images_with_class + eps)
+  negative = torch.zeros((), dtype=features.dtype)
+  pairs = 0
+  for i in range(k):
+    for j in range(i + 1, k):
+      if images_with_class[i] > 0 and images_with_class[j] > 0:
+        pairs += 1
+        distance = torch.abs(vecs[i] - vecs[j]).mean()
+        negative = negative + torch.exp(-(distance * distance))
+  proto_loss = negative / (pairs + eps)
+  # GMM(feat, vecs, pred_cl, mask, cur_cls_label).
+  preserve = F.interpolate((mask < 255).to(features.dtype)[:, None],
+                           size=features.shape[-2:], mode='bilinear')
+  distance = torch.abs(features[:, None] - prototypes[:, :, :, None, None]).mean(2)
+  distance = distance * crop_present[:, :, None, None] * preserve
+  response = F.interpolate(torch.exp(-(distance * distance)), size=mask.shape[-2:],
+                           mode='bilinear') * crop_present[:, :, None, None]
+  # cal_gmm_loss(pred.softmax(1), res, cur_cls_label, mask).
+  gate = crop_present[:, :, None, None]
+  loss1 = (-response * torch.log(probs + eps) - (1 - response) * torch.log(1 - probs + eps)) / 2
+  loss1 = ((loss1 * gate).sum(1) / (gate.sum(1) + eps))[mask != 255].mean()
+  targets = one_hot(mask)
+  loss2 = (-targets * torch.log(response + eps)
+           - (1 - targets) * torch.log(1 - response + eps)) / 2
+  loss2 = ((loss2 * gate).sum(1) / (gate.sum(1) + eps))[mask < k].mean()
+  return {'pce': seg_loss, 'absent_class': cls_loss, 'prototype': proto_loss,
+          'gmm': loss1 + loss2}
+
+
+def numpy_paper_gmm(inputs, sigma_eps=1e-6):
+  """Naive NumPy loops of the paper GMM term as documented in losses.py."""
+  logits, features, label, present = (np.asarray(x, np.float64) for x in inputs)
+  label = label.astype(np.int64)
+  batch, height, width, k = logits.shape
+  upsampled = torch_half_pixel_resize(features, (height, width))
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  squared = np.zeros(features.shape[:3] + (k,))
+  gate = np.zeros((batch, k))
+  for b in range(batch):
+    for c in range(k):
+      selected = label[b] == c
+      gate[b, c] = float(selected.any())
+      mu = upsampled[b][selected].sum(0) / (selected.sum() + 1e-6)
+      squared[b, :, :, c] = ((features[b] - mu) ** 2).sum(-1)
+  squared = torch_half_pixel_resize(squared, (height, width))
+  cleaned = probs * present[:, None, None, :]
+  unlabeled = (label == labels_lib.UNLABELED)[..., None]
+  weights = cleaned * unlabeled
+  sigma = (weights * squared).sum((1, 2)) / (weights.sum((1, 2)) + sigma_eps)
+  response = np.exp(-squared / (2 * sigma[:, None, None, :] + 1e-6)) * gate[:, None, None, :]
+  one_hot = (label[..., None] == np.arange(k)).astype(np.float64)
+
+  def bce(t, q):
+    value = -(t * np.log(q + 1e-6) + (1 - t) * np.log(1 - q + 1e-6)) / 2
+    return (value * gate[:, None, None, :]).sum(-1) / (gate.sum(-1)[:, None, None] + 1e-6)
+
+  real = label != labels_lib.PADDING
+  labeled = label >= 0
+  return bce(response, probs)[real].mean() + bce(one_hot, response)[labeled].mean()
+
+
+def value_and_grads(loss_config):
+  """jit(value_and_grad) of the total over (logits, features), with aux."""
+  loss_fn = losses.build_loss(loss_config)
+
+  def total(logits, features, label, present):
+    return loss_fn(losses.LossInputs(logits, features, label, present))
+
+  return jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
+
+
+@pytest.fixture(scope='module')
+def batch():
+  return make_batch(np.random.default_rng(0))
+
+
+def test_interpolation_matrix_matches_torch():
+  rng = np.random.default_rng(1)
+  for in_size, out_size in ((4, 13), (13, 4), (81, 321), (5, 5)):
+    x = rng.normal(size=(1, in_size, 3, 1))
+    expected = torch_half_pixel_resize(x, (out_size, 3))
+    matrix = losses.half_pixel_interpolation_matrix(in_size, out_size)
+    np.testing.assert_allclose(np.einsum('oh,bhwc->bowc', matrix, x), expected, atol=1e-12)
+
+
+def test_class_prototypes_match_naive_loop(batch):
+  prototypes, counts = jax.jit(losses.class_prototypes, static_argnums=2)(
+      batch.decoder_features, batch.label, NUM_CLASSES)
+  upsampled = torch_half_pixel_resize(batch.decoder_features, (HEIGHT, WIDTH))
+  for b in range(BATCH):
+    for k in range(NUM_CLASSES):
+      selected = batch.label[b] == k
+      expected = upsampled[b][selected].sum(0) / (selected.sum() + 1e-6)
+      assert counts[b, k] == selected.sum()
+      np.testing.assert_allclose(prototypes[b, k], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_abs_distance_gradient_matches_autodiff_of_naive_form():
+  rng = np.random.default_rng(2)
+  features = jnp.asarray(rng.normal(size=(2, 7, 4)))
+  prototypes = jnp.asarray(rng.normal(size=(2, 3, 4)))
+  weights = jnp.asarray(rng.normal(size=(2, 7, 3)))
+  active = jnp.asarray([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+
+  def naive(f, mu):
+    distance = jnp.mean(jnp.abs(f[:, :, None] - mu[:, None]), -1) * active[:, None, :]
+    return jnp.sum(weights * distance)
+
+  def custom(f, mu):
+    return jnp.sum(weights * losses.mean_abs_distance(f, mu, active))
+
+  np.testing.assert_allclose(custom(features, prototypes), naive(features, prototypes),
+                             rtol=1e-6)
+
+  expected = jax.grad(naive, argnums=(0, 1))(features, prototypes)
+  actual = jax.grad(custom, argnums=(0, 1))(features, prototypes)
+  for a, e in zip(actual, expected):
+    np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
+
+
+def test_released_preset_matches_torch_port(batch):
+  torch = pytest.importorskip('torch')
+  with jax.enable_x64(True):
+    inputs64 = losses.LossInputs(batch.logits.astype(np.float64),
+                                 batch.decoder_features.astype(np.float64),
+                                 batch.label, batch.class_present.astype(np.float64))
+    (total, values), (logits_grad, features_grad) = value_and_grads(
+        losses.preset_config('agmm_released'))(*as_jax(inputs64))
+    total, logits_grad, features_grad = (np.asarray(x) for x in (total, logits_grad, features_grad))
+    values = {name: float(v) for name, v in values.items()}
+  logits = torch.tensor(inputs64.logits.transpose(0, 3, 1, 2), requires_grad=True)
+  features = torch.tensor(inputs64.decoder_features.transpose(0, 3, 1, 2), requires_grad=True)
+  expected = torch_official_loss(
+      logits, features, torch.from_numpy(to_official_mask(batch.label, NUM_CLASSES)),
+      torch.from_numpy(inputs64.class_present), NUM_CLASSES)
+  expected_total = sum(expected.values())
+  expected_total.backward()
+  assert set(values) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(values[name], value.item(), rtol=1e-10, err_msg=name)
+  np.testing.assert_allclose(total, expected_total.item(), rtol=1e-10)
+  np.testing.assert_allclose(logits_grad, logits.grad.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(features_grad, features.grad.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-8, atol=1e-12)
+
+
+def test_paper_gmm_matches_naive_numpy(batch):
+  with jax.enable_x64(True):
+    inputs64 = as_jax(losses.LossInputs(batch.logits.astype(np.float64),
+                                        batch.decoder_features.astype(np.float64),
+                                        batch.label, batch.class_present.astype(np.float64)))
+    value = float(jax.jit(lambda x: losses.gmm_loss(x, form='paper'))(inputs64))
+  np.testing.assert_allclose(value, numpy_paper_gmm(batch), rtol=1e-9)
+
+
+def test_hand_computed_values():
+  # Zero logits: softmax is 1/K everywhere.
+  num_classes = 4
+  label = np.array([[[0, labels_lib.UNLABELED], [2, labels_lib.PADDING]]], np.int32)
+  present = np.array([[1.0, 0.0, 1.0, 0.0]], np.float32)
+  # Features on the label grid (identity resize), one channel pair per class.
+  features = np.zeros((1, 2, 2, 2), np.float32)
+  features[0, 0, 0] = [1.0, 3.0]   # class 0
+  features[0, 1, 0] = [2.0, 0.0]   # class 2
+  inputs = as_jax(losses.LossInputs(np.zeros((1, 2, 2, num_classes), np.float32),
+                                    features, label, present))
+  # pCE over the 2 labeled pixels: -log(1/4).
+  np.testing.assert_allclose(losses.partial_cross_entropy(inputs), math.log(4), rtol=1e-6)
+  # Absent classes 1, 3 on the 3 real pixels: -2 log(1 - 1/4 + 1e-6).
+  np.testing.assert_allclose(losses.absent_class_loss(inputs),
+                             -2 * math.log(0.75 + 1e-6), rtol=1e-6)
+  # Prototypes [1, 3] (class 0) and [2, 0] (class 2), scaled by 1 / (1 + 1e-6)
+  # (one pixel each) and by the batch factor n / (n + 1e-6) with n = 1; the
+  # mean |difference| is (1 + 3) / 2 = 2 before scaling; one pair.
+  scale = 1.0 / (1.0 + 1e-6) ** 2
+  expected = math.exp(-(2.0 * scale) ** 2) / (1 + 1e-6)
+  np.testing.assert_allclose(losses.prototype_loss(inputs), expected, rtol=1e-6)
+
+
+def test_permuting_classes_permutes_outputs_and_keeps_the_loss(batch):
+  permutation = np.array([3, 0, 4, 1, 2])  # new class i is old class permutation[i]
+  inverse = np.argsort(permutation)
+  label = np.where(batch.label >= 0, inverse[np.maximum(batch.label, 0)], batch.label)
+  permuted = losses.LossInputs(batch.logits[..., permutation], batch.decoder_features,
+                               label.astype(np.int32), batch.class_present[:, permutation])
+  prototypes_fn = jax.jit(losses.class_prototypes, static_argnums=2)
+  prototypes, counts = prototypes_fn(batch.decoder_features, batch.label, NUM_CLASSES)
+  permuted_prototypes, permuted_counts = prototypes_fn(
+      permuted.decoder_features, permuted.label, NUM_CLASSES)
+  np.testing.assert_allclose(permuted_prototypes, prototypes[:, permutation], rtol=1e-6)
+  np.testing.assert_array_equal(permuted_counts, counts[:, permutation])
+  responses_fn = jax.jit(losses.gmm_responses_released, static_argnums=2)
+  np.testing.assert_allclose(
+      responses_fn(permuted.decoder_features, permuted.label, NUM_CLASSES),
+      responses_fn(batch.decoder_features, batch.label, NUM_CLASSES)[..., permutation],
+      rtol=1e-5, atol=1e-7)
+  for preset in ('agmm_released', 'agmm_paper'):
+    loss_fn = jax.jit(losses.build_loss(losses.preset_config(preset)))
+    total, values = loss_fn(as_jax(batch))
+    permuted_total, permuted_values = loss_fn(as_jax(permuted))
+    np.testing.assert_allclose(permuted_total, total, rtol=1e-5)
+    for name in values:
+      np.testing.assert_allclose(permuted_values[name], values[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('preset', ['agmm_released', 'agmm_paper'])
+def test_gradients_match_finite_differences(preset):
+  config = losses.preset_config(preset)
+  # Finite differences see sigma's dependence on the inputs.
+  config.gmm.sigma_stop_gradient = False
+  rng = np.random.default_rng(3)
+  batch = make_batch(rng, batch=2, height=7, width=9, feat_h=2, feat_w=3, channels=3,
+                     num_classes=4, labeled_fraction=0.3, padding_rows=2,
+                     dtype=np.float64)
+  with jax.enable_x64(True):
+    batch = as_jax(batch._replace(class_present=batch.class_present.astype(np.float64)))
+    loss_fn = losses.build_loss(config)
+
+    def total(logits, features):
+      return loss_fn(batch._replace(logits=logits, decoder_features=features))[0]
+
+    grads = jax.jit(jax.grad(total, argnums=(0, 1)))(batch.logits, batch.decoder_features)
+    total = jax.jit(total)
+    step = 1e-6
+    point = (batch.logits, batch.decoder_features)
+    for _ in range(3):
+      directions = [jnp.asarray(rng.normal(size=x.shape)) for x in point]
+      plus = total(*(x + step * d for x, d in zip(point, directions)))
+      minus = total(*(x - step * d for x, d in zip(point, directions)))
+      numeric = float(plus - minus) / (2 * step)
+      analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grads, directions))
+      np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
+
+
+def _edge_case(name):
+  rng = np.random.default_rng(4)
+  if name == 'image_without_labels':
+    batch = make_batch(rng)
+    batch.label[0][batch.label[0] >= 0] = labels_lib.UNLABELED
+  elif name == 'batch_without_labels':
+    batch = make_batch(rng, labeled_fraction=0.0)
+  elif name == 'class_with_one_pixel':
+    batch = make_batch(rng, labeled_fraction=0.0)
+    batch.label[:, 2, 3] = 1
+    batch.label[0, 5, 5] = 4
+  elif name == 'almost_all_padding':
+    batch = make_batch(rng, padding_rows=HEIGHT - 1)
+    batch.label[:, :, 1:] = labels_lib.PADDING
+    batch.label[:, 0, 0] = 2
+  elif name == 'many_classes':
+    batch = make_batch(rng, num_classes=150, labeled_fraction=0.5)
+  else:
+    raise ValueError(name)
+  return batch
+
+
+EDGE_CASES = ('image_without_labels', 'batch_without_labels', 'class_with_one_pixel',
+              'almost_all_padding', 'many_classes')
+
+
+@pytest.mark.parametrize('preset', ['agmm_released', 'agmm_paper'])
+def test_edge_cases_give_finite_values_and_gradients(preset):
+  step_fn = value_and_grads(losses.preset_config(preset))
+  for case in EDGE_CASES:
+    batch = _edge_case(case)
+    (total, values), grads = step_fn(*as_jax(batch))
+    assert np.isfinite(total), (case, values)
+    for name, value in values.items():
+      assert np.isfinite(value), (case, name)
+    for grad in grads:
+      assert np.all(np.isfinite(grad)), case
+    if case == 'batch_without_labels':
+      assert values['pce'] == 0.0
+      assert values['prototype'] == 0.0
+    if case == 'many_classes':
+      assert np.any(np.asarray(grads[1]) != 0)
+
+
+def test_bfloat16_inputs_compute_in_float32(batch):
+  loss_fn = jax.jit(losses.build_loss(losses.preset_config('agmm_released')))
+  low = losses.LossInputs(jnp.asarray(batch.logits, jnp.bfloat16),
+                          jnp.asarray(batch.decoder_features, jnp.bfloat16),
+                          jnp.asarray(batch.label), jnp.asarray(batch.class_present))
+  total, _ = loss_fn(low)
+  reference, _ = loss_fn(low._replace(logits=low.logits.astype(jnp.float32),
+                                     decoder_features=low.decoder_features.astype(jnp.float32)))
+  assert total.dtype == jnp.float32
+  np.testing.assert_allclose(total, reference, rtol=1e-6)
+
+
+def test_presets_and_config_errors(batch):
+  pce_only = losses.build_loss(losses.preset_config('pce_only'))
+  total, values = pce_only(as_jax(batch))
+  assert set(values) == {'pce'}
+  np.testing.assert_allclose(total, losses.partial_cross_entropy(as_jax(batch)), rtol=1e-6)
+  config = losses.preset_config('agmm_released')
+  config.weights.prototype = 0.5
+  total, values = jax.jit(losses.build_loss(config))(as_jax(batch))
+  expected = (values['pce'] + values['absent_class'] + 0.5 * values['prototype']
+              + values['gmm'])
+  np.testing.assert_allclose(total, expected, rtol=1e-6)
+
+  bad = losses.preset_config('agmm_released')
+  bad.weights.crf = 1.0
+  with pytest.raises(ValueError, match='loss_config.weights.crf'):
+    losses.build_loss(bad)
+  bad = losses.preset_config('agmm_released')
+  bad.gmm.form = 'cvpr'
+  with pytest.raises(ValueError, match='loss_config.gmm.form'):
+    losses.build_loss(bad)
+  bad = losses.preset_config('agmm_released')
+  bad.gmm.sigma = 2.0
+  with pytest.raises(ValueError, match='loss_config.gmm'):
+    losses.build_loss(bad)
+  with pytest.raises(ValueError, match='unknown loss preset'):
+    losses.preset_config('agmm')
+  with pytest.raises(ValueError, match='LossInputs.label'):
+    losses.partial_cross_entropy(as_jax(batch._replace(label=batch.label[:, :-1])))
+
+
+def test_registry_plugs_in_new_terms(batch):
+  assert {'pce', 'absent_class', 'prototype', 'gmm'} <= set(losses.registered_losses())
+  name = 'test_only_mean_logit'
+  if name not in losses.registered_losses():
+    @losses.register_loss(name)
+    def mean_logit(inputs, *, scale=1.0):
+      return scale * jnp.mean(inputs.logits)
+  with pytest.raises(ValueError, match='already registered'):
+    losses.register_loss(name)(lambda inputs: 0.0)
+  config = ml_collections.ConfigDict({'weights': {name: 2.0}, name: {'scale': 3.0}})
+  total, values = losses.build_loss(config)(as_jax(batch))
+  np.testing.assert_allclose(values[name], 3.0 * batch.logits.mean(), rtol=1e-5)
+  np.testing.assert_allclose(total, 6.0 * batch.logits.mean(), rtol=1e-5)
