@@ -20,6 +20,7 @@ checkpoint kept); 143 stopped by SIGTERM after saving a checkpoint (rerun to
 resume). An unknown ``--config.X`` is a flags error (status 1).
 """
 
+import logging as py_logging
 import os
 import sys
 
@@ -63,7 +64,16 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietCheckpointInfo(py_logging.Filter):
+  """Drops Orbax's INFO records (dozens per save); its warnings still show."""
+
+  def filter(self, record) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or f'{os.sep}orbax{os.sep}' not in record.pathname)
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietCheckpointInfo())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None:

@@ -694,12 +694,20 @@ def resolve_data_dir(config: ml_collections.ConfigDict,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Dispatches on ``config.mode``: train | eval | predict."""
+  """Dispatches on ``config.mode``: train | eval | predict.
+
+  In train mode with ``config.predict.input_dir`` set (single process), the
+  trained model then segments those images as in predict mode.
+  """
   if config.mode not in MODES:
     raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
   config = resolve_data_dir(config, workdir)
   if config.mode == 'train':
-    return train_and_evaluate(config, workdir)
+    scores = train_and_evaluate(config, workdir)
+    # A train config that names images to segment (the demo) ends with them.
+    if config.predict.input_dir and jax.process_count() == 1:
+      predict(config, workdir)
+    return scores
   if config.mode == 'eval':
     return evaluate_checkpoint(config, workdir)
   return predict(config, workdir)

@@ -18,11 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = common.base_config()
   config.global_batch_size = 8
   config.num_epochs = -1
-  config.num_train_steps = 240
+  config.num_train_steps = 320
   config.log_every_steps = 20
-  config.eval_every_steps = 120
-  config.checkpoint_every_steps = 60
-  config.image_summary_every_steps = 120
+  config.eval_every_steps = 160
+  config.checkpoint_every_steps = 80
+  config.image_summary_every_steps = 80
 
   config.data.dir = ''
   config.data.prepare.converter = 'folder'
