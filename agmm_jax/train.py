@@ -31,7 +31,6 @@ latest checkpoint, data iterator included.
 
 import os
 import signal
-import time
 from typing import Any, Callable
 
 import jax
@@ -500,8 +499,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   scores: dict[str, Any] = {}
   pending: list[tuple[int, dict[str, jax.Array]]] = []
-  timer_start, timer_step = time.perf_counter(), step
   log_every = max(int(config.log_every_steps), 1)
+  # Called at log steps only, so every call reports (progress and ETA);
+  # evaluation and checkpointing run paused and do not lower the rate.
+  progress = summary.ReportProgress(
+      total_steps, every_steps=1, every_secs=None,
+      global_batch_size=int(config.global_batch_size))
+  progress(step)
   try:
     while step < total_steps:
       local_batch = next(train_iter)
@@ -514,15 +518,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % log_every == 0 or is_last:
         host = check_metrics(pending)
         pending = []
-        elapsed = time.perf_counter() - timer_start
         means = {k: float(np.mean([m[k] for _, m in host]))
                  for k in host[-1][1] if k != 'finite'}
-        means['images_per_second'] = (
-            (step - timer_step) * int(config.global_batch_size) / elapsed)
+        means['images_per_second'] = progress(step)['images_per_sec']
         writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
         logging.info('step %d/%d: %s', step, total_steps,
                      ', '.join(f'{k}={v:.4g}' for k, v in means.items()))
-        timer_start, timer_step = time.perf_counter(), step
 
       if config.image_summary_every_steps > 0 and (
           step % int(config.image_summary_every_steps) == 0 or step == 1):
@@ -533,22 +534,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   local_batch, _host(prediction), _host(response)).items()})
 
       if step % eval_every == 0 or is_last:
-        check_metrics(pending)
-        scores = evaluate_dataset(eval_fn, state, config, mesh, num_classes)
-        writer.write_scalars(step, {
-            'eval/miou': scores['miou'],
-            'eval/pixel_accuracy': scores['pixel_accuracy'],
-            **{f'eval/iou/{name}': float(iou) for name, iou in
-               zip(class_names, scores['per_class_iou'])}})
-        logging.info('step %d: eval mIoU %.2f%%, pixel accuracy %.2f%%',
-                     step, 100 * scores['miou'],
-                     100 * scores['pixel_accuracy'])
-        if np.isfinite(scores['miou']):
-          checkpointer.save_best(step, state, scores['miou'])
+        with progress.paused():
+          check_metrics(pending)
+          scores = evaluate_dataset(eval_fn, state, config, mesh, num_classes)
+          writer.write_scalars(step, {
+              'eval/miou': scores['miou'],
+              'eval/pixel_accuracy': scores['pixel_accuracy'],
+              **{f'eval/iou/{name}': float(iou) for name, iou in
+                 zip(class_names, scores['per_class_iou'])}})
+          logging.info('step %d: eval mIoU %.2f%%, pixel accuracy %.2f%%',
+                       step, 100 * scores['miou'],
+                       100 * scores['pixel_accuracy'])
+          if np.isfinite(scores['miou']):
+            checkpointer.save_best(step, state, scores['miou'])
 
       if step % checkpoint_every == 0 or is_last:
-        check_metrics(pending)
-        save(step)
+        with progress.paused():
+          check_metrics(pending)
+          save(step)
 
       # Several processes agree on stopping at log steps (a collective), so
       # they all save the same step.
