@@ -156,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
       description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--root', required=True)
-  parser.add_argument('--splits', default='train,val')
-  parser.add_argument('--sparse_splits', default='train')
   parser.add_argument('--split_file', action='append', default=[],
                       help='SPLIT=PATH official list (leftImg8bit/... '
                       'gtFine/... per line); default: walk leftImg8bit/SPLIT')
@@ -177,21 +175,13 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     split_files = common.parse_split_files(args.split_file)
-    unlabeled = (None if args.unlabeled_value == 'auto'
-                 else int(args.unlabeled_value))
+    unlabeled = common.parse_unlabeled_value(args.unlabeled_value)
   except ValueError as e:
     parser.error(str(e))
   return common.run_cli(lambda: convert_cityscapes(
-      args.root, args.output,
-      splits=tuple(s for s in args.splits.split(',') if s),
-      sparse_splits=tuple(s for s in args.sparse_splits.split(',') if s),
-      split_files=split_files, clicks=args.clicks, clicks_dir=args.clicks_dir,
-      sparse=args.sparse, gt_kind=args.gt_kind, unlabeled_value=unlabeled,
-      seed=args.seed, train_dense=args.train_dense,
-      jpeg_quality=args.jpeg_quality, num_shards=args.num_shards,
-      num_workers=args.num_workers, skip_bad=args.skip_bad,
-      overwrite=args.overwrite, overlays=args.overlays,
-      progress=not args.no_progress), args.output)
+      args.root, args.output, split_files=split_files, clicks=args.clicks,
+      clicks_dir=args.clicks_dir, sparse=args.sparse, gt_kind=args.gt_kind,
+      unlabeled_value=unlabeled, **common.common_kwargs(args)), args.output)
 
 
 if __name__ == '__main__':

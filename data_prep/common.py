@@ -564,7 +564,11 @@ def run_cli(build: Callable[[], dict[str, Any]], output: str) -> int:
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
-  """Flags shared by all converters."""
+  """Flags shared by all converters (read back with ``common_kwargs``)."""
+  parser.add_argument('--splits', default='train,val',
+                      help='comma-separated splits to convert')
+  parser.add_argument('--sparse_splits', default='train',
+                      help='splits that get sparse labels (training splits)')
   parser.add_argument('--output', required=True,
                       help='dataset folder to create (metadata.json + shards)')
   parser.add_argument('--num_shards', type=int, default=0,
@@ -589,6 +593,23 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                       'the source JPEG/PNG bytes)')
   parser.add_argument('--no_progress', action='store_true',
                       help='hide progress bars')
+
+
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+  """Converter keyword arguments of the flags of ``add_common_flags``."""
+  return dict(
+      splits=tuple(s for s in args.splits.split(',') if s),
+      sparse_splits=tuple(s for s in args.sparse_splits.split(',') if s),
+      seed=args.seed, train_dense=args.train_dense,
+      jpeg_quality=args.jpeg_quality, num_shards=args.num_shards,
+      num_workers=args.num_workers, skip_bad=args.skip_bad,
+      overwrite=args.overwrite, overlays=args.overlays,
+      progress=not args.no_progress)
+
+
+def parse_unlabeled_value(text: str) -> int | None:
+  """``--unlabeled_value``: None for 'auto', else the integer."""
+  return None if text == 'auto' else int(text)
 
 
 def read_split_file(path: str) -> list[list[str]]:

@@ -135,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
       description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--root', required=True)
-  parser.add_argument('--splits', default='train,val',
-                      help='comma-separated split folders')
-  parser.add_argument('--sparse_splits', default='train',
-                      help='splits that get sparse labels (training splits)')
   parser.add_argument('--classes_file', default='',
                       help='default: ROOT/classes.txt')
   parser.add_argument('--void_value', default='255',
@@ -162,18 +158,13 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError:
     parser.error(f'--void_value must be integers, got {args.void_value!r}')
   return common.run_cli(lambda: convert_folder(
-      args.root, args.output,
-      splits=tuple(s for s in args.splits.split(',') if s),
-      sparse_splits=tuple(s for s in args.sparse_splits.split(',') if s),
-      void_values=void_values, classes_file=args.classes_file,
-      sparse=args.sparse, sparse_dir=args.sparse_dir,
-      sparse_unlabeled_value=args.sparse_unlabeled_value, seed=args.seed,
-      train_dense=args.train_dense, downscale=args.downscale,
-      jpeg_quality=args.jpeg_quality, images_subdir=args.images_subdir,
+      args.root, args.output, void_values=void_values,
+      classes_file=args.classes_file, sparse=args.sparse,
+      sparse_dir=args.sparse_dir,
+      sparse_unlabeled_value=args.sparse_unlabeled_value,
+      downscale=args.downscale, images_subdir=args.images_subdir,
       labels_subdir=args.labels_subdir, name=args.name,
-      num_shards=args.num_shards, num_workers=args.num_workers,
-      skip_bad=args.skip_bad, overwrite=args.overwrite,
-      overlays=args.overlays, progress=not args.no_progress), args.output)
+      **common.common_kwargs(args)), args.output)
 
 
 if __name__ == '__main__':

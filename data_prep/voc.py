@@ -142,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
       prog='python -m data_prep.voc', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--root', required=True, help='VOCdevkit/VOC2012')
-  parser.add_argument('--splits', default='train,val')
-  parser.add_argument('--sparse_splits', default='train')
   parser.add_argument('--split_file', action='append', default=[],
                       help='SPLIT=PATH list of ids (repeatable)')
   parser.add_argument('--dense_dir', default='',
@@ -162,21 +160,13 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     split_files = common.parse_split_files(args.split_file)
-    unlabeled = (None if args.unlabeled_value == 'auto'
-                 else int(args.unlabeled_value))
+    unlabeled = common.parse_unlabeled_value(args.unlabeled_value)
   except ValueError as e:
     parser.error(str(e))
   return common.run_cli(lambda: convert_voc(
-      args.root, args.output,
-      splits=tuple(s for s in args.splits.split(',') if s),
-      sparse_splits=tuple(s for s in args.sparse_splits.split(',') if s),
-      split_files=split_files, dense_dir=args.dense_dir,
-      sparse_dir=args.sparse_dir, sparse=args.sparse,
-      unlabeled_value=unlabeled, seed=args.seed, train_dense=args.train_dense,
-      jpeg_quality=args.jpeg_quality, num_shards=args.num_shards,
-      num_workers=args.num_workers, skip_bad=args.skip_bad,
-      overwrite=args.overwrite, overlays=args.overlays,
-      progress=not args.no_progress), args.output)
+      args.root, args.output, split_files=split_files,
+      dense_dir=args.dense_dir, sparse_dir=args.sparse_dir, sparse=args.sparse,
+      unlabeled_value=unlabeled, **common.common_kwargs(args)), args.output)
 
 
 if __name__ == '__main__':
