@@ -406,6 +406,16 @@ def _image_summaries(local_batch: dict[str, np.ndarray], prediction: np.ndarray,
   }
 
 
+def _print_scores(config: ml_collections.ConfigDict, step: int,
+                  scores: dict[str, Any], class_names: list[str]) -> None:
+  """Prints the per-class IoU table of an evaluation (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f'{config.data.eval_split} at step {step} ({config.eval.mode}):')
+    print(metrics_lib.format_iou_table(
+        scores['per_class_iou'], class_names, scores['miou'],
+        scores['pixel_accuracy']))
+
+
 # --------------------------------------------------------------------------
 # Modes.
 
@@ -566,11 +576,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointer.wait_until_finished()
     checkpointer.close()
     writer.close()
-  if scores and jax.process_index() == 0:
-    print(f'{config.data.eval_split} at step {step} ({config.eval.mode}):')
-    print(metrics_lib.format_iou_table(
-        scores['per_class_iou'], class_names, scores['miou'],
-        scores['pixel_accuracy']))
+  if scores:
+    _print_scores(config, step, scores, class_names)
   scores['step'] = step
   return scores
 
@@ -612,11 +619,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
       config, workdir, len(class_names), mesh)
   eval_fn = make_eval_fn(model_defs, config, len(class_names), mesh)
   scores = evaluate_dataset(eval_fn, state, config, mesh, len(class_names))
-  if jax.process_index() == 0:
-    print(f'{config.data.eval_split} at step {step} ({config.eval.mode}):')
-    print(metrics_lib.format_iou_table(
-        scores['per_class_iou'], class_names, scores['miou'],
-        scores['pixel_accuracy']))
+  _print_scores(config, step, scores, class_names)
   scores['step'] = step
   return scores
 
