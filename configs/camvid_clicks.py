@@ -17,7 +17,6 @@ generator. The argument after the colon selects the cell of the study:
 
 import ml_collections
 
-from agmm_jax import losses
 from configs import common
 
 _DEFAULTS = {'labels': 'clicks:20', 'method': 'agmm_released', 'size': 'cpu',
@@ -26,8 +25,6 @@ _DEFAULTS = {'labels': 'clicks:20', 'method': 'agmm_released', 'size': 'cpu',
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, _DEFAULTS)
-  if args['method'] not in ('agmm_released', 'agmm_paper', 'pce_only', 'full'):
-    raise ValueError(f'unknown method {args["method"]!r}')
   if args['size'] not in ('cpu', 'gpu'):
     raise ValueError(f'size must be cpu or gpu, got {args["size"]!r}')
   config = common.base_config()
@@ -53,9 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args['method'] == 'full':
     config.data.train_labels = 'dense'
-    config.loss = losses.preset_config('pce_only')
+    common.set_method(config, 'pce_only')
   else:
-    config.loss = losses.preset_config(args['method'])
+    common.set_method(config, args['method'])
 
   if args['size'] == 'cpu':
     config.model.depth = 18

@@ -82,6 +82,17 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+METHODS = ('agmm_released', 'agmm_paper', 'pce_only')
+
+
+def set_method(config: ml_collections.ConfigDict, method: str) -> None:
+  """Sets `config.loss` to the preset `method` (one of METHODS)."""
+  if method not in METHODS:
+    raise ValueError(f'config argument method={method!r}: expected one of '
+                     f'{METHODS}')
+  config.loss = losses.preset_config(method)
+
+
 def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
   """Parses a config argument 'key=value,key=value' over `defaults`.
 

@@ -7,6 +7,10 @@ generator, into WORKDIR/data; then trains AGMM (released form) from scratch,
 evaluates, writes prediction PNGs and prints the final mIoU.
 
   python main.py --config=configs/demo.py --workdir=runs/demo
+
+The config argument `method` picks the loss preset, e.g.
+`--config=configs/demo.py:method=pce_only` for the partial cross-entropy
+baseline.
 """
 
 import ml_collections
@@ -14,8 +18,10 @@ import ml_collections
 from configs import common
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {'method': 'agmm_released'})
   config = common.base_config()
+  common.set_method(config, args['method'])
   config.global_batch_size = 8
   config.num_epochs = -1
   config.num_train_steps = 320

@@ -70,3 +70,15 @@ def test_camvid_full_supervision_uses_dense_labels_and_pce():
   assert config.data.train_labels == 'dense'
   assert dict(config.loss.weights) == {'pce': 1.0}
   assert config.data.prepare.sparse == 'points:1'
+
+
+@pytest.mark.parametrize('name', ['voc_point', 'voc_scribble',
+                                  'cityscapes_clicks', 'demo', 'camvid_clicks'])
+def test_method_argument_selects_the_loss_preset(name):
+  module = importlib.import_module(f'configs.{name}')
+  paper = module.get_config('method=agmm_paper')
+  assert paper.loss.gmm.form == 'paper'
+  baseline = module.get_config('method=pce_only')
+  assert dict(baseline.loss.weights) == {'pce': 1.0}
+  with pytest.raises(ValueError, match='method'):
+    module.get_config('method=crf')
