@@ -65,6 +65,21 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh,
   return global_batch_size // jax.process_count()
 
 
+def eval_batch_size_per_process(eval_batch_size: int, mesh: Mesh) -> int:
+  """Per-process eval batch: ``eval_batch_size`` rounded up to whole devices.
+
+  Evaluation pads its last batches with all-padding filler examples anyway,
+  so an eval batch of 2 on 8 devices simply becomes 8 (one per device)
+  instead of failing.
+  """
+  if eval_batch_size <= 0:
+    raise ValueError(f'config.eval.batch_size={eval_batch_size} must be '
+                     'positive')
+  num_devices = mesh.devices.size
+  rounded = -(-eval_batch_size // num_devices) * num_devices
+  return per_process_batch_size(rounded, mesh, 'config.eval.batch_size')
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray],
                  mesh: Mesh) -> dict[str, jax.Array]:
   """Per-process NumPy arrays ``[b, ...]`` -> global arrays ``[b * P, ...]``.

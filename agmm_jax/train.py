@@ -306,8 +306,8 @@ def evaluate_dataset(eval_fn, state: TrainState,
                      num_classes: int) -> dict[str, Any]:
   """Runs ``eval_fn`` over ``config.data.eval_split``; returns the scores of
   ``metrics.segmentation_scores`` plus ``confusion`` (NumPy ``[K, K]``)."""
-  batch_per_process = sharding_lib.per_process_batch_size(
-      int(config.eval.batch_size), mesh, 'config.eval.batch_size')
+  batch_per_process = sharding_lib.eval_batch_size_per_process(
+      int(config.eval.batch_size), mesh)
   iterator = input_pipeline.create_eval_iterator(
       config.data, config.data.eval_split,
       batch_size_per_process=batch_per_process,
@@ -445,8 +445,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding_lib.create_mesh(config.mesh)
   batch_per_process = sharding_lib.per_process_batch_size(
       int(config.global_batch_size), mesh)
-  sharding_lib.per_process_batch_size(int(config.eval.batch_size), mesh,
-                                      'config.eval.batch_size')
+  sharding_lib.eval_batch_size_per_process(int(config.eval.batch_size), mesh)
   metadata = _check_data_dir(config)
   class_names = _class_names(metadata)
   num_classes = len(class_names)
@@ -612,8 +611,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   """Evaluates the best (``config.eval.checkpoint``) checkpoint of ``workdir``
   and prints the per-class IoU table (process 0)."""
   mesh = sharding_lib.create_mesh(config.mesh)
-  sharding_lib.per_process_batch_size(int(config.eval.batch_size), mesh,
-                                      'config.eval.batch_size')
+  sharding_lib.eval_batch_size_per_process(int(config.eval.batch_size), mesh)
   class_names = _class_names(_check_data_dir(config))
   state, model_defs, step = _restore_for_inference(
       config, workdir, len(class_names), mesh)
@@ -625,6 +623,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
 
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+# Images larger than the eval canvas are padded to the next multiple of this,
+# so a folder of mixed sizes compiles a few programs, not one per size.
+PREDICT_CANVAS_MULTIPLE = 128
+
+
+def _predict_canvas(height: int, width: int,
+                    eval_canvas: tuple[int, int]) -> tuple[int, int]:
+  """The padded input size for an image: the eval canvas when it fits."""
+  if height <= eval_canvas[0] and width <= eval_canvas[1]:
+    return int(eval_canvas[0]), int(eval_canvas[1])
+  return tuple(-(-size // PREDICT_CANVAS_MULTIPLE) * PREDICT_CANVAS_MULTIPLE
+               for size in (height, width))
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -659,9 +671,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     path = os.path.join(input_dir, name)
     image = input_pipeline.load_image_for_predict(path)
     height, width = image.shape[:2]
+    canvas = _predict_canvas(height, width, config.data.eval_canvas)
+    padded = np.zeros((1, *canvas, 3), np.float32)
+    padded[0, :height, :width] = image
     prediction = np.asarray(predict_fn(
-        variables, image[None], np.array([height], np.int32),
-        np.array([width], np.int32)))[0]
+        variables, padded, np.array([height], np.int32),
+        np.array([width], np.int32)))[0, :height, :width]
     stem = os.path.splitext(name)[0]
     label_path = os.path.join(output_dir, stem + '.png')
     visualize.save_palette_png(label_path, prediction)

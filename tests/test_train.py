@@ -134,7 +134,9 @@ def test_predict_mode_writes_palette_pngs(trained, data_dir, tmp_path):
   input_dir = tmp_path / 'images'
   input_dir.mkdir()
   rng = np.random.default_rng(0)
-  sizes = {'a.png': (40, 56), 'b.jpg': (40, 56)}
+  # Sizes below and above the (48, 64) eval canvas of the tiny config.
+  sizes = {'a.png': (40, 56), 'b.jpg': (40, 56), 'c.png': (70, 50),
+           'd.png': (30, 20)}
   for name, (h, w) in sizes.items():
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
         input_dir / name)
@@ -143,7 +145,8 @@ def test_predict_mode_writes_palette_pngs(trained, data_dir, tmp_path):
   config.predict.input_dir = str(input_dir)
   config.predict.output_dir = str(tmp_path / 'out')
   written = train.run(config, workdir)
-  assert sorted(os.path.basename(p) for p in written) == ['a.png', 'b.png']
+  assert sorted(os.path.basename(p) for p in written) == [
+      'a.png', 'b.png', 'c.png', 'd.png']
   for name, (h, w) in sizes.items():
     stem = os.path.splitext(name)[0]
     with Image.open(tmp_path / 'out' / f'{stem}.png') as label:
@@ -151,6 +154,14 @@ def test_predict_mode_writes_palette_pngs(trained, data_dir, tmp_path):
       assert np.asarray(label).max() < NUM_CLASSES
     with Image.open(tmp_path / 'out' / f'{stem}_overlay.jpg') as overlay:
       assert overlay.size == (w, h)
+
+
+@pytest.mark.parametrize('size, canvas', [((40, 56), (48, 64)),
+                                          ((48, 64), (48, 64)),
+                                          ((70, 50), (128, 128)),
+                                          ((30, 300), (128, 384))])
+def test_predict_pads_to_the_canvas_or_a_multiple_of_128(size, canvas):
+  assert train._predict_canvas(*size, (48, 64)) == canvas  # pylint: disable=protected-access
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
