@@ -355,12 +355,28 @@ def _class_names(metadata: dict[str, Any]) -> list[str]:
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Dumps the config to ``workdir/config.json`` (process 0); returns it."""
+  """Dumps the config to ``workdir/config.json`` (process 0); returns it.
+
+  A rerun with a different config (say, more steps) keeps the earlier dump
+  as ``config.N.json`` so the workdir records every config it was run with.
+  """
   path = os.path.join(workdir, 'config.json')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+      with open(path) as f:
+        previous = f.read()
+      if previous == text:
+        return path
+      index = 1
+      while os.path.exists(os.path.join(workdir, f'config.{index}.json')):
+        index += 1
+      os.replace(path, os.path.join(workdir, f'config.{index}.json'))
+      logging.warning('%s: the config differs from the last run; the earlier '
+                      'one is kept as config.%d.json', workdir, index)
     with open(path, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      f.write(text)
   return path
 
 
@@ -570,13 +586,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           check_metrics(pending)
           save(step)
           raise Preempted(step)
+    if not scores:
+      # Nothing left to train (a rerun of a finished run): report the final
+      # state's scores all the same.
+      logging.info('%s: already trained to step %d', workdir, step)
+      scores = evaluate_dataset(eval_fn, state, config, mesh, num_classes)
     writer.flush()
   finally:
     checkpointer.wait_until_finished()
     checkpointer.close()
     writer.close()
-  if scores:
-    _print_scores(config, step, scores, class_names)
+  _print_scores(config, step, scores, class_names)
   scores['step'] = step
   return scores
 

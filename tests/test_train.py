@@ -108,10 +108,25 @@ def test_train_writes_config_events_and_checkpoints(trained, data_dir):
 
 
 def test_rerun_of_a_finished_run_trains_no_further(trained, data_dir):
-  workdir, _ = trained
+  workdir, train_scores = trained
   result = train.run(tiny_config(data_dir), workdir)
   assert result['step'] == 4
+  assert result['miou'] == pytest.approx(train_scores['miou'])
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+
+
+def test_config_dump_keeps_every_config_of_the_workdir(tmp_path):
+  config = tiny_config('unused')
+  workdir = str(tmp_path)
+  path = train.write_config(config, workdir)
+  first = open(path).read()
+  train.write_config(config, workdir)
+  assert sorted(os.listdir(workdir)) == ['config.json']
+  config.num_train_steps = 8
+  train.write_config(config, workdir)
+  assert sorted(os.listdir(workdir)) == ['config.1.json', 'config.json']
+  assert open(os.path.join(workdir, 'config.1.json')).read() == first
+  assert json.loads(open(path).read())['num_train_steps'] == 8
 
 
 def test_eval_mode_matches_training_eval_and_prints_table(trained, data_dir,
