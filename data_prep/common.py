@@ -184,9 +184,10 @@ def decode_png(data: bytes) -> np.ndarray:
   return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def _load_image(path: str, options: SplitOptions) -> tuple[bytes, str, int,
-                                                           int, np.ndarray]:
-  """Returns (encoded bytes, 'jpeg'|'png', height, width, RGB uint8 array)."""
+def _load_image(path: str, options: SplitOptions
+                ) -> tuple[bytes, str, int, int, np.ndarray, tuple[int, int]]:
+  """Returns (encoded bytes, 'jpeg'|'png', height, width, RGB uint8 array,
+  source (height, width) before downscaling)."""
   if not os.path.exists(path):
     raise ValueError(f'{path}: missing image file')
   with open(path, 'rb') as f:
@@ -198,6 +199,7 @@ def _load_image(path: str, options: SplitOptions) -> tuple[bytes, str, int,
     rgb = np.asarray(image.convert('RGB'))
   except Exception as e:  # PIL raises many types for corrupt files.
     raise ValueError(f'{path}: cannot decode image ({e})') from e
+  source_size = rgb.shape[:2]
   factor = options.downscale
   if factor > 1:
     height, width = rgb.shape[0] // factor, rgb.shape[1] // factor
@@ -206,7 +208,8 @@ def _load_image(path: str, options: SplitOptions) -> tuple[bytes, str, int,
   keep = (factor == 1 and options.jpeg_quality == 0 and image.mode == 'RGB'
           and source_format in ('JPEG', 'PNG'))
   if keep:
-    return data, source_format.lower(), rgb.shape[0], rgb.shape[1], rgb
+    return (data, source_format.lower(), rgb.shape[0], rgb.shape[1], rgb,
+            source_size)
   buffer = io.BytesIO()
   if options.jpeg_quality:
     Image.fromarray(rgb).save(buffer, format='JPEG',
@@ -215,13 +218,18 @@ def _load_image(path: str, options: SplitOptions) -> tuple[bytes, str, int,
   else:
     Image.fromarray(rgb).save(buffer, format='PNG')
     image_format = 'png'
-  return buffer.getvalue(), image_format, rgb.shape[0], rgb.shape[1], rgb
+  return (buffer.getvalue(), image_format, rgb.shape[0], rgb.shape[1], rgb,
+          source_size)
 
 
 def _load_label(path: str, decoder: LabelDecoder, image_path: str,
-                image_size: tuple[int, int],
+                source_size: tuple[int, int],
                 downscale: int) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (stored uint8 [H, W], raw values) after the checks."""
+  """Returns (stored uint8 [H, W], raw values) after the checks.
+
+  The size check compares the label with the source image before either is
+  downscaled, so a label one pixel off is caught whatever the factor.
+  """
   if not os.path.exists(path):
     raise ValueError(f'{path}: missing label file (for image {image_path})')
   try:
@@ -233,14 +241,14 @@ def _load_label(path: str, decoder: LabelDecoder, image_path: str,
     raise ValueError(f'{path}: label must be a single-channel PNG (class '
                      f'indices), got mode {label_image.mode}')
   raw = np.asarray(label_image).astype(np.int32)
+  if raw.shape != tuple(source_size):
+    raise ValueError(
+        f'{path}: label size {raw.shape[1]}x{raw.shape[0]} differs from image '
+        f'size {source_size[1]}x{source_size[0]} ({image_path})')
   if downscale > 1:
     height, width = raw.shape[0] // downscale, raw.shape[1] // downscale
     offset = downscale // 2
     raw = raw[offset::downscale, offset::downscale][:height, :width]
-  if raw.shape != image_size:
-    raise ValueError(
-        f'{path}: label size {raw.shape[1]}x{raw.shape[0]} differs from image '
-        f'size {image_size[1]}x{image_size[0]} ({image_path})')
   return decoder.decode(raw, path), raw
 
 
@@ -249,7 +257,7 @@ def process_example(example: SourceExample, options: SplitOptions,
   """Loads, checks and serializes one example (runs in a worker process)."""
   result = _Result(example.image_id)
   try:
-    image_bytes, image_format, height, width, rgb = _load_image(
+    image_bytes, image_format, height, width, rgb, source_size = _load_image(
         example.image_path, options)
   except ValueError as e:
     result.problems.append(str(e))
@@ -268,7 +276,7 @@ def process_example(example: SourceExample, options: SplitOptions,
                                             options.sparse_spec is not None):
     try:
       dense, _ = _load_label(example.dense_path, options.dense_decoder,
-                             example.image_path, (height, width),
+                             example.image_path, source_size,
                              options.downscale)
     except ValueError as e:
       result.problems.append(str(e))
@@ -279,7 +287,7 @@ def process_example(example: SourceExample, options: SplitOptions,
   if options.sparse_decoder is not None:
     try:
       sparse, raw = _load_label(example.sparse_path, options.sparse_decoder,
-                                example.image_path, (height, width),
+                                example.image_path, source_size,
                                 options.downscale)
       result.unlabeled_values_found = sorted(
           set(np.unique(raw).tolist())
@@ -369,6 +377,7 @@ def convert(*, name: str, classes: Sequence[str],
   os.makedirs(parent, exist_ok=True)
   temporary = os.path.join(
       parent, f'.{os.path.basename(output)}.incomplete-{os.getpid()}')
+  trash = f'{temporary}.old'
   if os.path.exists(temporary):
     shutil.rmtree(temporary)
   os.makedirs(temporary)
@@ -383,13 +392,15 @@ def convert(*, name: str, classes: Sequence[str],
     with open(os.path.join(temporary, METADATA_FILE), 'w') as f:
       json.dump(metadata, f, indent=2)
     if os.path.exists(output):
-      trash = f'{temporary}.old'
       os.rename(output, trash)
       os.rename(temporary, output)
       shutil.rmtree(trash)
     else:
       os.rename(temporary, output)
   except BaseException:
+    # An interruption between the two renames must not lose both datasets.
+    if os.path.exists(trash) and not os.path.exists(output):
+      os.rename(trash, output)
     shutil.rmtree(temporary, ignore_errors=True)
     raise
   return metadata

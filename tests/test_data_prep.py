@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -373,3 +374,46 @@ def test_voc_sparse_only_train_split_needs_no_dense_files(tmp_path):
     assert 'label/dense/encoded' not in example
     np.testing.assert_array_equal(label(example, 'sparse'),
                                   truth['point'][image_id])
+
+
+def test_size_mismatch_is_caught_before_downscaling(folder_root, tmp_path,
+                                                    capsys):
+  source, _ = folder_root
+  root = tmp_path / 'root'
+  shutil.copytree(source, root)
+  label_path = root / 'val' / 'labels' / sorted(
+      os.listdir(root / 'val' / 'labels'))[0]
+  wider = np.asarray(Image.open(label_path))
+  Image.fromarray(np.concatenate([wider, wider[:, :1]], axis=1)).save(
+      label_path)
+  code = folder.main([f'--root={root}', '--void_value=4', '--splits=val',
+                      '--downscale=2', f'--output={tmp_path / "out"}',
+                      '--no_progress'])
+  assert code == 1
+  assert f'{label_path}: label size' in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_interrupted_overwrite_keeps_the_previous_dataset(
+    folder_root, tmp_path, monkeypatch):
+  root, _ = folder_root
+  output = str(tmp_path / 'out')
+  folder.convert_folder(root, output, splits=('val',), void_values=(4,),
+                        progress=False)
+  before = sorted(os.listdir(output))
+  original_rename = os.rename
+  renames = []
+
+  def rename_then_interrupt(src, dst):
+    renames.append((src, dst))
+    if len(renames) == 2:  # Between moving the old dataset away and the new in.
+      raise KeyboardInterrupt
+    original_rename(src, dst)
+
+  monkeypatch.setattr(os, 'rename', rename_then_interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    folder.convert_folder(root, output, splits=('val',), void_values=(4,),
+                          overwrite=True, progress=False)
+  monkeypatch.setattr(os, 'rename', original_rename)
+  assert sorted(os.listdir(output)) == before
+  assert sorted(os.listdir(tmp_path)) == ['out']
