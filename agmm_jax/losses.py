@@ -493,6 +493,26 @@ def gmm_responses_paper(features: jax.Array, label: jax.Array, probs: jax.Array,
   return response * present[:, None, None, :]
 
 
+def gmm_response(inputs: LossInputs, *, form: str = 'released',
+                 sigma_stop_gradient: bool = True) -> jax.Array:
+  """The GMM response ``G`` of ``form`` at label resolution, ``[B, H, W, K]``.
+
+  ``released``: :func:`gmm_responses_released`; ``paper``:
+  :func:`gmm_responses_paper` with ``P`` the softmax prediction restricted to
+  the pre-crop present classes (the official ``clean_mask``).
+  """
+  if form not in GMM_FORMS:
+    raise ValueError(f'gmm form must be one of {GMM_FORMS}, got {form!r}')
+  num_classes = inputs.logits.shape[-1]
+  if form == 'released':
+    return gmm_responses_released(inputs.decoder_features, inputs.label,
+                                  num_classes)
+  probs = jax.nn.softmax(_upcast(inputs.logits), axis=-1)
+  cleaned = probs * inputs.class_present.astype(probs.dtype)[:, None, None, :]
+  return gmm_responses_paper(inputs.decoder_features, inputs.label, cleaned,
+                             sigma_stop_gradient=sigma_stop_gradient)
+
+
 @register_loss('gmm')
 def gmm_loss(inputs: LossInputs, *, form: str = 'released',
              sigma_stop_gradient: bool = True) -> jax.Array:
@@ -516,16 +536,10 @@ def gmm_loss(inputs: LossInputs, *, form: str = 'released',
     sigma_stop_gradient: paper form only, see :func:`gmm_responses_paper`.
   """
   _check_inputs(inputs)
-  if form not in GMM_FORMS:
-    raise ValueError(f'gmm form must be one of {GMM_FORMS}, got {form!r}')
   num_classes = inputs.logits.shape[-1]
   probs = jax.nn.softmax(_upcast(inputs.logits), axis=-1)
-  if form == 'released':
-    response = gmm_responses_released(inputs.decoder_features, inputs.label, num_classes)
-  else:
-    cleaned = probs * inputs.class_present.astype(probs.dtype)[:, None, None, :]
-    response = gmm_responses_paper(inputs.decoder_features, inputs.label, cleaned,
-                                   sigma_stop_gradient=sigma_stop_gradient)
+  response = gmm_response(inputs, form=form,
+                          sigma_stop_gradient=sigma_stop_gradient)
   one_hot = inputs.label[..., None] == jnp.arange(num_classes)
   present = jnp.any(one_hot, axis=(1, 2)).astype(probs.dtype)
   prediction_loss = _masked_mean(_class_averaged_bce(response, probs, present),

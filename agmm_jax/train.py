@@ -171,31 +171,6 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
 # Compiled steps.
 
 
-def _gmm_response(features: jax.Array, label: jax.Array,
-                  class_present: jax.Array) -> jax.Array:
-  """A Gaussian response map of one class for the image summaries.
-
-  For the first class present in example 0 (``c``), ``mu`` and ``s2`` are the
-  mean and mean squared distance of the features at pixels labeled ``c``
-  (labels sampled nearest on the ``[h, w]`` feature grid) and the response is
-  ``exp(-||f - mu||^2 / (2 s2))`` in ``[0, 1]``, ``[h, w]``. All zeros when no
-  labeled pixel of ``c`` falls on the grid.
-  """
-  feats = features[0].astype(jnp.float32)  # [h, w, C]
-  h, w = feats.shape[:2]
-  rows = jnp.round(jnp.linspace(0, label.shape[1] - 1, h)).astype(jnp.int32)
-  cols = jnp.round(jnp.linspace(0, label.shape[2] - 1, w)).astype(jnp.int32)
-  small_label = label[0][rows][:, cols]
-  cls = jnp.argmax(class_present[0])
-  mask = (small_label == cls).astype(jnp.float32)[..., None]
-  count = jnp.sum(mask)
-  mu = jnp.sum(feats * mask, axis=(0, 1)) / jnp.maximum(count, 1.0)
-  dist2 = jnp.sum(jnp.square(feats - mu), axis=-1)
-  s2 = jnp.sum(dist2 * mask[..., 0]) / jnp.maximum(count, 1.0)
-  response = jnp.exp(-dist2 / (2.0 * jnp.maximum(s2, 1e-6)))
-  return jnp.where(count > 0, response, jnp.zeros_like(response))
-
-
 def make_train_step(model_defs: ModelDefs, loss_fn: Callable[..., Any],
                     tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     *, lr_schedule: optax.Schedule, head_lr_multiplier: float
@@ -239,18 +214,29 @@ def make_train_step(model_defs: ModelDefs, loss_fn: Callable[..., Any],
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def make_summary_fn(model_defs: ModelDefs, mesh: jax.sharding.Mesh):
-  """Jitted ``(state, batch) -> (prediction [H, W], response [h, w])`` of
-  example 0 with the eval-mode model (running BatchNorm statistics)."""
+def make_summary_fn(model_defs: ModelDefs, mesh: jax.sharding.Mesh,
+                    gmm_form: str):
+  """Jitted ``(state, batch) -> (prediction [H, W], response [H, W])`` of
+  example 0 with the eval-mode model (running BatchNorm statistics).
+
+  ``response`` is the loss's GMM response (``gmm_form``) of the first class
+  labeled in the crop (all zeros when the crop has no labeled pixel).
+  """
   replicated = sharding_lib.replicated_sharding(mesh)
   data = sharding_lib.data_sharding(mesh)
 
   def summary_fn(state, batch):
     model = nnx.merge(model_defs.eval, state['params'], state['model_state'])
     features, logits = model(batch['image'][:1])
+    label = batch['label'][:1]
+    response = losses.gmm_response(losses.LossInputs(
+        logits=logits, decoder_features=features, label=label,
+        class_present=batch['class_present'][:1]), form=gmm_form)
+    labeled = jnp.any(label[0, ..., None] == jnp.arange(logits.shape[-1]),
+                      axis=(0, 1))
+    shown_class = jnp.argmax(labeled)
     prediction = jnp.argmax(logits[0], axis=-1).astype(jnp.int32)
-    return prediction, _gmm_response(features, batch['label'][:1],
-                                     batch['class_present'][:1])
+    return prediction, response[0, ..., shown_class]
 
   return jax.jit(summary_fn, in_shardings=(replicated, data),
                  out_shardings=replicated)
@@ -496,7 +482,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       model_defs, losses.build_loss(config.loss), tx, mesh,
       lr_schedule=lr_schedule,
       head_lr_multiplier=float(config.optimizer.head_lr_multiplier))
-  summary_fn = make_summary_fn(model_defs, mesh)
+  summary_fn = make_summary_fn(model_defs, mesh, config.loss.gmm.form)
   eval_fn = make_eval_fn(model_defs, config, num_classes, mesh)
   writer = summary.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
