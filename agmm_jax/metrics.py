@@ -16,7 +16,6 @@ Batches are summed on device; the scores are computed once on the host:
 from collections.abc import Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,37 +109,6 @@ def format_iou_table(per_class_iou: Any, class_names: Sequence[str],
   lines.append(f'{"mIoU":<{width}}  {100.0 * miou:7.2f}')
   lines.append(f'{"pixel accuracy":<{width}}  {100.0 * pixel_accuracy:7.2f}')
   return '\n'.join(lines)
-
-
-@flax.struct.dataclass
-class Average:
-  """A weighted mean kept as ``(total, count)`` so it can be merged.
-
-  ``Average.from_value(v, w).merge(Average.from_value(u, x)).compute()`` is
-  ``(w v + x u) / (w + x)``. ``from_value`` and ``merge`` work under jit;
-  ``compute`` runs on the host and gives NaN for an empty average.
-  """
-  total: Any
-  count: Any
-
-  @classmethod
-  def empty(cls) -> 'Average':
-    return cls(total=jnp.zeros((), jnp.float32),
-               count=jnp.zeros((), jnp.float32))
-
-  @classmethod
-  def from_value(cls, value: Any, weight: Any = 1.0) -> 'Average':
-    """One observation ``value`` (a scalar) with ``weight``."""
-    weight = jnp.asarray(weight, jnp.float32)
-    return cls(total=jnp.asarray(value, jnp.float32) * weight, count=weight)
-
-  def merge(self, other: 'Average') -> 'Average':
-    return type(self)(total=self.total + other.total,
-                      count=self.count + other.count)
-
-  def compute(self) -> float:
-    count = float(self.count)
-    return float(self.total) / count if count else float('nan')
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -50,7 +50,10 @@ from PIL import Image
 from scipy import ndimage
 import tqdm
 
-STORED_UNLABELED = 255
+from agmm_jax import labels
+from agmm_jax import visualize
+
+STORED_UNLABELED = labels.STORED_UNLABELED
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 _KINDS = ('points', 'clicks', 'scribbles')
 
@@ -294,20 +297,6 @@ def generate(dense: np.ndarray, spec: SparseSpec | str, *, seed: int,
   return sparse
 
 
-def label_palette(num_colors: int = 256) -> np.ndarray:
-  """The PASCAL VOC colour map ``[num_colors, 3]`` uint8 (bit-interleaved)."""
-  palette = np.zeros((num_colors, 3), np.uint8)
-  for index in range(num_colors):
-    value, r, g, b = index, 0, 0, 0
-    for bit in range(8):
-      r |= ((value >> 0) & 1) << (7 - bit)
-      g |= ((value >> 1) & 1) << (7 - bit)
-      b |= ((value >> 2) & 1) << (7 - bit)
-      value >>= 3
-    palette[index] = (r, g, b)
-  return palette
-
-
 def overlay(image: np.ndarray, sparse: np.ndarray) -> np.ndarray:
   """Visual check: labeled pixels in class colours on a dimmed image.
 
@@ -318,7 +307,7 @@ def overlay(image: np.ndarray, sparse: np.ndarray) -> np.ndarray:
   Returns:
     uint8 ``[H, W, 3]``; each label is drawn as a 3x3 dot (display only).
   """
-  palette = label_palette()
+  palette = visualize.palette()
   canvas = (image.astype(np.float32) * 0.5).astype(np.uint8)
   # Colour of class c is palette[c + 1] (palette[0] is black); grey dilation
   # grows each label to a 3x3 dot, the larger id winning where dots touch.

@@ -88,18 +88,3 @@ def test_format_iou_table_lists_every_class():
   assert lines[4].split() == ['pixel', 'accuracy', '75.00']
   with pytest.raises(ValueError, match='class names'):
     metrics.format_iou_table(np.array([0.5]), ['a', 'b'], 0.5, 0.5)
-
-
-def test_average_merge_is_weighted_mean_under_jit():
-  values, weights = [2.0, 5.0, -1.0], [1.0, 3.0, 0.5]
-
-  @jax.jit
-  def accumulate(average, value, weight):
-    return average.merge(metrics.Average.from_value(value, weight))
-
-  average = metrics.Average.empty()
-  assert np.isnan(average.compute())
-  for value, weight in zip(values, weights):
-    average = accumulate(average, value, weight)
-  np.testing.assert_allclose(average.compute(),
-                             np.average(values, weights=weights), rtol=1e-6)
