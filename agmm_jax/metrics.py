@@ -1,4 +1,4 @@
-"""Segmentation metrics: confusion matrix (device), IoU scores (host), averages.
+"""Segmentation metrics: confusion matrix (device) and IoU scores (host).
 
 The confusion matrix ``C`` of ``K`` classes counts labeled pixels:
 ``C[g, p] = #{pixels with ground truth g and prediction p}`` (rows = ground
