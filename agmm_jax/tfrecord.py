@@ -92,29 +92,28 @@ def _apply_shift(tables: np.ndarray, registers: np.ndarray) -> np.ndarray:
           ^ tables[2][(registers >> 16) & 0xFF] ^ tables[3][registers >> 24])
 
 
-_SHIFT_TABLES: list[np.ndarray] = []
-
-
-def _shift_tables(level: int) -> np.ndarray:
+def _make_shift_tables(num_levels: int) -> tuple[np.ndarray, ...]:
   """Tables ``[4, 256]`` of ``shift_L`` for ``L = _CHUNK_BYTES * 2**level``.
 
   ``shift_L`` (the raw register after ``L`` zero bytes) is linear over GF(2),
   so ``shift_L(s) = T0[s & 255] ^ T1[(s >> 8) & 255] ^ T2[(s >> 16) & 255] ^
   T3[s >> 24]`` with ``Tk[b] = shift_L(b << 8k)``. Level 0 advances all 1024
   entries over ``_CHUNK_BYTES`` zero bytes; level ``k`` composes level
-  ``k - 1`` with itself.
+  ``k - 1`` with itself. Built once at import: the reader threads of the input
+  pipeline share them, and a lazily grown list raced between threads.
   """
-  while len(_SHIFT_TABLES) <= level:
-    if not _SHIFT_TABLES:
-      starts = (np.arange(256, dtype=np.uint32)[None, :]
-                << (8 * np.arange(4, dtype=np.uint32))[:, None]).reshape(-1)
-      zeros = np.zeros((starts.size, _CHUNK_BYTES // 4), np.uint32)
-      tables = _advance_registers(starts, zeros)
-    else:
-      previous = _SHIFT_TABLES[-1]
-      tables = _apply_shift(previous, previous.reshape(-1))
-    _SHIFT_TABLES.append(tables.reshape(4, 256))
-  return _SHIFT_TABLES[level]
+  starts = (np.arange(256, dtype=np.uint32)[None, :]
+            << (8 * np.arange(4, dtype=np.uint32))[:, None]).reshape(-1)
+  zeros = np.zeros((starts.size, _CHUNK_BYTES // 4), np.uint32)
+  tables = [_advance_registers(starts, zeros).reshape(4, 256)]
+  while len(tables) < num_levels:
+    previous = tables[-1]
+    tables.append(_apply_shift(previous, previous.reshape(-1)).reshape(4, 256))
+  return tuple(tables)
+
+
+# Enough levels for records up to _CHUNK_BYTES * 2**40 bytes.
+_SHIFT_TABLES = _make_shift_tables(40)
 
 
 def _crc32c_python(data: bytes) -> int:
@@ -143,7 +142,7 @@ def _crc32c_numpy(data: bytes) -> int:
   while registers.size > 1:
     if registers.size % 2:
       registers = np.concatenate([np.zeros(1, np.uint32), registers])
-    registers = (_apply_shift(_shift_tables(level), registers[0::2])
+    registers = (_apply_shift(_SHIFT_TABLES[level], registers[0::2])
                  ^ registers[1::2])
     level += 1
   return int(registers[0]) ^ _U32

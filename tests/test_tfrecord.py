@@ -1,5 +1,6 @@
 """Tests of agmm_jax.tfrecord: CRC32C, framing, corruption errors, Examples."""
 
+import concurrent.futures
 import os
 import struct
 
@@ -199,3 +200,15 @@ def test_writer_closes_and_refuses_writes(tmp_path):
   assert os.path.getsize(path) == 16 + 3
   with pytest.raises(ValueError, match='closed'):
     writer.write(b'x')
+
+
+def test_crc_is_right_from_many_threads_at_once():
+  # The input pipeline checks CRCs from several reader threads; shared tables
+  # that were grown lazily once raced there and gave false CRC mismatches.
+  rng = np.random.default_rng(3)
+  blobs = [rng.bytes(int(n)) for n in rng.integers(600, 300_000, 32)]
+  expected = [tfrecord._crc32c_python(b) for b in blobs]  # pylint: disable=protected-access
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    for _ in range(3):
+      got = list(pool.map(tfrecord._crc32c_numpy, blobs))  # pylint: disable=protected-access
+      assert got == expected
