@@ -173,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                       'or an integer')
   common.add_common_flags(parser)
   args = parser.parse_args(argv)
-  try:
-    split_files = common.parse_split_files(args.split_file)
-    unlabeled = common.parse_unlabeled_value(args.unlabeled_value)
-  except ValueError as e:
-    parser.error(str(e))
+  split_files, unlabeled = common.parse_sparse_source_flags(parser, args)
   return common.run_cli(lambda: convert_cityscapes(
       args.root, args.output, split_files=split_files, clicks=args.clicks,
       clicks_dir=args.clicks_dir, sparse=args.sparse, gt_kind=args.gt_kind,

@@ -618,9 +618,22 @@ def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
       progress=not args.no_progress)
 
 
-def parse_unlabeled_value(text: str) -> int | None:
-  """``--unlabeled_value``: None for 'auto', else the integer."""
-  return None if text == 'auto' else int(text)
+def parse_sparse_source_flags(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace) -> tuple[dict[str, str], int | None]:
+  """``--split_file`` and ``--unlabeled_value`` ('auto' -> None) of the VOC
+  and Cityscapes converters; a bad value is a usage error of ``parser``."""
+  try:
+    split_files = parse_split_files(args.split_file)
+  except ValueError as e:
+    parser.error(str(e))
+  if args.unlabeled_value == 'auto':
+    return split_files, None
+  try:
+    return split_files, int(args.unlabeled_value)
+  except ValueError:
+    parser.error(f"--unlabeled_value must be 'auto' or an integer, got "
+                 f'{args.unlabeled_value!r}')
 
 
 def read_split_file(path: str) -> list[list[str]]:

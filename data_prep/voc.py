@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                       'and 21 both accepted) or an integer')
   common.add_common_flags(parser)
   args = parser.parse_args(argv)
-  try:
-    split_files = common.parse_split_files(args.split_file)
-    unlabeled = common.parse_unlabeled_value(args.unlabeled_value)
-  except ValueError as e:
-    parser.error(str(e))
+  split_files, unlabeled = common.parse_sparse_source_flags(parser, args)
   return common.run_cli(lambda: convert_voc(
       args.root, args.output, split_files=split_files,
       dense_dir=args.dense_dir, sparse_dir=args.sparse_dir, sparse=args.sparse,
