@@ -25,6 +25,7 @@ pixel (the official ``mean()`` over an empty set would be NaN; here such means
 are 0).
 """
 
+import functools
 import inspect
 from typing import Any, Callable, NamedTuple
 
@@ -134,20 +135,89 @@ def half_pixel_interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
   return matrix
 
 
+@functools.lru_cache(maxsize=None)
+def _axis_taps(in_size: int, out_size: int, transpose: bool
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Sparse rows of ``R`` (``transpose=False``) or ``R^T`` as gather tables.
+
+  Returns ``(index, weight)``, each ``[rows, taps]``: row ``o`` of the matrix is
+  ``sum_t weight[o, t] * e_{index[o, t]}``, zero-weight padded to a common
+  number of taps. ``R`` has two taps per row; a row of ``R^T`` has as many as
+  there are output pixels reading that source pixel (about ``out / in + 2``).
+  """
+  matrix = half_pixel_interpolation_matrix(in_size, out_size)
+  if transpose:
+    matrix = matrix.T
+  taps = max(1, int(np.max(np.count_nonzero(matrix, axis=1))))
+  index = np.zeros((matrix.shape[0], taps), np.int32)
+  weight = np.zeros((matrix.shape[0], taps), np.float64)
+  for row, values in enumerate(matrix):
+    columns = np.flatnonzero(values)
+    index[row, :len(columns)] = columns
+    weight[row, :len(columns)] = values[columns]
+  return index, weight
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _interpolate_axis(x: jax.Array, axis: int, in_size: int, out_size: int,
+                      transpose: bool) -> jax.Array:
+  """``R`` (or ``R^T``) of :func:`half_pixel_interpolation_matrix` along ``axis``.
+
+  A sum of a few gathers with static indices instead of a dense matmul with a
+  matrix that is almost all zeros (at 81 -> 321 the matmul does 40x the work).
+  The VJP of ``R`` is ``R^T`` and vice versa, both gathers: autodiff of a
+  gather would scatter-add, which is slow on CPU.
+  """
+  index, weight = _axis_taps(in_size, out_size, transpose)
+  shape = [1] * x.ndim
+  shape[axis] = index.shape[0]
+  result = None
+  for tap in range(index.shape[1]):
+    term = (jnp.take(x, jnp.asarray(index[:, tap]), axis=axis)
+            * jnp.asarray(weight[:, tap], x.dtype).reshape(shape))
+    result = term if result is None else result + term
+  return result
+
+
+def _interpolate_axis_fwd(x, axis, in_size, out_size, transpose):
+  return _interpolate_axis(x, axis, in_size, out_size, transpose), None
+
+
+def _interpolate_axis_bwd(axis, in_size, out_size, transpose, _, cotangent):
+  return (_interpolate_axis(cotangent, axis, in_size, out_size, not transpose),)
+
+
+_interpolate_axis.defvjp(_interpolate_axis_fwd, _interpolate_axis_bwd)
+
+
 def resize_bilinear_half_pixel(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Resizes ``[B, H, W, C]`` to ``[B, *size, C]`` like ``F.interpolate`` default.
 
-  Two matmuls with :func:`half_pixel_interpolation_matrix` weights, so the
-  gradient is a transposed matmul. Computes in the dtype of ``x``.
+  ``R_h x R_w^T`` with the :func:`half_pixel_interpolation_matrix` weights,
+  applied as two-tap gathers per axis; the gradient is
+  :func:`resize_bilinear_half_pixel_transpose`. Computes in the dtype of ``x``.
   """
   out_h, out_w = size
-  if x.shape[1:3] == (out_h, out_w):
-    return x
-  rows = jnp.asarray(half_pixel_interpolation_matrix(x.shape[1], out_h), x.dtype)
-  cols = jnp.asarray(half_pixel_interpolation_matrix(x.shape[2], out_w), x.dtype)
-  precision = jax.lax.Precision.HIGHEST
-  y = jnp.einsum('oh,bhwc->bowc', rows, x, precision=precision)
-  return jnp.einsum('pw,bowc->bopc', cols, y, precision=precision)
+  in_h, in_w = x.shape[1:3]
+  if (in_h, in_w) != (out_h, out_w):
+    x = _interpolate_axis(x, 1, in_h, out_h, False)
+    x = _interpolate_axis(x, 2, in_w, out_w, False)
+  return x
+
+
+def resize_bilinear_half_pixel_transpose(y: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """The adjoint of :func:`resize_bilinear_half_pixel`: ``[B, H, W, C]`` on the
+  resized grid to ``[B, *size, C]`` on the source grid, ``R_h^T y R_w``.
+
+  ``sum_x y(x) * resize(D)(x) == sum_s transpose(y)(s) * D(s)``: a weighted sum
+  over the resized grid equals one over the (smaller) source grid.
+  """
+  in_h, in_w = size
+  out_h, out_w = y.shape[1:3]
+  if (in_h, in_w) != (out_h, out_w):
+    y = _interpolate_axis(y, 1, in_h, out_h, True)
+    y = _interpolate_axis(y, 2, in_w, out_w, True)
+  return y
 
 
 def _check_inputs(inputs: LossInputs) -> None:
@@ -316,6 +386,20 @@ def prototype_loss(inputs: LossInputs, *, batch_reduction: str = 'official_sum')
 # ----------------------------------------------------------------------------
 
 
+def _active_class_slots(active: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each image's active classes first: the slot layout of :func:`mean_abs_distance`.
+
+  Returns ``(slot_class [B, K], slot_active [B, K], slots_used)``: slot ``j``
+  of image ``b`` holds class ``slot_class[b, j]`` (active classes in
+  increasing id, then the inactive ones), ``slot_active[b, j]`` says whether
+  that class is active, and ``slots_used`` is the largest number of active
+  classes of an image (a scalar, the loop's trip count).
+  """
+  slot_class = jnp.argsort(active <= 0, axis=-1, stable=True)
+  slot_active = jnp.take_along_axis(active > 0, slot_class, axis=-1)
+  return slot_class, slot_active, jnp.max(jnp.sum(slot_active, axis=-1))
+
+
 @jax.custom_vjp
 def mean_abs_distance(features: jax.Array, prototypes: jax.Array,
                       active: jax.Array) -> jax.Array:
@@ -323,10 +407,14 @@ def mean_abs_distance(features: jax.Array, prototypes: jax.Array,
 
   The official GMM multiplies the distance by the crop-level class presence
   right away, so only the (image, class) pairs with ``active[b, k] > 0`` are
-  computed; the others are 0. A scan over images and classes with a
-  ``lax.cond`` per pair skips them (a VOC crop has a handful of the 21
-  classes) and keeps the working set at one image's features: no
-  ``[B, P, K, C]`` array exists in either pass.
+  needed; the others are 0. Each image's active classes are moved to its first
+  slots (:func:`_active_class_slots`) and a loop over slots ``j`` computes
+  slot ``j`` of every image at once, ``[B, P]`` per step, for as many steps as
+  the image with the most active classes needs: a VOC crop has a handful of
+  the 21 classes. The working set is one ``[B, P, C]`` difference, no
+  ``[B, P, K, C]`` array exists in either pass, and every step is elementwise
+  over the batch axis, so a batch-sharded input stays sharded (no device
+  computes another device's images).
 
   Args:
     features: ``[B, P, C]``.
@@ -336,21 +424,18 @@ def mean_abs_distance(features: jax.Array, prototypes: jax.Array,
   Returns:
     ``[B, P, K]``. The gradient uses ``sign(0) = 0`` as PyTorch's ``abs``.
   """
-  def one_image(_, image):
-    image_features, image_prototypes, image_active = image
+  num_classes = active.shape[-1]
+  slot_class, slot_active, slots_used = _active_class_slots(active)
 
-    def one_class(_, class_inputs):
-      class_prototype, class_active = class_inputs
-      distance = jax.lax.cond(
-          class_active > 0,
-          lambda: jnp.mean(jnp.abs(image_features - class_prototype), axis=-1),
-          lambda: jnp.zeros(image_features.shape[:1], image_features.dtype))
-      return None, distance
+  def one_slot(slot, distances):
+    prototype = jnp.take_along_axis(prototypes, slot_class[:, slot, None, None], axis=1)
+    slot_distance = jnp.mean(jnp.abs(features - prototype), axis=-1)
+    target = jax.nn.one_hot(slot_class[:, slot], num_classes, dtype=features.dtype)
+    target = target * slot_active[:, slot, None].astype(features.dtype)
+    return distances + slot_distance[:, :, None] * target[:, None, :]
 
-    return None, jax.lax.scan(one_class, None, (image_prototypes, image_active))[1]
-
-  distances = jax.lax.scan(one_image, None, (features, prototypes, active))[1]
-  return jnp.swapaxes(distances, 1, 2)
+  return jax.lax.fori_loop(0, slots_used, one_slot,
+                           jnp.zeros(features.shape[:2] + (num_classes,), features.dtype))
 
 
 def _mean_abs_distance_fwd(features, prototypes, active):
@@ -358,33 +443,24 @@ def _mean_abs_distance_fwd(features, prototypes, active):
 
 
 def _mean_abs_distance_bwd(residuals, cotangent):
-  """Per active pair, with ``s = sign(f_b - mu_bk)`` (``[P, C]``) and
+  """Per active slot, with ``s = sign(f_b - mu_bk)`` (``[B, P, C]``) and
   ``g = cotangent[b, :, k] / C``: ``df_b += g s`` and ``dmu_bk = -sum_p g s``."""
   features, prototypes, active = residuals
-  scale = cotangent / features.shape[-1]
+  num_classes = active.shape[-1]
+  slot_class, slot_active, slots_used = _active_class_slots(active)
 
-  def one_image(_, image):
-    image_features, image_prototypes, image_active, image_scale = image
+  def one_slot(slot, grads):
+    features_grad, prototypes_grad = grads
+    prototype = jnp.take_along_axis(prototypes, slot_class[:, slot, None, None], axis=1)
+    scale = jnp.take_along_axis(cotangent, slot_class[:, slot, None, None], axis=2)
+    scale = scale * (slot_active[:, slot, None, None] / features.shape[-1]).astype(features.dtype)
+    weighted = scale * jnp.sign(features - prototype)
+    target = jax.nn.one_hot(slot_class[:, slot], num_classes, dtype=features.dtype)
+    return (features_grad + weighted,
+            prototypes_grad - target[:, :, None] * jnp.sum(weighted, axis=1)[:, None, :])
 
-    def one_class(features_grad, class_inputs):
-      class_prototype, class_active, class_scale = class_inputs
-
-      def accumulate(features_grad):
-        weighted = class_scale[:, None] * jnp.sign(image_features - class_prototype)
-        return features_grad + weighted, -jnp.sum(weighted, axis=0)
-
-      def skip(features_grad):
-        return features_grad, jnp.zeros_like(class_prototype)
-
-      return jax.lax.cond(class_active > 0, accumulate, skip, features_grad)
-
-    features_grad, prototypes_grad = jax.lax.scan(
-        one_class, jnp.zeros_like(image_features),
-        (image_prototypes, image_active, image_scale.T))
-    return None, (features_grad, prototypes_grad)
-
-  features_grad, prototypes_grad = jax.lax.scan(
-      one_image, None, (features, prototypes, active, scale))[1]
+  features_grad, prototypes_grad = jax.lax.fori_loop(
+      0, slots_used, one_slot, (jnp.zeros_like(features), jnp.zeros_like(prototypes)))
   return features_grad, prototypes_grad, jnp.zeros_like(active)
 
 
@@ -446,18 +522,22 @@ def gmm_responses_paper(features: jax.Array, label: jax.Array, probs: jax.Array,
   """The CVPR-paper GMM response ``G`` at label resolution, ``[B, H, W, K]``.
 
       d_k(x)^2 = ||f(x) - mu_k||^2                       (Euclidean)
-      sigma_k^2 = sum_{x unlabeled} P_k(x) d_k(x)^2 / (sum_{x unlabeled} P_k(x) + 1e-6)
-      G_k(x) = exp(-d_k(x)^2 / (2 sigma_k^2 + 1e-6)) * m_k
+      sigma_k^2 = sum_{x unlabeled} P_k(x) up(d_k^2)(x) / (sum_{x unlabeled} P_k(x) + 1e-6)
+      G_k = up(exp(-d_k^2 / (2 sigma_k^2 + 1e-6))) * m_k
 
   Choices the paper leaves open, and what is used here:
 
   * prototypes ``mu_k``: per image, over the labeled pixels of the crop, from
     features upsampled to the label grid, exactly as the released form
     (:func:`class_prototypes`);
-  * resolution: ``d^2`` is computed on the feature grid by the matmul
-    expansion ``||f||^2 - 2 f.mu + ||mu||^2`` (clamped at 0) and upsampled
-    bilinearly (``align_corners=False``) to the label grid, where sigma, G and
-    the losses live, so the unlabeled set is exact;
+  * resolution: as the released form, ``d^2`` and ``G`` live on the feature
+    grid and ``G`` is upsampled bilinearly (``align_corners=False``, ``up``) to
+    the label grid, so the two forms differ only in the distance and sigma.
+    ``d^2`` is computed by the matmul expansion ``||f||^2 - 2 f.mu + ||mu||^2``
+    (clamped at 0);
+  * sigma is a weighted mean over the *label* grid's unlabeled pixels of the
+    upsampled ``d^2``, so the unlabeled set is exact; it is evaluated on the
+    feature grid as ``sum_s (up^T w)(s) d^2(s)``, the same number;
   * ``P_k``: the softmax prediction restricted to pre-crop present classes
     (the official ``clean_mask``), over real unlabeled pixels only;
   * sigma is stop-gradiented by default (the official code, in its commented
@@ -474,6 +554,7 @@ def gmm_responses_paper(features: jax.Array, label: jax.Array, probs: jax.Array,
   """
   features = _upcast(features)
   num_classes = probs.shape[-1]
+  feat_h, feat_w = features.shape[1:3]
   height, width = label.shape[1:]
   prototypes, counts = class_prototypes(features, label, num_classes)
   present = (counts > 0).astype(features.dtype)
@@ -482,14 +563,15 @@ def gmm_responses_paper(features: jax.Array, label: jax.Array, probs: jax.Array,
   squared_norms = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
   prototype_norms = jnp.sum(jnp.square(prototypes), axis=-1)[:, None, None, :]
   squared_distance = jnp.maximum(squared_norms - 2.0 * cross + prototype_norms, 0.0)
-  squared_distance = resize_bilinear_half_pixel(squared_distance, (height, width))
   unlabeled = (label == labels_lib.UNLABELED).astype(features.dtype)[..., None]
-  weights = probs * unlabeled
-  sigma_sq = (jnp.sum(weights * squared_distance, axis=(1, 2))
+  weights = probs.astype(features.dtype) * unlabeled
+  pulled_weights = resize_bilinear_half_pixel_transpose(weights, (feat_h, feat_w))
+  sigma_sq = (jnp.sum(pulled_weights * squared_distance, axis=(1, 2))
               / (jnp.sum(weights, axis=(1, 2)) + EPSILON))
   if sigma_stop_gradient:
     sigma_sq = jax.lax.stop_gradient(sigma_sq)
   response = jnp.exp(-squared_distance / (2.0 * sigma_sq[:, None, None, :] + EPSILON))
+  response = resize_bilinear_half_pixel(response, (height, width))
   return response * present[:, None, None, :]
 
 

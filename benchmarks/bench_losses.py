@@ -8,7 +8,8 @@ Usage (from the repository root):
 1. VOC shapes (batch 4, 21 classes, 321 x 321 labels, decoder features
    81 x 81 x 256): compile time and median wall time of jit(value_and_grad) of
    the ``agmm_released`` and ``agmm_paper`` totals with respect to logits and
-   features.
+   features, and of the GMM response G alone (where the forms differ); calls
+   alternate between the programs so that background load hits all alike.
 2. If torch is importable: the same for the PyTorch port of the official loss
    (``tests/test_losses.py``), and the ratio.
 3. If ``agmm_jax.models`` exists: a forward + backward of DeepLabV3+ (output
@@ -65,13 +66,32 @@ def loss_value_and_grad(preset):
 
 def time_calls(fn, args, runs):
   """Median wall time of ``runs`` calls after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
+  return time_interleaved({'fn': fn}, args, runs)['fn']
+
+
+def time_interleaved(fns, args, runs):
+  """Median wall time of each function, calls alternating between them so
+  that a change of background load hits every function alike."""
+  for fn in fns.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  times = {name: [] for name in fns}
+  for _ in range(runs):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def response_value_and_grad(form):
+  """jit(value_and_grad) of sum(G): the GMM response alone, the only part in
+  which the two forms differ (the BCE terms and pce/absent/prototype are
+  shared)."""
+  def total(logits, features, label, present):
+    return jnp.sum(losses.gmm_response(
+        losses.LossInputs(logits, features, label, present), form=form))
+
+  return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
 
 
 def memory_line(compiled):
@@ -82,14 +102,23 @@ def memory_line(compiled):
 
 
 def bench_jax_losses(inputs, runs):
-  timings = {}
+  compiled = {}
   for preset in ('agmm_released', 'agmm_paper'):
     start = time.perf_counter()
-    compiled = loss_value_and_grad(preset).lower(*inputs).compile()
-    compile_s = time.perf_counter() - start
-    timings[preset] = time_calls(compiled, inputs, runs)
-    print(f'  {preset:14s} forward+backward median {timings[preset]:.3f} s '
-          f'(compile {compile_s:.1f} s; {memory_line(compiled)})', flush=True)
+    compiled[preset] = loss_value_and_grad(preset).lower(*inputs).compile()
+    print(f'  {preset:14s} compile {time.perf_counter() - start:.1f} s; '
+          f'{memory_line(compiled[preset])}', flush=True)
+  for form in losses.GMM_FORMS:
+    compiled[f'{form} response'] = response_value_and_grad(form).lower(*inputs).compile()
+  timings = time_interleaved(compiled, inputs, runs)
+  for preset in ('agmm_released', 'agmm_paper'):
+    print(f'  {preset:14s} forward+backward median {timings[preset]:.3f} s', flush=True)
+  for form in losses.GMM_FORMS:
+    print(f'  GMM response G alone, {form:8s} form: forward+backward median '
+          f'{timings[f"{form} response"] * 1e3:.0f} ms', flush=True)
+  print(f'  paper / released: whole loss {timings["agmm_paper"] / timings["agmm_released"]:.2f}, '
+        f'GMM response {timings["paper response"] / timings["released response"]:.2f}',
+        flush=True)
   return timings
 
 

@@ -6,6 +6,9 @@ References: naive NumPy loops (prototypes, the paper GMM), finite differences
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,8 @@ import pytest
 
 from agmm_jax import labels as labels_lib
 from agmm_jax import losses
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Label 13 x 17 with stride-4 features 4 x 5, as 321 -> 81 ((H - 1) / 4 + 1).
 BATCH, HEIGHT, WIDTH, FEAT_H, FEAT_W, CHANNELS, NUM_CLASSES = 2, 13, 17, 4, 5, 6, 5
@@ -146,12 +151,14 @@ def numpy_paper_gmm(inputs, sigma_eps=1e-6):
       gate[b, c] = float(selected.any())
       mu = upsampled[b][selected].sum(0) / (selected.sum() + 1e-6)
       squared[b, :, :, c] = ((features[b] - mu) ** 2).sum(-1)
-  squared = torch_half_pixel_resize(squared, (height, width))
   cleaned = probs * present[:, None, None, :]
   unlabeled = (label == labels_lib.UNLABELED)[..., None]
   weights = cleaned * unlabeled
-  sigma = (weights * squared).sum((1, 2)) / (weights.sum((1, 2)) + sigma_eps)
-  response = np.exp(-squared / (2 * sigma[:, None, None, :] + 1e-6)) * gate[:, None, None, :]
+  upsampled_squared = torch_half_pixel_resize(squared, (height, width))
+  sigma = (weights * upsampled_squared).sum((1, 2)) / (weights.sum((1, 2)) + sigma_eps)
+  response = torch_half_pixel_resize(
+      np.exp(-squared / (2 * sigma[:, None, None, :] + 1e-6)), (height, width))
+  response = response * gate[:, None, None, :]
   one_hot = (label[..., None] == np.arange(k)).astype(np.float64)
 
   def bce(t, q):
@@ -187,6 +194,31 @@ def test_interpolation_matrix_matches_torch():
     np.testing.assert_allclose(np.einsum('oh,bhwc->bowc', matrix, x), expected, atol=1e-12)
 
 
+def test_resize_and_its_transpose_match_the_dense_matrices():
+  """The gather-based resize equals torch's bilinear resize, its transpose
+  equals R_h^T y R_w, and each is the other's VJP."""
+  rng = np.random.default_rng(5)
+  for (in_h, in_w), (out_h, out_w) in (((4, 5), (13, 17)), ((13, 17), (4, 5)),
+                                       ((21, 21), (81, 81)), ((5, 6), (5, 6))):
+    x = rng.normal(size=(2, in_h, in_w, 3))
+    y = rng.normal(size=(2, out_h, out_w, 3))
+    rows = losses.half_pixel_interpolation_matrix(in_h, out_h)
+    cols = losses.half_pixel_interpolation_matrix(in_w, out_w)
+    with jax.enable_x64(True):
+      resized, vjp = jax.vjp(lambda v: losses.resize_bilinear_half_pixel(v, (out_h, out_w)),
+                             jnp.asarray(x))
+      transposed, transpose_vjp = jax.vjp(
+          lambda v: losses.resize_bilinear_half_pixel_transpose(v, (in_h, in_w)),
+          jnp.asarray(y))
+      np.testing.assert_allclose(resized, torch_half_pixel_resize(x, (out_h, out_w)),
+                                 atol=1e-12)
+      expected_transpose = np.einsum('oh,pw,bopc->bhwc', rows, cols, y)
+      np.testing.assert_allclose(transposed, expected_transpose, atol=1e-12)
+      np.testing.assert_allclose(vjp(jnp.asarray(y))[0], expected_transpose, atol=1e-12)
+      np.testing.assert_allclose(transpose_vjp(jnp.asarray(x))[0],
+                                 np.einsum('oh,pw,bhwc->bopc', rows, cols, x), atol=1e-12)
+
+
 def test_class_prototypes_match_naive_loop(batch):
   prototypes, counts = jax.jit(losses.class_prototypes, static_argnums=2)(
       batch.decoder_features, batch.label, NUM_CLASSES)
@@ -200,11 +232,12 @@ def test_class_prototypes_match_naive_loop(batch):
 
 
 def test_mean_abs_distance_gradient_matches_autodiff_of_naive_form():
+  """Images with different numbers of active classes (none, some, all)."""
   rng = np.random.default_rng(2)
-  features = jnp.asarray(rng.normal(size=(2, 7, 4)))
-  prototypes = jnp.asarray(rng.normal(size=(2, 3, 4)))
-  weights = jnp.asarray(rng.normal(size=(2, 7, 3)))
-  active = jnp.asarray([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+  features = jnp.asarray(rng.normal(size=(4, 7, 4)))
+  prototypes = jnp.asarray(rng.normal(size=(4, 3, 4)))
+  weights = jnp.asarray(rng.normal(size=(4, 7, 3)))
+  active = jnp.asarray([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 
   def naive(f, mu):
     distance = jnp.mean(jnp.abs(f[:, :, None] - mu[:, None]), -1) * active[:, None, :]
@@ -436,3 +469,44 @@ def test_registry_plugs_in_new_terms(batch):
   total, values = losses.build_loss(config)(as_jax(batch))
   np.testing.assert_allclose(values[name], 3.0 * batch.logits.mean(), rtol=1e-5)
   np.testing.assert_allclose(total, 6.0 * batch.logits.mean(), rtol=1e-5)
+
+
+SHARDED_LOSS_SCRIPT = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+sys.path.insert(0, 'tests')
+from agmm_jax import losses
+from test_losses import make_batch
+inputs = make_batch(np.random.default_rng(0), batch=8, height=33, width=33, feat_h=9,
+                    feat_w=9, channels=8)
+mesh = Mesh(np.array(jax.devices()), ('data',))
+for preset in ('agmm_released', 'agmm_paper'):
+  loss_fn = losses.build_loss(losses.preset_config(preset))
+  def total(logits, features, label, present):
+    return loss_fn(losses.LossInputs(logits, features, label, present))[0]
+  step = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+  sharded = [jax.device_put(jnp.asarray(x), NamedSharding(mesh, PartitionSpec('data')))
+             for x in inputs]
+  hlo = step.lower(*sharded).compile().as_text()
+  gathers = [line.strip() for line in hlo.splitlines() if ' all-gather(' in line]
+  assert not gathers, (preset, gathers[:3])
+  (value, grads) = step(*sharded)
+  (expected, expected_grads) = step(*[jnp.asarray(x) for x in inputs])
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  for grad, expected_grad in zip(grads, expected_grads):
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
+  print(preset, 'ok')
+"""
+
+
+def test_losses_stay_data_parallel_under_a_sharded_batch():
+  """Batch sharded over 4 devices: the compiled loss gathers no device's
+  images onto another (no all-gather; only scalar and [K, C] all-reduces) and
+  equals the single-device loss and gradients."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  result = subprocess.run([sys.executable, '-c', SHARDED_LOSS_SCRIPT], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert 'agmm_released ok' in result.stdout and 'agmm_paper ok' in result.stdout
