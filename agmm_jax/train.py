@@ -711,10 +711,21 @@ def resolve_data_dir(config: ml_collections.ConfigDict,
     return config
   from data_prep import auto  # pylint: disable=g-import-not-at-top
   data_dir = config.data.dir or os.path.join(os.path.abspath(workdir), 'data')
+  error = None
   if jax.process_index() == 0:
-    auto.prepare_if_missing(prepare, data_dir)
+    try:
+      auto.prepare_if_missing(prepare, data_dir)
+    except Exception as prepare_error:  # pylint: disable=broad-exception-caught
+      # Raised below, once the other processes know: left at a barrier they
+      # would wait for the coordination timeout.
+      error = prepare_error
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('agmm_jax data preparation')
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      raise ValueError(f'data preparation of config.data.dir={data_dir!r} failed '
+                       'on process 0 (its log has the reason)')
+  if error is not None:
+    raise error
   with config.unlocked():
     config.data.dir = data_dir
   return config
