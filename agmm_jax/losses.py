@@ -190,6 +190,17 @@ def _interpolate_axis_bwd(axis, in_size, out_size, transpose, _, cotangent):
 _interpolate_axis.defvjp(_interpolate_axis_fwd, _interpolate_axis_bwd)
 
 
+def _interpolate_grid(x: jax.Array, source_size: tuple[int, int],
+                      resized_size: tuple[int, int], transpose: bool) -> jax.Array:
+  """``R_h x R_w^T`` (``transpose=False``, ``x`` on the source grid) or
+  ``R_h^T x R_w`` (``x`` on the resized grid), two gathers per axis."""
+  if tuple(source_size) == tuple(resized_size):
+    return x
+  for axis, in_size, out_size in zip((1, 2), source_size, resized_size):
+    x = _interpolate_axis(x, axis, int(in_size), int(out_size), transpose)
+  return x
+
+
 def resize_bilinear_half_pixel(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Resizes ``[B, H, W, C]`` to ``[B, *size, C]`` like ``F.interpolate`` default.
 
@@ -197,12 +208,7 @@ def resize_bilinear_half_pixel(x: jax.Array, size: tuple[int, int]) -> jax.Array
   applied as two-tap gathers per axis; the gradient is
   :func:`resize_bilinear_half_pixel_transpose`. Computes in the dtype of ``x``.
   """
-  out_h, out_w = size
-  in_h, in_w = x.shape[1:3]
-  if (in_h, in_w) != (out_h, out_w):
-    x = _interpolate_axis(x, 1, in_h, out_h, False)
-    x = _interpolate_axis(x, 2, in_w, out_w, False)
-  return x
+  return _interpolate_grid(x, x.shape[1:3], size, transpose=False)
 
 
 def resize_bilinear_half_pixel_transpose(y: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -212,12 +218,7 @@ def resize_bilinear_half_pixel_transpose(y: jax.Array, size: tuple[int, int]) ->
   ``sum_x y(x) * resize(D)(x) == sum_s transpose(y)(s) * D(s)``: a weighted sum
   over the resized grid equals one over the (smaller) source grid.
   """
-  in_h, in_w = size
-  out_h, out_w = y.shape[1:3]
-  if (in_h, in_w) != (out_h, out_w):
-    y = _interpolate_axis(y, 1, in_h, out_h, True)
-    y = _interpolate_axis(y, 2, in_w, out_w, True)
-  return y
+  return _interpolate_grid(y, size, y.shape[1:3], transpose=True)
 
 
 def _check_inputs(inputs: LossInputs) -> None:

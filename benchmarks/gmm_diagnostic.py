@@ -81,14 +81,14 @@ def target_quality(response: np.ndarray, probs: np.ndarray, sparse: np.ndarray,
   g_right = (g_choice == dense) & covered
   p_right = (p_choice == dense) & covered
   one_hot = dense[..., None] == np.arange(num_classes)
-  per_class = mask.sum(-1)[..., None].clip(min=1)
-  g_error = (np.abs(response - one_hot) * mask).sum(-1) / per_class[..., 0]
-  p_error = (np.abs(probs - one_hot) * mask).sum(-1) / per_class[..., 0]
+  num_labeled_classes = np.maximum(mask.sum(-1), 1)
+  g_error = (np.abs(response - one_hot) * mask).sum(-1) / num_labeled_classes
+  p_error = (np.abs(probs - one_hot) * mask).sum(-1) / num_labeled_classes
   return {
       'pixels': float(candidates.sum()), 'covered': float(covered.sum()),
       'g_right': float(g_right.sum()), 'p_right': float(p_right.sum()),
       'g_right_p_wrong': float((g_right & ~p_right).sum()),
-      'g_wrong_p_right': float((~g_right & p_right & covered).sum()),
+      'g_wrong_p_right': float((~g_right & p_right).sum()),
       'g_error': float(g_error[covered].sum()), 'p_error': float(p_error[covered].sum()),
   }
 
