@@ -42,6 +42,11 @@ EPSILON = 1e-6
 GMM_FORMS = ('released', 'paper')
 PROTOTYPE_BATCH_REDUCTIONS = ('official_sum', 'mean')
 PRESETS = ('agmm_released', 'agmm_paper', 'pce_only')
+# The terms evaluated together at label resolution by label_grid_losses.
+LABEL_GRID_TERMS = ('pce', 'absent_class', 'gmm')
+# Label rows per step of the label-resolution loops (values do not depend on
+# it; 16 was fastest of 8 / 16 / 32 / 64 at VOC shapes on the 2-core CPU).
+ROWS_PER_CHUNK = 16
 
 
 class LossInputs(NamedTuple):
@@ -190,35 +195,17 @@ def _interpolate_axis_bwd(axis, in_size, out_size, transpose, _, cotangent):
 _interpolate_axis.defvjp(_interpolate_axis_fwd, _interpolate_axis_bwd)
 
 
-def _interpolate_grid(x: jax.Array, source_size: tuple[int, int],
-                      resized_size: tuple[int, int], transpose: bool) -> jax.Array:
-  """``R_h x R_w^T`` (``transpose=False``, ``x`` on the source grid) or
-  ``R_h^T x R_w`` (``x`` on the resized grid), two gathers per axis."""
-  if tuple(source_size) == tuple(resized_size):
-    return x
-  for axis, in_size, out_size in zip((1, 2), source_size, resized_size):
-    x = _interpolate_axis(x, axis, int(in_size), int(out_size), transpose)
-  return x
-
-
 def resize_bilinear_half_pixel(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Resizes ``[B, H, W, C]`` to ``[B, *size, C]`` like ``F.interpolate`` default.
 
   ``R_h x R_w^T`` with the :func:`half_pixel_interpolation_matrix` weights,
-  applied as two-tap gathers per axis; the gradient is
-  :func:`resize_bilinear_half_pixel_transpose`. Computes in the dtype of ``x``.
+  applied as two-tap gathers per axis; the gradient is ``R_h^T y R_w``, also
+  gathers. Computes in the dtype of ``x``.
   """
-  return _interpolate_grid(x, x.shape[1:3], size, transpose=False)
-
-
-def resize_bilinear_half_pixel_transpose(y: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """The adjoint of :func:`resize_bilinear_half_pixel`: ``[B, H, W, C]`` on the
-  resized grid to ``[B, *size, C]`` on the source grid, ``R_h^T y R_w``.
-
-  ``sum_x y(x) * resize(D)(x) == sum_s transpose(y)(s) * D(s)``: a weighted sum
-  over the resized grid equals one over the (smaller) source grid.
-  """
-  return _interpolate_grid(y, size, y.shape[1:3], transpose=True)
+  for axis, in_size, out_size in zip((1, 2), x.shape[1:3], size):
+    if in_size != out_size:
+      x = _interpolate_axis(x, axis, int(in_size), int(out_size), False)
+  return x
 
 
 def _check_inputs(inputs: LossInputs) -> None:
@@ -246,10 +233,12 @@ def _upcast(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """``sum(values * mask) / sum(mask)``, 0 when the mask is empty."""
-  mask = mask.astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def labeled_class_counts(label: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
+  """``n[b, k]``: the number of pixels of image b labeled k, ``[B, K]``."""
+  labeled = labels_lib.labeled_mask(label)
+  images = jnp.arange(label.shape[0])[:, None, None]
+  return jnp.zeros((label.shape[0], num_classes), dtype).at[
+      images, jnp.where(labeled, label, 0)].add(labeled.astype(dtype))
 
 
 def class_prototypes(
@@ -293,97 +282,88 @@ def class_prototypes(
           labeled * tap_weights)
   sums = jnp.einsum('bhwk,bhwc->bkc', pulled, features,
                     precision=jax.lax.Precision.HIGHEST)
-  counts = jnp.zeros((batch, num_classes), features.dtype).at[
-      images, class_ids].add(labeled)
+  counts = labeled_class_counts(label, num_classes, features.dtype)
   return sums / (counts[..., None] + EPSILON), counts
 
 
 # ----------------------------------------------------------------------------
-# pCE and absent-class terms.
+# Row chunks of the label grid.
 # ----------------------------------------------------------------------------
+#
+# Everything at label resolution (softmax, pCE, absent-class, both GMM
+# cross-entropies and their gradients, the paper's sigma) runs in a loop over
+# chunks of label rows, every image and class at once in each step. Written as
+# whole-array expressions, XLA materializes a dozen or more [B, H, W, K]
+# intermediates, and on a CPU each is a pass over memory (35 MB at VOC shapes);
+# a chunk's intermediates stay in cache. The loop is over rows, never images or
+# classes, so a batch-sharded input stays data-parallel.
 
 
-@register_loss('pce')
-def partial_cross_entropy(inputs: LossInputs) -> jax.Array:
-  """Cross-entropy over labeled pixels only.
+def _row_chunks(height: int, rows_per_chunk: int) -> tuple[int, int]:
+  """``(rows, num_chunks)``: chunk height (at most ``height``) and count."""
+  if int(rows_per_chunk) < 1:
+    raise ValueError(f'rows_per_chunk must be >= 1, got {rows_per_chunk}')
+  rows = min(int(rows_per_chunk), height)
+  return rows, -(-height // rows)
 
-  ``mean_{x: y(x) >= 0} -log softmax(z(x))[y(x)]`` over the whole batch (the
-  official ``nn.CrossEntropyLoss(ignore_index=255)``); 0 without labeled pixels.
+
+def _row_slice(x: jax.Array, start: jax.Array, rows: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+
+
+def _chunk_label(label: jax.Array, chunk: jax.Array, rows: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """First row and label rows ``[B, rows, W]`` of chunk number ``chunk``.
+
+  The last chunk is moved up to end at the last row, and its rows that the
+  previous chunk already covered are relabeled ``PADDING``, so that every row
+  counts once (a chunk height need not divide the label height).
   """
-  _check_inputs(inputs)
-  log_probs = jax.nn.log_softmax(_upcast(inputs.logits), axis=-1)
-  # A one-hot contraction instead of a gather: its gradient needs no scatter.
-  one_hot = jax.nn.one_hot(inputs.label, log_probs.shape[-1], dtype=log_probs.dtype)
-  label_log_probs = jnp.sum(one_hot * log_probs, axis=-1)
-  return _masked_mean(-label_log_probs, labels_lib.labeled_mask(inputs.label))
+  start = jnp.minimum(chunk * rows, label.shape[1] - rows)
+  fresh = start + jnp.arange(rows) >= chunk * rows
+  return start, jnp.where(fresh[None, :, None], _row_slice(label, start, rows),
+                          labels_lib.PADDING)
 
 
-@register_loss('absent_class')
-def absent_class_loss(inputs: LossInputs) -> jax.Array:
-  """Pushes down classes absent from the image's sparse labels.
+def _row_taps(source_height: int, height: int, start: jax.Array, rows: int, dtype
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`half_pixel_taps` of label rows ``[start, start + rows)``:
+  ``(lower [rows], upper [rows], upper_weight [rows, 1, 1])``."""
+  lower, upper, upper_weight = half_pixel_taps(source_height, height)
+  taps = jnp.asarray(np.stack([lower, upper])[:, :, None], jnp.int32)
+  taps = jax.lax.dynamic_slice_in_dim(taps, start, rows, axis=1)[..., 0]
+  weight = jax.lax.dynamic_slice_in_dim(jnp.asarray(upper_weight, dtype), start, rows)
+  return taps[0], taps[1], weight[:, None, None]
 
-  The official ``get_cls_loss``: with ``p = softmax(z)`` and ``c[b, k]`` the
-  pre-crop class presence,
 
-      l(x) = sum_k -(1 - c[b, k]) * log(1 - p_k(x) + 1e-6),
+def _upsample_rows(x: jax.Array, start: jax.Array, rows: int,
+                   size: tuple[int, int]) -> jax.Array:
+  """Rows ``[start, start + rows)`` of ``resize_bilinear_half_pixel(x, size)``.
 
-  summed (not averaged) over classes and averaged over the real pixels of the
-  batch (the official ``mask != 255``); 0 if there is no real pixel.
+  ``x`` is ``[B, h, w, K]``; returns ``[B, rows, W, K]``.
   """
-  _check_inputs(inputs)
-  probs = jax.nn.softmax(_upcast(inputs.logits), axis=-1)
-  absent = 1.0 - inputs.class_present.astype(probs.dtype)
-  per_pixel = -jnp.sum(absent[:, None, None, :] * jnp.log(1.0 - probs + EPSILON), axis=-1)
-  return _masked_mean(per_pixel, labels_lib.real_mask(inputs.label))
+  lower, upper, weight = _row_taps(x.shape[1], size[0], start, rows, x.dtype)
+  x_rows = jnp.take(x, lower, axis=1) * (1.0 - weight) + jnp.take(x, upper, axis=1) * weight
+  return _interpolate_axis(x_rows, 2, x.shape[2], size[1], False)
 
 
-# ----------------------------------------------------------------------------
-# Prototype separation term.
-# ----------------------------------------------------------------------------
+def _add_upsample_rows_transpose(accumulator: jax.Array, y: jax.Array,
+                                 start: jax.Array, height: int) -> jax.Array:
+  """``accumulator`` plus the adjoint of :func:`_upsample_rows` applied to ``y``.
 
-
-@register_loss('prototype')
-def prototype_loss(inputs: LossInputs, *, batch_reduction: str = 'official_sum') -> jax.Array:
-  """Pushes the feature means of different classes apart.
-
-  The official ``cal_protypes`` + ``proto_loss``. With per-image prototypes
-  ``mu[b, k]`` (:func:`class_prototypes`), ``m[b, k] = 1`` if class k is
-  labeled inside crop b and ``n_k = sum_b m[b, k]``, the batch class vectors are
-
-  * ``'official_sum'`` (released code): ``v_k = (sum_b mu[b, k]) * n_k /
-    (n_k + 1e-6)``, i.e. the *sum* over images, not the mean;
-  * ``'mean'``: ``v_k = sum_b mu[b, k] / n_k``, the mean over the images that
-    contain k.
-
-  The loss is ``sum_{i < j, n_i, n_j > 0} exp(-(mean_c |v_i - v_j|)^2) /
-  (#pairs + 1e-6)``, 0 with fewer than two present classes.
-
-  Args:
-    inputs: the batch.
-    batch_reduction: ``'official_sum'`` or ``'mean'``, see above.
+  ``y`` is ``[B, rows, W, K]`` on label rows ``[start, start + rows)`` of a
+  label grid ``height`` rows high; ``accumulator`` is ``[B, h, w, K]``.
   """
-  _check_inputs(inputs)
-  if batch_reduction not in PROTOTYPE_BATCH_REDUCTIONS:
-    raise ValueError(f'prototype batch_reduction must be one of '
-                     f'{PROTOTYPE_BATCH_REDUCTIONS}, got {batch_reduction!r}')
-  num_classes = inputs.logits.shape[-1]
-  prototypes, counts = class_prototypes(inputs.decoder_features, inputs.label, num_classes)
-  images_with_class = jnp.sum((counts > 0).astype(prototypes.dtype), axis=0)
-  summed = jnp.sum(prototypes, axis=0)
-  if batch_reduction == 'official_sum':
-    class_vectors = summed * (images_with_class / (images_with_class + EPSILON))[:, None]
-  else:
-    class_vectors = summed / jnp.maximum(images_with_class, 1.0)[:, None]
-  pair_distance = jnp.mean(
-      jnp.abs(class_vectors[:, None, :] - class_vectors[None, :, :]), axis=-1)
-  present = images_with_class > 0
-  upper = jnp.triu(jnp.ones((num_classes, num_classes), bool), k=1)
-  pairs = (upper & present[:, None] & present[None, :]).astype(class_vectors.dtype)
-  return jnp.sum(pairs * jnp.exp(-jnp.square(pair_distance))) / (jnp.sum(pairs) + EPSILON)
+  feat_h, feat_w = accumulator.shape[1:3]
+  rows, width = y.shape[1:3]
+  lower, upper, weight = _row_taps(feat_h, height, start, rows, y.dtype)
+  y_rows = _interpolate_axis(y, 2, feat_w, width, True)
+  return (accumulator.at[:, lower].add(y_rows * (1.0 - weight))
+          .at[:, upper].add(y_rows * weight))
 
 
 # ----------------------------------------------------------------------------
-# GMM term.
+# GMM response.
 # ----------------------------------------------------------------------------
 
 
@@ -468,168 +448,390 @@ def _mean_abs_distance_bwd(residuals, cotangent):
 mean_abs_distance.defvjp(_mean_abs_distance_fwd, _mean_abs_distance_bwd)
 
 
-def _class_averaged_bce(target: jax.Array, prediction: jax.Array,
-                        present: jax.Array) -> jax.Array:
-  """Per-pixel BCE averaged over present classes, as in ``cal_gmm_loss``.
+def _pulled_unlabeled_weights(logits: jax.Array, label: jax.Array, class_present: jax.Array,
+                              feature_size: tuple[int, int], rows_per_chunk: int, dtype
+                              ) -> tuple[jax.Array, jax.Array]:
+  """The paper's sigma weights, pulled down to the feature grid.
 
-  ``sum_k m_k * (-(t log(q + 1e-6) + (1 - t) log(1 - q + 1e-6)) / 2) /
-  (sum_k m_k + 1e-6)`` for ``[B, H, W, K]`` target/prediction and ``[B, K]``
-  mask ``m``; returns ``[B, H, W]``. A boolean target is the one-hot case.
+  ``w = softmax(z) * class_present`` on the label grid's unlabeled pixels (0
+  elsewhere), accumulated one row chunk at a time. Returns ``(up^T w [B, h, w,
+  K], sum_x w [B, K])``, so that ``sum_x w(x) up(v)(x) = sum_s (up^T w)(s) v(s)``
+  for any ``v`` on the feature grid. It reads only the logits and labels, so
+  it can run beside the feature-grid work. Differentiable in ``logits``.
   """
-  if target.dtype == jnp.bool_:
-    # For a 0/1 target, t log a + (1 - t) log b is log(t ? a : b) exactly:
-    # one log per element instead of two.
-    bce = -jnp.log(jnp.where(target, prediction + EPSILON,
-                             1.0 - prediction + EPSILON)) / 2.0
-  else:
-    bce = -(target * jnp.log(prediction + EPSILON)
-            + (1.0 - target) * jnp.log(1.0 - prediction + EPSILON)) / 2.0
-  present = present[:, None, None, :]
-  return jnp.sum(bce * present, axis=-1) / (jnp.sum(present, axis=-1) + EPSILON)
+  batch, height, _ = label.shape
+  num_classes = logits.shape[-1]
+  rows, num_chunks = _row_chunks(height, rows_per_chunk)
+  present = class_present.astype(dtype)[:, None, None, :]
+
+  def one_chunk(chunk, sums):
+    pulled, total = sums
+    start, chunk_label = _chunk_label(label, chunk, rows)
+    probs = jax.nn.softmax(_row_slice(logits, start, rows).astype(dtype), axis=-1)
+    weights = probs * present * (chunk_label == labels_lib.UNLABELED)[..., None]
+    return (_add_upsample_rows_transpose(pulled, weights, start, height),
+            total + jnp.sum(weights, axis=(1, 2)))
+
+  return jax.lax.fori_loop(
+      0, num_chunks, one_chunk,
+      (jnp.zeros((batch, *feature_size, num_classes), dtype),
+       jnp.zeros((batch, num_classes), dtype)))
 
 
-def gmm_responses_released(features: jax.Array, label: jax.Array,
-                           num_classes: int) -> jax.Array:
-  """The official ``GMM`` response ``G`` at label resolution, ``[B, H, W, K]``.
+def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
+                         sigma_stop_gradient: bool = True,
+                         rows_per_chunk: int = ROWS_PER_CHUNK
+                         ) -> tuple[jax.Array, jax.Array]:
+  """The GMM response ``G`` on the feature grid and the classes it covers.
 
-  With per-image prototypes ``mu`` (:func:`class_prototypes`), ``m[b, k]`` the
-  crop-level presence (``build_cur_cls_label``) and ``r`` the real-pixel mask
-  bilinearly *downsampled* to the feature grid (``preserve``: fractional at the
-  padding border),
+  Both forms compute ``G`` on the feature grid ``[B, h, w, K]``; the loss
+  reads it upsampled bilinearly (``align_corners=False``, ``up``) to the
+  label grid and gated by ``m[b, k]``, the classes labeled inside crop b
+  (:func:`gmm_response`). Prototypes ``mu[b, k]`` are :func:`class_prototypes`
+  (features upsampled to the label grid, averaged over the labeled pixels of
+  the crop) in both forms.
+
+  ``released`` (the official ``GMM``), with ``r`` the real-pixel mask
+  bilinearly *downsampled* to the feature grid (``preserve``: fractional at
+  the padding border)::
 
       d[b, k](i, j) = mean_c |f_b(i, j, c) - mu[b, k, c]| * m[b, k] * r_b(i, j)
-      G = up(exp(-d^2)) * m[b, k],
+      G = exp(-d^2)
 
-  computed on the feature grid and upsampled bilinearly (``align_corners=False``)
-  to the label grid. The prediction that the official function also receives is
-  only used for its size there.
-  """
-  features = _upcast(features)
-  batch, feat_h, feat_w, channels = features.shape
-  height, width = label.shape[1:]
-  prototypes, counts = class_prototypes(features, label, num_classes)
-  present = (counts > 0).astype(features.dtype)
-  real = labels_lib.real_mask(label).astype(features.dtype)[..., None]
-  preserve = resize_bilinear_half_pixel(real, (feat_h, feat_w))
-  distance = mean_abs_distance(
-      features.reshape(batch, feat_h * feat_w, channels), prototypes, present)
-  distance = distance.reshape(batch, feat_h, feat_w, num_classes) * preserve
-  response = resize_bilinear_half_pixel(jnp.exp(-jnp.square(distance)), (height, width))
-  return response * present[:, None, None, :]
+  ``paper`` (the CVPR equations)::
 
-
-def gmm_responses_paper(features: jax.Array, label: jax.Array, probs: jax.Array,
-                        *, sigma_stop_gradient: bool = True) -> jax.Array:
-  """The CVPR-paper GMM response ``G`` at label resolution, ``[B, H, W, K]``.
-
-      d_k(x)^2 = ||f(x) - mu_k||^2                       (Euclidean)
+      d_k^2 = ||f - mu_k||^2                                    (Euclidean)
       sigma_k^2 = sum_{x unlabeled} P_k(x) up(d_k^2)(x) / (sum_{x unlabeled} P_k(x) + 1e-6)
-      G_k = up(exp(-d_k^2 / (2 sigma_k^2 + 1e-6))) * m_k
+      G_k = exp(-d_k^2 / (2 sigma_k^2 + 1e-6))
 
   Choices the paper leaves open, and what is used here:
 
-  * prototypes ``mu_k``: per image, over the labeled pixels of the crop, from
-    features upsampled to the label grid, exactly as the released form
-    (:func:`class_prototypes`);
+  * prototypes: per image over the labeled pixels of the crop, exactly as the
+    released form;
   * resolution: as the released form, ``d^2`` and ``G`` live on the feature
-    grid and ``G`` is upsampled bilinearly (``align_corners=False``, ``up``) to
-    the label grid, so the two forms differ only in the distance and sigma.
-    ``d^2`` is computed by the matmul expansion ``||f||^2 - 2 f.mu + ||mu||^2``
-    (clamped at 0);
+    grid, so the two forms differ only in distance and sigma. ``d^2`` is the
+    matmul expansion ``||f||^2 - 2 f.mu + ||mu||^2`` (clamped at 0);
   * sigma is a weighted mean over the *label* grid's unlabeled pixels of the
     upsampled ``d^2``, so the unlabeled set is exact; it is evaluated on the
-    feature grid as ``sum_s (up^T w)(s) d^2(s)``, the same number;
+    feature grid as ``sum_s (up^T w)(s) d^2(s)``, the same number, with the
+    weights ``w`` pulled down one row chunk at a time;
   * ``P_k``: the softmax prediction restricted to pre-crop present classes
     (the official ``clean_mask``), over real unlabeled pixels only;
   * sigma is stop-gradiented by default (the official code, in its commented
     adaptive variant, detaches it), see ``sigma_stop_gradient``;
   * 1e-6 guards the divisions; a class without weighted unlabeled pixels gets
     ``sigma^2 = 0``, i.e. a response that is 1 at the prototype and ~0 elsewhere;
-  * ``m_k`` (class labeled inside the crop) gates G as in the released form.
+  * ``m_k`` gates G as in the released form.
 
   Args:
-    features: float ``[B, h, w, C]``.
-    label: int32 ``[B, H, W]``.
-    probs: ``[B, H, W, K]`` cleaned softmax prediction ``P``.
-    sigma_stop_gradient: stop gradients through ``sigma^2``.
+    inputs: the batch.
+    form: ``'released'`` or ``'paper'``.
+    sigma_stop_gradient: paper form only: no gradient through ``sigma^2``.
+    rows_per_chunk: label rows per step of the paper form's sigma loop.
+
+  Returns:
+    ``(G [B, h, w, K], m [B, K])`` in the compute dtype.
   """
-  features = _upcast(features)
-  num_classes = probs.shape[-1]
-  feat_h, feat_w = features.shape[1:3]
-  height, width = label.shape[1:]
-  prototypes, counts = class_prototypes(features, label, num_classes)
-  present = (counts > 0).astype(features.dtype)
+  if form not in GMM_FORMS:
+    raise ValueError(f'gmm form must be one of {GMM_FORMS}, got {form!r}')
+  features = _upcast(inputs.decoder_features)
+  batch, feat_h, feat_w, channels = features.shape
+  num_classes = inputs.logits.shape[-1]
+  prototypes, counts = class_prototypes(features, inputs.label, num_classes)
+  labeled_in_crop = (counts > 0).astype(features.dtype)
+  if form == 'released':
+    real = labels_lib.real_mask(inputs.label).astype(features.dtype)[..., None]
+    preserve = resize_bilinear_half_pixel(real, (feat_h, feat_w))
+    distance = mean_abs_distance(
+        features.reshape(batch, feat_h * feat_w, channels), prototypes, labeled_in_crop)
+    distance = distance.reshape(batch, feat_h, feat_w, num_classes) * preserve
+    return jnp.exp(-jnp.square(distance)), labeled_in_crop
   precision = jax.lax.Precision.HIGHEST
   cross = jnp.einsum('bhwc,bkc->bhwk', features, prototypes, precision=precision)
   squared_norms = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
   prototype_norms = jnp.sum(jnp.square(prototypes), axis=-1)[:, None, None, :]
   squared_distance = jnp.maximum(squared_norms - 2.0 * cross + prototype_norms, 0.0)
-  unlabeled = (label == labels_lib.UNLABELED).astype(features.dtype)[..., None]
-  weights = probs.astype(features.dtype) * unlabeled
-  pulled_weights = resize_bilinear_half_pixel_transpose(weights, (feat_h, feat_w))
+  pulled_weights, total_weight = _pulled_unlabeled_weights(
+      inputs.logits, inputs.label, inputs.class_present, (feat_h, feat_w), rows_per_chunk,
+      features.dtype)
   sigma_sq = (jnp.sum(pulled_weights * squared_distance, axis=(1, 2))
-              / (jnp.sum(weights, axis=(1, 2)) + EPSILON))
+              / (total_weight + EPSILON))
   if sigma_stop_gradient:
     sigma_sq = jax.lax.stop_gradient(sigma_sq)
   response = jnp.exp(-squared_distance / (2.0 * sigma_sq[:, None, None, :] + EPSILON))
-  response = resize_bilinear_half_pixel(response, (height, width))
-  return response * present[:, None, None, :]
+  return response, labeled_in_crop
 
 
 def gmm_response(inputs: LossInputs, *, form: str = 'released',
                  sigma_stop_gradient: bool = True) -> jax.Array:
-  """The GMM response ``G`` of ``form`` at label resolution, ``[B, H, W, K]``.
+  """The GMM response of ``form`` at label resolution, ``[B, H, W, K]``:
+  ``up(G) * m`` with ``(G, m)`` from :func:`gmm_feature_response`."""
+  response, labeled_in_crop = gmm_feature_response(
+      inputs, form=form, sigma_stop_gradient=sigma_stop_gradient)
+  return (resize_bilinear_half_pixel(response, inputs.label.shape[1:])
+          * labeled_in_crop[:, None, None, :])
 
-  ``released``: :func:`gmm_responses_released`; ``paper``:
-  :func:`gmm_responses_paper` with ``P`` the softmax prediction restricted to
-  the pre-crop present classes (the official ``clean_mask``).
+
+# ----------------------------------------------------------------------------
+# Label-grid terms: pCE, absent-class, GMM.
+# ----------------------------------------------------------------------------
+
+
+def _label_grid_weights(label: jax.Array, class_present: jax.Array, num_classes: int,
+                        dtype) -> dict[str, jax.Array]:
+  """Normalizers of the label-grid terms (see :func:`label_grid_losses`)."""
+  labeled_in_crop = (labeled_class_counts(label, num_classes, dtype) > 0).astype(dtype)
+  return {
+      'labeled_pixels': jnp.maximum(jnp.sum(labels_lib.labeled_mask(label)), 1).astype(dtype),
+      'real_pixels': jnp.maximum(jnp.sum(labels_lib.real_mask(label)), 1).astype(dtype),
+      'absent': 1.0 - class_present.astype(dtype),
+      # The halving and the class average of the official BCE, in one factor.
+      'gmm_class': labeled_in_crop / (2.0 * (jnp.sum(labeled_in_crop, -1, keepdims=True)
+                                             + EPSILON)),
+  }
+
+
+def _chunk_pixels(label: jax.Array, chunk: jax.Array, rows: int, num_classes: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(start, one_hot, labeled, real)`` of a row chunk, masks ``[B, rows, W, 1]``."""
+  start, chunk_label = _chunk_label(label, chunk, rows)
+  return (start, chunk_label[..., None] == jnp.arange(num_classes),
+          labels_lib.labeled_mask(chunk_label)[..., None],
+          labels_lib.real_mask(chunk_label)[..., None])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _label_grid_sums(logits: jax.Array, feature_response: jax.Array | None,
+                     label: jax.Array, class_present: jax.Array,
+                     terms: tuple[str, ...], rows_per_chunk: int) -> tuple[jax.Array, ...]:
+  """The values of ``terms`` (see :func:`label_grid_losses`), one per name."""
+  return _label_grid_sums_fwd(logits, feature_response, label, class_present,
+                              terms, rows_per_chunk)[0]
+
+
+def _label_grid_sums_fwd(logits, feature_response, label, class_present, terms,
+                         rows_per_chunk):
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  num_classes = logits.shape[-1]
+  height, width = label.shape[1:]
+  rows, num_chunks = _row_chunks(height, rows_per_chunk)
+  weights = _label_grid_weights(label, class_present, num_classes, dtype)
+  absent = weights['absent'][:, None, None, :]
+  gmm_class = weights['gmm_class'][:, None, None, :]
+
+  def one_chunk(chunk, sums):
+    start, one_hot, labeled, real = _chunk_pixels(label, chunk, rows, num_classes)
+    log_probs = jax.nn.log_softmax(_row_slice(logits, start, rows).astype(dtype), axis=-1)
+    probs = jnp.exp(log_probs)
+    log_complement = jnp.log(1.0 - probs + EPSILON)
+    added = {}
+    if 'pce' in terms:
+      added['pce'] = -jnp.sum(jnp.where(one_hot, log_probs, 0.0))
+    if 'absent_class' in terms:
+      added['absent_class'] = -jnp.sum(jnp.where(real, absent * log_complement, 0.0))
+    if 'gmm' in terms:
+      response = _upsample_rows(feature_response, start, rows, (height, width))
+      added['gmm_prediction'] = -jnp.sum(jnp.where(
+          real, gmm_class * (response * jnp.log(probs + EPSILON)
+                             + (1.0 - response) * log_complement), 0.0))
+      # For the 0/1 target, t log a + (1 - t) log b is log(t ? a : b): one log.
+      added['gmm_response'] = -jnp.sum(jnp.where(labeled, gmm_class * jnp.log(jnp.where(
+          one_hot, response + EPSILON, 1.0 - response + EPSILON)), 0.0))
+    return {name: sums[name] + added[name] for name in sums}
+
+  names = [name for name in terms if name != 'gmm']
+  if 'gmm' in terms:
+    names += ['gmm_prediction', 'gmm_response']
+  sums = jax.lax.fori_loop(0, num_chunks, one_chunk,
+                           {name: jnp.zeros((), dtype) for name in names})
+  values = {}
+  if 'pce' in terms:
+    values['pce'] = sums['pce'] / weights['labeled_pixels']
+  if 'absent_class' in terms:
+    values['absent_class'] = sums['absent_class'] / weights['real_pixels']
+  if 'gmm' in terms:
+    values['gmm'] = (sums['gmm_prediction'] / weights['real_pixels']
+                     + sums['gmm_response'] / weights['labeled_pixels'])
+  return (tuple(values[name] for name in terms),
+          (logits, feature_response, label, class_present))
+
+
+def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
+  """Per chunk, with ``p = softmax(z)`` and the cotangents ``c_t`` of the terms
+  divided by their pixel counts (``n_l`` labeled, ``n_r`` real)::
+
+      dL/dp = real (c_absent a / (1 - p + e) + c_gmm w (-G / (p + e) + (1 - G) / (1 - p + e)))
+      dL/dz = p (dL/dp - <p, dL/dp>) + labeled c_pce (p - onehot)
+      dL/dG = w (real c_gmm / n_r (log(1 - p + e) - log(p + e))
+                 + labeled c_gmm / n_l (onehot ? -1 / (G + e) : 1 / (1 - G + e)))
+
+  (``a`` absent-class weights, ``w`` the GMM class weights), and ``dL/dG`` is
+  pulled down to the feature grid by the adjoint of the upsampling.
   """
-  if form not in GMM_FORMS:
-    raise ValueError(f'gmm form must be one of {GMM_FORMS}, got {form!r}')
-  num_classes = inputs.logits.shape[-1]
-  if form == 'released':
-    return gmm_responses_released(inputs.decoder_features, inputs.label,
-                                  num_classes)
-  probs = jax.nn.softmax(_upcast(inputs.logits), axis=-1)
-  cleaned = probs * inputs.class_present.astype(probs.dtype)[:, None, None, :]
-  return gmm_responses_paper(inputs.decoder_features, inputs.label, cleaned,
-                             sigma_stop_gradient=sigma_stop_gradient)
+  logits, feature_response, label, class_present = residuals
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  num_classes = logits.shape[-1]
+  height, width = label.shape[1:]
+  rows, num_chunks = _row_chunks(height, rows_per_chunk)
+  weights = _label_grid_weights(label, class_present, num_classes, dtype)
+  cotangent = dict(zip(terms, cotangents))
+  pce_scale = cotangent.get('pce', 0.0) / weights['labeled_pixels']
+  absent_scale = (cotangent.get('absent_class', 0.0) / weights['real_pixels']
+                  * weights['absent'][:, None, None, :])
+  gmm_class = cotangent.get('gmm', 0.0) * weights['gmm_class'][:, None, None, :]
+  prediction_scale = gmm_class / weights['real_pixels']
+  response_scale = gmm_class / weights['labeled_pixels']
+
+  def one_chunk(chunk, grads):
+    logits_grad, response_grad = grads
+    start, one_hot, labeled, real = _chunk_pixels(label, chunk, rows, num_classes)
+    probs = jax.nn.softmax(_row_slice(logits, start, rows).astype(dtype), axis=-1)
+    complement = 1.0 - probs + EPSILON
+    probs_grad = absent_scale / complement if 'absent_class' in terms else 0.0
+    if 'gmm' in terms:
+      response = _upsample_rows(feature_response, start, rows, (height, width))
+      probs_grad = probs_grad + prediction_scale * (
+          (1.0 - response) / complement - response / (probs + EPSILON))
+      chunk_response_grad = (
+          jnp.where(real, prediction_scale * (jnp.log(complement)
+                                              - jnp.log(probs + EPSILON)), 0.0)
+          + jnp.where(labeled, response_scale * jnp.where(
+              one_hot, -1.0 / (response + EPSILON), 1.0 / (1.0 - response + EPSILON)), 0.0))
+      response_grad = _add_upsample_rows_transpose(response_grad, chunk_response_grad,
+                                                   start, height)
+    probs_grad = jnp.where(real, probs_grad, 0.0)
+    chunk_grad = probs * (probs_grad - jnp.sum(probs * probs_grad, axis=-1, keepdims=True))
+    if 'pce' in terms:
+      chunk_grad = chunk_grad + jnp.where(labeled, pce_scale * (probs - one_hot), 0.0)
+    # Rows of the moved-up last chunk that an earlier chunk wrote keep that value.
+    fresh = (start + jnp.arange(rows) >= chunk * rows)[None, :, None, None]
+    chunk_grad = jnp.where(fresh, chunk_grad.astype(logits.dtype),
+                           _row_slice(logits_grad, start, rows))
+    logits_grad = jax.lax.dynamic_update_slice_in_dim(logits_grad, chunk_grad, start, axis=1)
+    return logits_grad, response_grad
+
+  response_grad = None if feature_response is None else jnp.zeros_like(feature_response)
+  logits_grad, response_grad = jax.lax.fori_loop(
+      0, num_chunks, one_chunk, (jnp.zeros_like(logits), response_grad))
+  return logits_grad, response_grad, None, None
+
+
+_label_grid_sums.defvjp(_label_grid_sums_fwd, _label_grid_sums_bwd)
+
+
+def label_grid_losses(inputs: LossInputs, terms: tuple[str, ...] = LABEL_GRID_TERMS, *,
+                      form: str = 'released', sigma_stop_gradient: bool = True,
+                      rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, jax.Array]:
+  """The label-resolution terms ``terms`` (a subset of ``LABEL_GRID_TERMS``) at once.
+
+  With ``p = softmax(z)`` at each label pixel, ``c[b, k]`` the pre-crop class
+  presence, ``m[b, k]`` the classes labeled inside crop b and ``G`` the GMM
+  response of ``form`` upsampled to the label grid (:func:`gmm_response`):
+
+  * ``pce`` = ``mean_{x labeled} -log p_{y(x)}(x)`` (the official
+    ``CrossEntropyLoss(ignore_index=255)``);
+  * ``absent_class`` = ``mean_{x real} sum_k -(1 - c_k) log(1 - p_k(x) + 1e-6)``
+    (the official ``get_cls_loss``: summed over classes, averaged over pixels);
+  * ``gmm`` = ``mean_{x real} BCE_m(G, p)(x) + mean_{x labeled} BCE_m(onehot(y), G)(x)``
+    (the official ``cal_gmm_loss``), with ``BCE_m(t, q) = sum_k m_k (-(t log(q +
+    1e-6) + (1 - t) log(1 - q + 1e-6)) / 2) / (sum_k m_k + 1e-6)``.
+
+  Means are over all qualifying pixels of the batch and 0 for an empty set.
+  Gradients flow through both ``G`` and ``p`` (no stop-gradient, as released).
+  All terms share one loop over row chunks of the label grid (forward) and one
+  more for the gradient, which is written by hand (formulas in
+  ``_label_grid_sums_bwd``) so that no per-term gradient array is stored.
+
+  Args:
+    inputs: the batch.
+    terms: names of the terms to compute.
+    form, sigma_stop_gradient: options of the ``gmm`` term.
+    rows_per_chunk: label rows per loop step; the values do not depend on it.
+
+  Returns:
+    ``{term: scalar}`` in the compute dtype.
+  """
+  _check_inputs(inputs)
+  terms = tuple(terms)
+  unknown = set(terms) - set(LABEL_GRID_TERMS)
+  if unknown or not terms:
+    raise ValueError(f'label_grid_losses computes some of {LABEL_GRID_TERMS}, got {terms}')
+  feature_response = None
+  if 'gmm' in terms:
+    feature_response, _ = gmm_feature_response(
+        inputs, form=form, sigma_stop_gradient=sigma_stop_gradient,
+        rows_per_chunk=rows_per_chunk)
+  values = _label_grid_sums(inputs.logits, feature_response, inputs.label,
+                            inputs.class_present, terms, int(rows_per_chunk))
+  return dict(zip(terms, values))
+
+
+@register_loss('pce')
+def partial_cross_entropy(inputs: LossInputs) -> jax.Array:
+  """Cross-entropy over labeled pixels only (:func:`label_grid_losses`)."""
+  return label_grid_losses(inputs, ('pce',))['pce']
+
+
+@register_loss('absent_class')
+def absent_class_loss(inputs: LossInputs) -> jax.Array:
+  """Pushes down classes absent from the image's sparse labels: ``-log(1 - p_k)``
+  summed over the classes absent before cropping, averaged over real pixels
+  (:func:`label_grid_losses`)."""
+  return label_grid_losses(inputs, ('absent_class',))['absent_class']
 
 
 @register_loss('gmm')
 def gmm_loss(inputs: LossInputs, *, form: str = 'released',
              sigma_stop_gradient: bool = True) -> jax.Array:
-  """GMM self-supervision: prediction vs. GMM response, response vs. labels.
+  """GMM self-supervision: prediction vs. GMM response, response vs. labels
+  (:func:`label_grid_losses`; ``G`` from :func:`gmm_feature_response`)."""
+  return label_grid_losses(inputs, ('gmm',), form=form,
+                           sigma_stop_gradient=sigma_stop_gradient)['gmm']
 
-  With ``p = softmax(z)``, G from :func:`gmm_responses_released` (``form=
-  'released'``) or :func:`gmm_responses_paper` (``form='paper'``), ``m[b, k]``
-  the classes labeled inside crop b, and ``BCE_m`` the class-averaged BCE of
-  :func:`_class_averaged_bce` (halved, averaged over present classes with
-  ``+1e-6``), the official ``cal_gmm_loss`` is
 
-      loss = mean_{x real} BCE_m(target=G, prediction=p)(x)
-           + mean_{x labeled} BCE_m(target=onehot(y), prediction=G)(x),
+# ----------------------------------------------------------------------------
+# Prototype separation term.
+# ----------------------------------------------------------------------------
 
-  with means over all qualifying pixels of the batch (0 for an empty set).
-  Gradients flow through both G and p (no stop-gradient, as released).
+
+@register_loss('prototype')
+def prototype_loss(inputs: LossInputs, *, batch_reduction: str = 'official_sum') -> jax.Array:
+  """Pushes the feature means of different classes apart.
+
+  The official ``cal_protypes`` + ``proto_loss``. With per-image prototypes
+  ``mu[b, k]`` (:func:`class_prototypes`), ``m[b, k] = 1`` if class k is
+  labeled inside crop b and ``n_k = sum_b m[b, k]``, the batch class vectors are
+
+  * ``'official_sum'`` (released code): ``v_k = (sum_b mu[b, k]) * n_k /
+    (n_k + 1e-6)``, i.e. the *sum* over images, not the mean;
+  * ``'mean'``: ``v_k = sum_b mu[b, k] / n_k``, the mean over the images that
+    contain k.
+
+  The loss is ``sum_{i < j, n_i, n_j > 0} exp(-(mean_c |v_i - v_j|)^2) /
+  (#pairs + 1e-6)``, 0 with fewer than two present classes.
 
   Args:
     inputs: the batch.
-    form: ``'released'`` or ``'paper'``.
-    sigma_stop_gradient: paper form only, see :func:`gmm_responses_paper`.
+    batch_reduction: ``'official_sum'`` or ``'mean'``, see above.
   """
   _check_inputs(inputs)
+  if batch_reduction not in PROTOTYPE_BATCH_REDUCTIONS:
+    raise ValueError(f'prototype batch_reduction must be one of '
+                     f'{PROTOTYPE_BATCH_REDUCTIONS}, got {batch_reduction!r}')
   num_classes = inputs.logits.shape[-1]
-  probs = jax.nn.softmax(_upcast(inputs.logits), axis=-1)
-  response = gmm_response(inputs, form=form,
-                          sigma_stop_gradient=sigma_stop_gradient)
-  one_hot = inputs.label[..., None] == jnp.arange(num_classes)
-  present = jnp.any(one_hot, axis=(1, 2)).astype(probs.dtype)
-  prediction_loss = _masked_mean(_class_averaged_bce(response, probs, present),
-                                 labels_lib.real_mask(inputs.label))
-  response_loss = _masked_mean(_class_averaged_bce(one_hot, response, present),
-                               labels_lib.labeled_mask(inputs.label))
-  return prediction_loss + response_loss
+  prototypes, counts = class_prototypes(inputs.decoder_features, inputs.label, num_classes)
+  images_with_class = jnp.sum((counts > 0).astype(prototypes.dtype), axis=0)
+  summed = jnp.sum(prototypes, axis=0)
+  if batch_reduction == 'official_sum':
+    class_vectors = summed * (images_with_class / (images_with_class + EPSILON))[:, None]
+  else:
+    class_vectors = summed / jnp.maximum(images_with_class, 1.0)[:, None]
+  pair_distance = jnp.mean(
+      jnp.abs(class_vectors[:, None, :] - class_vectors[None, :, :]), axis=-1)
+  present = images_with_class > 0
+  upper = jnp.triu(jnp.ones((num_classes, num_classes), bool), k=1)
+  pairs = (upper & present[:, None] & present[None, :]).astype(class_vectors.dtype)
+  return jnp.sum(pairs * jnp.exp(-jnp.square(pair_distance))) / (jnp.sum(pairs) + EPSILON)
 
 
 # ----------------------------------------------------------------------------
@@ -648,7 +850,8 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
   * ``pce_only``: the partial cross-entropy baseline.
 
   Every preset carries the option blocks ``prototype`` and ``gmm`` so that
-  configs can override any field, including weights of terms it leaves out.
+  configs can override any field, including weights of terms it leaves out,
+  and ``rows_per_chunk`` (:func:`label_grid_losses`).
   """
   if name not in PRESETS:
     raise ValueError(f'unknown loss preset {name!r}; choose one of {PRESETS}')
@@ -663,6 +866,7 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
   config.gmm = ml_collections.ConfigDict(
       {'form': 'paper' if name == 'agmm_paper' else 'released',
        'sigma_stop_gradient': True})
+  config.rows_per_chunk = ROWS_PER_CHUNK
   return config
 
 
@@ -679,6 +883,9 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> LossFn:
 
   ``total = sum_t weights[t] * term_t(inputs, **loss_config[t])`` over the
   terms with a non-zero weight; the dict holds the unweighted values. The
+  label-resolution terms among them (``LABEL_GRID_TERMS``) are computed
+  together by one :func:`label_grid_losses` call (``loss_config.rows_per_chunk``
+  rows per loop step, default ``ROWS_PER_CHUNK``), the others one by one. The
   terms are checked once here (unknown name, bad option) so that a bad config
   fails before the first step with an error naming the config key.
   """
@@ -705,10 +912,22 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> LossFn:
         'batch_reduction', 'official_sum') not in PROTOTYPE_BATCH_REDUCTIONS:
       raise ValueError(f'loss_config.prototype.batch_reduction must be one of '
                        f'{PROTOTYPE_BATCH_REDUCTIONS}, got {options["batch_reduction"]!r}')
+  rows_per_chunk = loss_config.get('rows_per_chunk', ROWS_PER_CHUNK)
+  if not isinstance(rows_per_chunk, int) or rows_per_chunk < 1:
+    raise ValueError(f'loss_config.rows_per_chunk must be an integer >= 1, '
+                     f'got {rows_per_chunk!r}')
+  grid_terms = tuple(name for name, _, _, _ in terms if name in LABEL_GRID_TERMS)
+  grid_options = next((options for name, _, _, options in terms if name == 'gmm'), {})
 
   def loss_fn(inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
-    values = {name: term(inputs, **options) for name, _, term, options in terms}
+    values = {}
+    if grid_terms:
+      values.update(label_grid_losses(inputs, grid_terms, rows_per_chunk=rows_per_chunk,
+                                      **grid_options))
+    for name, _, term, options in terms:
+      if name not in grid_terms:
+        values[name] = term(inputs, **options)
     total = sum(weight * values[name] for name, weight, _, _ in terms)
-    return total, values
+    return total, {name: values[name] for name, _, _, _ in terms}
 
   return loss_fn

@@ -8,8 +8,9 @@ Usage (from the repository root):
 1. VOC shapes (batch 4, 21 classes, 321 x 321 labels, decoder features
    81 x 81 x 256): compile time and median wall time of jit(value_and_grad) of
    the ``agmm_released`` and ``agmm_paper`` totals with respect to logits and
-   features, and of the GMM response G alone (where the forms differ); calls
-   alternate between the programs so that background load hits all alike.
+   features, and of the GMM response G on the feature grid alone (where the
+   forms differ: distance and sigma); calls alternate between the programs so
+   that background load hits all alike.
 2. If torch is importable: the same for the PyTorch port of the official loss
    (``tests/test_losses.py``), and the ratio.
 3. If ``agmm_jax.models`` exists: a forward + backward of DeepLabV3+ (output
@@ -84,12 +85,12 @@ def time_interleaved(fns, args, runs):
 
 
 def response_value_and_grad(form):
-  """jit(value_and_grad) of sum(G): the GMM response alone, the only part in
-  which the two forms differ (the BCE terms and pce/absent/prototype are
-  shared)."""
+  """jit(value_and_grad) of sum(G) on the feature grid: the GMM response alone,
+  the only part in which the two forms differ (prototypes included; the
+  label-resolution terms and the prototype term are shared)."""
   def total(logits, features, label, present):
-    return jnp.sum(losses.gmm_response(
-        losses.LossInputs(logits, features, label, present), form=form))
+    return jnp.sum(losses.gmm_feature_response(
+        losses.LossInputs(logits, features, label, present), form=form)[0])
 
   return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
 
@@ -114,7 +115,7 @@ def bench_jax_losses(inputs, runs):
   for preset in ('agmm_released', 'agmm_paper'):
     print(f'  {preset:14s} forward+backward median {timings[preset]:.3f} s', flush=True)
   for form in losses.GMM_FORMS:
-    print(f'  GMM response G alone, {form:8s} form: forward+backward median '
+    print(f'  GMM response G (feature grid) alone, {form:8s} form: forward+backward median '
           f'{timings[f"{form} response"] * 1e3:.0f} ms', flush=True)
   print(f'  paper / released: whole loss {timings["agmm_paper"] / timings["agmm_released"]:.2f}, '
         f'GMM response {timings["paper response"] / timings["released response"]:.2f}',

@@ -5,6 +5,7 @@ References: naive NumPy loops (prototypes, the paper GMM), finite differences
 (released preset, values and gradients) and hand-computed values.
 """
 
+import functools
 import math
 import os
 import subprocess
@@ -194,9 +195,9 @@ def test_interpolation_matrix_matches_torch():
     np.testing.assert_allclose(np.einsum('oh,bhwc->bowc', matrix, x), expected, atol=1e-12)
 
 
-def test_resize_and_its_transpose_match_the_dense_matrices():
-  """The gather-based resize equals torch's bilinear resize, its transpose
-  equals R_h^T y R_w, and each is the other's VJP."""
+def test_resize_and_its_gradient_match_the_dense_matrices():
+  """The gather-based resize equals torch's bilinear resize and its VJP is
+  R_h^T y R_w."""
   rng = np.random.default_rng(5)
   for (in_h, in_w), (out_h, out_w) in (((4, 5), (13, 17)), ((13, 17), (4, 5)),
                                        ((21, 21), (81, 81)), ((5, 6), (5, 6))):
@@ -207,16 +208,33 @@ def test_resize_and_its_transpose_match_the_dense_matrices():
     with jax.enable_x64(True):
       resized, vjp = jax.vjp(lambda v: losses.resize_bilinear_half_pixel(v, (out_h, out_w)),
                              jnp.asarray(x))
-      transposed, transpose_vjp = jax.vjp(
-          lambda v: losses.resize_bilinear_half_pixel_transpose(v, (in_h, in_w)),
-          jnp.asarray(y))
       np.testing.assert_allclose(resized, torch_half_pixel_resize(x, (out_h, out_w)),
                                  atol=1e-12)
-      expected_transpose = np.einsum('oh,pw,bopc->bhwc', rows, cols, y)
-      np.testing.assert_allclose(transposed, expected_transpose, atol=1e-12)
-      np.testing.assert_allclose(vjp(jnp.asarray(y))[0], expected_transpose, atol=1e-12)
-      np.testing.assert_allclose(transpose_vjp(jnp.asarray(x))[0],
-                                 np.einsum('oh,pw,bhwc->bopc', rows, cols, x), atol=1e-12)
+      np.testing.assert_allclose(vjp(jnp.asarray(y))[0],
+                                 np.einsum('oh,pw,bopc->bhwc', rows, cols, y), atol=1e-12)
+
+
+def test_row_chunk_resize_and_its_adjoint_match_the_dense_matrices():
+  """Rows [start, start + rows) of the upsampling, and their pull-down onto
+  the source grid, equal the same rows of R_h x R_w^T and R_h^T y R_w."""
+  rng = np.random.default_rng(6)
+  in_h, in_w, out_h, out_w = 4, 5, 13, 17
+  rows_matrix = losses.half_pixel_interpolation_matrix(in_h, out_h)
+  cols_matrix = losses.half_pixel_interpolation_matrix(in_w, out_w)
+  x = rng.normal(size=(2, in_h, in_w, 3))
+  with jax.enable_x64(True):
+    for start, rows in ((0, 5), (3, 4), (8, 5), (0, 13)):
+      y = rng.normal(size=(2, rows, out_w, 3))
+      band = rows_matrix[start:start + rows]
+      upsampled = losses._upsample_rows(jnp.asarray(x), jnp.asarray(start), rows,
+                                        (out_h, out_w))
+      np.testing.assert_allclose(upsampled, np.einsum('oh,pw,bhwc->bopc', band, cols_matrix, x),
+                                 atol=1e-12)
+      accumulator = rng.normal(size=x.shape)
+      pulled = losses._add_upsample_rows_transpose(jnp.asarray(accumulator), jnp.asarray(y),
+                                                   jnp.asarray(start), out_h)
+      np.testing.assert_allclose(
+          pulled, accumulator + np.einsum('oh,pw,bopc->bhwc', band, cols_matrix, y), atol=1e-12)
 
 
 def test_class_prototypes_match_naive_loop(batch):
@@ -291,6 +309,58 @@ def test_paper_gmm_matches_naive_numpy(batch):
   np.testing.assert_allclose(value, numpy_paper_gmm(batch), rtol=1e-9)
 
 
+def test_values_and_gradients_do_not_depend_on_the_row_chunks(batch):
+  """The label-resolution loops give the same values and gradients for one
+  chunk, chunks that divide the height, and chunks that do not (HEIGHT = 13:
+  rows 5 leave a last chunk overlapping the previous one), with and without
+  a gradient through the paper's sigma."""
+  for preset in ('agmm_released', 'agmm_paper'):
+    for sigma_stop_gradient in (True, False):
+      results = {}
+      for rows in (1, 5, HEIGHT, 64):
+        config = losses.preset_config(preset)
+        config.rows_per_chunk = rows
+        config.gmm.sigma_stop_gradient = sigma_stop_gradient
+        results[rows] = value_and_grads(config)(*as_jax(batch))
+      (reference, reference_values), reference_grads = results[HEIGHT]
+      for rows, ((total, values), grads) in results.items():
+        message = f'{preset} sigma_stop_gradient={sigma_stop_gradient} rows={rows}'
+        np.testing.assert_allclose(total, reference, rtol=1e-6, err_msg=message)
+        for name in values:
+          np.testing.assert_allclose(values[name], reference_values[name], rtol=1e-6,
+                                     err_msg=f'{message} {name}')
+        for grad, reference_grad in zip(grads, reference_grads):
+          np.testing.assert_allclose(grad, reference_grad, rtol=1e-5, atol=1e-8,
+                                     err_msg=message)
+
+
+def test_combined_terms_equal_the_terms_one_by_one(batch):
+  """build_loss evaluates pce, absent_class and gmm in one pass; each value and
+  the gradient of the weighted total equal those of the registered terms
+  called separately."""
+  config = losses.preset_config('agmm_paper')
+  config.weights.absent_class = 0.5
+  config.weights.gmm = 2.0
+  (total, values), grads = value_and_grads(config)(*as_jax(batch))
+  terms = {'pce': losses.partial_cross_entropy, 'absent_class': losses.absent_class_loss,
+           'gmm': functools.partial(losses.gmm_loss, form='paper'),
+           'prototype': functools.partial(losses.prototype_loss, batch_reduction='mean')}
+
+  def separate_total(logits, features):
+    inputs = as_jax(batch)._replace(logits=logits, decoder_features=features)
+    return sum(float(config.weights[name]) * term(inputs) for name, term in terms.items())
+
+  inputs = as_jax(batch)
+  for name, term in terms.items():
+    np.testing.assert_allclose(values[name], term(inputs), rtol=1e-6, err_msg=name)
+  expected_grads = jax.grad(separate_total, argnums=(0, 1))(inputs.logits,
+                                                           inputs.decoder_features)
+  np.testing.assert_allclose(total, separate_total(inputs.logits, inputs.decoder_features),
+                             rtol=1e-6)
+  for grad, expected in zip(grads, expected_grads):
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-8)
+
+
 def test_hand_computed_values():
   # Zero logits: softmax is 1/K everywhere.
   num_classes = 4
@@ -327,11 +397,11 @@ def test_permuting_classes_permutes_outputs_and_keeps_the_loss(batch):
       permuted.decoder_features, permuted.label, NUM_CLASSES)
   np.testing.assert_allclose(permuted_prototypes, prototypes[:, permutation], rtol=1e-6)
   np.testing.assert_array_equal(permuted_counts, counts[:, permutation])
-  responses_fn = jax.jit(losses.gmm_responses_released, static_argnums=2)
-  np.testing.assert_allclose(
-      responses_fn(permuted.decoder_features, permuted.label, NUM_CLASSES),
-      responses_fn(batch.decoder_features, batch.label, NUM_CLASSES)[..., permutation],
-      rtol=1e-5, atol=1e-7)
+  for form in losses.GMM_FORMS:
+    responses_fn = jax.jit(functools.partial(losses.gmm_response, form=form))
+    np.testing.assert_allclose(responses_fn(as_jax(permuted)),
+                               responses_fn(as_jax(batch))[..., permutation],
+                               rtol=1e-5, atol=1e-7, err_msg=form)
   for preset in ('agmm_released', 'agmm_paper'):
     loss_fn = jax.jit(losses.build_loss(losses.preset_config(preset)))
     total, values = loss_fn(as_jax(batch))
@@ -449,6 +519,10 @@ def test_presets_and_config_errors(batch):
   bad = losses.preset_config('agmm_released')
   bad.gmm.sigma = 2.0
   with pytest.raises(ValueError, match='loss_config.gmm'):
+    losses.build_loss(bad)
+  bad = losses.preset_config('agmm_released')
+  bad.rows_per_chunk = 0
+  with pytest.raises(ValueError, match='loss_config.rows_per_chunk'):
     losses.build_loss(bad)
   with pytest.raises(ValueError, match='unknown loss preset'):
     losses.preset_config('agmm')
