@@ -320,9 +320,14 @@ def _chunk_label(label: jax.Array, chunk: jax.Array, rows: int
   counts once (a chunk height need not divide the label height).
   """
   start = jnp.minimum(chunk * rows, label.shape[1] - rows)
-  fresh = start + jnp.arange(rows) >= chunk * rows
-  return start, jnp.where(fresh[None, :, None], _row_slice(label, start, rows),
-                          labels_lib.PADDING)
+  return start, jnp.where(_fresh_rows(start, chunk, rows)[None, :, None],
+                          _row_slice(label, start, rows), labels_lib.PADDING)
+
+
+def _fresh_rows(start: jax.Array, chunk: jax.Array, rows: int) -> jax.Array:
+  """``[rows]`` bool: the rows of chunk ``chunk`` (first row ``start``) that
+  no earlier chunk covered (all but the overlap of a moved-up last chunk)."""
+  return start + jnp.arange(rows) >= chunk * rows
 
 
 def _row_taps(source_height: int, height: int, start: jax.Array, rows: int, dtype
@@ -652,8 +657,7 @@ def _label_grid_sums_fwd(logits, feature_response, label, class_present, terms,
   if 'gmm' in terms:
     values['gmm'] = (sums['gmm_prediction'] / weights['real_pixels']
                      + sums['gmm_response'] / weights['labeled_pixels'])
-  return (tuple(values[name] for name in terms),
-          (logits, feature_response, label, class_present))
+  return tuple(values[name] for name in terms), (logits, feature_response, label, weights)
 
 
 def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
@@ -668,12 +672,11 @@ def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
   (``a`` absent-class weights, ``w`` the GMM class weights), and ``dL/dG`` is
   pulled down to the feature grid by the adjoint of the upsampling.
   """
-  logits, feature_response, label, class_present = residuals
+  logits, feature_response, label, weights = residuals
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   num_classes = logits.shape[-1]
   height, width = label.shape[1:]
   rows, num_chunks = _row_chunks(height, rows_per_chunk)
-  weights = _label_grid_weights(label, class_present, num_classes, dtype)
   cotangent = dict(zip(terms, cotangents))
   pce_scale = cotangent.get('pce', 0.0) / weights['labeled_pixels']
   absent_scale = (cotangent.get('absent_class', 0.0) / weights['real_pixels']
@@ -704,7 +707,7 @@ def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
     if 'pce' in terms:
       chunk_grad = chunk_grad + jnp.where(labeled, pce_scale * (probs - one_hot), 0.0)
     # Rows of the moved-up last chunk that an earlier chunk wrote keep that value.
-    fresh = (start + jnp.arange(rows) >= chunk * rows)[None, :, None, None]
+    fresh = _fresh_rows(start, chunk, rows)[None, :, None, None]
     chunk_grad = jnp.where(fresh, chunk_grad.astype(logits.dtype),
                            _row_slice(logits_grad, start, rows))
     logits_grad = jax.lax.dynamic_update_slice_in_dim(logits_grad, chunk_grad, start, axis=1)
