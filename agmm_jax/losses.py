@@ -324,6 +324,15 @@ def _chunk_label(label: jax.Array, chunk: jax.Array, rows: int
                           _row_slice(label, start, rows), labels_lib.PADDING)
 
 
+def _chunk_pixels(label: jax.Array, chunk: jax.Array, rows: int, num_classes: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(start, one_hot, labeled, real)`` of a row chunk, masks ``[B, rows, W, 1]``."""
+  start, chunk_label = _chunk_label(label, chunk, rows)
+  return (start, chunk_label[..., None] == jnp.arange(num_classes),
+          labels_lib.labeled_mask(chunk_label)[..., None],
+          labels_lib.real_mask(chunk_label)[..., None])
+
+
 def _fresh_rows(start: jax.Array, chunk: jax.Array, rows: int) -> jax.Array:
   """``[rows]`` bool: the rows of chunk ``chunk`` (first row ``start``) that
   no earlier chunk covered (all but the overlap of a moved-up last chunk)."""
@@ -352,19 +361,48 @@ def _upsample_rows(x: jax.Array, start: jax.Array, rows: int,
   return _interpolate_axis(x_rows, 2, x.shape[2], size[1], False)
 
 
-def _add_upsample_rows_transpose(accumulator: jax.Array, y: jax.Array,
-                                 start: jax.Array, height: int) -> jax.Array:
-  """``accumulator`` plus the adjoint of :func:`_upsample_rows` applied to ``y``.
+@functools.lru_cache(maxsize=None)
+def _row_span(source_height: int, height: int, rows: int) -> int:
+  """The most source rows that ``rows`` consecutive rows of the upsampling
+  from ``source_height`` to ``height`` rows read."""
+  lower, upper, _ = half_pixel_taps(source_height, height)
+  return int(np.max(upper[rows - 1:] - lower[:height - rows + 1])) + 1
+
+
+def _add_pulled_rows(accumulator: jax.Array, y: jax.Array, start: jax.Array,
+                     height: int) -> jax.Array:
+  """``accumulator`` plus the row half of the adjoint of :func:`_upsample_rows`.
 
   ``y`` is ``[B, rows, W, K]`` on label rows ``[start, start + rows)`` of a
-  label grid ``height`` rows high; ``accumulator`` is ``[B, h, w, K]``.
+  label grid ``height`` rows high; ``accumulator`` is ``[B, h, W, K]``
+  (source rows, label columns). :func:`_pull_columns` of the sum over all
+  chunks completes the adjoint. Rows first, because the chunk's label rows
+  read only a few source rows: their ``[span, rows]`` band of ``R_h^T`` is one
+  small matmul and one in-place update of ``span`` rows, where the column
+  half per chunk would be a gather of ``out / in + 2`` taps over the chunk.
   """
-  feat_h, feat_w = accumulator.shape[1:3]
-  rows, width = y.shape[1:3]
+  feat_h = accumulator.shape[1]
+  rows = y.shape[1]
+  span = _row_span(feat_h, height, rows)
   lower, upper, weight = _row_taps(feat_h, height, start, rows, y.dtype)
-  y_rows = _interpolate_axis(y, 2, feat_w, width, True)
-  return (accumulator.at[:, lower].add(y_rows * (1.0 - weight))
-          .at[:, upper].add(y_rows * weight))
+  first = jnp.minimum(lower[0], feat_h - span)
+  band = (jax.nn.one_hot(lower - first, span, dtype=y.dtype) * (1.0 - weight[:, 0])
+          + jax.nn.one_hot(upper - first, span, dtype=y.dtype) * weight[:, 0])
+  batch, _, width, num_classes = y.shape
+  # A batched [span, rows] x [rows, W * K] product reads y in its own layout;
+  # an einsum over axis 1 of y made XLA transpose the chunk first.
+  contribution = jax.lax.dot_general(
+      jnp.broadcast_to(band.T, (batch, span, rows)), y.reshape(batch, rows, width * num_classes),
+      (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST)
+  current = jax.lax.dynamic_slice_in_dim(accumulator, first, span, axis=1)
+  return jax.lax.dynamic_update_slice_in_dim(
+      accumulator, current + contribution.reshape(batch, span, width, num_classes), first,
+      axis=1)
+
+
+def _pull_columns(x: jax.Array, source_width: int) -> jax.Array:
+  """``x R_w`` along axis 2: ``[B, h, W, K]`` to ``[B, h, w, K]``."""
+  return _interpolate_axis(x, 2, source_width, x.shape[2], True)
 
 
 # ----------------------------------------------------------------------------
@@ -453,39 +491,90 @@ def _mean_abs_distance_bwd(residuals, cotangent):
 mean_abs_distance.defvjp(_mean_abs_distance_fwd, _mean_abs_distance_bwd)
 
 
-def _pulled_unlabeled_weights(logits: jax.Array, label: jax.Array, class_present: jax.Array,
-                              feature_size: tuple[int, int], rows_per_chunk: int, dtype
-                              ) -> tuple[jax.Array, jax.Array]:
-  """The paper's sigma weights, pulled down to the feature grid.
+def _softmax_and_log(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(softmax, log_softmax)`` over the last axis, one ``exp`` per entry
+  (``jax.nn.log_softmax`` followed by ``exp`` would take two)."""
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  exponentials = jnp.exp(shifted)
+  total = jnp.sum(exponentials, axis=-1, keepdims=True)
+  return exponentials * (1.0 / total), shifted - jnp.log(total)
 
-  ``w = softmax(z) * class_present`` on the label grid's unlabeled pixels (0
-  elsewhere), accumulated one row chunk at a time. Returns ``(up^T w [B, h, w,
-  K], sum_x w [B, K])``, so that ``sum_x w(x) up(v)(x) = sum_s (up^T w)(s) v(s)``
-  for any ``v`` on the feature grid. It reads only the logits and labels, so
-  it can run beside the feature-grid work. Differentiable in ``logits``.
+
+def _prediction_pass(logits: jax.Array, label: jax.Array, class_present: jax.Array,
+                     feature_size: tuple[int, int], rows_per_chunk: int, dtype, *,
+                     terms: tuple[str, ...] = (), grid_weights: dict[str, jax.Array] | None = None,
+                     with_sigma_weights: bool = False) -> dict[str, jax.Array]:
+  """Everything at label resolution that needs the softmax but not ``G``.
+
+  One loop over row chunks. With ``p = softmax(z)``, ``a`` the absent-class
+  and ``w`` the GMM class weights of ``grid_weights``
+  (:func:`_label_grid_weights`) and ``up^T`` the adjoint of the bilinear
+  upsampling from the feature grid (a pull-down), the sums of the ``terms``
+  (:func:`label_grid_losses`) before normalization::
+
+      pce            = -sum_{x labeled} log p_{y(x)}(x)
+      absent_class   = -sum_{x real} sum_k a_k log(1 - p_k + e)
+      gmm_prediction = -sum_{x real} sum_k w_k log(1 - p_k + e)           (the G-free part)
+      gmm_slope      = up^T[real w (log(p + e) - log(1 - p + e))]   [B, h, w, K]
+
+  so that the prediction cross-entropy of the GMM term is
+  ``gmm_prediction - sum_s G(s) gmm_slope(s)`` for any response ``G`` on the
+  feature grid: it is linear in ``up(G)``. With ``with_sigma_weights``, also the
+  paper's sigma weights ``u = p * class_present`` on unlabeled pixels:
+  ``sigma_weights = up^T u [B, h, w, K]`` and ``sigma_total = sum_x u [B, K]``.
+  Differentiable in ``logits`` by autodiff (used so only for the sigma
+  weights; the terms' gradient is written by hand in ``_label_grid_sums_bwd``).
   """
-  batch, height, _ = label.shape
+  batch, height, width = label.shape
   num_classes = logits.shape[-1]
   rows, num_chunks = _row_chunks(height, rows_per_chunk)
   present = class_present.astype(dtype)[:, None, None, :]
+  if grid_weights is not None:
+    absent = grid_weights['absent'][:, None, None, :]
+    gmm_class = grid_weights['gmm_class'][:, None, None, :]
 
   def one_chunk(chunk, sums):
-    pulled, total = sums
-    start, chunk_label = _chunk_label(label, chunk, rows)
-    probs = jax.nn.softmax(_row_slice(logits, start, rows).astype(dtype), axis=-1)
-    weights = probs * present * (chunk_label == labels_lib.UNLABELED)[..., None]
-    return (_add_upsample_rows_transpose(pulled, weights, start, height),
-            total + jnp.sum(weights, axis=(1, 2)))
+    start, one_hot, labeled, real = _chunk_pixels(label, chunk, rows, num_classes)
+    probs, log_probs = _softmax_and_log(_row_slice(logits, start, rows).astype(dtype))
+    added, pulled = {}, {}
+    if 'pce' in terms:
+      added['pce'] = -jnp.sum(jnp.where(one_hot, log_probs, 0.0))
+    if 'absent_class' in terms or 'gmm' in terms:
+      log_complement = jnp.log(1.0 - probs + EPSILON)
+    if 'absent_class' in terms:
+      added['absent_class'] = -jnp.sum(jnp.where(real, absent * log_complement, 0.0))
+    if 'gmm' in terms:
+      added['gmm_prediction'] = -jnp.sum(jnp.where(real, gmm_class * log_complement, 0.0))
+      pulled['gmm_slope'] = jnp.where(
+          real, gmm_class * (jnp.log(probs + EPSILON) - log_complement), 0.0)
+    if with_sigma_weights:
+      weights = jnp.where(real & ~labeled, probs * present, 0.0)
+      added['sigma_total'] = jnp.sum(weights, axis=(1, 2))
+      pulled['sigma_weights'] = weights
+    for name, value in pulled.items():
+      sums = {**sums, name: _add_pulled_rows(sums[name], value, start, height)}
+    return {name: value + added[name] if name in added else value
+            for name, value in sums.items()}
 
-  return jax.lax.fori_loop(
-      0, num_chunks, one_chunk,
-      (jnp.zeros((batch, *feature_size, num_classes), dtype),
-       jnp.zeros((batch, num_classes), dtype)))
+  half_pulled = jnp.zeros((batch, feature_size[0], width, num_classes), dtype)
+  initial = {name: jnp.zeros((), dtype) for name in terms if name != 'gmm'}
+  if 'gmm' in terms:
+    initial['gmm_prediction'] = jnp.zeros((), dtype)
+    initial['gmm_slope'] = half_pulled
+  if with_sigma_weights:
+    initial['sigma_total'] = jnp.zeros((batch, num_classes), dtype)
+    initial['sigma_weights'] = half_pulled
+  sums = jax.lax.fori_loop(0, num_chunks, one_chunk, initial)
+  for name in ('gmm_slope', 'sigma_weights'):
+    if name in sums:
+      sums[name] = _pull_columns(sums[name], feature_size[1])
+  return sums
 
 
 def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
                          sigma_stop_gradient: bool = True,
-                         rows_per_chunk: int = ROWS_PER_CHUNK
+                         rows_per_chunk: int = ROWS_PER_CHUNK,
+                         sigma_weights: tuple[jax.Array, jax.Array] | None = None
                          ) -> tuple[jax.Array, jax.Array]:
   """The GMM response ``G`` on the feature grid and the classes it covers.
 
@@ -533,6 +622,9 @@ def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
     form: ``'released'`` or ``'paper'``.
     sigma_stop_gradient: paper form only: no gradient through ``sigma^2``.
     rows_per_chunk: label rows per step of the paper form's sigma loop.
+    sigma_weights: paper form only: the pulled-down weights and their totals
+      (``sigma_weights``, ``sigma_total`` of ``_prediction_pass``), when the
+      caller's own pass over the label grid computed them; else computed here.
 
   Returns:
     ``(G [B, h, w, K], m [B, K])`` in the compute dtype.
@@ -556,9 +648,12 @@ def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
   squared_norms = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
   prototype_norms = jnp.sum(jnp.square(prototypes), axis=-1)[:, None, None, :]
   squared_distance = jnp.maximum(squared_norms - 2.0 * cross + prototype_norms, 0.0)
-  pulled_weights, total_weight = _pulled_unlabeled_weights(
-      inputs.logits, inputs.label, inputs.class_present, (feat_h, feat_w), rows_per_chunk,
-      features.dtype)
+  if sigma_weights is None:
+    passed = _prediction_pass(inputs.logits, inputs.label, inputs.class_present,
+                              (feat_h, feat_w), rows_per_chunk, features.dtype,
+                              with_sigma_weights=True)
+    sigma_weights = passed['sigma_weights'], passed['sigma_total']
+  pulled_weights, total_weight = sigma_weights
   sigma_sq = (jnp.sum(pulled_weights * squared_distance, axis=(1, 2))
               / (total_weight + EPSILON))
   if sigma_stop_gradient:
@@ -596,68 +691,52 @@ def _label_grid_weights(label: jax.Array, class_present: jax.Array, num_classes:
   }
 
 
-def _chunk_pixels(label: jax.Array, chunk: jax.Array, rows: int, num_classes: int
-                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """``(start, one_hot, labeled, real)`` of a row chunk, masks ``[B, rows, W, 1]``."""
-  start, chunk_label = _chunk_label(label, chunk, rows)
-  return (start, chunk_label[..., None] == jnp.arange(num_classes),
-          labels_lib.labeled_mask(chunk_label)[..., None],
-          labels_lib.real_mask(chunk_label)[..., None])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _label_grid_sums(logits: jax.Array, feature_response: jax.Array | None,
-                     label: jax.Array, class_present: jax.Array,
-                     terms: tuple[str, ...], rows_per_chunk: int) -> tuple[jax.Array, ...]:
-  """The values of ``terms`` (see :func:`label_grid_losses`), one per name."""
-  return _label_grid_sums_fwd(logits, feature_response, label, class_present,
+                     label: jax.Array, weights: dict[str, jax.Array],
+                     passed: dict[str, jax.Array], terms: tuple[str, ...],
+                     rows_per_chunk: int) -> tuple[jax.Array, ...]:
+  """The values of ``terms`` (see :func:`label_grid_losses`), one per name.
+
+  ``weights`` are :func:`_label_grid_weights` and ``passed`` the
+  :func:`_prediction_pass` of the same inputs: the forward adds only the part
+  of the GMM term that is not linear in ``up(G)``. The VJP is the whole
+  derivative in ``logits`` and ``feature_response``; ``weights`` and
+  ``passed`` get none.
+  """
+  return _label_grid_sums_fwd(logits, feature_response, label, weights, passed,
                               terms, rows_per_chunk)[0]
 
 
-def _label_grid_sums_fwd(logits, feature_response, label, class_present, terms,
+def _label_grid_sums_fwd(logits, feature_response, label, weights, passed, terms,
                          rows_per_chunk):
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   num_classes = logits.shape[-1]
   height, width = label.shape[1:]
-  rows, num_chunks = _row_chunks(height, rows_per_chunk)
-  weights = _label_grid_weights(label, class_present, num_classes, dtype)
-  absent = weights['absent'][:, None, None, :]
-  gmm_class = weights['gmm_class'][:, None, None, :]
-
-  def one_chunk(chunk, sums):
-    start, one_hot, labeled, real = _chunk_pixels(label, chunk, rows, num_classes)
-    log_probs = jax.nn.log_softmax(_row_slice(logits, start, rows).astype(dtype), axis=-1)
-    probs = jnp.exp(log_probs)
-    log_complement = jnp.log(1.0 - probs + EPSILON)
-    added = {}
-    if 'pce' in terms:
-      added['pce'] = -jnp.sum(jnp.where(one_hot, log_probs, 0.0))
-    if 'absent_class' in terms:
-      added['absent_class'] = -jnp.sum(jnp.where(real, absent * log_complement, 0.0))
-    if 'gmm' in terms:
-      response = _upsample_rows(feature_response, start, rows, (height, width))
-      added['gmm_prediction'] = -jnp.sum(jnp.where(
-          real, gmm_class * (response * jnp.log(probs + EPSILON)
-                             + (1.0 - response) * log_complement), 0.0))
-      # For the 0/1 target, t log a + (1 - t) log b is log(t ? a : b): one log.
-      added['gmm_response'] = -jnp.sum(jnp.where(labeled, gmm_class * jnp.log(jnp.where(
-          one_hot, response + EPSILON, 1.0 - response + EPSILON)), 0.0))
-    return {name: sums[name] + added[name] for name in sums}
-
-  names = [name for name in terms if name != 'gmm']
-  if 'gmm' in terms:
-    names += ['gmm_prediction', 'gmm_response']
-  sums = jax.lax.fori_loop(0, num_chunks, one_chunk,
-                           {name: jnp.zeros((), dtype) for name in names})
   values = {}
   if 'pce' in terms:
-    values['pce'] = sums['pce'] / weights['labeled_pixels']
+    values['pce'] = passed['pce'] / weights['labeled_pixels']
   if 'absent_class' in terms:
-    values['absent_class'] = sums['absent_class'] / weights['real_pixels']
+    values['absent_class'] = passed['absent_class'] / weights['real_pixels']
+  gmm_slope = None
   if 'gmm' in terms:
-    values['gmm'] = (sums['gmm_prediction'] / weights['real_pixels']
-                     + sums['gmm_response'] / weights['labeled_pixels'])
-  return tuple(values[name] for name in terms), (logits, feature_response, label, weights)
+    rows, num_chunks = _row_chunks(height, rows_per_chunk)
+    gmm_class = weights['gmm_class'][:, None, None, :]
+
+    def one_chunk(chunk, total):
+      start, one_hot, labeled, _ = _chunk_pixels(label, chunk, rows, num_classes)
+      response = _upsample_rows(feature_response, start, rows, (height, width))
+      # For the 0/1 target, t log a + (1 - t) log b is log(t ? a : b): one log.
+      return total - jnp.sum(jnp.where(labeled, gmm_class * jnp.log(jnp.where(
+          one_hot, response + EPSILON, 1.0 - response + EPSILON)), 0.0))
+
+    response_sum = jax.lax.fori_loop(0, num_chunks, one_chunk, jnp.zeros((), dtype))
+    gmm_slope = passed['gmm_slope']
+    prediction_sum = passed['gmm_prediction'] - jnp.sum(feature_response * gmm_slope)
+    values['gmm'] = (prediction_sum / weights['real_pixels']
+                     + response_sum / weights['labeled_pixels'])
+  return (tuple(values[name] for name in terms),
+          (logits, feature_response, label, weights, gmm_slope))
 
 
 def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
@@ -670,9 +749,11 @@ def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
                  + labeled c_gmm / n_l (onehot ? -1 / (G + e) : 1 / (1 - G + e)))
 
   (``a`` absent-class weights, ``w`` the GMM class weights), and ``dL/dG`` is
-  pulled down to the feature grid by the adjoint of the upsampling.
+  pulled down to the feature grid by the adjoint of the upsampling. Its first
+  line pulled down is ``-c_gmm / n_r * gmm_slope`` of the forward's pass, so
+  the loop adds only the labeled pixels' part.
   """
-  logits, feature_response, label, weights = residuals
+  logits, feature_response, label, weights, gmm_slope = residuals
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   num_classes = logits.shape[-1]
   height, width = label.shape[1:]
@@ -690,20 +771,22 @@ def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
     start, one_hot, labeled, real = _chunk_pixels(label, chunk, rows, num_classes)
     probs = jax.nn.softmax(_row_slice(logits, start, rows).astype(dtype), axis=-1)
     complement = 1.0 - probs + EPSILON
-    probs_grad = absent_scale / complement if 'absent_class' in terms else 0.0
+    probs_grad = None
+    if 'absent_class' in terms:
+      probs_grad = absent_scale / complement
     if 'gmm' in terms:
       response = _upsample_rows(feature_response, start, rows, (height, width))
-      probs_grad = probs_grad + prediction_scale * (
+      prediction_grad = prediction_scale * (
           (1.0 - response) / complement - response / (probs + EPSILON))
-      chunk_response_grad = (
-          jnp.where(real, prediction_scale * (jnp.log(complement)
-                                              - jnp.log(probs + EPSILON)), 0.0)
-          + jnp.where(labeled, response_scale * jnp.where(
-              one_hot, -1.0 / (response + EPSILON), 1.0 / (1.0 - response + EPSILON)), 0.0))
-      response_grad = _add_upsample_rows_transpose(response_grad, chunk_response_grad,
-                                                   start, height)
-    probs_grad = jnp.where(real, probs_grad, 0.0)
-    chunk_grad = probs * (probs_grad - jnp.sum(probs * probs_grad, axis=-1, keepdims=True))
+      probs_grad = prediction_grad if probs_grad is None else probs_grad + prediction_grad
+      # -1 / (G + e) for the labeled class, 1 / (1 - G + e) for the others.
+      chunk_response_grad = jnp.where(labeled, response_scale / jnp.where(
+          one_hot, -(response + EPSILON), 1.0 - response + EPSILON), 0.0)
+      response_grad = _add_pulled_rows(response_grad, chunk_response_grad, start, height)
+    chunk_grad = jnp.zeros_like(probs)
+    if probs_grad is not None:
+      probs_grad = jnp.where(real, probs_grad, 0.0)
+      chunk_grad = probs * (probs_grad - jnp.sum(probs * probs_grad, axis=-1, keepdims=True))
     if 'pce' in terms:
       chunk_grad = chunk_grad + jnp.where(labeled, pce_scale * (probs - one_hot), 0.0)
     # Rows of the moved-up last chunk that an earlier chunk wrote keep that value.
@@ -713,10 +796,17 @@ def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
     logits_grad = jax.lax.dynamic_update_slice_in_dim(logits_grad, chunk_grad, start, axis=1)
     return logits_grad, response_grad
 
-  response_grad = None if feature_response is None else jnp.zeros_like(feature_response)
+  response_grad = None
+  if 'gmm' in terms:
+    feat_h, feat_w = feature_response.shape[1:3]
+    response_grad = jnp.zeros((logits.shape[0], feat_h, width, num_classes), dtype)
   logits_grad, response_grad = jax.lax.fori_loop(
       0, num_chunks, one_chunk, (jnp.zeros_like(logits), response_grad))
-  return logits_grad, response_grad, None, None
+  if 'gmm' in terms:
+    response_grad = (_pull_columns(response_grad, feat_w)
+                     - cotangent['gmm'] / weights['real_pixels'] * gmm_slope
+                     ).astype(feature_response.dtype)
+  return logits_grad, response_grad, None, None, None
 
 
 _label_grid_sums.defvjp(_label_grid_sums_fwd, _label_grid_sums_bwd)
@@ -741,8 +831,12 @@ def label_grid_losses(inputs: LossInputs, terms: tuple[str, ...] = LABEL_GRID_TE
 
   Means are over all qualifying pixels of the batch and 0 for an empty set.
   Gradients flow through both ``G`` and ``p`` (no stop-gradient, as released).
-  All terms share one loop over row chunks of the label grid (forward) and one
-  more for the gradient, which is written by hand (formulas in
+
+  Every pass over the label grid is a loop over row chunks (all images and
+  classes in each step): one computes the softmax and everything that does not
+  need ``G`` (:func:`_prediction_pass`; the paper form's sigma weights too, so
+  its ``G`` needs no pass of its own), a second the labeled pixels' GMM
+  cross-entropy, and one more the gradient, written by hand (formulas in
   ``_label_grid_sums_bwd``) so that no per-term gradient array is stored.
 
   Args:
@@ -759,13 +853,25 @@ def label_grid_losses(inputs: LossInputs, terms: tuple[str, ...] = LABEL_GRID_TE
   unknown = set(terms) - set(LABEL_GRID_TERMS)
   if unknown or not terms:
     raise ValueError(f'label_grid_losses computes some of {LABEL_GRID_TERMS}, got {terms}')
+  rows_per_chunk = int(rows_per_chunk)
+  dtype = jnp.promote_types(inputs.logits.dtype, jnp.float32)
+  weights = _label_grid_weights(inputs.label, inputs.class_present,
+                                inputs.logits.shape[-1], dtype)
+  share_sigma = 'gmm' in terms and form == 'paper' and sigma_stop_gradient
+  # Not differentiated here: the VJP of _label_grid_sums is the terms' whole
+  # derivative, and the sigma these weights give is stop-gradiented.
+  passed = jax.lax.stop_gradient(_prediction_pass(
+      inputs.logits, inputs.label, inputs.class_present, inputs.decoder_features.shape[1:3],
+      rows_per_chunk, dtype, terms=terms, grid_weights=weights, with_sigma_weights=share_sigma))
   feature_response = None
   if 'gmm' in terms:
     feature_response, _ = gmm_feature_response(
         inputs, form=form, sigma_stop_gradient=sigma_stop_gradient,
-        rows_per_chunk=rows_per_chunk)
-  values = _label_grid_sums(inputs.logits, feature_response, inputs.label,
-                            inputs.class_present, terms, int(rows_per_chunk))
+        rows_per_chunk=rows_per_chunk,
+        sigma_weights=((passed.pop('sigma_weights'), passed.pop('sigma_total'))
+                       if share_sigma else None))
+  values = _label_grid_sums(inputs.logits, feature_response, inputs.label, weights,
+                            passed, terms, rows_per_chunk)
   return dict(zip(terms, values))
 
 

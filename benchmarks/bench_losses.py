@@ -3,14 +3,17 @@
 Usage (from the repository root):
 
     python benchmarks/bench_losses.py [--runs 5] [--model_depth 101]
-        [--skip_torch] [--skip_model] [--skip_cityscapes]
+        [--skip_torch] [--skip_model] [--skip_cityscapes] [--many_classes 10]
 
 1. VOC shapes (batch 4, 21 classes, 321 x 321 labels, decoder features
    81 x 81 x 256): compile time and median wall time of jit(value_and_grad) of
    the ``agmm_released`` and ``agmm_paper`` totals with respect to logits and
    features, and of the GMM response G on the feature grid alone (where the
    forms differ: distance and sigma); calls alternate between the programs so
-   that background load hits all alike.
+   that background load hits all alike. The batch has 3 classes labeled per
+   crop, as a VOC image; the released form's distance loops over the classes
+   labeled in each crop, so both presets are timed again with
+   ``--many_classes`` (default 10, a Cityscapes street scene) per crop.
 2. If torch is importable: the same for the PyTorch port of the official loss
    (``tests/test_losses.py``), and the ratio.
 3. If ``agmm_jax.models`` exists: a forward + backward of DeepLabV3+ (output
@@ -39,13 +42,15 @@ from agmm_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
 from agmm_jax import losses  # pylint: disable=g-import-not-at-top
 
 
-def sparse_batch(rng, batch, size, feat_size, channels, num_classes):
-  """Point/scribble-like labels: 3 classes per image on ~2% of the pixels,
-  the bottom tenth of the crop padded."""
+def sparse_batch(rng, batch, size, feat_size, channels, num_classes, classes_per_image=3):
+  """Point/scribble-like labels: ``classes_per_image`` classes per image
+  (background and others) on ~2% of the pixels, the bottom tenth of the crop
+  padded."""
   label = np.full((batch, size, size), labels_lib.UNLABELED, np.int32)
   present = np.zeros((batch, num_classes), np.float32)
   for b in range(batch):
-    classes = np.concatenate([[0], rng.choice(np.arange(1, num_classes), 2, replace=False)])
+    classes = np.concatenate([[0], rng.choice(np.arange(1, num_classes),
+                                              classes_per_image - 1, replace=False)])
     labeled = rng.random((size, size)) < 0.02
     label[b][labeled] = rng.choice(classes, labeled.sum())
     present[b, classes] = 1.0
@@ -199,6 +204,8 @@ def main():
   parser.add_argument('--skip_torch', action='store_true')
   parser.add_argument('--skip_model', action='store_true')
   parser.add_argument('--skip_cityscapes', action='store_true')
+  parser.add_argument('--many_classes', type=int, default=10,
+                      help='classes labeled per crop in the second VOC-shape timing; 0 skips it')
   args = parser.parse_args()
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, '
         f'load average {os.getloadavg()[0]:.1f} (timings scale with other load)')
@@ -207,6 +214,14 @@ def main():
   voc = sparse_batch(rng, batch=4, size=321, feat_size=81, channels=256, num_classes=21)
   print('VOC shapes: batch 4, 21 classes, labels 321x321, features 81x81x256')
   jax_timings = bench_jax_losses(voc, args.runs)
+  if args.many_classes:
+    crowded = sparse_batch(np.random.default_rng(0), batch=4, size=321, feat_size=81,
+                           channels=256, num_classes=21, classes_per_image=args.many_classes)
+    presets = {preset: loss_value_and_grad(preset) for preset in ('agmm_released', 'agmm_paper')}
+    timings = time_interleaved(presets, crowded, args.runs)
+    print(f'  {args.many_classes} classes labeled per crop: agmm_released '
+          f'{timings["agmm_released"]:.3f} s, agmm_paper {timings["agmm_paper"]:.3f} s, '
+          f'paper / released {timings["agmm_paper"] / timings["agmm_released"]:.2f}', flush=True)
 
   if not args.skip_torch:
     try:

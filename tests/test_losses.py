@@ -230,11 +230,14 @@ def test_row_chunk_resize_and_its_adjoint_match_the_dense_matrices():
                                         (out_h, out_w))
       np.testing.assert_allclose(upsampled, np.einsum('oh,pw,bhwc->bopc', band, cols_matrix, x),
                                  atol=1e-12)
-      accumulator = rng.normal(size=x.shape)
-      pulled = losses._add_upsample_rows_transpose(jnp.asarray(accumulator), jnp.asarray(y),
-                                                   jnp.asarray(start), out_h)
+      accumulator = rng.normal(size=(2, in_h, out_w, 3))
+      half_pulled = losses._add_pulled_rows(jnp.asarray(accumulator), jnp.asarray(y),
+                                            jnp.asarray(start), out_h)
       np.testing.assert_allclose(
-          pulled, accumulator + np.einsum('oh,pw,bopc->bhwc', band, cols_matrix, y), atol=1e-12)
+          half_pulled, accumulator + np.einsum('oh,bopc->bhpc', band, y), atol=1e-12)
+      np.testing.assert_allclose(
+          losses._pull_columns(half_pulled - accumulator, in_w),
+          np.einsum('oh,pw,bopc->bhwc', band, cols_matrix, y), atol=1e-12)
 
 
 def test_class_prototypes_match_naive_loop(batch):
