@@ -241,6 +241,29 @@ def labeled_class_counts(label: jax.Array, num_classes: int, dtype=jnp.float32) 
       images, jnp.where(labeled, label, 0)].add(labeled.astype(dtype))
 
 
+@jax.custom_vjp
+def _weighted_feature_sums(weights: jax.Array, features: jax.Array) -> jax.Array:
+  """``sum_{i, j} weights[b, i, j, k] features[b, i, j, c]``: ``[B, K, C]``.
+
+  ``weights`` (from the labels) gets no gradient. The VJP for ``features``
+  is ``weights @ cotangent``, written out because autodiff of the einsum
+  computes it as ``[B, C, h * w]`` and transposes that to ``[B, h, w, C]``.
+  """
+  return jnp.einsum('bhwk,bhwc->bkc', weights, features, precision=jax.lax.Precision.HIGHEST)
+
+
+def _weighted_feature_sums_fwd(weights, features):
+  return _weighted_feature_sums(weights, features), weights
+
+
+def _weighted_feature_sums_bwd(weights, cotangent):
+  return None, jnp.einsum('bhwk,bkc->bhwc', weights, cotangent,
+                          precision=jax.lax.Precision.HIGHEST)
+
+
+_weighted_feature_sums.defvjp(_weighted_feature_sums_fwd, _weighted_feature_sums_bwd)
+
+
 def class_prototypes(
     features: jax.Array, label: jax.Array, num_classes: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -280,8 +303,7 @@ def class_prototypes(
       tap_weights = jnp.asarray(np.outer(row_weights, col_weights), features.dtype)
       pulled = pulled.at[images, rows[None, :, None], cols[None, None, :], class_ids].add(
           labeled * tap_weights)
-  sums = jnp.einsum('bhwk,bhwc->bkc', pulled, features,
-                    precision=jax.lax.Precision.HIGHEST)
+  sums = _weighted_feature_sums(pulled, features)
   counts = labeled_class_counts(label, num_classes, features.dtype)
   return sums / (counts[..., None] + EPSILON), counts
 

@@ -136,8 +136,9 @@ def torch_official_loss(logits, features, mask, class_present, num_classes):
           'gmm': loss1 + loss2}
 
 
-def numpy_paper_gmm(inputs, sigma_eps=1e-6):
-  """Naive NumPy loops of the paper GMM term as documented in losses.py."""
+def numpy_paper_gmm(inputs, sigma_eps=1e-6, fixed_sigma=None, return_sigma=False):
+  """Naive NumPy loops of the paper GMM term as documented in losses.py;
+  ``fixed_sigma`` ``[B, K]`` replaces the adaptive sigma^2."""
   logits, features, label, present = (np.asarray(x, np.float64) for x in inputs)
   label = label.astype(np.int64)
   batch, height, width, k = logits.shape
@@ -157,6 +158,8 @@ def numpy_paper_gmm(inputs, sigma_eps=1e-6):
   weights = cleaned * unlabeled
   upsampled_squared = torch_half_pixel_resize(squared, (height, width))
   sigma = (weights * upsampled_squared).sum((1, 2)) / (weights.sum((1, 2)) + sigma_eps)
+  if fixed_sigma is not None:
+    sigma = fixed_sigma
   response = torch_half_pixel_resize(
       np.exp(-squared / (2 * sigma[:, None, None, :] + 1e-6)), (height, width))
   response = response * gate[:, None, None, :]
@@ -168,7 +171,8 @@ def numpy_paper_gmm(inputs, sigma_eps=1e-6):
 
   real = label != labels_lib.PADDING
   labeled = label >= 0
-  return bce(response, probs)[real].mean() + bce(one_hot, response)[labeled].mean()
+  value = bce(response, probs)[real].mean() + bce(one_hot, response)[labeled].mean()
+  return (value, sigma) if return_sigma else value
 
 
 def value_and_grads(loss_config):
@@ -310,6 +314,38 @@ def test_paper_gmm_matches_naive_numpy(batch):
                                         batch.label, batch.class_present.astype(np.float64)))
     value = float(jax.jit(lambda x: losses.gmm_loss(x, form='paper'))(inputs64))
   np.testing.assert_allclose(value, numpy_paper_gmm(batch), rtol=1e-9)
+
+
+def test_paper_gradient_with_stopped_sigma_matches_finite_differences(batch):
+  """The default paper form stops sigma's gradient, and its sigma weights come
+  from the softmax pass that the label-grid terms share: its gradient must be
+  that of the NumPy reference with sigma^2 frozen at its value."""
+  with jax.enable_x64(True):
+    inputs64 = as_jax(losses.LossInputs(batch.logits.astype(np.float64),
+                                        batch.decoder_features.astype(np.float64),
+                                        batch.label, batch.class_present.astype(np.float64)))
+
+    def loss(logits, features):
+      return losses.gmm_loss(inputs64._replace(logits=logits, decoder_features=features),
+                             form='paper')
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(inputs64.logits, inputs64.decoder_features)
+  _, sigma = numpy_paper_gmm(batch, return_sigma=True)
+  rng = np.random.default_rng(8)
+  step = 1e-6
+  for _ in range(3):
+    directions = [rng.normal(size=batch.logits.shape),
+                  rng.normal(size=batch.decoder_features.shape)]
+
+    def frozen(sign, directions=directions):
+      return numpy_paper_gmm(batch._replace(
+          logits=batch.logits.astype(np.float64) + sign * step * directions[0],
+          decoder_features=batch.decoder_features.astype(np.float64)
+          + sign * step * directions[1]), fixed_sigma=sigma)
+
+    numeric = (frozen(1.0) - frozen(-1.0)) / (2 * step)
+    analytic = sum(float(np.vdot(g, d)) for g, d in zip(grads, directions))
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
 
 
 def test_values_and_gradients_do_not_depend_on_the_row_chunks(batch):
