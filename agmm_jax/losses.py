@@ -570,9 +570,9 @@ def _prediction_pass(logits: jax.Array, label: jax.Array, class_present: jax.Arr
       pulled['gmm_slope'] = jnp.where(
           real, gmm_class * (jnp.log(probs + EPSILON) - log_complement), 0.0)
     if with_sigma_weights:
-      weights = jnp.where(real & ~labeled, probs * present, 0.0)
-      added['sigma_total'] = jnp.sum(weights, axis=(1, 2))
-      pulled['sigma_weights'] = weights
+      unlabeled_probs = jnp.where(real & ~labeled, probs * present, 0.0)
+      added['sigma_total'] = jnp.sum(unlabeled_probs, axis=(1, 2))
+      pulled['sigma_weights'] = unlabeled_probs
     for name, value in pulled.items():
       sums = {**sums, name: _add_pulled_rows(sums[name], value, start, height)}
     return {name: value + added[name] if name in added else value
