@@ -235,10 +235,13 @@ def _upcast(x: jax.Array) -> jax.Array:
 
 def labeled_class_counts(label: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
   """``n[b, k]``: the number of pixels of image b labeled k, ``[B, K]``."""
-  labeled = labels_lib.labeled_mask(label)
-  images = jnp.arange(label.shape[0])[:, None, None]
-  return jnp.zeros((label.shape[0], num_classes), dtype).at[
-      images, jnp.where(labeled, label, 0)].add(labeled.astype(dtype))
+
+  def one_image(label):
+    # Unlabeled and padding pixels get an out-of-range index, which 'drop' skips.
+    class_ids = jnp.where(labels_lib.labeled_mask(label), label, num_classes)
+    return jnp.zeros(num_classes, dtype).at[class_ids.reshape(-1)].add(1.0, mode='drop')
+
+  return jax.vmap(one_image)(label)
 
 
 @jax.custom_vjp
@@ -264,6 +267,42 @@ def _weighted_feature_sums_bwd(weights, cotangent):
 _weighted_feature_sums.defvjp(_weighted_feature_sums_fwd, _weighted_feature_sums_bwd)
 
 
+def _pulled_labels(label: jax.Array, feature_size: tuple[int, int], num_classes: int,
+                   dtype) -> jax.Array:
+  """``up^T Y``: the one-hot labels pulled down to the feature grid, ``[B, h, w, K]``.
+
+  ``up(f) = R_h f R_w^T`` is linear, so a sum of upsampled features over the
+  labeled pixels of class k equals ``sum_{i, j} (R_h^T Y_k R_w)[i, j] f[i, j]``.
+  Each labeled pixel's four bilinear taps are scatter-added: per image
+  (vmapped, so a batch-sharded label stays sharded), all taps in one scatter,
+  with flat indices into ``[h * w * K]`` (``[image, row, column, class]``
+  indices, one scatter per tap, took twice as long).
+  """
+  feat_h, feat_w = feature_size
+  height, width = label.shape[1:]
+  row_lower, row_upper, row_weight = half_pixel_taps(feat_h, height)
+  col_lower, col_upper, col_weight = half_pixel_taps(feat_w, width)
+  size = feat_h * feat_w * num_classes
+  taps = [(rows, row_weights, cols, col_weights)
+          for rows, row_weights in ((row_lower, 1.0 - row_weight), (row_upper, row_weight))
+          for cols, col_weights in ((col_lower, 1.0 - col_weight), (col_upper, col_weight))]
+
+  def one_image(label):
+    labeled = labels_lib.labeled_mask(label)
+    # Unlabeled and padding pixels get an out-of-range index, which 'drop' skips.
+    indices = jnp.concatenate([
+        jnp.where(labeled, (rows[:, None] * feat_w + cols[None, :]) * num_classes + label,
+                  size).reshape(-1)
+        for rows, _, cols, _ in taps])
+    tap_weights = np.concatenate([np.outer(row_weights, col_weights).reshape(-1)
+                                  for _, row_weights, _, col_weights in taps])
+    pulled = jnp.zeros(size, dtype).at[indices].add(jnp.asarray(tap_weights, dtype),
+                                                    mode='drop')
+    return pulled.reshape(feat_h, feat_w, num_classes)
+
+  return jax.vmap(one_image)(label)
+
+
 def class_prototypes(
     features: jax.Array, label: jax.Array, num_classes: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -276,10 +315,8 @@ def class_prototypes(
       n[b, k] = #{x: y_b(x) = k},
 
   so absent classes get a zero vector. The upsampled features are never
-  materialized: ``up(f) = R_h f R_w^T`` is linear, so the sum equals
-  ``sum_{i, j} (R_h^T Y_k R_w)[i, j] f[i, j]``. The label map ``Y`` is pulled
-  down to the feature grid by a scatter-add of each labeled pixel's four
-  bilinear taps (``[B, h, w, K]``), then contracted with the features.
+  materialized: the label map is pulled down to the feature grid
+  (:func:`_pulled_labels`, ``[B, h, w, K]``) and contracted with the features.
 
   Args:
     features: float ``[B, h, w, C]``.
@@ -290,22 +327,97 @@ def class_prototypes(
     ``(prototypes [B, K, C], counts [B, K])`` in the compute dtype.
   """
   features = _upcast(features)
-  batch, feat_h, feat_w, _ = features.shape
-  height, width = label.shape[1:]
-  labeled = labels_lib.labeled_mask(label).astype(features.dtype)
-  class_ids = jnp.where(labels_lib.labeled_mask(label), label, 0)
-  images = jnp.arange(batch)[:, None, None]
-  row_lower, row_upper, row_weight = half_pixel_taps(feat_h, height)
-  col_lower, col_upper, col_weight = half_pixel_taps(feat_w, width)
-  pulled = jnp.zeros((batch, feat_h, feat_w, num_classes), features.dtype)
-  for rows, row_weights in ((row_lower, 1.0 - row_weight), (row_upper, row_weight)):
-    for cols, col_weights in ((col_lower, 1.0 - col_weight), (col_upper, col_weight)):
-      tap_weights = jnp.asarray(np.outer(row_weights, col_weights), features.dtype)
-      pulled = pulled.at[images, rows[None, :, None], cols[None, None, :], class_ids].add(
-          labeled * tap_weights)
-  sums = _weighted_feature_sums(pulled, features)
+  pulled = _pulled_labels(label, features.shape[1:3], num_classes, features.dtype)
   counts = labeled_class_counts(label, num_classes, features.dtype)
-  return sums / (counts[..., None] + EPSILON), counts
+  return _weighted_feature_sums(pulled, features) / (counts[..., None] + EPSILON), counts
+
+
+@jax.custom_vjp
+def _prototypes_and_squared_distances(features: jax.Array, pulled: jax.Array,
+                                      inverse_counts: jax.Array
+                                      ) -> tuple[jax.Array, jax.Array]:
+  """The paper form's moments: ``(mu [B, K, C], d^2 [B, h, w, K])``.
+
+  ``mu[b, k] = inverse_counts[b, k] sum_s pulled[b, s, k] f[b, s]`` and
+  ``d^2[b, s, k] = max(||f||^2 - 2 f.mu + ||mu||^2, 0)`` (the matmul
+  expansion, no ``[B, h, w, K, C]`` array). ``pulled`` and ``inverse_counts``
+  come from the labels and get no gradient. With ``g`` the cotangent of
+  ``d^2`` where it is positive (0 where clamped) and ``g_mu`` that of ``mu``::
+
+      g_mu' = g_mu + 2 (mu * sum_s g - g^T f)
+      df    = 2 f * sum_k g + [g | pulled] @ [-2 mu ; inverse_counts * g_mu']
+
+  Written out so that the feature gradient is one matmul over the
+  concatenated class axis: autodiff makes three, each writing a ``[B, h, w,
+  C]`` array.
+  """
+  precision = jax.lax.Precision.HIGHEST
+  prototypes = jnp.einsum('bhwk,bhwc->bkc', pulled, features,
+                          precision=precision) * inverse_counts[..., None]
+  cross = jnp.einsum('bhwc,bkc->bhwk', features, prototypes, precision=precision)
+  squared_norms = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
+  prototype_norms = jnp.sum(jnp.square(prototypes), axis=-1)[:, None, None, :]
+  return prototypes, jnp.maximum(squared_norms - 2.0 * cross + prototype_norms, 0.0)
+
+
+def _prototypes_and_squared_distances_fwd(features, pulled, inverse_counts):
+  prototypes, squared_distance = _prototypes_and_squared_distances(
+      features, pulled, inverse_counts)
+  return (prototypes, squared_distance), (features, pulled, inverse_counts, prototypes,
+                                          squared_distance)
+
+
+def _prototypes_and_squared_distances_bwd(residuals, cotangents):
+  features, pulled, inverse_counts, prototypes, squared_distance = residuals
+  prototypes_grad, distance_grad = cotangents
+  precision = jax.lax.Precision.HIGHEST
+  distance_grad = jnp.where(squared_distance > 0, distance_grad, 0.0)
+  prototypes_grad = prototypes_grad + 2.0 * (
+      prototypes * jnp.sum(distance_grad, axis=(1, 2))[..., None]
+      - jnp.einsum('bhwk,bhwc->bkc', distance_grad, features, precision=precision))
+  features_grad = 2.0 * features * jnp.sum(distance_grad, axis=-1, keepdims=True) + jnp.einsum(
+      'bhwk,bkc->bhwc', jnp.concatenate([distance_grad, pulled], axis=-1),
+      jnp.concatenate([-2.0 * prototypes, inverse_counts[..., None] * prototypes_grad], axis=1),
+      precision=precision)
+  return features_grad, None, None
+
+
+_prototypes_and_squared_distances.defvjp(_prototypes_and_squared_distances_fwd,
+                                         _prototypes_and_squared_distances_bwd)
+
+
+class FeatureMoments(NamedTuple):
+  """What the feature-grid terms share, computed once per batch by
+  :func:`feature_moments`.
+
+  Attributes:
+    prototypes: ``[B, K, C]`` class means (:func:`class_prototypes`).
+    counts: ``[B, K]`` labeled pixels per image and class.
+    squared_distance: ``[B, h, w, K]`` ``||f - mu_k||^2`` (the paper form's
+      distance), or None when not asked for.
+  """
+  prototypes: jax.Array
+  counts: jax.Array
+  squared_distance: jax.Array | None
+
+
+def feature_moments(features: jax.Array, label: jax.Array, num_classes: int, *,
+                    squared_distance: bool = False) -> FeatureMoments:
+  """The class prototypes and, with ``squared_distance``, the paper form's
+  ``||f - mu_k||^2`` (:func:`_prototypes_and_squared_distances`).
+
+  The GMM and prototype terms take them as an argument so that a loss with
+  both computes them once, and their gradients meet before the matmul that
+  carries them back to the features.
+  """
+  if not squared_distance:
+    return FeatureMoments(*class_prototypes(features, label, num_classes), None)
+  features = _upcast(features)
+  pulled = _pulled_labels(label, features.shape[1:3], num_classes, features.dtype)
+  counts = labeled_class_counts(label, num_classes, features.dtype)
+  prototypes, distance = _prototypes_and_squared_distances(
+      features, pulled, 1.0 / (counts + EPSILON))
+  return FeatureMoments(prototypes, counts, distance)
 
 
 # ----------------------------------------------------------------------------
@@ -596,7 +708,8 @@ def _prediction_pass(logits: jax.Array, label: jax.Array, class_present: jax.Arr
 def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
                          sigma_stop_gradient: bool = True,
                          rows_per_chunk: int = ROWS_PER_CHUNK,
-                         sigma_weights: tuple[jax.Array, jax.Array] | None = None
+                         sigma_weights: tuple[jax.Array, jax.Array] | None = None,
+                         moments: FeatureMoments | None = None
                          ) -> tuple[jax.Array, jax.Array]:
   """The GMM response ``G`` on the feature grid and the classes it covers.
 
@@ -647,6 +760,9 @@ def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
     sigma_weights: paper form only: the pulled-down weights and their totals
       (``sigma_weights``, ``sigma_total`` of ``_prediction_pass``), when the
       caller's own pass over the label grid computed them; else computed here.
+    moments: :func:`feature_moments` of the batch (with ``squared_distance``
+      for the paper form), when the caller shares them with other terms; else
+      computed here.
 
   Returns:
     ``(G [B, h, w, K], m [B, K])`` in the compute dtype.
@@ -656,7 +772,12 @@ def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
   features = _upcast(inputs.decoder_features)
   batch, feat_h, feat_w, channels = features.shape
   num_classes = inputs.logits.shape[-1]
-  prototypes, counts = class_prototypes(features, inputs.label, num_classes)
+  if moments is None:
+    moments = feature_moments(features, inputs.label, num_classes,
+                              squared_distance=form == 'paper')
+  elif form == 'paper' and moments.squared_distance is None:
+    raise ValueError('the paper form needs feature_moments(..., squared_distance=True)')
+  prototypes, counts, squared_distance = moments
   labeled_in_crop = (counts > 0).astype(features.dtype)
   if form == 'released':
     real = labels_lib.real_mask(inputs.label).astype(features.dtype)[..., None]
@@ -665,11 +786,6 @@ def gmm_feature_response(inputs: LossInputs, *, form: str = 'released',
         features.reshape(batch, feat_h * feat_w, channels), prototypes, labeled_in_crop)
     distance = distance.reshape(batch, feat_h, feat_w, num_classes) * preserve
     return jnp.exp(-jnp.square(distance)), labeled_in_crop
-  precision = jax.lax.Precision.HIGHEST
-  cross = jnp.einsum('bhwc,bkc->bhwk', features, prototypes, precision=precision)
-  squared_norms = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
-  prototype_norms = jnp.sum(jnp.square(prototypes), axis=-1)[:, None, None, :]
-  squared_distance = jnp.maximum(squared_norms - 2.0 * cross + prototype_norms, 0.0)
   if sigma_weights is None:
     passed = _prediction_pass(inputs.logits, inputs.label, inputs.class_present,
                               (feat_h, feat_w), rows_per_chunk, features.dtype,
@@ -836,7 +952,8 @@ _label_grid_sums.defvjp(_label_grid_sums_fwd, _label_grid_sums_bwd)
 
 def label_grid_losses(inputs: LossInputs, terms: tuple[str, ...] = LABEL_GRID_TERMS, *,
                       form: str = 'released', sigma_stop_gradient: bool = True,
-                      rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, jax.Array]:
+                      rows_per_chunk: int = ROWS_PER_CHUNK,
+                      moments: FeatureMoments | None = None) -> dict[str, jax.Array]:
   """The label-resolution terms ``terms`` (a subset of ``LABEL_GRID_TERMS``) at once.
 
   With ``p = softmax(z)`` at each label pixel, ``c[b, k]`` the pre-crop class
@@ -866,6 +983,7 @@ def label_grid_losses(inputs: LossInputs, terms: tuple[str, ...] = LABEL_GRID_TE
     terms: names of the terms to compute.
     form, sigma_stop_gradient: options of the ``gmm`` term.
     rows_per_chunk: label rows per loop step; the values do not depend on it.
+    moments: shared :func:`feature_moments` for the ``gmm`` term, if any.
 
   Returns:
     ``{term: scalar}`` in the compute dtype.
@@ -889,7 +1007,7 @@ def label_grid_losses(inputs: LossInputs, terms: tuple[str, ...] = LABEL_GRID_TE
   if 'gmm' in terms:
     feature_response, _ = gmm_feature_response(
         inputs, form=form, sigma_stop_gradient=sigma_stop_gradient,
-        rows_per_chunk=rows_per_chunk,
+        rows_per_chunk=rows_per_chunk, moments=moments,
         sigma_weights=((passed.pop('sigma_weights'), passed.pop('sigma_total'))
                        if share_sigma else None))
   values = _label_grid_sums(inputs.logits, feature_response, inputs.label, weights,
@@ -926,7 +1044,8 @@ def gmm_loss(inputs: LossInputs, *, form: str = 'released',
 
 
 @register_loss('prototype')
-def prototype_loss(inputs: LossInputs, *, batch_reduction: str = 'official_sum') -> jax.Array:
+def prototype_loss(inputs: LossInputs, *, batch_reduction: str = 'official_sum',
+                   moments: FeatureMoments | None = None) -> jax.Array:
   """Pushes the feature means of different classes apart.
 
   The official ``cal_protypes`` + ``proto_loss``. With per-image prototypes
@@ -944,13 +1063,17 @@ def prototype_loss(inputs: LossInputs, *, batch_reduction: str = 'official_sum')
   Args:
     inputs: the batch.
     batch_reduction: ``'official_sum'`` or ``'mean'``, see above.
+    moments: the batch's :func:`feature_moments` when shared with the GMM
+      term; else the prototypes are computed here.
   """
   _check_inputs(inputs)
   if batch_reduction not in PROTOTYPE_BATCH_REDUCTIONS:
     raise ValueError(f'prototype batch_reduction must be one of '
                      f'{PROTOTYPE_BATCH_REDUCTIONS}, got {batch_reduction!r}')
   num_classes = inputs.logits.shape[-1]
-  prototypes, counts = class_prototypes(inputs.decoder_features, inputs.label, num_classes)
+  if moments is None:
+    moments = feature_moments(inputs.decoder_features, inputs.label, num_classes)
+  prototypes, counts, _ = moments
   images_with_class = jnp.sum((counts > 0).astype(prototypes.dtype), axis=0)
   summed = jnp.sum(prototypes, axis=0)
   if batch_reduction == 'official_sum':
@@ -1016,7 +1139,8 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> LossFn:
   terms with a non-zero weight; the dict holds the unweighted values. The
   label-resolution terms among them (``LABEL_GRID_TERMS``) are computed
   together by one :func:`label_grid_losses` call (``loss_config.rows_per_chunk``
-  rows per loop step, default ``ROWS_PER_CHUNK``), the others one by one. The
+  rows per loop step, default ``ROWS_PER_CHUNK``), the others one by one; the
+  GMM and prototype terms share one :func:`feature_moments`. The
   terms are checked once here (unknown name, bad option) so that a bad config
   fails before the first step with an error naming the config key.
   """
@@ -1032,6 +1156,8 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> LossFn:
   if not terms:
     raise ValueError('loss_config.weights: every weight is 0')
   for name, _, term, options in terms:
+    if 'moments' in options:
+      raise ValueError(f'loss_config.{name}.moments: computed by the loss, not a config option')
     try:
       inspect.signature(term).bind(None, **options)
     except TypeError as error:
@@ -1049,15 +1175,22 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> LossFn:
                      f'got {rows_per_chunk!r}')
   grid_terms = tuple(name for name, _, _, _ in terms if name in LABEL_GRID_TERMS)
   grid_options = next((options for name, _, _, options in terms if name == 'gmm'), {})
+  share_moments = 'gmm' in grid_terms and any(name == 'prototype' for name, _, _, _ in terms)
 
   def loss_fn(inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    shared = {}
+    if share_moments:
+      _check_inputs(inputs)
+      shared['moments'] = feature_moments(
+          inputs.decoder_features, inputs.label, inputs.logits.shape[-1],
+          squared_distance=grid_options.get('form', 'released') == 'paper')
     values = {}
     if grid_terms:
       values.update(label_grid_losses(inputs, grid_terms, rows_per_chunk=rows_per_chunk,
-                                      **grid_options))
+                                      **grid_options, **shared))
     for name, _, term, options in terms:
       if name not in grid_terms:
-        values[name] = term(inputs, **options)
+        values[name] = term(inputs, **options, **(shared if name == 'prototype' else {}))
     total = sum(weight * values[name] for name, weight, _, _ in terms)
     return total, {name: values[name] for name, _, _, _ in terms}
 

@@ -280,6 +280,40 @@ def test_mean_abs_distance_gradient_matches_autodiff_of_naive_form():
     np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
 
 
+def test_paper_moments_gradient_matches_autodiff_of_naive_form():
+  """The written-out VJP of the paper form's (prototypes, squared distances)
+  against autodiff of the direct [B, P, K, C] difference, with cotangents on
+  both outputs; image 1's class 0 is one grid point's feature, so its distance
+  there is 0 (the clamp)."""
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    features = jnp.asarray(rng.normal(size=(2, 3, 4, 5)))
+    pulled = rng.uniform(size=(2, 3, 4, 3)) * (rng.uniform(size=(2, 3, 4, 3)) < 0.5)
+    pulled[1, :, :, 0] = 0.0
+    pulled[1, 2, 1, 0] = 1.0
+    pulled[0, :, :, 2] = 0.0  # a class without labels: mu = 0
+    pulled = jnp.asarray(pulled)
+    inverse_counts = 1.0 / (jnp.sum(pulled, axis=(1, 2)) + 1e-6)
+    inverse_counts = inverse_counts.at[1, 0].set(1.0)
+    prototypes_weights = jnp.asarray(rng.normal(size=(2, 3, 5)))
+    distance_weights = jnp.asarray(rng.normal(size=(2, 3, 4, 3)))
+
+    def naive(f):
+      mu = jnp.einsum('bhwk,bhwc->bkc', pulled, f) * inverse_counts[..., None]
+      distance = jnp.sum(jnp.square(f[:, :, :, None, :] - mu[:, None, None]), axis=-1)
+      return jnp.sum(prototypes_weights * mu) + jnp.sum(distance_weights * distance)
+
+    def custom(f):
+      mu, distance = losses._prototypes_and_squared_distances(f, pulled, inverse_counts)
+      return jnp.sum(prototypes_weights * mu) + jnp.sum(distance_weights * distance)
+
+    mu, distance = losses._prototypes_and_squared_distances(features, pulled, inverse_counts)
+    assert abs(float(distance[1, 2, 1, 0])) < 1e-12
+    np.testing.assert_allclose(custom(features), naive(features), rtol=1e-10)
+    np.testing.assert_allclose(jax.grad(custom)(features), jax.grad(naive)(features),
+                               rtol=1e-8, atol=1e-10)
+
+
 def test_released_preset_matches_torch_port(batch):
   torch = pytest.importorskip('torch')
   with jax.enable_x64(True):
