@@ -484,15 +484,10 @@ def _row_taps(source_height: int, height: int, start: jax.Array, rows: int, dtyp
   return taps[0], taps[1], weight[:, None, None]
 
 
-def _upsample_rows(x: jax.Array, start: jax.Array, rows: int,
-                   size: tuple[int, int]) -> jax.Array:
-  """Rows ``[start, start + rows)`` of ``resize_bilinear_half_pixel(x, size)``.
-
-  ``x`` is ``[B, h, w, K]``; returns ``[B, rows, W, K]``.
-  """
-  lower, upper, weight = _row_taps(x.shape[1], size[0], start, rows, x.dtype)
-  x_rows = jnp.take(x, lower, axis=1) * (1.0 - weight) + jnp.take(x, upper, axis=1) * weight
-  return _interpolate_axis(x_rows, 2, x.shape[2], size[1], False)
+def _upsample_columns(x: jax.Array, width: int) -> jax.Array:
+  """``x R_w^T`` along axis 2: ``[B, h, w, K]`` to ``[B, h, W, K]``, once per
+  loop, so that a chunk of the upsampling is :func:`_upsample_rows` alone."""
+  return _interpolate_axis(x, 2, x.shape[2], width, False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -503,9 +498,43 @@ def _row_span(source_height: int, height: int, rows: int) -> int:
   return int(np.max(upper[rows - 1:] - lower[:height - rows + 1])) + 1
 
 
+def _row_band(source_height: int, height: int, start: jax.Array, rows: int, dtype
+              ) -> tuple[jax.Array, jax.Array]:
+  """``(first, band [rows, span])``: label rows ``[start, start + rows)`` of
+  ``R_h`` restricted to the ``span`` source rows from ``first`` that they read."""
+  span = _row_span(source_height, height, rows)
+  lower, upper, weight = _row_taps(source_height, height, start, rows, dtype)
+  first = jnp.minimum(lower[0], source_height - span)
+  band = (jax.nn.one_hot(lower - first, span, dtype=dtype) * (1.0 - weight[:, 0])
+          + jax.nn.one_hot(upper - first, span, dtype=dtype) * weight[:, 0])
+  return first, band
+
+
+def _batched_band_product(band: jax.Array, x: jax.Array) -> jax.Array:
+  """``band @ x[b]`` for every image b: ``[m, n]`` and ``[B, n, W, K]`` to
+  ``[B, m, W, K]``. A batched product over ``W * K`` reads x in its own
+  layout; an einsum over axis 1 made XLA transpose it first."""
+  batch, _, width, num_classes = x.shape
+  product = jax.lax.dot_general(
+      jnp.broadcast_to(band, (batch,) + band.shape),
+      x.reshape(batch, x.shape[1], width * num_classes),
+      (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST)
+  return product.reshape(batch, band.shape[0], width, num_classes)
+
+
+def _upsample_rows(x_columns: jax.Array, start: jax.Array, rows: int, height: int
+                   ) -> jax.Array:
+  """Rows ``[start, start + rows)`` of the upsampling to ``height`` rows of
+  ``x_columns`` (``[B, h, W, K]``, from :func:`_upsample_columns`): the
+  chunk's band of ``R_h`` times the few source rows it reads, ``[B, rows, W, K]``."""
+  first, band = _row_band(x_columns.shape[1], height, start, rows, x_columns.dtype)
+  return _batched_band_product(
+      band, jax.lax.dynamic_slice_in_dim(x_columns, first, band.shape[1], axis=1))
+
+
 def _add_pulled_rows(accumulator: jax.Array, y: jax.Array, start: jax.Array,
                      height: int) -> jax.Array:
-  """``accumulator`` plus the row half of the adjoint of :func:`_upsample_rows`.
+  """``accumulator`` plus the row half of the adjoint of the upsampling.
 
   ``y`` is ``[B, rows, W, K]`` on label rows ``[start, start + rows)`` of a
   label grid ``height`` rows high; ``accumulator`` is ``[B, h, W, K]``
@@ -515,23 +544,10 @@ def _add_pulled_rows(accumulator: jax.Array, y: jax.Array, start: jax.Array,
   small matmul and one in-place update of ``span`` rows, where the column
   half per chunk would be a gather of ``out / in + 2`` taps over the chunk.
   """
-  feat_h = accumulator.shape[1]
-  rows = y.shape[1]
-  span = _row_span(feat_h, height, rows)
-  lower, upper, weight = _row_taps(feat_h, height, start, rows, y.dtype)
-  first = jnp.minimum(lower[0], feat_h - span)
-  band = (jax.nn.one_hot(lower - first, span, dtype=y.dtype) * (1.0 - weight[:, 0])
-          + jax.nn.one_hot(upper - first, span, dtype=y.dtype) * weight[:, 0])
-  batch, _, width, num_classes = y.shape
-  # A batched [span, rows] x [rows, W * K] product reads y in its own layout;
-  # an einsum over axis 1 of y made XLA transpose the chunk first.
-  contribution = jax.lax.dot_general(
-      jnp.broadcast_to(band.T, (batch, span, rows)), y.reshape(batch, rows, width * num_classes),
-      (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST)
-  current = jax.lax.dynamic_slice_in_dim(accumulator, first, span, axis=1)
+  first, band = _row_band(accumulator.shape[1], height, start, y.shape[1], y.dtype)
+  current = jax.lax.dynamic_slice_in_dim(accumulator, first, band.shape[1], axis=1)
   return jax.lax.dynamic_update_slice_in_dim(
-      accumulator, current + contribution.reshape(batch, span, width, num_classes), first,
-      axis=1)
+      accumulator, current + _batched_band_product(band.T, y), first, axis=1)
 
 
 def _pull_columns(x: jax.Array, source_width: int) -> jax.Array:
@@ -860,10 +876,11 @@ def _label_grid_sums_fwd(logits, feature_response, label, weights, passed, terms
   if 'gmm' in terms:
     rows, num_chunks = _row_chunks(height, rows_per_chunk)
     gmm_class = weights['gmm_class'][:, None, None, :]
+    response_columns = _upsample_columns(feature_response, width)
 
     def one_chunk(chunk, total):
       start, one_hot, labeled, _ = _chunk_pixels(label, chunk, rows, num_classes)
-      response = _upsample_rows(feature_response, start, rows, (height, width))
+      response = _upsample_rows(response_columns, start, rows, height)
       # For the 0/1 target, t log a + (1 - t) log b is log(t ? a : b): one log.
       return total - jnp.sum(jnp.where(labeled, gmm_class * jnp.log(jnp.where(
           one_hot, response + EPSILON, 1.0 - response + EPSILON)), 0.0))
@@ -913,7 +930,7 @@ def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
     if 'absent_class' in terms:
       probs_grad = absent_scale / complement
     if 'gmm' in terms:
-      response = _upsample_rows(feature_response, start, rows, (height, width))
+      response = _upsample_rows(response_columns, start, rows, height)
       prediction_grad = prediction_scale * (
           (1.0 - response) / complement - response / (probs + EPSILON))
       probs_grad = prediction_grad if probs_grad is None else probs_grad + prediction_grad
@@ -937,6 +954,7 @@ def _label_grid_sums_bwd(terms, rows_per_chunk, residuals, cotangents):
   response_grad = None
   if 'gmm' in terms:
     feat_h, feat_w = feature_response.shape[1:3]
+    response_columns = _upsample_columns(feature_response, width)
     response_grad = jnp.zeros((logits.shape[0], feat_h, width, num_classes), dtype)
   logits_grad, response_grad = jax.lax.fori_loop(
       0, num_chunks, one_chunk, (jnp.zeros_like(logits), response_grad))

@@ -230,8 +230,8 @@ def test_row_chunk_resize_and_its_adjoint_match_the_dense_matrices():
     for start, rows in ((0, 5), (3, 4), (8, 5), (0, 13)):
       y = rng.normal(size=(2, rows, out_w, 3))
       band = rows_matrix[start:start + rows]
-      upsampled = losses._upsample_rows(jnp.asarray(x), jnp.asarray(start), rows,
-                                        (out_h, out_w))
+      upsampled = losses._upsample_rows(losses._upsample_columns(jnp.asarray(x), out_w),
+                                        jnp.asarray(start), rows, out_h)
       np.testing.assert_allclose(upsampled, np.einsum('oh,pw,bhwc->bopc', band, cols_matrix, x),
                                  atol=1e-12)
       accumulator = rng.normal(size=(2, in_h, out_w, 3))
