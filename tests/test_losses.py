@@ -597,6 +597,15 @@ def test_presets_and_config_errors(batch):
   bad.rows_per_chunk = 0
   with pytest.raises(ValueError, match='loss_config.rows_per_chunk'):
     losses.build_loss(bad)
+  bad = losses.preset_config('agmm_released')
+  bad.prototype.moments = 'precomputed'
+  with pytest.raises(ValueError, match='loss_config.prototype.moments'):
+    losses.build_loss(bad)
+  inputs = as_jax(batch)
+  released_moments = losses.feature_moments(inputs.decoder_features, inputs.label,
+                                            inputs.logits.shape[-1])
+  with pytest.raises(ValueError, match='squared_distance=True'):
+    losses.gmm_feature_response(inputs, form='paper', moments=released_moments)
   with pytest.raises(ValueError, match='unknown loss preset'):
     losses.preset_config('agmm')
   with pytest.raises(ValueError, match='LossInputs.label'):
