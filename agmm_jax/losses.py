@@ -326,10 +326,8 @@ def class_prototypes(
   Returns:
     ``(prototypes [B, K, C], counts [B, K])`` in the compute dtype.
   """
-  features = _upcast(features)
-  pulled = _pulled_labels(label, features.shape[1:3], num_classes, features.dtype)
-  counts = labeled_class_counts(label, num_classes, features.dtype)
-  return _weighted_feature_sums(pulled, features) / (counts[..., None] + EPSILON), counts
+  prototypes, counts, _ = feature_moments(features, label, num_classes)
+  return prototypes, counts
 
 
 @jax.custom_vjp
@@ -410,11 +408,12 @@ def feature_moments(features: jax.Array, label: jax.Array, num_classes: int, *,
   both computes them once, and their gradients meet before the matmul that
   carries them back to the features.
   """
-  if not squared_distance:
-    return FeatureMoments(*class_prototypes(features, label, num_classes), None)
   features = _upcast(features)
   pulled = _pulled_labels(label, features.shape[1:3], num_classes, features.dtype)
   counts = labeled_class_counts(label, num_classes, features.dtype)
+  if not squared_distance:
+    prototypes = _weighted_feature_sums(pulled, features) / (counts[..., None] + EPSILON)
+    return FeatureMoments(prototypes, counts, None)
   prototypes, distance = _prototypes_and_squared_distances(
       features, pulled, 1.0 / (counts + EPSILON))
   return FeatureMoments(prototypes, counts, distance)
@@ -476,12 +475,12 @@ def _fresh_rows(start: jax.Array, chunk: jax.Array, rows: int) -> jax.Array:
 def _row_taps(source_height: int, height: int, start: jax.Array, rows: int, dtype
               ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """:func:`half_pixel_taps` of label rows ``[start, start + rows)``:
-  ``(lower [rows], upper [rows], upper_weight [rows, 1, 1])``."""
+  ``(lower [rows], upper [rows], upper_weight [rows])``."""
   lower, upper, upper_weight = half_pixel_taps(source_height, height)
-  taps = jnp.asarray(np.stack([lower, upper])[:, :, None], jnp.int32)
-  taps = jax.lax.dynamic_slice_in_dim(taps, start, rows, axis=1)[..., 0]
+  taps = jnp.asarray(np.stack([lower, upper]), jnp.int32)
+  taps = jax.lax.dynamic_slice_in_dim(taps, start, rows, axis=1)
   weight = jax.lax.dynamic_slice_in_dim(jnp.asarray(upper_weight, dtype), start, rows)
-  return taps[0], taps[1], weight[:, None, None]
+  return taps[0], taps[1], weight
 
 
 def _upsample_columns(x: jax.Array, width: int) -> jax.Array:
@@ -505,8 +504,8 @@ def _row_band(source_height: int, height: int, start: jax.Array, rows: int, dtyp
   span = _row_span(source_height, height, rows)
   lower, upper, weight = _row_taps(source_height, height, start, rows, dtype)
   first = jnp.minimum(lower[0], source_height - span)
-  band = (jax.nn.one_hot(lower - first, span, dtype=dtype) * (1.0 - weight[:, 0])
-          + jax.nn.one_hot(upper - first, span, dtype=dtype) * weight[:, 0])
+  band = (jax.nn.one_hot(lower - first, span, dtype=dtype) * (1.0 - weight[:, None])
+          + jax.nn.one_hot(upper - first, span, dtype=dtype) * weight[:, None])
   return first, band
 
 

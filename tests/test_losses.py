@@ -581,26 +581,18 @@ def test_presets_and_config_errors(batch):
               + values['gmm'])
   np.testing.assert_allclose(total, expected, rtol=1e-6)
 
-  bad = losses.preset_config('agmm_released')
-  bad.weights.crf = 1.0
-  with pytest.raises(ValueError, match='loss_config.weights.crf'):
-    losses.build_loss(bad)
-  bad = losses.preset_config('agmm_released')
-  bad.gmm.form = 'cvpr'
-  with pytest.raises(ValueError, match='loss_config.gmm.form'):
-    losses.build_loss(bad)
-  bad = losses.preset_config('agmm_released')
-  bad.gmm.sigma = 2.0
-  with pytest.raises(ValueError, match='loss_config.gmm'):
-    losses.build_loss(bad)
-  bad = losses.preset_config('agmm_released')
-  bad.rows_per_chunk = 0
-  with pytest.raises(ValueError, match='loss_config.rows_per_chunk'):
-    losses.build_loss(bad)
-  bad = losses.preset_config('agmm_released')
-  bad.prototype.moments = 'precomputed'
-  with pytest.raises(ValueError, match='loss_config.prototype.moments'):
-    losses.build_loss(bad)
+  bad_overrides = [  # (config block, key, value, expected error)
+      ('weights', 'crf', 1.0, 'loss_config.weights.crf'),
+      ('gmm', 'form', 'cvpr', 'loss_config.gmm.form'),
+      ('gmm', 'sigma', 2.0, 'loss_config.gmm'),
+      (None, 'rows_per_chunk', 0, 'loss_config.rows_per_chunk'),
+      ('prototype', 'moments', 'precomputed', 'loss_config.prototype.moments'),
+  ]
+  for block, key, value, message in bad_overrides:
+    bad = losses.preset_config('agmm_released')
+    setattr(bad if block is None else bad[block], key, value)
+    with pytest.raises(ValueError, match=message):
+      losses.build_loss(bad)
   inputs = as_jax(batch)
   released_moments = losses.feature_moments(inputs.decoder_features, inputs.label,
                                             inputs.logits.shape[-1])
