@@ -23,14 +23,20 @@ resume). An unknown ``--config.X`` is a flags error (status 1).
 import logging as py_logging
 import os
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
+from agmm_jax import inference
 from agmm_jax import train
+from data_prep import auto
 from data_prep import common as data_prep_common
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, '
@@ -64,6 +70,62 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+MODES = ('train', 'eval', 'predict')
+
+
+def resolve_data_dir(config: ml_collections.ConfigDict,
+                     workdir: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose ``data.dir`` holds a prepared dataset.
+
+  With ``config.data.prepare.converter`` set, the dataset is converted on
+  first use (``data_prep.auto``; process 0 converts, the others wait) into
+  ``data.dir``, or ``WORKDIR/data`` when ``data.dir`` is empty.
+  """
+  config = config.copy_and_resolve_references()
+  prepare = config.data.get('prepare')
+  if prepare is None or not prepare.get('converter'):
+    return config
+  data_dir = config.data.dir or os.path.join(os.path.abspath(workdir), 'data')
+  error = None
+  if jax.process_index() == 0:
+    try:
+      auto.prepare_if_missing(prepare, data_dir)
+    except Exception as prepare_error:  # pylint: disable=broad-exception-caught
+      # Raised below, once the other processes know: left at a barrier they
+      # would wait for the coordination timeout.
+      error = prepare_error
+  if jax.process_count() > 1:
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      raise ValueError(f'data preparation of config.data.dir={data_dir!r} failed '
+                       'on process 0 (its log has the reason)')
+  if error is not None:
+    raise error
+  with config.unlocked():
+    config.data.dir = data_dir
+  return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Dispatches on ``config.mode``: train | eval | predict.
+
+  In train mode with ``config.predict.input_dir`` set (single process), the
+  trained model then segments those images as in predict mode.
+  """
+  if config.mode not in MODES:
+    raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
+  config = resolve_data_dir(config, workdir)
+  if config.mode == 'train':
+    scores = train.train_and_evaluate(config, workdir)
+    # A train config that names images to segment (the demo) ends with them.
+    if config.predict.input_dir and jax.process_count() == 1:
+      inference.predict(config, workdir)
+    return scores
+  if config.mode == 'eval':
+    return inference.evaluate_checkpoint(config, workdir)
+  return inference.predict(config, workdir)
+
+
 class _QuietCheckpointInfo(py_logging.Filter):
   """Drops Orbax's INFO records (dozens per save); its warnings still show."""
 
@@ -82,7 +144,7 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     logging.info('process %d of %d, %d devices', jax.process_index(),
                  jax.process_count(), jax.device_count())
-    train.run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value)
   except train.Preempted as preempted:
     print(str(preempted), file=sys.stderr)
     sys.exit(train.EXIT_PREEMPTED)

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 
 from agmm_jax import labels
 from agmm_jax import metrics
+from agmm_jax import resample
 
 EVAL_MODES = ('whole', 'center_crop', 'sliding_window', 'multi_scale')
 SLIDING_WINDOW_OVERLAP = 2 / 3
@@ -100,38 +101,6 @@ def sliding_window_starts(length: jax.Array, window: int, stride: int,
   num_windows = jnp.where(
       length > window, (length - window + stride - 1) // stride + 1, 1)
   return starts, slot < num_windows
-
-
-def resize_region_align_corners(
-    x: jax.Array, source_hw: tuple[jax.Array, jax.Array],
-    target_hw: tuple[jax.Array, jax.Array],
-    output_hw: tuple[int, int]) -> jax.Array:
-  """Align-corners bilinear resize of a per-example top-left region.
-
-  For example ``b`` the region ``x[b, :hs, :ws]`` (``hs, ws = source_hw``) is
-  resized to ``ht x wt`` (``target_hw``) and written to the top-left of an
-  output canvas of static size ``output_hw``. Output pixel ``o`` samples input
-  position ``o (hs - 1) / (ht - 1)`` (0 if ``ht == 1``) with linear weights,
-  exactly like ``F.interpolate(..., mode='bilinear', align_corners=True)``.
-  Output pixels outside ``ht x wt`` are 0. Sizes are data, so one compiled
-  function handles every image size.
-
-  Args:
-    x: ``[B, H, W, C]``.
-    source_hw: int ``[B]`` arrays, region size in ``x``, ``1 <= hs <= H``.
-    target_hw: int ``[B]`` arrays, target size, ``1 <= ht <= output_hw[0]``.
-    output_hw: static output canvas size.
-
-  Returns:
-    float32 ``[B, output_hw[0], output_hw[1], C]``.
-  """
-  x = x.astype(jnp.float32)
-  x = _resize_axis_align_corners(x, source_hw[0], target_hw[0], output_hw[0],
-                                 axis=1)
-  x = _resize_axis_align_corners(x, source_hw[1], target_hw[1], output_hw[1],
-                                 axis=2)
-  inside = _region_mask(target_hw[0], target_hw[1], output_hw)
-  return jnp.where(inside[..., None], x, 0.0)
 
 
 def flip_region_horizontally(x: jax.Array, width: jax.Array) -> jax.Array:
@@ -205,7 +174,7 @@ def make_predict_fn(apply_fn: ApplyFn, *, mode: str, num_classes: int,
       prediction = jnp.argmax(
           _multi_scale_probabilities(checked_logits, variables, images, height,
                                      width, tuple(scales), flip), axis=-1)
-    inside = _region_mask(height, width, images.shape[1:3])
+    inside = resample.region_mask(height, width, images.shape[1:3])
     return jnp.where(inside, prediction, labels.PADDING).astype(jnp.int32)
 
   return jax.jit(predict) if jit else predict
@@ -332,7 +301,7 @@ def _multi_scale_probabilities(logits_fn: ApplyFn, variables: Any,
     scaled_hw = tuple(
         jnp.maximum(jnp.floor(size.astype(jnp.float32) * scale), 1.0)
         .astype(jnp.int32) for size in source_hw)
-    scaled = resize_region_align_corners(images, source_hw, scaled_hw,
+    scaled = resample.resize_region_align_corners(images, source_hw, scaled_hw,
                                          scaled_canvas)
     if flip:
       both = jnp.concatenate(
@@ -343,49 +312,10 @@ def _multi_scale_probabilities(logits_fn: ApplyFn, variables: Any,
           flipped, scaled_hw[1])
     else:
       probabilities = jax.nn.softmax(logits_fn(variables, scaled), axis=-1)
-    resized = resize_region_align_corners(probabilities, scaled_hw, source_hw,
+    resized = resample.resize_region_align_corners(probabilities, scaled_hw, source_hw,
                                           canvas_hw)
     total = resized if total is None else total + resized
   return total
-
-
-def _resize_axis_align_corners(x: jax.Array, source_length: jax.Array,
-                               target_length: jax.Array, output_length: int,
-                               axis: int) -> jax.Array:
-  """Align-corners linear resize along ``axis`` (1 or 2) of ``[B, H, W, C]``."""
-  source_length = jnp.asarray(source_length, jnp.int32)
-  target_length = jnp.asarray(target_length, jnp.int32)
-  ratio = jnp.where(
-      target_length > 1,
-      (source_length - 1).astype(jnp.float32)
-      / jnp.maximum(target_length - 1, 1).astype(jnp.float32), 0.0)
-  position = (jnp.arange(output_length, dtype=jnp.float32)[None, :]
-              * ratio[:, None])
-  last = jnp.maximum(source_length - 1, 0)[:, None]
-  lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, last)
-  upper = jnp.minimum(lower + 1, last)
-  upper_weight = position - lower.astype(jnp.float32)
-  # Whole rows (axis 1) or columns (axis 2) are gathered per example: a gather
-  # of contiguous slices, much cheaper than take_along_axis with an index per
-  # element.
-  take = jax.vmap(
-      lambda image, index: jnp.take(image, index, axis=axis - 1, mode='clip'))
-  lower_values = take(x, lower)
-  upper_values = take(x, upper)
-  weight_shape = [1] * x.ndim
-  weight_shape[0], weight_shape[axis] = x.shape[0], output_length
-  upper_weight = upper_weight.reshape(weight_shape)
-  return lower_values + upper_weight * (upper_values - lower_values)
-
-
-def _region_mask(height: jax.Array, width: jax.Array,
-                 canvas_hw: tuple[int, int]) -> jax.Array:
-  """bool ``[B, Hc, Wc]``: True for ``y < height_b`` and ``x < width_b``."""
-  height = jnp.asarray(height)[:, None, None]
-  width = jnp.asarray(width)[:, None, None]
-  rows = jnp.arange(canvas_hw[0])[None, :, None] < height
-  cols = jnp.arange(canvas_hw[1])[None, None, :] < width
-  return rows & cols
 
 
 def _pad_to_at_least(images: jax.Array, size: int) -> jax.Array:

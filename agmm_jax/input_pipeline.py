@@ -30,7 +30,7 @@ import json
 import math
 import os
 import threading
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import grain
 import numpy as np
@@ -83,6 +83,32 @@ def read_metadata(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
       raise ValueError(f'{path}: split {name!r} needs a shards list and an '
                        'integer num_examples')
   return metadata
+
+
+def checked_metadata(data_config) -> dict[str, Any]:
+  """The metadata of the prepared dataset ``config.data.dir``; a one-line
+  error when the folder does not exist."""
+  data_dir = _data_config_value(data_config, 'dir')
+  if not data_dir or not os.path.isdir(data_dir):
+    raise FileNotFoundError(f'config.data.dir={data_dir!r}: no such directory')
+  return read_metadata(data_dir)
+
+
+def class_names(metadata: Mapping[str, Any]) -> list[str]:
+  """Class names from metadata.json (``class_<i>`` where it has none)."""
+  num_classes = int(metadata['num_classes'])
+  names = list(metadata.get('classes') or [])
+  if len(names) != num_classes:
+    names = [f'class_{i}' for i in range(num_classes)]
+  return [str(name) for name in names]
+
+
+def num_examples(metadata: Mapping[str, Any], split: str, data_dir: str) -> int:
+  """Number of examples of ``split`` from the dataset's metadata.json."""
+  if split not in metadata['splits']:
+    raise ValueError(f'{data_dir}/metadata.json: no split {split!r} (has '
+                     f'{sorted(metadata["splits"])})')
+  return int(metadata['splits'][split]['num_examples'])
 
 
 def _split_shards(data_dir: str, metadata: Mapping[str, Any], split: str,
@@ -229,6 +255,9 @@ class TrainTransform:
   crop_size: int
   scale_range: tuple[float, float]
   augment: str
+  # (name, make) of the fields a loss method declares (Needs.batch_fields):
+  # make(example) -> array, computed from the augmented example.
+  batch_fields: tuple[tuple[str, Callable[..., np.ndarray]], ...] = ()
 
   def __call__(self, record: RawRecord,
                rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -236,21 +265,33 @@ class TrainTransform:
                                     label_key=self.label_key)
     example = augment.augment_train(
         image, label, num_classes=self.num_classes, crop_size=self.crop_size,
-        scale_range=self.scale_range, augment=self.augment, rng=rng)
-    return example._asdict()
+        scale_range=self.scale_range, augment=self.augment, rng=rng)._asdict()
+    fields = {name: np.asarray(make(example)) for name, make in self.batch_fields}
+    return {**example, **fields}
 
 
-def _data_config_value(data_config, name: str, default=None):
-  value = getattr(data_config, name, default)
-  if value is None:
-    raise ValueError(f'data config has no field {name!r}')
-  return value
+def _data_config_value(data_config, name: str):
+  """``config.data.<name>``; the defaults live in configs/common.py only."""
+  if not hasattr(data_config, name):
+    raise ValueError(f'config.data has no field {name!r}')
+  return getattr(data_config, name)
 
 
 def _read_options(data_config) -> grain.ReadOptions:
-  num_threads = int(_data_config_value(data_config, 'num_threads', 2))
+  num_threads = int(_data_config_value(data_config, 'num_threads'))
   return grain.ReadOptions(num_threads=num_threads,
                            prefetch_buffer_size=max(1, 2 * num_threads))
+
+
+def _checked_batch_fields(batch_fields: Mapping[str, Callable[..., np.ndarray]] | None
+                          ) -> tuple[tuple[str, Callable[..., np.ndarray]], ...]:
+  """Sorted ``(name, make)`` pairs; a name of the standard batch is an error."""
+  fields = tuple(sorted((batch_fields or {}).items()))
+  for name, _ in fields:
+    if name in augment.TrainExample._fields:
+      raise ValueError(f'batch field {name!r} would replace the batch\'s own '
+                       f'{name!r}; declare it under another name')
+  return fields
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -262,8 +303,9 @@ def _check_process(process_index: int, process_count: int) -> None:
 def create_train_iterator(data_config, *, batch_size_per_process: int,
                           seed: int, process_index: int = 0,
                           process_count: int = 1,
-                          num_classes: int | None = None
-                          ) -> grain.DatasetIterator:
+                          num_classes: int | None = None,
+                          batch_fields: Mapping[str, Callable[..., np.ndarray]]
+                          | None = None) -> grain.DatasetIterator:
   """The infinite, checkpointable iterator of this process's train batches.
 
   Args:
@@ -275,38 +317,42 @@ def create_train_iterator(data_config, *, batch_size_per_process: int,
     process_index: this JAX process, ``jax.process_index()``.
     process_count: ``jax.process_count()``.
     num_classes: ``K``; defaults to ``metadata['num_classes']``.
+    batch_fields: extra fields by name, ``make(example) -> array`` of one
+      augmented example (``image``, ``label``, ``class_present``): the loss's
+      ``Needs.batch_fields``.
 
   Returns:
     A Grain ``DatasetIterator`` (``get_state()`` / ``set_state()``) of dicts:
     ``image`` float32 ``[b, c, c, 3]``, ``label`` int32 ``[b, c, c]``,
-    ``class_present`` float32 ``[b, K]``.
+    ``class_present`` float32 ``[b, K]``, and each batch field stacked over
+    the batch.
   """
   _check_process(process_index, process_count)
   data_dir = os.fspath(_data_config_value(data_config, 'dir'))
   metadata = read_metadata(data_dir)
   num_classes = int(num_classes or metadata['num_classes'])
-  label_kind = str(_data_config_value(data_config, 'train_labels', 'sparse'))
+  label_kind = str(_data_config_value(data_config, 'train_labels'))
   if label_kind not in LABEL_KEYS:
     raise ValueError(f'data.train_labels {label_kind!r} is not one of '
                      f'{sorted(LABEL_KEYS)}')
-  augment_name = str(_data_config_value(data_config, 'augment', 'voc'))
+  augment_name = str(_data_config_value(data_config, 'augment'))
   if augment_name not in augment.AUGMENTS:
     raise ValueError(f'data.augment {augment_name!r} is not one of '
                      f'{augment.AUGMENTS}')
-  split = str(_data_config_value(data_config, 'train_split', 'train'))
+  split = str(_data_config_value(data_config, 'train_split'))
   source = TFRecordSource(_split_shards(data_dir, metadata, split, label_kind))
   if not len(source):  # pylint: disable=g-explicit-length-test
     raise ValueError(f'{data_dir}: split {split!r} has no records')
-  scale_range = tuple(float(s) for s in _data_config_value(
-      data_config, 'scale_range', (0.5, 2.0)))
+  scale_range = tuple(float(s) for s in _data_config_value(data_config, 'scale_range'))
   transform = TrainTransform(
       num_classes=num_classes, label_key=LABEL_KEYS[label_kind],
       crop_size=int(_data_config_value(data_config, 'crop_size')),
-      scale_range=scale_range, augment=augment_name)
+      scale_range=scale_range, augment=augment_name,
+      batch_fields=_checked_batch_fields(batch_fields))
   dataset = (grain.MapDataset.source(source).seed(int(seed)).shuffle()
              .repeat(None).random_map(transform))
   dataset = dataset[process_index::process_count]
-  prefetch = int(_data_config_value(data_config, 'prefetch', 2))
+  prefetch = int(_data_config_value(data_config, 'prefetch'))
   read_options = _read_options(data_config)
   read_options = dataclasses.replace(
       read_options, prefetch_buffer_size=max(

@@ -35,14 +35,14 @@ and reads the 64 ``layer1`` channels the backbone actually has.
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agmm_jax.resize import resize_bilinear_align_corners
+from agmm_jax.resample import resize_bilinear_align_corners
 
 Array = jax.Array
 
@@ -391,6 +391,7 @@ class DeepLabV3Plus(nnx.Module):
   def __init__(self, num_classes: int, *, depth: int = 101, stem: str = 'deep',
                output_stride: int = 8, multi_grid: bool = False,
                aspp_rates: Sequence[int] = (6, 12, 18),
+               extra_heads: Mapping[str, Callable[..., nnx.Module]] | None = None,
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {num_classes}')
@@ -413,6 +414,11 @@ class DeepLabV3Plus(nnx.Module):
         kernel_init=_head_kernel_init,
         bias_init=_torch_default_bias_init(DECODER_CHANNELS), dtype=dtype,
         rngs=rngs)
+    # Heads a loss method declares (agmm_jax.methods.Needs.heads), each
+    # ``factory(DECODER_CHANNELS, dtype=, rngs=)`` applied to the features.
+    self.extra_heads = nnx.Dict({
+        name: factory(DECODER_CHANNELS, dtype=dtype, rngs=rngs)
+        for name, factory in sorted((extra_heads or {}).items())})
 
   def __call__(self, images: Array) -> tuple[Array, Array]:
     """``[B, H, W, 3]`` -> (features ``[B, h1, w1, 256]``, logits ``[B, H, W, K]``)."""
@@ -428,34 +434,36 @@ class DeepLabV3Plus(nnx.Module):
     logits = resize_bilinear_align_corners(logits, (height, width))
     return features.astype(jnp.float32), logits
 
-
-def _config_get(config: Any, name: str, default: Any) -> Any:
-  """``config.name`` for ConfigDicts, dicts and plain objects."""
-  if isinstance(config, dict):
-    return config.get(name, default)
-  return getattr(config, name, default)
+  def extra_outputs(self, features: Array) -> dict[str, Array]:
+    """The extra heads' outputs on the decoder ``features`` (float32)."""
+    return {name: head(features.astype(self.classifier.dtype)).astype(jnp.float32)
+            for name, head in self.extra_heads.items()}
 
 
-def build_model(model_config: Any, num_classes: int, *,
-                rngs: nnx.Rngs) -> DeepLabV3Plus:
+def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs,
+                extra_heads: Mapping[str, Callable[..., nnx.Module]] | None = None
+                ) -> DeepLabV3Plus:
   """Builds ``DeepLabV3Plus`` from ``config.model`` (see docs/design.md).
 
   Reads ``depth``, ``stem``, ``output_stride``, ``multi_grid``, ``aspp_rates``
-  and ``compute_dtype`` ('float32' | 'bfloat16' | 'float16'). Pretrained weights
-  are not loaded here; call ``load_pretrained(model, config.model.pretrained)``.
+  and ``compute_dtype`` ('float32' | 'bfloat16' | 'float16'); every field is
+  required (configs/common.py holds the defaults). ``extra_heads`` are the
+  loss's declared heads (``build_loss(config.loss).needs.heads``). Pretrained
+  weights are not loaded here; call ``load_pretrained(model,
+  config.model.pretrained)``.
   """
-  compute_dtype = str(_config_get(model_config, 'compute_dtype', 'float32'))
+  compute_dtype = str(model_config.compute_dtype)
   if compute_dtype not in ('float32', 'bfloat16', 'float16'):
     raise ValueError(f'model.compute_dtype must be float32, bfloat16 or float16, '
                      f'got {compute_dtype!r}')
   return DeepLabV3Plus(
       num_classes,
-      depth=int(_config_get(model_config, 'depth', 101)),
-      stem=str(_config_get(model_config, 'stem', 'deep')),
-      output_stride=int(_config_get(model_config, 'output_stride', 8)),
-      multi_grid=bool(_config_get(model_config, 'multi_grid', False)),
-      aspp_rates=tuple(int(r) for r in _config_get(model_config, 'aspp_rates',
-                                                   (6, 12, 18))),
+      depth=int(model_config.depth),
+      stem=str(model_config.stem),
+      output_stride=int(model_config.output_stride),
+      multi_grid=bool(model_config.multi_grid),
+      aspp_rates=tuple(int(r) for r in model_config.aspp_rates),
+      extra_heads=extra_heads,
       dtype=jnp.dtype(compute_dtype),
       rngs=rngs)
 
@@ -562,6 +570,9 @@ def load_pretrained(model: DeepLabV3Plus, path: str) -> None:
   if kind == 'backbone':
     variables = {k: v for k, v in variables.items()
                  if k.startswith('backbone/')}
+  # The heads of a loss method are never in a converted checkpoint.
+  variables = {k: v for k, v in variables.items()
+               if not k.startswith('extra_heads/')}
   report = key_mismatch_report(
       {k: tuple(v.get_value().shape) for k, v in variables.items()},
       {k: tuple(np.shape(v)) for k, v in flat.items()},

@@ -39,7 +39,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from agmm_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
-from agmm_jax import losses  # pylint: disable=g-import-not-at-top
+from agmm_jax import methods  # pylint: disable=g-import-not-at-top
+from agmm_jax.methods import agmm  # pylint: disable=g-import-not-at-top
+from configs import presets  # pylint: disable=g-import-not-at-top
 
 
 def sparse_batch(rng, batch, size, feat_size, channels, num_classes, classes_per_image=3):
@@ -55,17 +57,17 @@ def sparse_batch(rng, batch, size, feat_size, channels, num_classes, classes_per
     label[b][labeled] = rng.choice(classes, labeled.sum())
     present[b, classes] = 1.0
   label[:, -size // 10:, :] = labels_lib.PADDING
-  return losses.LossInputs(
+  return methods.LossInputs(
       jnp.asarray(rng.normal(size=(batch, size, size, num_classes)), jnp.float32),
       jnp.asarray(rng.normal(size=(batch, feat_size, feat_size, channels)), jnp.float32),
       jnp.asarray(label), jnp.asarray(present))
 
 
 def loss_value_and_grad(preset):
-  loss_fn = losses.build_loss(losses.preset_config(preset))
+  loss_fn = methods.build_loss(presets.preset(preset))
 
   def total(logits, features, label, present):
-    return loss_fn(losses.LossInputs(logits, features, label, present))[0]
+    return loss_fn(methods.LossInputs(logits, features, label, present))[0]
 
   return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
 
@@ -94,8 +96,9 @@ def response_value_and_grad(form):
   the only part in which the two forms differ (prototypes included; the
   label-resolution terms and the prototype term are shared)."""
   def total(logits, features, label, present):
-    return jnp.sum(losses.gmm_feature_response(
-        losses.LossInputs(logits, features, label, present), form=form)[0])
+    return jnp.sum(agmm.gmm_feature_response(
+        methods.LossInputs(logits, features, label, present), form=form,
+        sigma_stop_gradient=True)[0])
 
   return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
 
@@ -111,15 +114,15 @@ def bench_jax_losses(inputs, runs):
   compiled = {}
   for preset in ('agmm_released', 'agmm_paper'):
     start = time.perf_counter()
-    compiled[preset] = loss_value_and_grad(preset).lower(*inputs).compile()
+    compiled[preset] = loss_value_and_grad(preset).lower(*inputs[:4]).compile()
     print(f'  {preset:14s} compile {time.perf_counter() - start:.1f} s; '
           f'{memory_line(compiled[preset])}', flush=True)
-  for form in losses.GMM_FORMS:
-    compiled[f'{form} response'] = response_value_and_grad(form).lower(*inputs).compile()
-  timings = time_interleaved(compiled, inputs, runs)
+  for form in agmm.GMM_FORMS:
+    compiled[f'{form} response'] = response_value_and_grad(form).lower(*inputs[:4]).compile()
+  timings = time_interleaved(compiled, inputs[:4], runs)
   for preset in ('agmm_released', 'agmm_paper'):
     print(f'  {preset:14s} forward+backward median {timings[preset]:.3f} s', flush=True)
-  for form in losses.GMM_FORMS:
+  for form in agmm.GMM_FORMS:
     print(f'  GMM response G (feature grid) alone, {form:8s} form: forward+backward median '
           f'{timings[f"{form} response"] * 1e3:.0f} ms', flush=True)
   print(f'  paper / released: whole loss {timings["agmm_paper"] / timings["agmm_released"]:.2f}, '
@@ -168,12 +171,12 @@ def bench_model_step(inputs, depth, runs, max_memory_gb):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   timings = {}
   for preset in ('pce_only', 'agmm_released'):
-    loss_fn = losses.build_loss(losses.preset_config(preset))
+    loss_fn = methods.build_loss(presets.preset(preset))
 
     def step(params, rest, images, label, present, loss_fn=loss_fn):
       def total(model):
         features, logits = model(images)
-        return loss_fn(losses.LossInputs(logits, features, label, present))[0]
+        return loss_fn(methods.LossInputs(logits, features, label, present))[0]
       return nnx.value_and_grad(total)(nnx.merge(graphdef, params, rest))
 
     args = (params, rest, images, inputs.label, inputs.class_present)
@@ -218,8 +221,8 @@ def main():
     # Same shapes as the VOC batch, so the programs compiled above serve.
     crowded = sparse_batch(np.random.default_rng(0), batch=4, size=321, feat_size=81,
                            channels=256, num_classes=21, classes_per_image=args.many_classes)
-    presets = {preset: compiled[preset] for preset in ('agmm_released', 'agmm_paper')}
-    timings = time_interleaved(presets, crowded, args.runs)
+    programs = {preset: compiled[preset] for preset in ('agmm_released', 'agmm_paper')}
+    timings = time_interleaved(programs, crowded[:4], args.runs)
     print(f'  {args.many_classes} classes labeled per crop: agmm_released '
           f'{timings["agmm_released"]:.3f} s, agmm_paper {timings["agmm_paper"]:.3f} s, '
           f'paper / released {timings["agmm_paper"] / timings["agmm_released"]:.2f}', flush=True)
@@ -250,14 +253,14 @@ def main():
               f'{jax_timings["agmm_released"] / step["agmm_released"]:.2f}', flush=True)
 
   if not args.skip_cityscapes:
-    city = losses.LossInputs(
+    city = methods.LossInputs(
         jax.ShapeDtypeStruct((4, 721, 721, 19), jnp.float32),
         jax.ShapeDtypeStruct((4, 181, 181, 256), jnp.float32),
         jax.ShapeDtypeStruct((4, 721, 721), jnp.int32),
         jax.ShapeDtypeStruct((4, 19), jnp.float32))
     print('Cityscapes shapes: batch 4, 19 classes, labels 721x721, features 181x181x256')
     for preset in ('agmm_released', 'agmm_paper'):
-      compiled = loss_value_and_grad(preset).lower(*city).compile()
+      compiled = loss_value_and_grad(preset).lower(*city[:4]).compile()
       print(f'  {preset:14s} compiled forward+backward: {memory_line(compiled)}', flush=True)
 
 

@@ -28,9 +28,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agmm_jax import losses  # pylint: disable=g-import-not-at-top
+from agmm_jax import methods  # pylint: disable=g-import-not-at-top
 from agmm_jax import sharding  # pylint: disable=g-import-not-at-top
-from agmm_jax import train  # pylint: disable=g-import-not-at-top
+from agmm_jax import steps  # pylint: disable=g-import-not-at-top
+from agmm_jax import train_state  # pylint: disable=g-import-not-at-top
+from configs import presets  # pylint: disable=g-import-not-at-top
 from configs import voc_point  # pylint: disable=g-import-not-at-top
 
 SHAPES = {
@@ -47,7 +49,7 @@ _SHAPE = flags.DEFINE_enum('shape', 'cpu', sorted(SHAPES), 'Benchmark shape.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps.')
 _DTYPE = flags.DEFINE_enum('compute_dtype', 'float32',
                            ['float32', 'bfloat16'], 'Model compute dtype.')
-_LOSS = flags.DEFINE_enum('loss', 'agmm_released', list(losses.PRESETS),
+_LOSS = flags.DEFINE_enum('loss', 'agmm_released', list(presets.PRESETS),
                           'Loss preset (pce_only isolates the model cost).')
 
 
@@ -71,16 +73,17 @@ def main(argv):
   config.model.compute_dtype = _DTYPE.value
   config.model.pretrained = ''
   config.global_batch_size = batch
-  config.loss = losses.preset_config(_LOSS.value)
+  config.loss = presets.preset(_LOSS.value)
   total_steps = 1000
 
   mesh = sharding.create_mesh(config.mesh)
   sharding.per_process_batch_size(batch, mesh)
-  state, model_defs, tx = train.create_train_state(config, NUM_CLASSES, mesh,
-                                                   total_steps)
-  step_fn = train.make_train_step(
-      model_defs, losses.build_loss(config.loss), tx, mesh,
-      lr_schedule=train.learning_rate_schedule(config.optimizer, total_steps),
+  loss = methods.build_loss(config.loss)
+  state, model_defs, tx = train_state.create_train_state(
+      config, NUM_CLASSES, mesh, total_steps, extra_heads=loss.needs.heads)
+  step_fn = steps.make_train_step(
+      model_defs, loss, tx, mesh,
+      lr_schedule=train_state.learning_rate_schedule(config.optimizer, total_steps),
       head_lr_multiplier=config.optimizer.head_lr_multiplier)
   device_batch = sharding.global_batch(synthetic_batch(batch, crop), mesh)
 
@@ -89,12 +92,12 @@ def main(argv):
   compile_seconds = time.perf_counter() - start
 
   state, metrics = compiled(state, device_batch)  # Warm-up.
-  jax.block_until_ready(metrics['loss'])
+  jax.block_until_ready(metrics)
   times = []
   for _ in range(_STEPS.value):
     start = time.perf_counter()
     state, metrics = compiled(state, device_batch)
-    jax.block_until_ready(metrics['loss'])
+    jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_seconds = statistics.median(times)
 
@@ -106,7 +109,7 @@ def main(argv):
   print(f'step: {step_seconds:.3f} s median of {len(times)} '
         f'(min {min(times):.3f}, max {max(times):.3f}); '
         f'{batch / step_seconds:.2f} images/s; '
-        f'loss {float(np.asarray(metrics["loss"].addressable_data(0))):.4f}')
+        f'loss {float(train_state.host(metrics.compute()["loss"])):.4f}')
   if device.platform == 'gpu':
     stats = device.memory_stats() or {}
     peak = stats.get('peak_bytes_in_use')

@@ -45,9 +45,10 @@ from flax import nnx  # pylint: disable=g-import-not-at-top
 from agmm_jax import augment  # pylint: disable=g-import-not-at-top
 from agmm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from agmm_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
-from agmm_jax import losses  # pylint: disable=g-import-not-at-top
+from agmm_jax import inference  # pylint: disable=g-import-not-at-top
+from agmm_jax import methods  # pylint: disable=g-import-not-at-top
 from agmm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-from agmm_jax import train  # pylint: disable=g-import-not-at-top
+from agmm_jax.methods import agmm  # pylint: disable=g-import-not-at-top
 
 COUNTS = ('pixels', 'covered', 'g_right', 'p_right', 'g_right_p_wrong',
           'g_wrong_p_right')
@@ -125,7 +126,7 @@ def diagnose(workdir: str, num_images: int, batch_size: int) -> dict[str, dict[s
   metadata = input_pipeline.read_metadata(config.data.dir)
   num_classes = int(metadata['num_classes'])
   mesh = sharding_lib.create_mesh(config.mesh)
-  state, model_defs, step = train._restore_for_inference(  # pylint: disable=protected-access
+  state, model_defs, step = inference.restore_for_inference(
       config, workdir, num_classes, mesh)
   images, sparse, dense = load_train_images(config.data.dir, num_images, num_classes)
 
@@ -133,11 +134,12 @@ def diagnose(workdir: str, num_images: int, batch_size: int) -> dict[str, dict[s
   def responses(params, model_state, batch_images, batch_sparse):
     features, logits = nnx.merge(model_defs.eval, params, model_state)(batch_images)
     present = jax.nn.one_hot(batch_sparse, num_classes).max(axis=(1, 2))
-    inputs = losses.LossInputs(logits, features, batch_sparse, present)
+    inputs = methods.LossInputs(logits, features, batch_sparse, present)
     return (jax.nn.softmax(logits, axis=-1),
-            {form: losses.gmm_response(inputs, form=form) for form in losses.GMM_FORMS})
+            {form: agmm.gmm_response(inputs, form=form, sigma_stop_gradient=True)
+             for form in agmm.GMM_FORMS})
 
-  totals = {form: dict.fromkeys(COUNTS + ERRORS, 0.0) for form in losses.GMM_FORMS}
+  totals = {form: dict.fromkeys(COUNTS + ERRORS, 0.0) for form in agmm.GMM_FORMS}
   for start in range(0, len(images), batch_size):
     stop = start + batch_size
     probs, by_form = responses(state['params'], state['model_state'],

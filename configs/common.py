@@ -6,7 +6,7 @@ schema is documented in docs/design.md.
 
 import ml_collections
 
-from agmm_jax import losses
+from configs import presets
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.compute_dtype = 'float32'
   config.model.pretrained = ''
 
-  config.loss = losses.preset_config('agmm_released')
+  config.loss = presets.preset('agmm_released')
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.lr = 1e-3
@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-METHODS = ('agmm_released', 'agmm_paper', 'pce_only')
+METHODS = presets.PRESETS
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:
@@ -90,7 +90,7 @@ def set_method(config: ml_collections.ConfigDict, method: str) -> None:
   if method not in METHODS:
     raise ValueError(f'config argument method={method!r}: expected one of '
                      f'{METHODS}')
-  config.loss = losses.preset_config(method)
+  config.loss = presets.preset(method)
 
 
 def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:

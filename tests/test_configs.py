@@ -11,7 +11,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
 CONFIG_NAMES = sorted(
     name[:-3] for name in os.listdir(CONFIG_DIR)
-    if name.endswith('.py') and name not in ('__init__.py', 'common.py'))
+    if name.endswith('.py') and name not in ('__init__.py', 'common.py', 'presets.py'))
 
 
 def _flat_keys(config, prefix=''):

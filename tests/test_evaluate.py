@@ -15,6 +15,7 @@ import pytest
 
 from agmm_jax import evaluate
 from agmm_jax import labels
+from agmm_jax import resample
 
 NUM_CLASSES = 4
 CANVAS = (20, 24)
@@ -293,7 +294,7 @@ def test_resize_region_matches_torch_interpolate():
   x = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
   source = (np.array([9, 5]), np.array([11, 7]))
   target = (np.array([13, 1]), np.array([4, 10]))
-  out = np.asarray(evaluate.resize_region_align_corners(
+  out = np.asarray(resample.resize_region_align_corners(
       jnp.asarray(x), source, target, (14, 12)))
   for index in range(2):
     region = torch.from_numpy(

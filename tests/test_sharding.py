@@ -57,19 +57,20 @@ def run_worker(out_path: str) -> None:
   """One train step of the tiny model; saves metrics and state leaves."""
   import jax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, REPO_ROOT)
-  from agmm_jax import losses  # pylint: disable=g-import-not-at-top
+  from agmm_jax import methods  # pylint: disable=g-import-not-at-top
   from agmm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from agmm_jax import train  # pylint: disable=g-import-not-at-top
+  from agmm_jax import steps  # pylint: disable=g-import-not-at-top
+  from agmm_jax import train_state  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
   config = tiny.get_config()
   mesh = sharding.create_mesh(config.mesh)
   per_process = sharding.per_process_batch_size(GLOBAL_BATCH, mesh)
-  state, model_defs, tx = train.create_train_state(
+  state, model_defs, tx = train_state.create_train_state(
       config, NUM_CLASSES, mesh, TOTAL_STEPS)
-  step = train.make_train_step(
-      model_defs, losses.build_loss(config.loss), tx, mesh,
-      lr_schedule=train.learning_rate_schedule(config.optimizer, TOTAL_STEPS),
+  step = steps.make_train_step(
+      model_defs, methods.build_loss(config.loss), tx, mesh,
+      lr_schedule=train_state.learning_rate_schedule(config.optimizer, TOTAL_STEPS),
       head_lr_multiplier=config.optimizer.head_lr_multiplier)
   full = make_global_batch(config.data.crop_size)
   start = jax.process_index() * per_process
@@ -78,7 +79,7 @@ def run_worker(out_path: str) -> None:
   state, metrics = step(state, sharding.global_batch(local, mesh))
   arrays.update(state_arrays(state, 'state/'))
   arrays.update({f'metric/{k}': np.asarray(v.addressable_data(0))
-                 for k, v in metrics.items()})
+                 for k, v in metrics.compute().items()})
   arrays['num_devices'] = np.int32(jax.device_count())
   if jax.process_index() == 0:
     np.savez(out_path, **arrays)

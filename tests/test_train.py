@@ -1,6 +1,6 @@
 """The real train loop (configs/tiny.py) on a tiny prepared dataset, on CPU.
 
-One module-scoped run of ``train.run`` (4 steps, evaluations at steps 2 and 4,
+One module-scoped run of ``main.run`` (4 steps, evaluations at steps 2 and 4,
 checkpoints at 2 and 4) feeds most tests; eval and predict mode then read its
 work directory. Bad-input cases run ``main.py`` in subprocesses.
 """
@@ -15,8 +15,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from agmm_jax import inference
 from agmm_jax import train
+from agmm_jax import train_state
 from configs import tiny
+import main
 from tests import fixtures
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +70,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
-  scores = train.run(tiny_config(data_dir), workdir)
+  scores = main.run(tiny_config(data_dir), workdir)
   return workdir, scores
 
 
@@ -109,7 +112,7 @@ def test_train_writes_config_events_and_checkpoints(trained, data_dir):
 
 def test_rerun_of_a_finished_run_trains_no_further(trained, data_dir):
   workdir, train_scores = trained
-  result = train.run(tiny_config(data_dir), workdir)
+  result = main.run(tiny_config(data_dir), workdir)
   assert result['step'] == 4
   assert result['miou'] == pytest.approx(train_scores['miou'])
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
@@ -135,7 +138,7 @@ def test_eval_mode_matches_training_eval_and_prints_table(trained, data_dir,
   config = tiny_config(data_dir)
   config.mode = 'eval'
   config.eval.checkpoint = 'latest'
-  scores = train.run(config, workdir)
+  scores = main.run(config, workdir)
   assert scores['step'] == 4
   np.testing.assert_array_equal(scores['confusion'], train_scores['confusion'])
   printed = capsys.readouterr().out
@@ -159,7 +162,7 @@ def test_predict_mode_writes_palette_pngs(trained, data_dir, tmp_path):
   config.mode = 'predict'
   config.predict.input_dir = str(input_dir)
   config.predict.output_dir = str(tmp_path / 'out')
-  written = train.run(config, workdir)
+  written = main.run(config, workdir)
   assert sorted(os.path.basename(p) for p in written) == [
       'a.png', 'b.png', 'c.png', 'd.png']
   for name, (h, w) in sizes.items():
@@ -176,7 +179,7 @@ def test_predict_mode_writes_palette_pngs(trained, data_dir, tmp_path):
                                           ((70, 50), (128, 128)),
                                           ((30, 300), (128, 384))])
 def test_predict_pads_to_the_canvas_or_a_multiple_of_128(size, canvas):
-  assert train._predict_canvas(*size, (48, 64)) == canvas  # pylint: disable=protected-access
+  assert inference._predict_canvas(*size, (48, 64)) == canvas  # pylint: disable=protected-access
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
@@ -188,7 +191,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
   config.eval_every_steps = 0
   config.image_summary_every_steps = 0
   with pytest.raises(train.NonFiniteError) as error:
-    train.run(config, str(tmp_path))
+    main.run(config, str(tmp_path))
   message = str(error.value)
   assert '\n' not in message and ('not finite' in message or 'NaN' in message)
   steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints'))
@@ -249,8 +252,8 @@ def test_optimizer_matches_torch_sgd_with_poly_rates():
   config = tiny.get_config().optimizer
   config.lr, config.weight_decay, config.momentum = 0.1, 0.01, 0.9
   total_steps = 5
-  tx = train.create_optimizer(config, total_steps)
-  labels = jax.tree.leaves(train.param_labels(params))
+  tx = train_state.create_optimizer(config, total_steps)
+  labels = jax.tree.leaves(train_state.param_labels(params))
   assert labels.count('backbone') == 2 and labels.count('head') == 2
 
   rng = np.random.default_rng(0)

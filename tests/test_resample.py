@@ -1,12 +1,12 @@
-"""Tests of agmm_jax.resize against a naive loop and PyTorch's interpolate."""
+"""Tests of agmm_jax.resample (align corners) against a naive loop and PyTorch's interpolate."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agmm_jax.resize import interpolation_matrix
-from agmm_jax.resize import resize_bilinear_align_corners
+from agmm_jax.resample import interpolation_matrix
+from agmm_jax.resample import resize_bilinear_align_corners
 
 # (in_h, in_w, out_h, out_w): up, down, mixed, to/from size 1, identity.
 SIZE_CASES = [(5, 7, 9, 13), (9, 13, 4, 5), (6, 4, 3, 11), (1, 1, 5, 3),

@@ -1,0 +1,23 @@
+"""Sparse-supervision methods: one module per method family, one registry.
+
+``from agmm_jax import methods`` registers every method of the package; the
+trainer then needs only :func:`build_loss` and the :class:`LossInputs` it
+feeds. See :mod:`agmm_jax.methods.core` for the interface a method implements
+and docs/design.md for how a config reaches the loss.
+
+Modules: ``core`` (inputs, declarations, registry), ``label_grid`` (the
+row-chunk loops of the per-pixel terms), ``pce`` (partial cross-entropy,
+absent-class), ``agmm`` (GMM and prototype terms).
+"""
+
+from agmm_jax.methods import agmm
+from agmm_jax.methods import pce
+from agmm_jax.methods.core import build_loss
+from agmm_jax.methods.core import get_term
+from agmm_jax.methods.core import Loss
+from agmm_jax.methods.core import loss_config
+from agmm_jax.methods.core import LossInputs
+from agmm_jax.methods.core import Needs
+from agmm_jax.methods.core import register_group
+from agmm_jax.methods.core import register_term
+from agmm_jax.methods.core import registered_terms

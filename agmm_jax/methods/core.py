@@ -1,0 +1,414 @@
+"""What every sparse-supervision method shares: the loss inputs, what a method
+may declare, the registry of loss terms and :func:`build_loss`.
+
+A *term* is a pure function ``term(inputs: LossInputs, *, option=default, ...)
+-> scalar`` registered by name (``@register_term(name)``). Its keyword-only
+parameters are its options and their defaults are written there, once:
+:func:`loss_config` copies them into the config, so a config overrides any of
+them field by field (``--config.loss.gmm.form=paper``). An option that several
+registered terms take with the same default (``rows_per_chunk`` of the
+label-grid terms) lives at the loss level (``config.loss.rows_per_chunk``)
+and reaches every active term that takes it.
+
+A *group* computes several terms in one go (``@register_group(name, terms)``):
+the AGMM terms share one softmax pass over the label grid and one set of class
+prototypes. :func:`build_loss` computes through a group the active terms it
+covers when at least two of them are active, the others one by one; either way
+the values are the terms' own.
+
+A term declares what it needs beyond logits, decoder features and labels with
+:class:`Needs`: the normalized input ``image``, extra *heads* on the decoder
+features (name -> factory of an ``nnx.Module``; the model builds them and their
+outputs reach the loss as ``LossInputs.outputs[name]``) and extra *batch
+fields* (name -> function of one augmented training example; the input
+pipeline computes them and they reach the loss as ``LossInputs.fields[name]``).
+``build_loss(config).needs`` merges the declarations of the active terms, and
+the trainer builds the model and the pipeline from it, so a new method touches
+its own module, a config preset and its tests.
+
+Label semantics follow ``agmm_jax.labels``: labeled pixels (``label >= 0``)
+drive the supervised parts, real pixels (``label != PADDING``, the valid-pixel
+mask) the self-supervised parts, and padding never contributes.
+"""
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from agmm_jax import labels as labels_lib
+
+# The epsilon of every log, division and normalization of the official AGMM
+# code; the other methods use it where they need a guard.
+EPSILON = 1e-6
+# ImageNet normalization of the input pipeline (agmm_jax.augment), for
+# LossInputs.rgb.
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class LossInputs(NamedTuple):
+  """What the losses see of one training batch.
+
+  Attributes:
+    logits: ``[B, H, W, K]`` float32 or bfloat16, at label resolution.
+    decoder_features: ``[B, h, w, C]`` float32 or bfloat16, the decoder output
+      before the classifier (stride 4 of the input).
+    label: int32 ``[B, H, W]``: class ids, ``UNLABELED`` or ``PADDING``.
+    class_present: float32 ``[B, K]``: 1 where the class occurs in the image's
+      sparse labels, computed before cropping.
+    image: float32 ``[B, H, W, 3]``, the ImageNet-normalized input crop (at
+      label resolution), or None where no term declared ``Needs(image=True)``.
+    outputs: the extra heads' outputs by name (``Needs.heads``), or None.
+    fields: the extra batch fields by name (``Needs.batch_fields``), or None.
+  """
+  logits: jax.Array
+  decoder_features: jax.Array
+  label: jax.Array
+  class_present: jax.Array
+  image: jax.Array | None = None
+  outputs: Mapping[str, jax.Array] | None = None
+  fields: Mapping[str, jax.Array] | None = None
+
+  @property
+  def valid(self) -> jax.Array:
+    """bool ``[B, H, W]``: the real (not padding) pixels."""
+    return labels_lib.real_mask(self.label)
+
+  def rgb(self) -> jax.Array:
+    """float32 ``[B, H, W, 3]`` RGB in 0..255 of ``image`` (after the train
+    augmentation, as the network saw it); no gradient."""
+    if self.image is None:
+      raise ValueError('LossInputs.image is None: declare Needs(image=True)')
+    image = jax.lax.stop_gradient(self.image.astype(jnp.float32))
+    return 255.0 * (image * _IMAGENET_STD + _IMAGENET_MEAN)
+
+  def output(self, name: str) -> jax.Array:
+    """The extra head ``name``'s output."""
+    if not self.outputs or name not in self.outputs:
+      raise ValueError(f'LossInputs.outputs has no {name!r}: declare it in '
+                       "the term's Needs(heads=...)")
+    return self.outputs[name]
+
+  def field(self, name: str) -> jax.Array:
+    """The extra batch field ``name``."""
+    if not self.fields or name not in self.fields:
+      raise ValueError(f'LossInputs.fields has no {name!r}: declare it in '
+                       "the term's Needs(batch_fields=...)")
+    return self.fields[name]
+
+
+# ``factory(in_features, *, dtype, rngs) -> nnx.Module``: a head applied to the
+# decoder features ``[B, h, w, in_features]``.
+HeadFactory = Callable[..., Any]
+# ``make(example) -> np.ndarray``: one field of one augmented training example
+# (``example`` holds ``image`` float32 ``[c, c, 3]``, ``label`` int32
+# ``[c, c]`` and ``class_present`` of agmm_jax.input_pipeline), computed on the
+# host by the input pipeline.
+FieldFactory = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+  """What a term needs beyond logits, decoder features and labels.
+
+  Attributes:
+    image: the normalized input crop in ``LossInputs.image``.
+    heads: extra heads on the decoder features by output name.
+    batch_fields: extra training-batch fields by name.
+  """
+  image: bool = False
+  heads: Mapping[str, HeadFactory] = dataclasses.field(default_factory=dict)
+  batch_fields: Mapping[str, FieldFactory] = dataclasses.field(
+      default_factory=dict)
+
+  def merge(self, other: 'Needs', what: str) -> 'Needs':
+    """The union of two declarations; a name declared twice must be the same
+    factory (``what`` names the term, for the error)."""
+    merged = {}
+    for kind in ('heads', 'batch_fields'):
+      mine, theirs = getattr(self, kind), getattr(other, kind)
+      for name in set(mine) & set(theirs):
+        if mine[name] is not theirs[name]:
+          raise ValueError(f'{what}: Needs.{kind}[{name!r}] differs from the '
+                           'one another active term declares')
+      merged[kind] = {**mine, **theirs}
+    return Needs(image=self.image or other.image, **merged)
+
+
+TermFn = Callable[..., jax.Array]
+# ``summary(inputs, **options) -> [B, H, W, K]``: a per-class map in [0, 1]
+# the trainer shows for the first labeled class (AGMM: its GMM response).
+SummaryFn = Callable[..., jax.Array]
+# ``check(**options)``: raises a ValueError naming ``loss_config.TERM.OPTION``
+# for an option value that cannot work.
+CheckFn = Callable[..., None]
+GroupFn = Callable[[LossInputs, Mapping[str, dict[str, Any]]],
+                   dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """A registered loss term (see the module docstring)."""
+  name: str
+  fn: TermFn
+  needs: Needs
+  summary: SummaryFn | None
+  check: CheckFn | None
+
+  def options(self) -> dict[str, Any]:
+    """The term's options and their defaults (its keyword-only parameters)."""
+    return {name: parameter.default
+            for name, parameter in inspect.signature(self.fn).parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            and parameter.default is not inspect.Parameter.empty}
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Terms computed together: ``fn(inputs, {term: options}) -> {term: value}``
+  for any subset of ``terms`` of two or more."""
+  name: str
+  terms: tuple[str, ...]
+  fn: GroupFn
+
+
+_TERMS: dict[str, Term] = {}
+_GROUPS: list[Group] = []
+
+
+def register_term(name: str, *, needs: Needs = Needs(),
+                  summary: SummaryFn | None = None,
+                  check: CheckFn | None = None) -> Callable[[TermFn], TermFn]:
+  """Decorator registering ``term(inputs, **options) -> scalar`` as ``name``,
+  with what it needs, its summary map and its option check (module docstring)."""
+
+  def decorator(fn: TermFn) -> TermFn:
+    if name in _TERMS:
+      raise ValueError(f'loss term {name!r} is already registered')
+    _TERMS[name] = Term(name, fn, needs, summary, check)
+    return fn
+
+  return decorator
+
+
+def register_group(name: str, terms: tuple[str, ...]
+                   ) -> Callable[[GroupFn], GroupFn]:
+  """Decorator registering a joint computation of registered ``terms``."""
+
+  def decorator(fn: GroupFn) -> GroupFn:
+    unknown = [term for term in terms if term not in _TERMS]
+    if unknown or any(group.name == name for group in _GROUPS):
+      raise ValueError(f'group {name!r}: already registered or unknown terms '
+                       f'{unknown}')
+    _GROUPS.append(Group(name, tuple(terms), fn))
+    return fn
+
+  return decorator
+
+
+def registered_terms() -> tuple[str, ...]:
+  """Names of all registered loss terms."""
+  return tuple(sorted(_TERMS))
+
+
+def get_term(name: str) -> Term:
+  """The registered term called ``name``; ValueError if there is none."""
+  if name not in _TERMS:
+    raise ValueError(f'unknown loss term {name!r}; registered: '
+                     f'{", ".join(registered_terms())}')
+  return _TERMS[name]
+
+
+def _shared_options() -> dict[str, Any]:
+  """Options that two or more registered terms take, with one default."""
+  seen: dict[str, list[Any]] = {}
+  for term in _TERMS.values():
+    for option, default in term.options().items():
+      seen.setdefault(option, []).append(default)
+  return {option: defaults[0] for option, defaults in seen.items()
+          if len(defaults) > 1 and all(d == defaults[0] for d in defaults)}
+
+
+def loss_config(weights: Mapping[str, float],
+                **overrides: Mapping[str, Any] | Any) -> ml_collections.ConfigDict:
+  """A loss config: ``weights``, then an option block per registered term
+  with options (its defaults, then ``overrides[term]``), and the shared
+  options at the top level (``overrides[option]`` where given).
+
+  Every block is present whatever the weights, so that a config can switch a
+  term on and set its options from the command line.
+  """
+  for name in weights:
+    get_term(name)
+  shared = _shared_options()
+  config = ml_collections.ConfigDict()
+  config.weights = ml_collections.ConfigDict(
+      {name: float(weight) for name, weight in weights.items()})
+  for name in registered_terms():
+    options = {k: v for k, v in _TERMS[name].options().items() if k not in shared}
+    if options:
+      config[name] = ml_collections.ConfigDict(options)
+  for option, default in shared.items():
+    config[option] = default
+  for key, value in overrides.items():
+    if key in shared:
+      config[key] = value
+    elif key in config and key != 'weights':
+      config[key].update(dict(value))
+    else:
+      raise ValueError(f'loss override {key!r}: no such term option block or '
+                       'shared option')
+  return config
+
+
+# eq=False: hashed by identity, so that a Loss can be jitted as a function.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Loss:
+  """What :func:`build_loss` returns.
+
+  ``loss(inputs) -> (total, {term: unweighted value})``; ``needs``: the merged
+  declarations of the active terms; ``terms``: their names;
+  ``summary(inputs)``: the per-class map of the first active term that has
+  one (``[B, H, W, K]``), shown as ``summary_name`` (``TERM_response``), or
+  None.
+  """
+  fn: Callable[[LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
+  needs: Needs
+  terms: tuple[str, ...]
+  summary: Callable[[LossInputs], jax.Array] | None
+  summary_name: str | None
+
+  def __call__(self, inputs: LossInputs
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return self.fn(inputs)
+
+
+def _active_terms(loss_config: ml_collections.ConfigDict
+                  ) -> list[tuple[Term, float, dict[str, Any]]]:
+  """``(term, weight, options)`` of the terms with a non-zero weight: the
+  term's defaults, then the shared options, then its block, checked against
+  the term's signature (errors name the config key)."""
+  if 'weights' not in loss_config:
+    raise ValueError('loss_config.weights is missing')
+  shared = _shared_options()
+  for key in loss_config:
+    if key != 'weights' and key not in _TERMS and key not in shared:
+      raise ValueError(f'loss_config.{key}: neither a registered term nor a '
+                       f'shared option ({", ".join(sorted(shared))})')
+  active = []
+  for name, weight in loss_config.weights.items():
+    if name not in _TERMS:
+      raise ValueError(f'loss_config.weights.{name}: unknown loss term; '
+                       f'registered: {", ".join(registered_terms())}')
+    if float(weight) == 0.0:
+      continue
+    term = _TERMS[name]
+    accepted = term.options()
+    options = dict(accepted)
+    options.update({k: loss_config[k] for k in shared
+                    if k in accepted and k in loss_config})
+    block = loss_config.get(name)
+    if block is not None:
+      block = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else dict(block)
+      for key in block:
+        if key not in accepted:
+          raise ValueError(f'loss_config.{name}.{key}: not an option of term '
+                           f'{name!r} (options: {", ".join(sorted(accepted))})')
+      options.update(block)
+    active.append((term, float(weight), options))
+  if not active:
+    raise ValueError('loss_config.weights: every weight is 0')
+  return active
+
+
+def build_loss(loss_config: ml_collections.ConfigDict) -> Loss:
+  """Builds the :class:`Loss` of a loss config (see :func:`loss_config`).
+
+  ``total = sum_t weights[t] * term_t(inputs, **options_t)`` over the terms
+  with a non-zero weight; the terms a registered group covers are computed by
+  the group when two or more of them are active. Every term's options are
+  checked here (names, and values by the term's ``check``), so that a bad
+  config fails before the first step with an error naming the config key.
+  """
+  active = _active_terms(loss_config)
+  needs = Needs()
+  for term, _, options in active:
+    needs = needs.merge(term.needs, f'loss term {term.name!r}')
+    if term.check is not None:
+      term.check(**options)
+  options_by_term = {term.name: options for term, _, options in active}
+  claimed: set[str] = set()
+  groups = []
+  for group in _GROUPS:
+    covered = tuple(name for name in options_by_term
+                    if name in group.terms and name not in claimed)
+    if len(covered) >= 2:
+      groups.append((group, covered))
+      claimed.update(covered)
+  singles = [(term, options) for term, _, options in active
+             if term.name not in claimed]
+
+  def loss_fn(inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    values = {}
+    for group, covered in groups:
+      values.update(group.fn(inputs, {name: options_by_term[name]
+                                      for name in covered}))
+    for term, options in singles:
+      values[term.name] = term.fn(inputs, **options)
+    total = sum(weight * values[term.name] for term, weight, _ in active)
+    return total, {term.name: values[term.name] for term, _, _ in active}
+
+  shown = next(((term, options) for term, _, options in active
+                if term.summary is not None), None)
+
+  def summary_fn(inputs: LossInputs) -> jax.Array:
+    term, options = shown
+    return term.summary(inputs, **options)
+
+  return Loss(loss_fn, needs, tuple(term.name for term, _, _ in active),
+              summary_fn if shown else None,
+              f'{shown[0].name}_response' if shown else None)
+
+
+def upcast(x: jax.Array) -> jax.Array:
+  """``x`` in its compute dtype: float32 for bfloat16/float16/float32 inputs.
+
+  float64 stays float64 (only reachable with x64 enabled, for gradient checks).
+  """
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def check_inputs(inputs: LossInputs) -> None:
+  """Raises a one-line ValueError naming the LossInputs field of bad shape."""
+  logits, features, label, present = inputs[:4]
+  if logits.ndim != 4:
+    raise ValueError(f'LossInputs.logits must be [B, H, W, K], got {logits.shape}')
+  batch, height, width, num_classes = logits.shape
+  if label.shape != (batch, height, width):
+    raise ValueError(
+        f'LossInputs.label must be {(batch, height, width)} like logits, got {label.shape}')
+  if features.ndim != 4 or features.shape[0] != batch:
+    raise ValueError(
+        f'LossInputs.decoder_features must be [{batch}, h, w, C], got {features.shape}')
+  if present.shape != (batch, num_classes):
+    raise ValueError(
+        f'LossInputs.class_present must be {(batch, num_classes)}, got {present.shape}')
+  if inputs.image is not None and inputs.image.shape != (batch, height, width, 3):
+    raise ValueError(f'LossInputs.image must be {(batch, height, width, 3)}, '
+                     f'got {inputs.image.shape}')
+
+
+def labeled_class_counts(label: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
+  """``n[b, k]``: the number of pixels of image b labeled k, ``[B, K]``."""
+
+  def one_image(label):
+    # Unlabeled and padding pixels get an out-of-range index, which 'drop' skips.
+    class_ids = jnp.where(labels_lib.labeled_mask(label), label, num_classes)
+    return jnp.zeros(num_classes, dtype).at[class_ids.reshape(-1)].add(1.0, mode='drop')
+
+  return jax.vmap(one_image)(label)

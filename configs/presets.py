@@ -1,0 +1,35 @@
+"""Loss presets: each method of the study as a loss config.
+
+A preset names the terms and their weights, and the options that differ from
+the terms' own defaults (agmm_jax.methods; every option block is filled in
+from the registry, so any option can still be overridden from the command
+line, e.g. ``--config.loss.gmm.form=paper``).
+"""
+
+from typing import Any, Callable
+
+import ml_collections
+
+from agmm_jax import methods
+
+_AGMM_WEIGHTS = {'pce': 1.0, 'absent_class': 1.0, 'prototype': 1.0, 'gmm': 1.0}
+
+_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    # The official training loss, loss = seg_loss + gmm_loss + proto_loss +
+    # cls_loss of train_voc.py / train_city.py, in the released forms.
+    'agmm_released': lambda: {'weights': _AGMM_WEIGHTS},
+    # The same terms with the paper's GMM (adaptive sigma) and the batch mean
+    # of the prototypes.
+    'agmm_paper': lambda: {'weights': _AGMM_WEIGHTS, 'gmm': {'form': 'paper'},
+                           'prototype': {'batch_reduction': 'mean'}},
+    # The partial cross-entropy baseline.
+    'pce_only': lambda: {'weights': {'pce': 1.0}},
+}
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str) -> ml_collections.ConfigDict:
+  """The loss config of the preset ``name`` (one of ``PRESETS``)."""
+  if name not in _PRESETS:
+    raise ValueError(f'unknown loss preset {name!r}; choose one of {PRESETS}')
+  return methods.loss_config(**_PRESETS[name]())
