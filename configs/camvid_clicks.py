@@ -6,7 +6,8 @@ first use into --config.data.dir, with sparse labels from the project's seeded
 generator. The argument after the colon selects the cell of the study:
 
   labels  generator spec: clicks:20 (default), clicks:100, points:1, ...
-  method  agmm_released (default) | agmm_paper | pce_only | full (dense labels)
+  method  agmm_released (default) | agmm_paper | pce_only | tel | apro | full
+          (dense labels)
   size    cpu (default: ResNet-18 from scratch at half resolution, 2-core
           friendly) | gpu (ResNet-50 deep stem, OS 8, full resolution)
   lseed   seed of the sparse-label generator (default 0)

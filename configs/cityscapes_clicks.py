@@ -4,7 +4,8 @@ ResNet-50 (deep stem) with multi-grid (2, 2, 4), output stride 8, ASPP rates
 12/24/36, crop 721, no colour augmentation, lr 5e-3 with the head at 1x, poly
 0.9, 240 epochs, global batch 16, sliding-window evaluation. The argument
 after the colon selects the click density (default clicks=20) and the loss
-preset (method=agmm_released | agmm_paper | pce_only):
+preset (method=agmm_released | agmm_paper | pce_only | tel | apro; TEL takes
+its Cityscapes bandwidth sigma=0.002):
 
   python -m data_prep.cityscapes --root=cityscapes --clicks=50 \
       --output=data/cityscapes_50clicks
@@ -24,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'clicks must be 20, 50 or 100, got {args["clicks"]}')
   config = common.base_config()
   common.set_method(config, args['method'])
+  config.loss.tel.sigma = 0.002
   config.num_epochs = 240
   config.data.dir = f'data/cityscapes_{args["clicks"]}clicks'
   config.data.crop_size = 721

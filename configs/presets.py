@@ -24,6 +24,11 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
                            'prototype': {'batch_reduction': 'mean'}},
     # The partial cross-entropy baseline.
     'pce_only': lambda: {'weights': {'pce': 1.0}},
+    # TEL (tree energy loss) next to pCE, with TEL's weight 0.4 and its VOC
+    # sigma (the term's default; Cityscapes: --config.loss.tel.sigma=0.002).
+    'tel': lambda: {'weights': {'pce': 1.0, 'tel': 0.4}},
+    # APro's semantic variant next to pCE, with TEL's weight (methods/apro.py).
+    'apro': lambda: {'weights': {'pce': 1.0, 'apro': 0.4}},
 }
 PRESETS = tuple(_PRESETS)
 

@@ -6,7 +6,7 @@ ResNet-101 (deep stem), output stride 8, ASPP rates 6/12/18, crop 321, SGD
 
 The loss is the `agmm_released` preset; choose another with the config
 argument `method`, e.g. `--config=configs/voc_point.py:method=agmm_paper`
-(`agmm_released`, `agmm_paper`, `pce_only`).
+(`agmm_released`, `agmm_paper`, `pce_only`, `tel`, `apro`).
 
 Prepare the data once (see README; the official training list is the
 10582-image augmented set, AGMM's dataset/splits/pascal/train.txt), convert the

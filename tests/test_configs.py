@@ -80,5 +80,7 @@ def test_method_argument_selects_the_loss_preset(name):
   assert paper.loss.gmm.form == 'paper'
   baseline = module.get_config('method=pce_only')
   assert dict(baseline.loss.weights) == {'pce': 1.0}
+  for method in ('tel', 'apro'):
+    assert dict(module.get_config(f'method={method}').loss.weights) == {'pce': 1.0, method: 0.4}
   with pytest.raises(ValueError, match='method'):
     module.get_config('method=crf')
