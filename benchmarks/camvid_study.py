@@ -43,10 +43,15 @@ from typing import Any
 
 import numpy as np
 
+from configs import presets
+
 CONFIG_FILE = 'configs/camvid_clicks.py'
 DEFAULT_LABELS = ('clicks:20', 'clicks:100', 'points:1')
-METHODS = ('pce_only', 'agmm_released', 'agmm_paper', 'full')
 FULL = 'full'
+# Every loss preset (configs/presets.py) and dense labels; the default grid
+# is the original study's.
+METHODS = presets.PRESETS + (FULL,)
+DEFAULT_METHODS = ('pce_only', 'agmm_released', 'agmm_paper', FULL)
 DEFAULT_SEEDS = (0, 1)
 DEFAULT_ROOT = 'runs/study'
 # Written by --run into each workdir: the command and its attempts.
@@ -105,7 +110,7 @@ class Run:
 
 
 def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
-              methods: Sequence[str] = METHODS,
+              methods: Sequence[str] = DEFAULT_METHODS,
               seeds: Sequence[int] = DEFAULT_SEEDS, *, steps: int = -1,
               size: str = 'cpu', lseed: int = 0, root: str = DEFAULT_ROOT,
               overrides: Sequence[str] = (),
@@ -784,7 +789,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       default=list(DEFAULT_LABELS),
                       help='comma-separated sparse-label specs (an option '
                       'with "," is not supported)')
-  parser.add_argument('--methods', type=_comma_list, default=list(METHODS),
+  parser.add_argument('--methods', type=_comma_list, default=list(DEFAULT_METHODS),
                       help=f'comma-separated subset of {",".join(METHODS)}')
   parser.add_argument('--seeds', type=lambda t: [int(s) for s in
                                                  _comma_list(t)],
