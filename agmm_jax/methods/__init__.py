@@ -7,11 +7,14 @@ and docs/design.md for how a config reaches the loss.
 
 Modules: ``core`` (inputs, declarations, registry), ``label_grid`` (the
 row-chunk loops of the per-pixel terms), ``pce`` (partial cross-entropy,
-absent-class), ``agmm`` (GMM and prototype terms).
+absent-class), ``agmm`` (GMM and prototype terms), ``bilateral`` (the dense
+bilateral product, exact and by a bilateral grid) and ``regularized`` (dense
+CRF, normalized cut, gated CRF and entropy terms).
 """
 
 from agmm_jax.methods import agmm
 from agmm_jax.methods import pce
+from agmm_jax.methods import regularized
 from agmm_jax.methods.core import build_loss
 from agmm_jax.methods.core import get_term
 from agmm_jax.methods.core import Loss
