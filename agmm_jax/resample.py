@@ -12,14 +12,22 @@ Two sampling conventions, both PyTorch's ``F.interpolate(mode='bilinear')``:
   :func:`resize_bilinear_half_pixel` (two-tap gathers with gather VJPs) and
   the row-chunk pieces of the losses' label-grid loops
   (:func:`upsample_columns` + :func:`upsample_rows`, and the adjoint
-  :func:`add_pulled_rows` + :func:`pull_columns`).
+  :func:`add_pulled_rows` + :func:`pull_columns`). Given a ``scale_factor``
+  (rloss) PyTorch steps by ``1 / scale`` instead of ``in / out``
+  (:func:`half_pixel_interpolation_matrix` with ``scale``).
 
 Either way the source samples are ``floor(s)`` and ``floor(s) + 1`` (clamped
 to ``in - 1``), linearly weighted. ``jax.image.resize`` uses half-pixel
 centres with antialiasing on downsampling, so it matches neither.
+
+The regularized losses also resize by nearest neighbour
+(:func:`nearest_scale_index`) and area averaging
+(:func:`adaptive_average_matrix`), PyTorch's ``F.interpolate(mode='nearest')``
+and ``F.adaptive_avg_pool2d``.
 """
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -172,7 +180,7 @@ def region_mask(height: jax.Array, width: jax.Array,
 # ----------------------------------------------------------------------------
 
 
-def half_pixel_taps(in_size: int, out_size: int
+def half_pixel_taps(in_size: int, out_size: int, scale: float | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Linear interpolation taps of one axis, ``align_corners=False``.
 
@@ -181,7 +189,8 @@ def half_pixel_taps(in_size: int, out_size: int
   ``s(o) = max((o + 0.5) * in / out - 0.5, 0)`` and interpolates between
   ``lower = floor(s)`` and ``upper = min(lower + 1, in - 1)`` with weights
   ``1 - (s - lower)`` and ``s - lower``, without antialiasing when it
-  downsamples.
+  downsamples. Called with ``scale_factor=scale`` (``out = floor(in *
+  scale)``) it steps by ``1 / scale`` instead of ``in / out``.
 
   Returns:
     ``(lower, upper, upper_weight)``, each ``[out_size]`` (int64, int64,
@@ -189,20 +198,21 @@ def half_pixel_taps(in_size: int, out_size: int
   """
   if in_size < 1 or out_size < 1:
     raise ValueError(f'resize sizes must be >= 1, got in={in_size} out={out_size}')
+  step = in_size / out_size if scale is None else 1.0 / scale
   source = np.maximum(
-      (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5,
-      0.0)
+      (np.arange(out_size, dtype=np.float64) + 0.5) * step - 0.5, 0.0)
   lower = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
   upper = np.minimum(lower + 1, in_size - 1)
   return lower, upper, source - lower
 
 
-def half_pixel_interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
+def half_pixel_interpolation_matrix(in_size: int, out_size: int,
+                                    scale: float | None = None) -> np.ndarray:
   """float64 ``[out_size, in_size]`` matrix ``R`` of :func:`half_pixel_taps`.
 
   ``resized = R @ source``; rows sum to one and have at most two non-zeros.
   """
-  lower, upper, upper_weight = half_pixel_taps(in_size, out_size)
+  lower, upper, upper_weight = half_pixel_taps(in_size, out_size, scale)
   matrix = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
   np.add.at(matrix, (rows, lower), 1.0 - upper_weight)
@@ -362,3 +372,38 @@ def add_pulled_rows(accumulator: jax.Array, y: jax.Array, start: jax.Array,
 def pull_columns(x: jax.Array, source_width: int) -> jax.Array:
   """``x R_w`` along axis 2: ``[B, h, W, K]`` to ``[B, h, w, K]``."""
   return interpolate_axis(x, 2, source_width, x.shape[2], True)
+
+
+# ----------------------------------------------------------------------------
+# Nearest and area, static sizes: the regularized losses.
+# ----------------------------------------------------------------------------
+
+
+def nearest_scale_index(in_size: int, scale: float) -> np.ndarray:
+  """Source indices of ``F.interpolate(scale_factor=scale, mode='nearest')``.
+
+  Output ``o`` of ``floor(in * scale)`` reads ``min(floor(o / scale), in - 1)``.
+  """
+  out_size = int(math.floor(in_size * scale))
+  return np.minimum(np.floor(np.arange(out_size) / scale).astype(np.int64),
+                    in_size - 1)
+
+
+def adaptive_average_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """float64 ``[out_size, in_size]`` weights of ``F.adaptive_avg_pool2d``
+  along one axis: bin ``o`` averages the sources
+  ``[floor(o in / out), ceil((o + 1) in / out))``."""
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for o in range(out_size):
+    lower, upper = (o * in_size) // out_size, -(-((o + 1) * in_size) // out_size)
+    matrix[o, lower:upper] = 1.0 / (upper - lower)
+  return matrix
+
+
+def resize_separable(x: jax.Array, matrix_h: np.ndarray, matrix_w: np.ndarray
+                     ) -> jax.Array:
+  """``[B, H, W, C]`` to ``[B, h, w, C]``: ``R_h x R_w^T`` per channel, with
+  per-axis weight matrices ``[h, H]`` and ``[w, W]`` (dense; in the dtype of
+  ``x``)."""
+  return jnp.einsum('ih,bhwc,jw->bijc', jnp.asarray(matrix_h, x.dtype), x,
+                    jnp.asarray(matrix_w, x.dtype))
