@@ -32,7 +32,7 @@ from agmm_jax import methods
 CASES = (
     ('densecrf (cells 0.5/0.8)', {'densecrf': 2e-9}, {}),
     ('densecrf (cells 1.0/1.0)', {'densecrf': 2e-9},
-     {'cell_xy': 1.0, 'cell_rgb': 1.0}),
+     {'densecrf': {'cell_xy': 1.0, 'cell_rgb': 1.0}}),
     ('ncut (cells 0.5/0.8)', {'ncut': 1.0}, {}),
     ('gatedcrf (stride 4)', {'gatedcrf': 0.1}, {}),
     ('entropy', {'entropy': 1.0}, {}),
@@ -94,7 +94,7 @@ def camvid_errors(batch, size):
     for approx, cells in (('exact', {}), ('grid', {}),
                           ('grid', {'cell_xy': 1.0, 'cell_rgb': 1.0})):
       loss = methods.build_loss(methods.loss_config(
-          {term: 1.0}, approx=approx, **cells))
+          {term: 1.0}, **{term: {'approx': approx, **cells}}))
       fn = jax.jit(jax.value_and_grad(
           lambda logits, loss=loss: loss(inputs._replace(logits=logits))[0]))
       start = time.perf_counter()

@@ -16,6 +16,7 @@ from agmm_jax import augment
 from agmm_jax import methods
 from agmm_jax import models
 from agmm_jax import train
+from agmm_jax.methods import core
 from configs import tiny
 from tests import fixtures
 from tests import test_train
@@ -161,3 +162,17 @@ def test_a_batch_field_may_not_replace_the_batch(data_dir):
     input_pipeline.create_train_iterator(
         config.data, batch_size_per_process=2, seed=0,
         batch_fields={'label': brightness})
+
+
+def test_a_shared_option_has_one_place_and_one_default():
+  with pytest.raises(ValueError, match="'rows_per_chunk' is a loss-level option.*shared="):
+    methods.register_term('test_unshared_rows')(lambda inputs, *, rows_per_chunk=16: 0.0)
+  with pytest.raises(ValueError, match="'rows_per_chunk' defaults to 8, other terms to 16"):
+    methods.register_term('test_other_default', shared=('rows_per_chunk',))(
+        lambda inputs, *, rows_per_chunk=8: 0.0)
+  with pytest.raises(ValueError, match="shared option 'stride' is not"):
+    methods.register_term('test_no_such_option', shared=('stride',))(lambda inputs: 0.0)
+  assert not {'test_unshared_rows', 'test_other_default',
+              'test_no_such_option'} & set(methods.registered_terms())
+  assert core.option_key('gmm', 'rows_per_chunk') == 'loss_config.rows_per_chunk'
+  assert core.option_key('gmm', 'form') == 'loss_config.gmm.form'

@@ -190,9 +190,9 @@ def test_densecrf_and_ncut_exact_match_the_dense_reference(scale):
     got = []
     for weights, form in (({'densecrf': 1.0}, 'rloss'),
                           ({'densecrf': 1.0}, 'potts'), ({'ncut': 1.0}, None)):
+      exact = {**kernel, 'approx': 'exact', 'scale_factor': scale}
       config = methods.loss_config(
-          weights, approx='exact', scale_factor=scale,
-          densecrf={**kernel, 'form': form or 'rloss'}, ncut=kernel)
+          weights, densecrf={**exact, 'form': form or 'rloss'}, ncut=exact)
       (value, terms), grad = _value_and_grad(config)(inputs, inputs.logits)
       assert set(terms) == set(weights)
       got.append((float(value), np.asarray(grad)))
@@ -300,9 +300,9 @@ def test_terms_are_finite_without_labels_with_one_label_and_padding():
     ({'densecrf': {'sigma_xy': 0.0}}, 'loss_config.densecrf.sigma_xy'),
     ({'ncut': {'sigma_rgb': -1.0}}, 'loss_config.ncut.sigma_rgb'),
     ({'densecrf': {'form': 'dense'}}, 'loss_config.densecrf.form'),
-    ({'cell_xy': 2.0}, 'loss_config.cell_xy'),
-    ({'approx': 'lattice'}, 'loss_config.approx'),
-    ({'scale_factor': 0.0}, 'loss_config.scale_factor'),
+    ({'densecrf': {'cell_xy': 2.0}}, 'loss_config.densecrf.cell_xy'),
+    ({'ncut': {'approx': 'lattice'}}, 'loss_config.ncut.approx'),
+    ({'densecrf': {'scale_factor': 0.0}}, 'loss_config.densecrf.scale_factor'),
     ({'gatedcrf': {'radius': 0}}, 'loss_config.gatedcrf.radius'),
     ({'gatedcrf': {'sigma_rgb': 0.0}}, 'loss_config.gatedcrf.sigma_rgb'),
 ])
@@ -315,18 +315,18 @@ def test_a_bad_kernel_option_fails_at_build_with_one_line(overrides, key):
 
 
 def test_a_grid_over_the_memory_limit_fails_when_traced_with_one_line():
-  config = methods.loss_config({'densecrf': 1.0}, max_grid_mib=0.01)
+  config = methods.loss_config({'densecrf': 1.0}, densecrf={'max_grid_mib': 0.01})
   loss = methods.build_loss(config)
   inputs = _inputs(np.zeros((2, 33, 33, 3), np.uint8),
                    np.zeros((2, 33, 33, NUM_CLASSES), np.float32),
                    np.full((2, 33, 33), labels_lib.UNLABELED))
-  with pytest.raises(ValueError, match=r'loss_config\.cell_xy=0\.5, '
-                     r'loss_config\.cell_rgb=0\.8 at crop 33x33 \(limit '
-                     r'loss_config\.max_grid_mib=0\.01\): grid of') as error:
+  with pytest.raises(ValueError, match=r'loss_config\.densecrf\.cell_xy=0\.5, '
+                     r'loss_config\.densecrf\.cell_rgb=0\.8 at crop 33x33 \(limit '
+                     r'loss_config\.densecrf\.max_grid_mib=0\.01\): grid of') as error:
     jax.jit(loss)(inputs)
   assert '\n' not in str(error.value)
   jax.jit(methods.build_loss(methods.loss_config(
-      {'densecrf': 1.0}, max_grid_mib=0.01, approx='exact')))(inputs)
+      {'densecrf': 1.0}, densecrf={'max_grid_mib': 0.01, 'approx': 'exact'})))(inputs)
 
 
 def test_presets_and_the_method_argument():

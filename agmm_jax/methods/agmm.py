@@ -441,7 +441,8 @@ def _label_grid_terms(inputs: core.LossInputs, terms: tuple[str, ...], *,
       with_sigma_weights=gmm['form'] == 'paper' and gmm['sigma_stop_gradient'])
 
 
-@core.register_term('gmm', summary=gmm_response, check=_check_gmm_options)
+@core.register_term('gmm', summary=gmm_response, check=_check_gmm_options,
+                    shared=('rows_per_chunk',))
 def gmm_loss(inputs: core.LossInputs, *, form: str = 'released',
              sigma_stop_gradient: bool = True,
              rows_per_chunk: int = label_grid.ROWS_PER_CHUNK) -> jax.Array:

@@ -100,7 +100,7 @@ def _check_options(*, zeta_global_image: float, zeta_global_prediction: float,
 
 
 @core.register_term('apro', needs=core.Needs(image=True), summary=global_response,
-                    check=_check_options)
+                    check=_check_options, shared=('tree_stride',))
 def affinity_propagation_loss(inputs: core.LossInputs, *, zeta_global_image: float = 0.01,
                               zeta_global_prediction: float = 0.07, zeta_local: float = 0.15,
                               local_radius: int = 2, local_iterations: int = 20,

@@ -5,10 +5,10 @@ A *term* is a pure function ``term(inputs: LossInputs, *, option=default, ...)
 -> scalar`` registered by name (``@register_term(name)``). Its keyword-only
 parameters are its options and their defaults are written there, once:
 :func:`loss_config` copies them into the config, so a config overrides any of
-them field by field (``--config.loss.gmm.form=paper``). An option that several
-registered terms take with the same default (``rows_per_chunk`` of the
-label-grid terms) lives at the loss level (``config.loss.rows_per_chunk``)
-and reaches every active term that takes it.
+them field by field (``--config.loss.gmm.form=paper``). An option that terms
+declare ``shared`` (``rows_per_chunk`` of the label-grid terms) lives at the
+loss level (``config.loss.rows_per_chunk``), with one default, and reaches
+every active term that takes it.
 
 A *group* computes several terms in one go (``@register_group(name, terms)``):
 the AGMM terms share one softmax pass over the label grid and one set of class
@@ -159,6 +159,7 @@ class Term:
   needs: Needs
   summary: SummaryFn | None
   check: CheckFn | None
+  shared: tuple[str, ...]
 
   def options(self) -> dict[str, Any]:
     """The term's options and their defaults (its keyword-only parameters)."""
@@ -179,18 +180,43 @@ class Group:
 
 _TERMS: dict[str, Term] = {}
 _GROUPS: list[Group] = []
+# Loss-level options: name -> default, as the terms that share them declare.
+_SHARED: dict[str, Any] = {}
 
 
 def register_term(name: str, *, needs: Needs = Needs(),
                   summary: SummaryFn | None = None,
-                  check: CheckFn | None = None) -> Callable[[TermFn], TermFn]:
+                  check: CheckFn | None = None,
+                  shared: tuple[str, ...] = ()) -> Callable[[TermFn], TermFn]:
   """Decorator registering ``term(inputs, **options) -> scalar`` as ``name``,
-  with what it needs, its summary map and its option check (module docstring)."""
+  with what it needs, its summary map, its option check and the options it
+  shares at the loss level (module docstring).
+
+  A shared option has one default for every term that declares it, and a
+  term that takes an option another term shares must declare it shared too,
+  so that the config has one place for it.
+  """
 
   def decorator(fn: TermFn) -> TermFn:
     if name in _TERMS:
       raise ValueError(f'loss term {name!r} is already registered')
-    _TERMS[name] = Term(name, fn, needs, summary, check)
+    term = Term(name, fn, needs, summary, check, tuple(shared))
+    options = term.options()
+    for option in shared:
+      if option not in options:
+        raise ValueError(f'loss term {name!r}: shared option {option!r} is not '
+                         'one of its keyword options')
+      if option in _SHARED and _SHARED[option] != options[option]:
+        raise ValueError(f'loss term {name!r}: shared option {option!r} defaults '
+                         f'to {options[option]!r}, other terms to {_SHARED[option]!r}')
+    for option in options:
+      if option not in shared and (option in _SHARED or any(
+          option in other.shared for other in _TERMS.values())):
+        raise ValueError(f'loss term {name!r}: option {option!r} is a loss-level '
+                         'option of other terms; declare it in shared=')
+    for option in shared:
+      _SHARED[option] = options[option]
+    _TERMS[name] = term
     return fn
 
   return decorator
@@ -225,13 +251,15 @@ def get_term(name: str) -> Term:
 
 
 def _shared_options() -> dict[str, Any]:
-  """Options that two or more registered terms take, with one default."""
-  seen: dict[str, list[Any]] = {}
-  for term in _TERMS.values():
-    for option, default in term.options().items():
-      seen.setdefault(option, []).append(default)
-  return {option: defaults[0] for option, defaults in seen.items()
-          if len(defaults) > 1 and all(d == defaults[0] for d in defaults)}
+  """The loss-level options and their defaults."""
+  return dict(_SHARED)
+
+
+def option_key(term: str, option: str) -> str:
+  """The config key of ``option`` of ``term``, for error messages:
+  ``loss_config.OPTION`` for a shared option, else ``loss_config.TERM.OPTION``."""
+  return (f'loss_config.{option}' if option in _SHARED
+          else f'loss_config.{term}.{option}')
 
 
 def loss_config(weights: Mapping[str, float],

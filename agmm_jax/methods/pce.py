@@ -17,14 +17,16 @@ from agmm_jax.methods import core
 from agmm_jax.methods import label_grid
 
 
-@core.register_term('pce', check=label_grid.check_rows_per_chunk)
+@core.register_term('pce', check=label_grid.check_rows_per_chunk,
+                    shared=('rows_per_chunk',))
 def partial_cross_entropy(inputs: core.LossInputs, *,
                           rows_per_chunk: int = label_grid.ROWS_PER_CHUNK) -> jax.Array:
   """Cross-entropy over labeled pixels only (:func:`label_grid.label_grid_losses`)."""
   return label_grid.label_grid_losses(inputs, ('pce',), rows_per_chunk=rows_per_chunk)['pce']
 
 
-@core.register_term('absent_class', check=label_grid.check_rows_per_chunk)
+@core.register_term('absent_class', check=label_grid.check_rows_per_chunk,
+                    shared=('rows_per_chunk',))
 def absent_class_loss(inputs: core.LossInputs, *,
                       rows_per_chunk: int = label_grid.ROWS_PER_CHUNK) -> jax.Array:
   """``-log(1 - p_k)`` summed over the classes absent before cropping,

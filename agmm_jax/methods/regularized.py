@@ -55,16 +55,14 @@ training gates only the neighbour (``mask_src``); ``gate_destination=True``
 (default) also gates the centre so that padding never contributes. Reference
 loss weight 0.1 (preset ``pce_gatedcrf``).
 
-Option placement: ``scale_factor``, ``approx``, ``cell_xy``, ``cell_rgb`` and
-``max_grid_mib`` are options of both densecrf and ncut with one default, so
-the registry puts them at the loss level (``config.loss.cell_xy``);
-``sigma_xy`` and ``sigma_rgb`` have other defaults in gatedcrf and stay in
-each term's block (``config.loss.densecrf.sigma_xy``).
+Options live in each term's block (``config.loss.densecrf.cell_xy``,
+``config.loss.ncut.scale_factor``): densecrf and ncut take the same kernel
+options, but a run uses one of them, and each keeps its own.
 
 Grid memory: the grid's shape depends on the crop, which the option check
 does not see, so the size check runs when the loss is traced (the first
 step) and fails with a one-line error naming the cells and
-``loss_config.max_grid_mib``.
+``loss_config.<term>.max_grid_mib``.
 """
 
 import functools
@@ -73,7 +71,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from agmm_jax import augment
 from agmm_jax import labels as labels_lib
@@ -348,18 +345,9 @@ def entropy_loss(probs, mask):
 # ---------------------------------------------------------------------- terms
 
 
-def _key(term: str, option: str) -> str:
-  """The config key of ``option`` of ``term``: ``loss_config.OPTION`` for an
-  option the registry keeps at the loss level, else ``loss_config.TERM.OPTION``."""
-  config = core.loss_config({})
-  at_loss_level = option in config and not isinstance(
-      config[option], ml_collections.ConfigDict)
-  return f'loss_config.{option}' if at_loss_level else f'loss_config.{term}.{option}'
-
-
 def _require(term: str, option: str, value, ok: bool, limit: str) -> None:
   if not ok:
-    raise ValueError(f'{_key(term, option)} must be {limit}, got {value!r}')
+    raise ValueError(f'{core.option_key(term, option)} must be {limit}, got {value!r}')
 
 
 def _check_rloss_options(term: str, *, sigma_xy, sigma_rgb, scale_factor,
@@ -393,8 +381,8 @@ def _check_grid_memory(term: str, probs, *, channels, sigma_xy, sigma_rgb,
       int(math.floor(height * scale_factor)), int(math.floor(width * scale_factor)),
       sigma_xy * scale_factor, sigma_rgb, cell_xy, cell_rgb)
   bilateral.check_grid_size(
-      f'{_key(term, "cell_xy")}={cell_xy}, {_key(term, "cell_rgb")}={cell_rgb} '
-      f'at crop {height}x{width} (limit {_key(term, "max_grid_mib")}='
+      f'{core.option_key(term, "cell_xy")}={cell_xy}, {core.option_key(term, "cell_rgb")}={cell_rgb} '
+      f'at crop {height}x{width} (limit {core.option_key(term, "max_grid_mib")}='
       f'{max_grid_mib})', spec, batch, channels, int(max_grid_mib * 2 ** 20))
 
 

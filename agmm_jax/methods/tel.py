@@ -35,8 +35,8 @@ cost ``16x`` the sequential tree passes for no gain over TEL's own resolution.
 Padding pixels take part in the trees (TEL pads with the ignore label and
 builds its trees over the whole crop too) but not in ``U``.
 
-``tree_stride`` is an option of both tree methods (``tel`` and ``apro``) with
-the same default, hence a loss-level option: ``config.loss.tree_stride``.
+``tree_stride`` is an option both tree methods (``tel`` and ``apro``) share
+at the loss level: ``config.loss.tree_stride``.
 """
 
 from typing import Any, NamedTuple
@@ -170,7 +170,8 @@ def _check_options(*, sigma: float, tree_stride: int) -> None:
 
 
 @core.register_term('tel', needs=core.Needs(image=True, heads={EMBEDDING_HEAD: EmbeddingHead}),
-                    summary=filtered_response, check=_check_options)
+                    summary=filtered_response, check=_check_options,
+                    shared=('tree_stride',))
 def tree_energy_loss(inputs: core.LossInputs, *, sigma: float = 0.02,
                      tree_stride: int = TREE_STRIDE) -> jax.Array:
   """TEL's ``sum U |p - AS| / N_U`` on the tree grid (module docstring).
