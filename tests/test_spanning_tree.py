@@ -201,7 +201,8 @@ def _brute_global(values, tree, distances, zeta, b):
 
 
 @pytest.mark.parametrize('height,width,ties', [
-    (3, 4, False), (3, 4, True), (1, 6, True), (5, 1, False)])
+    (3, 4, False), (3, 4, True), (1, 6, True), (5, 1, False), (9, 11, True),
+    (1, 1, False)])
 def test_global_propagation_matches_all_pairs(height, width, ties):
   with jax.enable_x64(True):
     rng = np.random.default_rng(4)
