@@ -58,6 +58,10 @@ class Checkpointer:
             max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC],
             best_mode='max', create=not read_only, read_only=read_only),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
+    # The mIoU of the best checkpoint this process saved: Orbax records a
+    # step's metrics only when its asynchronous save finalizes, so reading
+    # them back right after a save can find none.
+    self._saved_best_miou: Optional[float] = None
 
   def latest_step(self) -> Optional[int]:
     """Step of the newest checkpoint under ``checkpoints/`` (None if none)."""
@@ -69,6 +73,8 @@ class Checkpointer:
 
   def best_miou(self) -> Optional[float]:
     """mIoU of the best checkpoint (None if none)."""
+    if self._saved_best_miou is not None:
+      return self._saved_best_miou
     step = self._best.best_step()
     if step is None:
       return None
@@ -94,10 +100,13 @@ class Checkpointer:
     best = self.best_miou()
     if step in self._best.all_steps() or (best is not None and miou <= best):
       return False
-    return self._best.save(
+    saved = self._best.save(
         step,
         args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}),
         metrics={BEST_METRIC: float(miou)}, force=True)
+    if saved:
+      self._saved_best_miou = float(miou)
+    return saved
 
   def restore_latest(self, abstract_state: Any,
                      data_iterator: Any = None) -> tuple[Any, int]:
