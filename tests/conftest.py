@@ -1,10 +1,26 @@
-"""Pytest setup shared by all tests: the repo root on sys.path, CPU only."""
+"""Pytest setup shared by all tests: the repo root on sys.path, CPU only, and
+the tiny prepared dataset the training tests share."""
 
 import os
 import sys
+
+import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+# Classes of the shared tiny dataset (tiny_data_dir).
+TINY_NUM_CLASSES = 4
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory) -> str:
+  """A converted folder dataset (6 train, 3 val images, 4 classes), read only."""
+  from tests import fixtures  # pylint: disable=g-import-not-at-top
+  return fixtures.make_folder_dataset_tfrecords(
+      tmp_path_factory.mktemp('tiny_data'), num_train=6, num_val=3,
+      num_classes=TINY_NUM_CLASSES)

@@ -15,7 +15,7 @@ from agmm_jax.methods import regularized
 CELLS = dict(cell_xy=regularized.CELL_XY, cell_rgb=regularized.CELL_RGB)
 
 
-def _dense_kernel(rgb, sigma_xy, sigma_rgb):
+def dense_kernel(rgb, sigma_xy, sigma_rgb):
   """``[N, N]`` Gaussian kernel of one ``[H, W, 3]`` image, by broadcasting."""
   h, w, _ = rgb.shape
   ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
@@ -66,7 +66,7 @@ def test_exact_product_matches_dense_numpy(batch):
             jnp.asarray(rgb), jnp.asarray(values), jnp.asarray(valid)))
   for n in range(2):
     m = valid[n].reshape(-1).astype(np.float64)
-    kern = _dense_kernel(rgb[n], 4.0, 30.0)
+    kern = dense_kernel(rgb[n], 4.0, 30.0)
     want = m[:, None] * (kern @ (m[:, None] * values[n].reshape(-1, 2)))
     np.testing.assert_allclose(out[n].reshape(-1, 2), want, rtol=1e-10,
                                atol=1e-12)
@@ -85,7 +85,7 @@ def test_kernel_symmetric_and_positive(approx):
   assert (kern >= 0).all() and (np.diag(kern) > 0.5).all()
   assert np.linalg.eigvalsh(kern.astype(np.float64)).min() > -1e-4
   if approx == 'exact':
-    np.testing.assert_allclose(kern, _dense_kernel(rgb[0], 3.0, 20.0),
+    np.testing.assert_allclose(kern, dense_kernel(rgb[0], 3.0, 20.0),
                                rtol=1e-5, atol=1e-20)
 
 

@@ -18,7 +18,6 @@ from agmm_jax import models
 from agmm_jax import train
 from agmm_jax.methods import core
 from configs import tiny
-from tests import fixtures
 from tests import test_train
 
 TOY_TERM = 'test_toy_regression'
@@ -65,16 +64,9 @@ if TOY_TERM not in methods.registered_terms():
       batch_fields={TOY_FIELD: brightness}))(toy_regression)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return fixtures.make_folder_dataset_tfrecords(
-      tmp_path_factory.mktemp('data'), num_train=6, num_val=3,
-      num_classes=NUM_CLASSES)
-
-
-def test_a_method_defined_in_a_test_file_trains_and_its_loss_is_used(data_dir, tmp_path):
+def test_a_method_defined_in_a_test_file_trains_and_its_loss_is_used(tiny_data_dir, tmp_path):
   config = tiny.get_config()
-  config.data.dir = data_dir
+  config.data.dir = tiny_data_dir
   config.num_train_steps = 2
   config.loss = methods.loss_config({'pce': 1.0, TOY_TERM: 1.0}, **{TOY_TERM: {'scale': 2.0}})
   _FIELD_CALLS.clear()
@@ -154,10 +146,10 @@ def test_loss_inputs_accessors():
     inputs._replace(image=None).rgb()
 
 
-def test_a_batch_field_may_not_replace_the_batch(data_dir):
+def test_a_batch_field_may_not_replace_the_batch(tiny_data_dir):
   from agmm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
-  config.data.dir = data_dir
+  config.data.dir = tiny_data_dir
   with pytest.raises(ValueError, match="batch field 'label'"):
     input_pipeline.create_train_iterator(
         config.data, batch_size_per_process=2, seed=0,

@@ -19,7 +19,7 @@ from agmm_jax.methods import regularized
 from configs import presets
 from configs import tiny
 from configs import voc_point
-from tests import fixtures
+from tests import test_bilateral
 from tests import test_train
 
 NUM_CLASSES = 4
@@ -28,17 +28,6 @@ NUM_CLASSES = 4
 def _softmax(logits):
   e = np.exp(logits - logits.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
-
-
-def _dense_kernel(rgb, sigma_xy, sigma_rgb):
-  """``[N, N]`` Gaussian kernel of one ``[H, W, 3]`` image, by broadcasting."""
-  h, w, _ = rgb.shape
-  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
-  pos = np.stack([ys, xs], -1).reshape(-1, 2).astype(np.float64)
-  col = rgb.reshape(-1, 3).astype(np.float64)
-  d2 = (((pos[:, None] - pos[None]) ** 2).sum(-1) / sigma_xy ** 2
-        + ((col[:, None] - col[None]) ** 2).sum(-1) / sigma_rgb ** 2)
-  return np.exp(-0.5 * d2)
 
 
 def _torch_nearest(x, scale):
@@ -82,7 +71,7 @@ def _ref_rloss(rgb, probs, valid, sigma_xy, sigma_rgb, scale):
   out = np.zeros(3)
   for n in range(b):
     m = valid[n].reshape(-1).astype(np.float64)
-    kern = _dense_kernel(rgb[n], sigma_xy * scale, sigma_rgb) * np.outer(m, m)
+    kern = test_bilateral.dense_kernel(rgb[n], sigma_xy * scale, sigma_rgb) * np.outer(m, m)
     s = probs[n].reshape(-1, k) * m[:, None]
     deg = kern @ m
     for c in range(k):
@@ -338,14 +327,7 @@ def test_presets_and_the_method_argument():
   assert methods.build_loss(config.loss).needs.image
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return fixtures.make_folder_dataset_tfrecords(
-      tmp_path_factory.mktemp('data'), num_train=6, num_val=3,
-      num_classes=NUM_CLASSES)
-
-
-def test_the_presets_train_two_steps_and_record_their_terms(data_dir, tmp_path):
+def test_the_presets_train_two_steps_and_record_their_terms(tiny_data_dir, tmp_path):
   """One training (one compile) with the union of the three presets' weights:
   each term reaches the step through its Needs and is recorded."""
   names = ('pce_densecrf', 'pce_ncut', 'pce_gatedcrf')
@@ -353,7 +335,7 @@ def test_the_presets_train_two_steps_and_record_their_terms(data_dir, tmp_path):
   for name in names:
     weights.update(presets.preset(name).weights)
   config = tiny.get_config()
-  config.data.dir = data_dir
+  config.data.dir = tiny_data_dir
   config.num_train_steps = 2
   config.image_summary_every_steps = 0
   config.eval.scales = (1.0,)

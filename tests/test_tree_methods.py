@@ -20,7 +20,6 @@ from agmm_jax.methods import apro
 from agmm_jax.methods import tel
 from configs import presets
 from configs import tiny
-from tests import fixtures
 from tests import test_train
 from tests.test_spanning_tree import _naive_local
 from tests.test_spanning_tree import _path_stats
@@ -248,11 +247,9 @@ def test_presets_declare_what_the_terms_need():
   assert 'tree_stride' not in presets.preset('tel').tel
 
 
-def test_both_terms_train_two_steps(tmp_path_factory, tmp_path):
-  data_dir = fixtures.make_folder_dataset_tfrecords(
-      tmp_path_factory.mktemp('data'), num_train=6, num_val=3, num_classes=4)
+def test_both_terms_train_two_steps(tiny_data_dir, tmp_path):
   config = tiny.get_config()
-  config.data.dir = data_dir
+  config.data.dir = tiny_data_dir
   config.num_train_steps = 2
   config.eval.scales = (1.0,)
   config.eval.flip = False
