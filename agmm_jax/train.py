@@ -214,6 +214,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f'checkpoint: {checkpointer.latest_step()} in {workdir}/checkpoints)')
     return means
 
+  def check_unchecked() -> None:
+    """Raises for a non-finite step not yet checked; before every save."""
+    nonlocal unchecked_start, unchecked_metrics
+    if unchecked_metrics is not None:
+      checked_means(unchecked_start, unchecked_metrics)
+      unchecked_start, unchecked_metrics = step, None
+
   scores: dict[str, Any] = {}
   # The steps since the last log step, merged on the device (clu.metrics).
   period_start, period_metrics = step, None
@@ -257,8 +264,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       if step % eval_every == 0 or is_last:
         with progress.paused():
-          if unchecked_metrics is not None:
-            checked_means(unchecked_start, unchecked_metrics)
+          check_unchecked()
           scores = inference.evaluate_dataset(eval_fn, state, config, mesh,
                                               num_classes)
           writer.write_scalars(step, {
@@ -274,9 +280,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       if step % checkpoint_every == 0 or is_last:
         with progress.paused():
-          if unchecked_metrics is not None:
-            checked_means(unchecked_start, unchecked_metrics)
-            unchecked_start, unchecked_metrics = step, None
+          check_unchecked()
           save(step)
 
       # Several processes agree on stopping at log steps (a collective), so
@@ -284,8 +288,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if (sigterm.received if jax.process_count() == 1
           else step % log_every == 0):
         if sigterm.any_process():
-          if unchecked_metrics is not None:
-            checked_means(unchecked_start, unchecked_metrics)
+          check_unchecked()
           save(step)
           raise Preempted(step)
     if not scores:
