@@ -9,7 +9,10 @@ generator. The argument after the colon selects the cell of the study:
   method  agmm_released (default) | agmm_paper | pce_only | tel | apro | full
           (dense labels)
   size    cpu (default: ResNet-18 from scratch at half resolution, 2-core
-          friendly) | gpu (ResNet-50 deep stem, OS 8, full resolution)
+          friendly) | gpu (ResNet-50 deep stem, OS 8, full resolution) |
+          gpu_r18 (the cpu model at full resolution, batch 16, 40 epochs: the
+          GPU study's backbone, sized so its grid fits the device calls; see
+          benchmarks/camvid_study.py --plan --preset=gpu)
   lseed   seed of the sparse-label generator (default 0)
 
   python main.py --config=configs/camvid_clicks.py:labels=clicks:20,method=pce_only \
@@ -22,12 +25,13 @@ from configs import common
 
 _DEFAULTS = {'labels': 'clicks:20', 'method': 'agmm_released', 'size': 'cpu',
              'lseed': '0'}
+SIZES = ('cpu', 'gpu', 'gpu_r18')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, _DEFAULTS)
-  if args['size'] not in ('cpu', 'gpu'):
-    raise ValueError(f'size must be cpu or gpu, got {args["size"]!r}')
+  if args['size'] not in SIZES:
+    raise ValueError(f'size must be one of {SIZES}, got {args["size"]!r}')
   config = common.base_config()
   labels_tag = args['labels'].replace(':', '').replace('=', '')
   resolution = 'half' if args['size'] == 'cpu' else 'full'
@@ -64,6 +68,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.global_batch_size = 8
     config.num_epochs = 40
     config.eval.batch_size = 8
+  elif args['size'] == 'gpu_r18':
+    config.model.depth = 18
+    config.model.stem = 'torchvision'
+    config.model.output_stride = 16
+    config.data.crop_size = 353
+    config.data.eval_canvas = (360, 480)
+    config.global_batch_size = 16
+    config.num_epochs = 40
   else:
     config.model.depth = 50
     config.model.output_stride = 8

@@ -43,7 +43,11 @@ def test_plan_prints_every_cell_and_seed(capsys):
                             '--methods=' + ','.join(methods),
                             '--seeds=0,3', '--steps=7',
                             '--root=runs/x']) == 0
-  lines = capsys.readouterr().out.strip().splitlines()
+  output = capsys.readouterr().out.strip().splitlines()
+  # The predicted time follows as shell comments: 10 runs x 7 steps.
+  comments = [line for line in output if line.startswith('#')]
+  assert comments and comments[0].startswith('# 10 runs, 70 steps: about ')
+  lines = [line for line in output if not line.startswith('#')]
   expected = {(spec, method, seed) for spec in labels for seed in seeds
               for method in ('pce_only', 'agmm_paper')}
   expected |= {('clicks:20', 'full', seed) for seed in seeds}
@@ -77,7 +81,8 @@ def test_plan_without_steps_and_with_overrides(capsys):
   assert camvid_study.main(['--plan', '--labels=clicks:100',
                             '--methods=agmm_released', '--seeds=2',
                             '--override=data.num_threads=2']) == 0
-  (line,) = capsys.readouterr().out.strip().splitlines()
+  (line,) = [line for line in capsys.readouterr().out.strip().splitlines()
+             if not line.startswith('#')]
   flags = _parse_command(line)
   assert 'config.num_train_steps' not in flags
   assert flags['config.data.num_threads'] == '2'
@@ -271,11 +276,12 @@ def test_report_writes_markdown_and_plot(study, tmp_path, capsys):
                    if line.startswith('| clicks:20 | '))
   assert '| labels | pce_only | agmm_released | agmm_paper |' in text
   columns = table_row.split('|')
-  assert columns[3].strip() == 'not run'
+  assert columns[3].strip() == 'in progress'  # seed 0 started, none finished
   assert '(n=2)' in columns[2] and '(n=2)' in columns[4]
-  assert '| clicks20_agmm_released | 0 | 5 |  | 0m00s (events) | incomplete |' \
-      in text
-  assert '| clicks20_agmm_released | 1 | | | | not run |' in text
+  assert ('| clicks20_agmm_released | 0 | 5 |  | 0m00s (events) |  | '
+          'in progress (step 5 of 20; not averaged) |') in text
+  assert '| clicks20_agmm_released | 1 | | | | | not run |' in text
+  assert '**Partial grid: 6 of 8 planned runs have finished.**' in text
   for run in runs:
     assert run.command in text
   assert '2m30s' in text  # 100 s + 50 s over two attempts
