@@ -1558,11 +1558,13 @@ def median_img_per_s(result: RunResult) -> float:
 
 
 def score_table(runs: Sequence[Run], results: Sequence[RunResult],
-                summaries: Sequence[CellSummary]) -> list[str]:
+                summaries: Sequence[CellSummary],
+                missing: str | None = None) -> list[str]:
   """Markdown table: one row per label spec (and 'full (dense labels)'),
   one column per method, the grid's cells only (check variants left out).
   A cell with fewer finished seeds than planned is marked partial; one with
-  none reads 'in progress' (a run has events) or 'not run'."""
+  none reads `missing`, by default 'in progress' (a run has events) or
+  'not run'."""
   grid = [r for r in runs if not r.cell.variant]
   planned: dict[Cell, int] = {}
   for run in grid:
@@ -1573,7 +1575,7 @@ def score_table(runs: Sequence[Run], results: Sequence[RunResult],
   def entry(cell: Cell) -> str:
     summary = by_cell.get(cell)
     if summary is None:
-      return 'in progress' if cell in started else 'not run'
+      return missing or ('in progress' if cell in started else 'not run')
     return format_score(summary.mean, summary.std, summary.count,
                         planned.get(cell))
 
@@ -1745,8 +1747,7 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
               "The finished runs' last weights (the ones the val table "
               'scores) evaluated on this dataset with `--config.mode=eval '
               f'--config.eval.data_dir={data_dir}`.', '']
-    lines += score_table(runs, [r for r in results if data_dir in r.evals],
-                         other)
+    lines += score_table(runs, results, other, missing='not evaluated')
     lines += [''] + per_class_table(other)
 
   if per_class_table(summaries):

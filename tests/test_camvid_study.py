@@ -2,15 +2,20 @@
 report, on fake workdirs (TensorBoard events written with agmm_jax.summary
 under the tags agmm_jax/train.py uses). No training."""
 
+import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import stat
+import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -349,3 +354,456 @@ def test_overlays_grid_from_predict_mode(study, tmp_path):
     # 2 rows x (input, ground truth, pce_only, agmm_paper, full).
     assert grid.format == 'PNG' and grid.width > grid.height > 100
   assert os.path.getsize(path) < 300_000
+
+
+# --------------------------------------------------------------------------
+# The GPU preset, its predicted device time and its split into calls.
+
+
+def test_gpu_preset_plans_every_registry_method_and_one_check_run():
+  from configs import presets
+  runs = camvid_study.plan_preset(camvid_study.STUDY_PRESETS['gpu'])
+  grid = [r for r in runs if not r.cell.variant]
+  expected = {(spec, method, seed) for spec in ('clicks:20', 'scribbles')
+              for method in presets.PRESETS for seed in (0, 1)}
+  expected |= {('clicks:20', 'full', seed) for seed in (0, 1)}
+  assert {(r.cell.labels, r.cell.method, r.seed) for r in grid} == expected
+  assert len(grid) == len(expected)
+  (check,) = [r for r in runs if r.cell.variant]
+  assert (check.cell.method, check.seed, check.cell.variant) == (
+      'agmm_released', 0, 'bf16')
+  assert check.workdir == 'runs/gpu_study/clicks20_agmm_released_bf16_seed0'
+  twin = next(r for r in grid if r.cell == camvid_study.Cell(
+      'clicks:20', 'agmm_released') and r.seed == 0)
+  # The check differs from its float32 twin by the dtype and workdir only.
+  assert set(check.argv) - set(twin.argv) == {
+      '--config.model.compute_dtype=bfloat16', f'--workdir={check.workdir}'}
+  for run in runs:
+    flags = _parse_command(run.command)
+    assert 'size=gpu_r18' in flags['config']
+    assert flags['config.eval_every_steps'] == '44'
+    assert 'config.num_train_steps' not in flags  # the config's 40 epochs
+  config = camvid_study.run_config(twin, camvid_study.config_overrides(twin))
+  assert (config.model.depth, config.model.output_stride, config.num_epochs,
+          config.global_batch_size, config.data.crop_size) == (
+              18, 16, 40, 16, 353)
+  assert config.data.prepare.downscale == 1
+
+
+def test_predicted_run_seconds_match_a_hand_computation():
+  (run,) = camvid_study.plan_preset(camvid_study.STUDY_PRESETS['gpu'],
+                                    labels=['clicks:20'], methods=['tel'],
+                                    seeds=[0])[:1]
+  shape = camvid_study.run_shape(run)
+  # 40 epochs of 367 // 16 = 22 steps; val every 44 steps: 20 evaluations.
+  assert (shape.total_steps, shape.batch, shape.num_evals) == (880, 16, 20)
+  figures = camvid_study.DeviceFigures()
+  # 180 images/s for 496.1 GFLOP per image, scaled to 113.1; the pipeline
+  # (12 threads x 98 images/s) is not the limit.
+  rate = min(180.0 * 496.1 / 113.1, 12 * 98.0)
+  assert camvid_study.predicted_img_per_s(shape, figures) == pytest.approx(
+      rate)
+  eval_s = 20 * 101 * (360 * 480) / 353**2 / 3 / rate
+  expected = 15.0 + 880 * 16 / rate + eval_s
+  assert camvid_study.predicted_run_s(
+      shape, figures, compiles=False) == pytest.approx(expected)
+  assert camvid_study.predicted_run_s(
+      shape, figures, compiles=True) == pytest.approx(expected + 80.0)
+  # A measured throughput replaces the scaling.
+  measured = dataclasses.replace(figures, img_per_s=200.0)
+  assert camvid_study.predicted_run_s(
+      shape, measured, compiles=False) == pytest.approx(
+          15.0 + (880 * 16 + 20 * 101 * 360 * 480 / 353**2 / 3) / 200.0)
+
+
+def _synthetic_runs(programs: str) -> list[camvid_study.Run]:
+  """One run per letter; equal letters share a program (the method)."""
+  runs = []
+  for index, letter in enumerate(programs):
+    runs.append(camvid_study.Run(
+        camvid_study.Cell('clicks:20', f'm{letter}'), index, f'w{index}',
+        ('python', 'main.py',
+         f'--config=configs/camvid_clicks.py:labels=clicks:20,'
+         f'method=m{letter},size=gpu_r18,lseed=0', f'--workdir=w{index}',
+         f'--config.seed={index}')))
+  return runs
+
+
+def test_split_into_calls_compiles_once_per_task_and_respects_budgets():
+  runs = _synthetic_runs('aaabbbcccadd')
+  shape = camvid_study.RunShape(size='gpu_r18', total_steps=100, batch=10,
+                                eval_every=100, num_threads=12, crop=10,
+                                eval_pixels=0)
+  figures = camvid_study.DeviceFigures(
+      img_per_s=100.0, compile_s=50.0, start_s=5.0, data_prep_s=7.0,
+      call_overhead_s=3.0)
+  # A run: 5 s start + 10 s training (+ 50 s compile), eval free.
+  calls = camvid_study.split_into_calls(
+      runs, figures, 100.0, task_budget_s=190.0,
+      shapes={r: shape for r in runs}, extras_s=20.0, extras_after=3)
+  assert [r for c in calls for r in c.runs] == runs  # order kept
+  # Naive reference: walk the calls, compile on a program's first run in
+  # its task, prepare the labels once per task.
+  seen: dict[int, set[str]] = {}
+  for call in calls:
+    assert call.total_s <= 100.0
+    programs = seen.setdefault(call.task, set())
+    expected = []
+    for run in call.runs:
+      expected.append(15.0 + (50.0 if run.cell.method not in programs
+                              else 0.0))
+      programs.add(run.cell.method)
+    assert call.run_s == pytest.approx(expected)
+  for task in {c.task for c in calls}:
+    in_task = [c for c in calls if c.task == task]
+    assert sum(c.total_s for c in in_task) <= 190.0
+    assert sum(c.prep_s for c in in_task) == 7.0  # one label spec
+  # Greedy: a call's first run would not have fitted in the call before.
+  for before, after in zip(calls, calls[1:]):
+    if after.runs and after.extras_s == 0:
+      assert before.total_s + after.run_s[0] > 100.0 or after.task > \
+          before.task
+  # The extras follow the first 3 runs.
+  (with_extras,) = [c for c in calls if c.extras_s]
+  assert with_extras.extras_s == 20.0
+  index = calls.index(with_extras)
+  assert sum(len(c.runs) for c in calls[:index]) + len(
+      with_extras.runs) >= 3
+  with pytest.raises(ValueError, match='does not fit in a device call'):
+    camvid_study.split_into_calls(runs, figures, 60.0,
+                                  shapes={r: shape for r in runs})
+
+
+def test_device_order_puts_core_programs_first_grouped():
+  runs = camvid_study.plan_preset(camvid_study.STUDY_PRESETS['gpu'])
+  ordered = camvid_study.device_order(runs, camvid_study.CORE_METHODS)
+  assert sorted(ordered, key=runs.index) == runs
+  core = [r for r in ordered
+          if camvid_study.is_core_run(r, 'clicks:20',
+                                      camvid_study.CORE_METHODS)]
+  assert ordered[:len(core)] == core
+  # pce_only and full share a program and come first, then the AGMM forms.
+  assert {r.cell.method for r in core[:4]} == {'pce_only', 'full'}
+  assert [r.cell.method for r in core[4:8]] == ['agmm_released'] * 2 + [
+      'agmm_paper'] * 2
+  assert core[-1].cell.variant == 'bf16'
+  # Each program's runs are contiguous within a part.
+  keys = [(r in core, camvid_study.program_key(r)) for r in ordered]
+  assert len(set(keys)) == len([k for i, k in enumerate(keys)
+                                if i == 0 or keys[i - 1] != k])
+
+
+def test_plan_prints_calls_and_predicted_device_time(capsys):
+  assert camvid_study.main(['--plan', '--preset=gpu']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  commands = [line for line in lines if not line.startswith('#')]
+  assert len(commands) == 2 * 2 * (len(camvid_study.METHODS) - 1) + 2 + 1
+  call_lines = [line for line in lines if line.startswith('# call ')]
+  totals = [float(line.split('predicted ')[1].split(' s')[0])
+            for line in call_lines]
+  (total_line,) = [line for line in lines if line.startswith('# total: ')]
+  assert f'predicted {sum(totals):.0f} s' in total_line or abs(
+      float(total_line.split('predicted ')[1].split(' s')[0])
+      - sum(totals)) <= len(totals)
+  assert all(t <= camvid_study.DEFAULT_CALL_BUDGET_S for t in totals)
+  assert any('WARNING' in line for line in lines)  # several calls
+  assert any(line.startswith('#   size=gpu_r18') for line in lines)
+  # --call=1: only that call's runs, the core cells first.
+  assert camvid_study.main(['--plan', '--preset=gpu', '--call=1']) == 0
+  first = [line for line in capsys.readouterr().out.splitlines()
+           if not line.startswith('#')]
+  assert 0 < len(first) < len(commands)
+  assert all('labels=clicks:20' in line for line in first)
+  assert camvid_study.main(['--plan', '--preset=gpu', '--call=99']) == 2
+  assert 'device call(s)' in capsys.readouterr().err
+
+
+def test_camvid_config_gpu_r18_size():
+  config = camvid_clicks.get_config('size=gpu_r18,method=pce_only')
+  assert (config.model.depth, config.model.stem, config.model.output_stride,
+          config.data.crop_size, tuple(config.data.eval_canvas),
+          config.global_batch_size, config.num_epochs,
+          config.data.prepare.downscale) == (
+              18, 'torchvision', 16, 353, (360, 480), 16, 40, 1)
+  with pytest.raises(ValueError, match='size must be one of'):
+    camvid_clicks.get_config('size=tpu')
+
+
+# --------------------------------------------------------------------------
+# Across sessions: --status, partial grids, deadline.
+
+
+def _write_run(run: camvid_study.Run, *, steps: Sequence[int],
+               mious: Sequence[float], marker_exit: int | None,
+               per_class: Sequence[float] | None = None) -> None:
+  """Fake workdir: a train loss at every step of `steps`, val mIoU `mious`
+  at those steps, per-class IoU at the last one; a study marker with one
+  attempt exiting `marker_exit` (None: no marker)."""
+  with summary.SummaryWriter(run.workdir) as writer:
+    for step, miou in zip(steps, mious):
+      writer.write_scalars(step, {'train/loss': 1.0 / step,
+                                  'train/images_per_second': 40.0 + step,
+                                  'eval/miou': miou})
+    if per_class is not None:
+      writer.write_scalars(steps[-1], {f'eval/iou/{c}': v
+                                       for c, v in zip(CLASSES, per_class)})
+  if marker_exit is not None:
+    camvid_study.write_marker(run.workdir, {
+        'command': run.command, 'done': marker_exit == 0,
+        'attempts': [{'wall_s': 60.0, 'returncode': marker_exit,
+                      'load_average': 1.0}],
+        'machine': camvid_study.machine_description()})
+
+
+@pytest.fixture(scope='module')
+def partial_study(tmp_path_factory):
+  """3 cells x 2 seeds at 20 steps: pce_only both seeds done; agmm_paper
+  seed 0 done, seed 1 stopped at step 10 (exit 143); agmm_released seed 0
+  failed (exit 1) at step 5, seed 1 not started. Returns (root, runs,
+  {run: final mIoU})."""
+  root = str(tmp_path_factory.mktemp('partial') / 'runs')
+  runs = camvid_study.plan_runs(['clicks:20'], ['pce_only', 'agmm_released',
+                                                'agmm_paper'], [0, 1],
+                                steps=20, root=root)
+  by_key = {(r.cell.method, r.seed): r for r in runs}
+  rng = np.random.default_rng(3)
+  finals = {}
+  for key in (('pce_only', 0), ('pce_only', 1), ('agmm_paper', 0)):
+    per_class = rng.uniform(0.1, 0.9, len(CLASSES))
+    finals[by_key[key]] = per_class.mean()
+    _write_run(by_key[key], steps=[10, 20],
+               mious=[0.1, per_class.mean()], marker_exit=0,
+               per_class=per_class)
+  _write_run(by_key[('agmm_paper', 1)], steps=[10], mious=[0.77],
+             marker_exit=143)
+  _write_run(by_key[('agmm_released', 0)], steps=[5], mious=[0.05],
+             marker_exit=1)
+  return root, runs, finals
+
+
+def test_status_lists_done_in_progress_failed_and_not_started(
+    partial_study, capsys):
+  root, runs, _ = partial_study
+  assert camvid_study.main(['--status', '--labels=clicks:20',
+                            '--methods=pce_only,agmm_released,agmm_paper',
+                            '--steps=20', f'--root={root}']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  rows = {tuple(line.split()[:2]): line.split()[2:] for line in lines[1:7]}
+  assert rows[('clicks20_pce_only', '0')][:2] == ['done', '20/20']
+  assert rows[('clicks20_agmm_paper', '1')][:3] == ['in', 'progress', '10/20']
+  assert rows[('clicks20_agmm_released', '0')][:3] == ['failed', '(exit',
+                                                       '1)']
+  assert rows[('clicks20_agmm_released', '1')][:3] == ['not', 'started',
+                                                       '0/20']
+  assert 'clicks20_agmm_paper: 1 of 2 seeds done (partial)' in lines
+  assert 'clicks20_pce_only: 2 of 2 seeds done' in lines
+  assert lines[-1] == ('6 runs: 3 done, 1 in progress, 1 failed, '
+                       '1 not started')
+
+
+def test_report_marks_partial_cells_and_does_not_average_unfinished(
+    partial_study, tmp_path, capsys):
+  root, runs, finals = partial_study
+  output = tmp_path / 'results.md'
+  assert camvid_study.main(['--report', '--labels=clicks:20',
+                            '--methods=pce_only,agmm_released,agmm_paper',
+                            '--steps=20', f'--root={root}',
+                            f'--output={output}', '--overlay_images=0']) == 0
+  capsys.readouterr()
+  text = output.read_text()
+  assert '**Partial grid: 3 of 6 planned runs have finished.**' in text
+  row = next(line for line in text.splitlines()
+             if line.startswith('| clicks:20 | '))
+  pce, released, paper = [c.strip() for c in row.strip('|').split('|')[1:]]
+  pce_scores = [100 * v for r, v in finals.items()
+                if r.cell.method == 'pce_only']
+  assert pce == (f'{np.mean(pce_scores):.2f} ± '
+                 f'{np.std(pce_scores, ddof=1):.2f} (n=2)')
+  (paper_final,) = [v for r, v in finals.items()
+                    if r.cell.method == 'agmm_paper']
+  # The stopped seed's 77% is not averaged in.
+  assert paper == f'{100 * paper_final:.2f} (n=1 of 2, partial)'
+  assert released == 'in progress'
+  assert ('| clicks20_agmm_paper | 1 | 10 | 77.00 | 1m00s | 50 | '
+          'in progress (step 10 of 20; not averaged) |') in text
+
+
+def test_run_plan_defers_runs_past_the_deadline_and_passes_env(tmp_path):
+  script = textwrap.dedent('''\
+      import os, signal, sys, time
+      signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+      open('env', 'w').write(os.environ['JAX_COMPILATION_CACHE_DIR'])
+      time.sleep(float(sys.argv[1]))
+      ''')
+  fast = camvid_study.Run(camvid_study.Cell('clicks:20', 'fast'), 0, 'fast',
+                          (sys.executable, '-c', script, '0'))
+  slow = camvid_study.Run(camvid_study.Cell('clicks:20', 'slow'), 0, '.',
+                          (sys.executable, '-c', script, '60'))
+  never = _fake_run('never', 0)
+  env = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'cache')}
+  start = time.monotonic()
+  # The slow run is predicted to fit, overruns and is stopped at the
+  # deadline; the next one is predicted past it and deferred.
+  statuses = camvid_study.run_plan(
+      [fast, slow, never], repo_root=str(tmp_path), env=env,
+      deadline=start + 3.0, predicted_s={fast: 0.1, slow: 0.1, never: 100.0})
+  assert time.monotonic() - start < 30
+  assert [s for _, s in statuses] == ['done', 'failed (exit 143)']
+  assert (tmp_path / 'env').read_text() == str(tmp_path / 'cache')
+  statuses = camvid_study.run_plan(
+      [never], repo_root=str(tmp_path), deadline=time.monotonic() + 5.0,
+      predicted_s={never: 100.0})
+  assert [s for _, s in statuses] == ['deferred (deadline)']
+  assert not (tmp_path / never.workdir).exists()
+
+
+# --------------------------------------------------------------------------
+# Packing a device call's results, and the report from the pack.
+
+
+def test_pack_round_trip_gives_the_same_results_and_report(
+    partial_study, tmp_path, capsys):
+  root, runs, _ = partial_study
+  figure = tmp_path / 'qualitative_clicks20.png'
+  Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8)).save(figure)
+  paths = camvid_study.pack_results(runs, str(tmp_path / 'out'),
+                                    figure_paths=[str(figure)],
+                                    diagnostic='| run | acc |')
+  assert sorted(os.listdir(tmp_path / 'out')) == sorted(
+      [camvid_study.PACK_JSON, camvid_study.PACK_FIGURES])
+  assert all(os.path.getsize(p) < camvid_study.PACK_FILE_LIMIT for p in paths)
+  unpacked = camvid_study.unpack_results([str(tmp_path / 'out')],
+                                         str(tmp_path / 'figures'))
+  assert (tmp_path / 'figures' / figure.name).read_bytes() == \
+      figure.read_bytes()
+  assert unpacked.diagnostics == ['| run | acc |']
+  for run in runs:
+    direct = camvid_study.read_run(run)
+    if direct is None:
+      assert run.workdir not in unpacked.records
+      continue
+    packed = camvid_study.result_from_record(run,
+                                             unpacked.records[run.workdir])
+    for field in ('miou_curve', 'loss_curve', 'throughput_curve'):
+      for a, b in zip(getattr(direct, field), getattr(packed, field)):
+        np.testing.assert_array_equal(a, b)
+    assert packed.per_class_iou == direct.per_class_iou
+    assert (packed.done, packed.finished, packed.wall_s, packed.total_steps,
+            packed.last_step) == (direct.done, direct.finished,
+                                  direct.wall_s, direct.total_steps,
+                                  direct.last_step)
+  # The report from the pack has the same tables as the one from the runs.
+  flags = ['--labels=clicks:20', '--methods=pce_only,agmm_released,agmm_paper',
+           '--steps=20', f'--root={root}', '--overlay_images=0']
+  from_runs, from_pack = tmp_path / 'a.md', tmp_path / 'b.md'
+  assert camvid_study.main(['--report', f'--output={from_runs}'] + flags) == 0
+  assert camvid_study.main(['--report', f'--output={from_pack}',
+                            f'--from={tmp_path / "out"}'] + flags) == 0
+  capsys.readouterr()
+  for start, end in (('## Val mIoU', '## Learning curves'),
+                     ('## Runs:', '## Machine')):
+    section = lambda text: text.split(start)[1].split(end)[0]  # pylint: disable=cell-var-from-loop
+    assert section(from_pack.read_text()) == section(from_runs.read_text())
+  assert '| run | acc |' in from_pack.read_text()
+
+
+def test_pack_refuses_files_over_the_limit_and_unpack_bad_names(
+    partial_study, tmp_path, monkeypatch):
+  _, runs, _ = partial_study
+  monkeypatch.setattr(camvid_study, 'PACK_FILE_LIMIT', 100)
+  with pytest.raises(ValueError, match='exceeds'):
+    camvid_study.pack_results(runs, str(tmp_path / 'out'))
+  assert os.listdir(tmp_path / 'out') == []  # nothing half-written
+  monkeypatch.undo()
+  camvid_study.pack_results(runs[:1], str(tmp_path / 'ok'))
+  bad = tmp_path / 'ok' / camvid_study.PACK_FIGURES
+  with tarfile.open(bad, 'w:gz') as tar:
+    tar.add(__file__, arcname='../escape.png')
+  with pytest.raises(ValueError, match='not a plain PNG'):
+    camvid_study.unpack_results([str(tmp_path / 'ok')], str(tmp_path / 'f'))
+  with pytest.raises(ValueError, match='no study_results.json'):
+    camvid_study.unpack_results([str(tmp_path)], str(tmp_path / 'f'))
+
+
+# --------------------------------------------------------------------------
+# Evaluation on a second dataset (main.py eval mode, a fake runner here).
+
+
+def test_parse_eval_output_reads_the_printed_iou_table():
+  from agmm_jax import metrics
+  per_class = np.array([0.5, np.nan, 0.25])
+  text = ('some log line\nval at step 1800 (whole):\n'
+          + metrics.format_iou_table(per_class, ['road', 'side walk', 'car'],
+                                     0.375, 0.9) + '\n')
+  parsed = camvid_study.parse_eval_output(text)
+  assert (parsed['split'], parsed['step'], parsed['eval_mode']) == (
+      'val', 1800, 'whole')
+  assert parsed['miou'] == pytest.approx(0.375)
+  assert parsed['pixel_accuracy'] == pytest.approx(0.9)
+  assert parsed['per_class']['road'] == pytest.approx(0.5)
+  assert np.isnan(parsed['per_class']['side walk'])
+  assert parsed['per_class']['car'] == pytest.approx(0.25)
+  with pytest.raises(ValueError, match='no "SPLIT at step N'):
+    camvid_study.parse_eval_output('error: no checkpoint')
+  with pytest.raises(ValueError, match='ends before'):
+    camvid_study.parse_eval_output('val at step 3 (whole):\nclass  IoU (%)\n'
+                                   'road  50.00\n')
+
+
+def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
+    partial_study, tmp_path, capsys):
+  # A copy: the evaluations written into the workdirs stay in this test.
+  root = str(tmp_path / 'runs')
+  shutil.copytree(partial_study[0], root)
+  runs = camvid_study.plan_runs(['clicks:20'], ['pce_only', 'agmm_released',
+                                                'agmm_paper'], [0, 1],
+                                steps=20, root=root)
+  from agmm_jax import metrics
+  calls = []
+  scores = {}
+
+  def fake_runner(argv, cwd):
+    calls.append(list(argv))
+    workdir = next(a.split('=', 1)[1] for a in argv
+                   if a.startswith('--workdir='))
+    if 'agmm_paper' in workdir:
+      return subprocess.CompletedProcess(argv, 1, '', 'error: no data')
+    iou = np.full(len(CLASSES), 0.1 + 0.1 * len(calls))
+    scores[workdir] = iou.mean()
+    table = metrics.format_iou_table(iou, CLASSES, iou.mean(), 0.8)
+    return subprocess.CompletedProcess(argv, 0, f'val at step 20 (whole):\n'
+                                       f'{table}\n', '')
+
+  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
+  data_dir = str(tmp_path / 'other_data')
+  statuses = camvid_study.evaluate_finished(results, data_dir,
+                                            runner=fake_runner)
+  # Finished runs only: both pce_only seeds and agmm_paper seed 0 (which
+  # fails here); the stopped and failed runs are not evaluated.
+  assert sorted(statuses.values()) == ['evaluated', 'evaluated',
+                                       'failed: exit 1: error: no data']
+  for argv in calls:
+    run = next(r for r in runs if f'--workdir={r.workdir}' in argv)
+    assert argv == list(run.argv) + [
+        '--config.mode=eval', f'--config.eval.data_dir={data_dir}',
+        '--config.eval.checkpoint=latest']
+  calls.clear()
+  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
+  statuses = camvid_study.evaluate_finished(results, data_dir,
+                                            runner=fake_runner)
+  assert len(calls) == 1 and 'agmm_paper' in calls[0][3]  # retried only
+  assert sorted(statuses.values()).count('skipped') == 2
+  # The report's second table: mean ± std over the evaluated seeds.
+  output = tmp_path / 'results.md'
+  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
+  camvid_study.write_report(runs, results, markdown_path=str(output),
+                            curves_path=str(tmp_path / 'c.png'),
+                            overlay_paths=[], command_line='x')
+  text = output.read_text()
+  second = text.split(f'## mIoU (%) on `{data_dir}`')[1]
+  row = next(line for line in second.splitlines()
+             if line.startswith('| clicks:20 | '))
+  values = [100 * v for w, v in scores.items() if 'pce_only' in w]
+  assert row.split('|')[2].strip() == (
+      f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n=2)')
+  assert row.split('|')[4].strip() == 'not evaluated'  # its eval failed
