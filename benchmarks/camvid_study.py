@@ -240,12 +240,14 @@ CORE_METHODS = ('pce_only', FULL, 'agmm_released', 'agmm_paper')
 STUDY_PRESETS = {
     # Every method of the registry (METHODS: the loss presets and dense
     # labels, so a method added to configs/presets.py joins the grid) on the
-    # GPU backbone, 40 epochs (the config's), val every 2 epochs
-    # (2 x 367 // 16 = 44 steps: a 20-point learning curve per run).
+    # GPU backbone, 40 epochs (the issue's minimum; the report's schedule
+    # check says whether the learning curves call for more), val every 2
+    # epochs (2 x 367 // 16 = 44 steps: a 20-point learning curve per run).
     'gpu': StudyPreset(
         labels=('clicks:20', 'scribbles'), methods=METHODS, seeds=(0, 1),
         size='gpu_r18', root='runs/gpu_study',
-        overrides=('eval_every_steps=44', 'data.num_threads=12'),
+        overrides=('num_epochs=40', 'eval_every_steps=44',
+                   'data.num_threads=12'),
         core_methods=CORE_METHODS, dtype_check='agmm_released',
         compilation_cache_dir='.jax_cache'),
     # The CPU 40-epoch schedule (size=cpu: 367 // 8 = 45 steps an epoch,
@@ -300,13 +302,19 @@ class DeviceFigures:
   Measured: `reference_img_per_s` and `compile_s` (size=gpu, ResNet-50 deep
   stem OS8, crop 353, batch 16, float32: 170-190 images/s after about 80 s
   of compilation, ../shared/device/README.md);
-  `pipeline_img_per_s_per_thread` (10.2 ms per example and thread on this
-  machine's CPU, docs/benchmarks.md). Assumed until a device call measures
-  them (the report prints the measured wall times beside the predicted
-  ones; pass them back with --img_per_s / --compile_s): throughput scales
-  with the inverse of the train-step FLOPs, capped by the input pipeline;
-  every distinct program (method, dtype) compiles in `compile_s` once per
-  call, later runs load it from the persistent cache within `start_s`.
+  `pipeline_img_per_s_per_thread` (10.2 ms per example and thread on the
+  CPU, docs/benchmarks.md). Assumed until a device call measures them (the
+  report lists each run's wall time and images/s; pass them back with
+  --img_per_s / --compile_s): throughput scales with the inverse of the
+  train-step FLOPs, capped by the input pipeline; every distinct program
+  (method, dtype) compiles in `compile_s` whatever the size (on this CPU the
+  bench_model train step compiled in 67.9 s for size=gpu and 60.7 s for
+  gpu_r18, 2026-12-01, load ~13: compile time barely depends on the
+  backbone), once per task; later runs load it from the persistent cache
+  within `start_s` (process, JAX and data pipeline start, final checkpoint);
+  `data_prep_s` per label spec and task (full resolution on 2 shared cores
+  here: clicks:20 26 s, scribbles 459 s; the device's 16 cores assumed 8x
+  faster); `call_overhead_s`: wheel installation and packing.
   """
   reference_img_per_s: float = 180.0
   reference_size: str = 'gpu'
@@ -561,6 +569,19 @@ def split_into_calls(runs: Sequence[Run], figures: DeviceFigures,
   return calls
 
 
+# Seconds of a device call kept for a stopped run's checkpoint and exit.
+DEADLINE_MARGIN_S = 30
+
+
+def call_deadline_s(call: DeviceCall) -> float:
+  """Seconds the runs of `call` may take from the start of --run: the
+  call's limit less its installation and packing, its extras and a margin
+  (DEADLINE_MARGIN_S), so that the pack is written even when runs overrun
+  their prediction."""
+  return (DEVICE_CALL_LIMIT_S - call.overhead_s - call.extras_s
+          - DEADLINE_MARGIN_S)
+
+
 def format_device_plan(calls: Sequence[DeviceCall], figures: DeviceFigures,
                        budget_s: float) -> list[str]:
   """The plan's predicted device time as '# ' comment lines: one line per
@@ -590,7 +611,7 @@ def format_device_plan(calls: Sequence[DeviceCall], figures: DeviceFigures,
   if len(calls) > 1:
     lines.append(f'# WARNING: the grid exceeds one call of {budget_s:.0f} s; '
                  'run it as --call=1 .. --call='
-                 f'{len(calls)} (call 1 holds the core cells)')
+                 f'{len(calls)} (the first calls hold the core cells)')
   return lines
 
 
@@ -1220,8 +1241,8 @@ def pack_results(runs: Sequence[Run], folder: str, *,
                  figure_paths: Sequence[str] = (), diagnostic: str = '',
                  command_line: str = '') -> list[str]:
   """Writes what docs/results.md needs of `runs` into two files of `folder`:
-  PACK_JSON (the run_record of every run that has events, the machine, the
-  diagnostic's text, the command line) and PACK_FIGURES (the PNGs
+  PACK_JSON (the plan, the run_record of every run that has events, the
+  machine, the diagnostic's text, the command line) and PACK_FIGURES (the PNGs
   `figure_paths`, by base name). Returns their paths.
 
   Raises:
@@ -1232,9 +1253,12 @@ def pack_results(runs: Sequence[Run], folder: str, *,
     record = run_record(run, repo_root=repo_root)
     if record is not None:
       records.append({**record, 'cell': run.cell.name, 'seed': run.seed})
+  plan = [{'labels': r.cell.labels, 'method': r.cell.method,
+           'variant': r.cell.variant, 'seed': r.seed, 'workdir': r.workdir,
+           'argv': list(r.argv)} for r in runs]
   payload = {'format': PACK_FORMAT, 'created': _utc_now(),
              'command_line': command_line, 'machine': machine_description(),
-             'diagnostic': diagnostic, 'records': records}
+             'diagnostic': diagnostic, 'plan': plan, 'records': records}
   os.makedirs(folder, exist_ok=True)
   json_path = os.path.join(folder, PACK_JSON)
   tar_path = os.path.join(folder, PACK_FIGURES)
@@ -1259,9 +1283,11 @@ def pack_results(runs: Sequence[Run], folder: str, *,
 
 @dataclasses.dataclass
 class Unpacked:
-  """The packs of one or more device calls: `records` by workdir (a later
-  folder's record of the same workdir wins: it is the newer), the
-  machines, the diagnostics' texts and the extracted figures."""
+  """The packs of one or more device calls: the planned `runs` (their
+  union, in order), `records` by workdir (a later folder's record of the
+  same workdir wins: it is the newer), the machines, the diagnostics' texts
+  and the extracted figures."""
+  runs: list[Run]
   records: dict[str, dict[str, Any]]
   machines: list[dict[str, Any]]
   diagnostics: list[str]
@@ -1276,7 +1302,8 @@ def unpack_results(folders: Sequence[str], figures_dir: str) -> Unpacked:
     ValueError: naming the folder and what is wrong (missing file, other
       format, a figure name that is not a plain PNG file name).
   """
-  unpacked = Unpacked({}, [], [], [])
+  unpacked = Unpacked([], {}, [], [], [])
+  planned: dict[str, Run] = {}
   for folder in folders:
     json_path = os.path.join(folder, PACK_JSON)
     if not os.path.exists(json_path):
@@ -1290,6 +1317,10 @@ def unpack_results(folders: Sequence[str], figures_dir: str) -> Unpacked:
     if payload.get('format') != PACK_FORMAT:
       raise ValueError(f'{json_path}: pack format {payload.get("format")!r}, '
                        f'this script reads {PACK_FORMAT}')
+    for entry in payload['plan']:
+      planned[entry['workdir']] = Run(
+          Cell(entry['labels'], entry['method'], entry['variant']),
+          int(entry['seed']), entry['workdir'], tuple(entry['argv']))
     for record in payload['records']:
       unpacked.records[record['workdir']] = record
     unpacked.machines.append(payload['machine'])
@@ -1313,6 +1344,7 @@ def unpack_results(folders: Sequence[str], figures_dir: str) -> Unpacked:
           f.write(source.read())
         if path not in unpacked.figure_paths:
           unpacked.figure_paths.append(path)
+  unpacked.runs = list(planned.values())
   return unpacked
 
 
@@ -1898,10 +1930,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--call_budget_s', type=float,
                       default=DEFAULT_CALL_BUDGET_S,
                       help='predicted seconds a device call may hold')
-  parser.add_argument('--deadline_s', type=float, default=0.0,
+  parser.add_argument('--deadline_s', type=float, default=None,
                       help='--run: start no run predicted to end later than '
                       'this many seconds after the start; SIGTERM the one '
-                      'still going then (0: none)')
+                      'still going then (0: none; default with --call: what '
+                      'the device call leaves after installation, packing '
+                      'and a margin)')
   parser.add_argument('--img_per_s', type=float, default=0.0,
                       help='measured training images/s replacing the '
                       'FLOP-scaled prediction')
@@ -1918,7 +1952,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--from', dest='from_folders', type=_comma_list,
                       default=None,
                       help='--report: the folder(s) device calls returned '
-                      '(written by --pack), instead of the workdirs')
+                      '(written by --pack), instead of the workdirs; the '
+                      'plan is the packs\' (the other grid flags are not '
+                      'needed)')
   parser.add_argument('--diagnostic_images', type=int, default=0,
                       help='--report/--pack: run benchmarks/gmm_diagnostic.py '
                       'on this many training images for the finished core '
@@ -2076,9 +2112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for run, seconds in zip(c.runs, c.run_s)}
     env = {'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO_ROOT, cache_dir)
            } if cache_dir else None
+    deadline_s = args.deadline_s
+    if deadline_s is None:
+      deadline_s = call_deadline_s(call) if call else 0.0
     statuses = run_plan(
         selected, keep_going=not args.stop_on_failure, env=env,
-        deadline=start + args.deadline_s if args.deadline_s > 0 else None,
+        deadline=start + deadline_s if deadline_s > 0 else None,
         predicted_s=predicted)
     failed = [(r, s) for r, s in statuses if s.startswith('failed')]
     for run, status in failed:
@@ -2138,6 +2177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
       print(f'error: {e}', file=sys.stderr)
       return 1
+    # The packs' plan: the commands exactly as the device ran them.
+    runs = unpacked.runs
     results = [result_from_record(run, unpacked.records[run.workdir], **tags)
                for run in runs if run.workdir in unpacked.records]
     machines, diagnostics = unpacked.machines, unpacked.diagnostics

@@ -10,9 +10,9 @@ generator. The argument after the colon selects the cell of the study:
           (dense labels)
   size    cpu (default: ResNet-18 from scratch at half resolution, 2-core
           friendly) | gpu (ResNet-50 deep stem, OS 8, full resolution) |
-          gpu_r18 (the cpu model at full resolution, batch 16, 40 epochs: the
-          GPU study's backbone, sized so its grid fits the device calls; see
-          benchmarks/camvid_study.py --plan --preset=gpu)
+          gpu_r18 (the cpu model at full resolution, batch 16: the GPU
+          study's backbone, chosen so its grid fits the fewest device calls;
+          see benchmarks/camvid_study.py --plan --preset=gpu)
   lseed   seed of the sparse-label generator (default 0)
 
   python main.py --config=configs/camvid_clicks.py:labels=clicks:20,method=pce_only \
@@ -75,7 +75,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.crop_size = 353
     config.data.eval_canvas = (360, 480)
     config.global_batch_size = 16
-    config.num_epochs = 40
   else:
     config.model.depth = 50
     config.model.output_stride = 8

@@ -382,7 +382,8 @@ def test_gpu_preset_plans_every_registry_method_and_one_check_run():
     flags = _parse_command(run.command)
     assert 'size=gpu_r18' in flags['config']
     assert flags['config.eval_every_steps'] == '44'
-    assert 'config.num_train_steps' not in flags  # the config's 40 epochs
+    assert flags['config.num_epochs'] == '40'
+    assert 'config.num_train_steps' not in flags
   config = camvid_study.run_config(twin, camvid_study.config_overrides(twin))
   assert (config.model.depth, config.model.output_stride, config.num_epochs,
           config.global_batch_size, config.data.crop_size) == (
@@ -522,9 +523,8 @@ def test_camvid_config_gpu_r18_size():
   config = camvid_clicks.get_config('size=gpu_r18,method=pce_only')
   assert (config.model.depth, config.model.stem, config.model.output_stride,
           config.data.crop_size, tuple(config.data.eval_canvas),
-          config.global_batch_size, config.num_epochs,
-          config.data.prepare.downscale) == (
-              18, 'torchvision', 16, 353, (360, 480), 16, 40, 1)
+          config.global_batch_size, config.data.prepare.downscale) == (
+              18, 'torchvision', 16, 353, (360, 480), 16, 1)
   with pytest.raises(ValueError, match='size must be one of'):
     camvid_clicks.get_config('size=tpu')
 
