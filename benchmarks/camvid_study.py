@@ -1961,7 +1961,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       'runs of the first labels spec (0: no)')
   parser.add_argument('--output', default='docs/results.md',
                       help='--report: the Markdown file (its folder gets '
-                      'results_curves.png and results/)')
+                      'results_curves.png and results/; for another name '
+                      'NAME.md: NAME_curves.png and NAME/)')
   parser.add_argument('--overlay_images', type=int, default=3,
                       help='--report/--pack: val images per qualitative grid '
                       '(0: none)')
@@ -2131,7 +2132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               iou_prefix=args.iou_prefix)
   output = os.path.join(REPO_ROOT, args.output)
   doc_dir = os.path.dirname(output)
-  overlay_dir = os.path.join(doc_dir, 'results')
+  # docs/results.md -> docs/results_curves.png and docs/results/: another
+  # report (the GPU study's) keeps its figures apart.
+  stem = os.path.splitext(output)[0]
+  overlay_dir = stem
   if args.pack:
     results = [r for r in (read_run(run, **tags) for run in runs)
                if r is not None]
@@ -2204,7 +2208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: no run under {runs[0].workdir.rsplit(os.sep, 1)[0]} has an '
           f'evaluation yet ({args.miou_tag!r} scalars)', file=sys.stderr)
     return 1
-  curves_path = os.path.join(doc_dir, 'results_curves.png')
+  curves_path = stem + '_curves.png'
   plot_curves(summaries, curves_path)
   write_report(runs, results, markdown_path=output, curves_path=curves_path,
                overlay_paths=overlay_paths, command_line=_command_line(argv),
