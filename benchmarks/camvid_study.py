@@ -467,25 +467,25 @@ class DeviceCall:
   """Runs planned into one device call with their predicted seconds;
   `task`: the device task (machine loan) it belongs to, 1-based; `prep_s`:
   data preparation of the label specs first needed in its task;
-  `overhead_s`: installation of the wheels and packing the results;
-  `extras_s`: the report's overlays and G-vs-p diagnostic (last call)."""
+  `overhead_s`: installation of the wheels and packing the results."""
   task: int
   runs: list[Run] = dataclasses.field(default_factory=list)
   run_s: list[float] = dataclasses.field(default_factory=list)
   prep_s: float = 0.0
   overhead_s: float = 0.0
-  extras_s: float = 0.0
 
   @property
   def total_s(self) -> float:
-    return sum(self.run_s) + self.prep_s + self.overhead_s + self.extras_s
+    return sum(self.run_s) + self.prep_s + self.overhead_s
 
 
 def predicted_extras_s(num_overlays: int, num_diagnostic_runs: int,
                        figures: DeviceFigures) -> float:
-  """Seconds of the pack's extras: one predict process per overlay column
-  and one diagnostic process (each a start and, assumed, half a train
-  step's compile: forward programs only), 5 s per diagnosed run."""
+  """Seconds of the extras (`--pack` without --call: overlays and the G-vs-p
+  diagnostic of the core runs, which need their checkpoints, so in the
+  task that trained them): one predict process per overlay column and one
+  diagnostic process (each a start and, assumed, half a train step's
+  compile: forward programs only), 5 s per diagnosed run."""
   processes = num_overlays + (1 if num_diagnostic_runs else 0)
   return (processes * (figures.start_s + figures.compile_s / 2)
           + 5.0 * num_diagnostic_runs)
@@ -495,13 +495,11 @@ def split_into_calls(runs: Sequence[Run], figures: DeviceFigures,
                      budget_s: float, *,
                      task_budget_s: float = DEVICE_TASK_BUDGET_S
                      - MACHINE_START_S,
-                     shapes: Mapping[Run, RunShape] | None = None,
-                     extras_s: float = 0.0,
-                     extras_after: int | None = None) -> list[DeviceCall]:
+                     shapes: Mapping[Run, RunShape] | None = None
+                     ) -> list[DeviceCall]:
   """Packs `runs` in order into device calls of at most `budget_s` seconds
   and the calls into device tasks of at most `task_budget_s` seconds of
-  commands; `extras_s` (the pack's overlays and diagnostic) go after the
-  first `extras_after` runs (None: after all), in their call or a new one.
+  commands.
 
   Within a task the machine stays warm: the git-ignored compilation cache
   and data folders persist between its calls, so a program compiles and a
@@ -536,18 +534,7 @@ def split_into_calls(runs: Sequence[Run], figures: DeviceFigures,
     calls[-1].overhead_s = figures.call_overhead_s
     task_s += figures.call_overhead_s
 
-  def add_extras() -> None:
-    nonlocal task_s
-    if (not calls or calls[-1].total_s + extras_s > budget_s
-        or task_s + extras_s > task_budget_s):
-      open_call(extras_s)
-    calls[-1].extras_s = extras_s
-    task_s += extras_s
-
-  extras_index = len(runs) if extras_after is None else extras_after
-  for index, run in enumerate(runs):
-    if index == extras_index and extras_s > 0:
-      add_extras()
+  for run in runs:
     run_s, prep_s = cost(run)
     if (not calls or calls[-1].total_s + run_s + prep_s > budget_s
         or task_s + run_s + prep_s > task_budget_s):
@@ -564,8 +551,6 @@ def split_into_calls(runs: Sequence[Run], figures: DeviceFigures,
     task_s += run_s + prep_s
     programs.add(program_key(run))
     data.add(run.cell.labels)
-  if extras_index >= len(runs) and extras_s > 0:
-    add_extras()
   return calls
 
 
@@ -575,11 +560,10 @@ DEADLINE_MARGIN_S = 30
 
 def call_deadline_s(call: DeviceCall) -> float:
   """Seconds the runs of `call` may take from the start of --run: the
-  call's limit less its installation and packing, its extras and a margin
+  call's limit less its installation and packing and a margin
   (DEADLINE_MARGIN_S), so that the pack is written even when runs overrun
   their prediction."""
-  return (DEVICE_CALL_LIMIT_S - call.overhead_s - call.extras_s
-          - DEADLINE_MARGIN_S)
+  return DEVICE_CALL_LIMIT_S - call.overhead_s - DEADLINE_MARGIN_S
 
 
 def format_device_plan(calls: Sequence[DeviceCall], figures: DeviceFigures,
@@ -596,8 +580,7 @@ def format_device_plan(calls: Sequence[DeviceCall], figures: DeviceFigures,
         f'# call {number} (task {call.task}): {len(call.runs)} runs, '
         f'predicted {call.total_s:.0f} s of {budget_s:.0f} s (runs '
         f'{sum(call.run_s):.0f} s, data preparation {call.prep_s:.0f} s, '
-        f'install + pack {call.overhead_s:.0f} s, overlays + diagnostic '
-        f'{call.extras_s:.0f} s){rate}')
+        f'install + pack {call.overhead_s:.0f} s){rate}')
     for run, seconds in zip(call.runs, call.run_s):
       compiled = seconds >= figures.compile_s + figures.start_s
       lines.append(f'#   {run.cell.name} seed {run.seed}: {seconds:.0f} s'
@@ -1866,6 +1849,9 @@ def _comma_list(text: str) -> list[str]:
   return [item for item in text.split(',') if item]
 
 
+DEFAULT_OVERLAY_IMAGES = 3
+# What the extras' diagnostic uses (as the 200-step study did).
+DEFAULT_DIAGNOSTIC_IMAGES = 64
 # Of a device call's 600 s, what the plan packs runs into: the rest is left
 # for the deadline's SIGTERM to be answered (a checkpoint) and a margin.
 DEFAULT_CALL_BUDGET_S = 540
@@ -1963,7 +1949,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='--report: the Markdown file (its folder gets '
                       'results_curves.png and results/; for another name '
                       'NAME.md: NAME_curves.png and NAME/)')
-  parser.add_argument('--overlay_images', type=int, default=3,
+  parser.add_argument('--overlay_images', type=int,
+                      default=DEFAULT_OVERLAY_IMAGES,
                       help='--report/--pack: val images per qualitative grid '
                       '(0: none)')
   parser.add_argument('--overlay_labels', type=_comma_list, default=None,
@@ -2007,21 +1994,29 @@ def _device_calls(args: argparse.Namespace, preset: StudyPreset,
                   runs: Sequence[Run], size: str | None = None
                   ) -> list[DeviceCall]:
   """The plan's device calls (`size`: the runs resized, to compare
-  backbones); the overlays and diagnostic of the core runs follow them."""
+  backbones)."""
   if size:
     runs = [dataclasses.replace(run, argv=tuple(
         a.replace(f'size={common_args_of(run)["size"]},', f'size={size},')
         for a in run.argv)) for run in runs]
-  figures = _figures(args)
-  ordered = device_order(runs, preset.core_methods)
+  return split_into_calls(device_order(runs, preset.core_methods),
+                          _figures(args), args.call_budget_s)
+
+
+def _extras_line(args: argparse.Namespace, preset: StudyPreset,
+                 runs: Sequence[Run], calls: Sequence[DeviceCall]) -> str:
+  """'# ' line: the extras' predicted seconds and where they belong."""
   core = [r for r in runs if _is_core(r, runs, preset)]
-  extras_s = predicted_extras_s(
-      len({r.cell for r in core}) if args.overlay_images > 0 else 0,
-      len(core) if args.diagnostic_images > 0 else 0, figures)
-  first_tier = sum(is_core_run(r, runs[0].cell.labels, preset.core_methods)
-                   for r in ordered)
-  return split_into_calls(ordered, figures, args.call_budget_s,
-                          extras_s=extras_s, extras_after=first_tier)
+  overlays = args.overlay_images or DEFAULT_OVERLAY_IMAGES
+  diagnosed = args.diagnostic_images or DEFAULT_DIAGNOSTIC_IMAGES
+  seconds = predicted_extras_s(len({r.cell for r in core}), len(core),
+                               _figures(args))
+  last = max(index for index, call in enumerate(calls, 1)
+             if any(r in core for r in call.runs))
+  return (f'# extras: overlays ({overlays} images) and G-vs-p diagnostic '
+          f'({diagnosed} images) of the {len(core)} core runs, predicted '
+          f'{seconds:.0f} s: after call {last}, in the same task (they need '
+          'its checkpoints): benchmarks/gpu_study.sh extras')
 
 
 def _select_call(args: argparse.Namespace, calls: Sequence[DeviceCall]
@@ -2083,6 +2078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
           print(f'# size={size}: {e}')
       for line in (format_device_plan(calls, figures, args.call_budget_s)
+                   + [_extras_line(args, preset, runs, calls)]
                    + format_size_comparison(calls_by_size)):
         print(line)
       if cache_dir:
@@ -2139,27 +2135,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.pack:
     results = [r for r in (read_run(run, **tags) for run in runs)
                if r is not None]
-    figure_paths, diagnostic = [], ''
-    extras = call is None or call.extras_s > 0
     core = [r for r in results if _is_core(r.run, runs, preset)]
-    with tempfile.TemporaryDirectory() as scratch:
-      if extras and args.overlay_images > 0:
-        path = make_overlays(summarize(core, finished_only=True),
-                             runs[0].cell.labels, scratch,
-                             num_images=args.overlay_images,
-                             python=args.python)
-        figure_paths += [path] if path else []
-      if extras and args.diagnostic_images > 0:
-        diagnostic = run_diagnostic(core, images=args.diagnostic_images,
-                                    python=args.python)
-      try:
-        paths = pack_results(runs, os.path.join(REPO_ROOT, args.pack),
-                             figure_paths=figure_paths, diagnostic=diagnostic,
+    folder = os.path.join(REPO_ROOT, args.pack)
+    # The extras run without --call (a call packs its scalars only).
+    extras = call is None and (args.overlay_images > 0
+                               or args.diagnostic_images > 0)
+    try:
+      # The scalars first: when the extras overrun the device call, this
+      # pack still comes back (each pack replaces the last atomically).
+      paths = pack_results(runs, folder, command_line=_command_line(argv))
+      print('wrote ' + ', '.join(paths), flush=True)
+      if not extras:
+        return 0
+      with tempfile.TemporaryDirectory() as scratch:
+        figure_paths = []
+        if args.overlay_images > 0:
+          path = make_overlays(summarize(core, finished_only=True),
+                               runs[0].cell.labels, scratch,
+                               num_images=args.overlay_images,
+                               python=args.python)
+          figure_paths += [path] if path else []
+        diagnostic = run_diagnostic(
+            core, images=args.diagnostic_images,
+            python=args.python) if args.diagnostic_images > 0 else ''
+        paths = pack_results(runs, folder, figure_paths=figure_paths,
+                             diagnostic=diagnostic,
                              command_line=_command_line(argv))
-      except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    print('wrote ' + ', '.join(paths))
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    print('wrote ' + ', '.join(paths) + ' with the overlays and diagnostic')
     return 0
 
   # --report.
