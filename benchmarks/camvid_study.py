@@ -1201,8 +1201,10 @@ def format_status(statuses: Sequence[RunStatus]) -> list[str]:
   lines.append('')
   for cell, cell_statuses in by_cell.items():
     done = sum(s.state == 'done' for s in cell_statuses)
+    started = any(s.state != 'not started' for s in cell_statuses)
     lines.append(f'{cell.name}: {done} of {len(cell_statuses)} seeds done'
-                 + ('' if done == len(cell_statuses) else ' (partial)'))
+                 + ('' if done == len(cell_statuses) else ' (partial)'
+                    if started else ' (not started)'))
   counts = {state: sum(s.state.startswith(state) for s in statuses)
             for state in ('done', 'in progress', 'failed', 'not started')}
   lines.append(f'{len(statuses)} runs: ' + ', '.join(

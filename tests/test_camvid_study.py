@@ -593,6 +593,8 @@ def test_status_lists_done_in_progress_failed_and_not_started(
                                                        '0/20']
   assert 'clicks20_agmm_paper: 1 of 2 seeds done (partial)' in lines
   assert 'clicks20_pce_only: 2 of 2 seeds done' in lines
+  # agmm_released: seed 0 failed, so the cell has started.
+  assert 'clicks20_agmm_released: 0 of 2 seeds done (partial)' in lines
   assert lines[-1] == ('6 runs: 3 done, 1 in progress, 1 failed, '
                        '1 not started')
 
