@@ -2009,6 +2009,8 @@ def _extras_line(args: argparse.Namespace, preset: StudyPreset,
                  runs: Sequence[Run], calls: Sequence[DeviceCall]) -> str:
   """'# ' line: the extras' predicted seconds and where they belong."""
   core = [r for r in runs if _is_core(r, runs, preset)]
+  if not core:
+    return '# extras: none (no core run planned)'
   overlays = args.overlay_images or DEFAULT_OVERLAY_IMAGES
   diagnosed = args.diagnostic_images or DEFAULT_DIAGNOSTIC_IMAGES
   seconds = predicted_extras_s(len({r.cell for r in core}), len(core),
@@ -2129,7 +2131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   tags = dict(miou_tag=args.miou_tag, loss_tag=args.loss_tag,
               iou_prefix=args.iou_prefix)
   output = os.path.join(REPO_ROOT, args.output)
-  doc_dir = os.path.dirname(output)
   # docs/results.md -> docs/results_curves.png and docs/results/: another
   # report (the GPU study's) keeps its figures apart.
   stem = os.path.splitext(output)[0]
