@@ -1833,9 +1833,12 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
     lines.append(f'- GPU: {machine["devices"]}')
   loads = [load for r in results for load in r.load_averages]
   if loads:
+    # A load above the core count means other jobs shared the machine.
+    shared = max(loads) > float(machine['cpu_count'] or 1)
     lines.append(f'- 1-minute load average at the start of the runs: '
-                 f'{min(loads):.1f} to {max(loads):.1f} (the machine was '
-                 'shared; wall times include that contention)')
+                 f'{min(loads):.1f} to {max(loads):.1f}' + (
+                     ' (the machine was shared; wall times include that '
+                     'contention)' if shared else ''))
   text = '\n'.join(lines) + '\n'
   os.makedirs(doc_dir, exist_ok=True)
   with open(markdown_path, 'w') as f:
