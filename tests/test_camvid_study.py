@@ -805,3 +805,30 @@ def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
   assert row.split('|')[2].strip() == (
       f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n=2)')
   assert row.split('|')[4].strip() == 'not evaluated'  # its eval failed
+
+
+def test_run_diagnostic_runs_the_finished_runs_and_reports_failures(
+    partial_study):
+  _, runs, finals = partial_study
+  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
+  seen = []
+
+  def fake_runner(argv, cwd):
+    seen.append(list(argv))
+    return subprocess.CompletedProcess(argv, 0, '| run | acc G % |\n', '')
+
+  text = camvid_study.run_diagnostic(results, images=8, runner=fake_runner,
+                                     python='py')
+  (argv,) = seen
+  assert argv[:3] == ['py', '-m', 'benchmarks.gmm_diagnostic']
+  flag, _, workdirs = argv[3].partition('=')
+  assert flag == '--workdirs'
+  assert sorted(workdirs.split(',')) == sorted(r.workdir for r in finals)
+  assert argv[4] == '--images=8'
+  assert text.endswith('| run | acc G % |') and 'gmm_diagnostic' in text
+  failing = lambda argv, cwd: subprocess.CompletedProcess(argv, 2, '', 'boom')
+  assert 'failed (exit 2)' in camvid_study.run_diagnostic(
+      results, images=8, runner=failing)
+  unfinished = [r for r in results if not r.finished]
+  assert camvid_study.run_diagnostic(unfinished, images=8,
+                                     runner=failing) == ''
