@@ -6,6 +6,7 @@ schema is documented in docs/design.md.
 
 import ml_collections
 
+from agmm_jax import dilated_conv
 from configs import presets
 
 
@@ -55,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.multi_grid = False
   config.model.aspp_rates = (6, 12, 18)
   config.model.compute_dtype = 'float32'
+  # 'xla' | 'space_to_batch': how dilated convs are computed (same values).
+  config.model.dilated_conv = dilated_conv.DEFAULT
   config.model.pretrained = ''
 
   config.loss = presets.preset('agmm_released')
