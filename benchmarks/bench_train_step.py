@@ -52,7 +52,8 @@ SHAPES = {
 NUM_CLASSES = 21
 
 _SHAPE = flags.DEFINE_enum('shape', 'cpu', sorted(SHAPES), 'Benchmark shape.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps.')
+_STEPS = flags.DEFINE_integer(
+    'steps', 5, 'Timed steps (0: compile and print XLA\'s memory_analysis only).')
 _DTYPE = flags.DEFINE_enum('compute_dtype', 'float32',
                            ['float32', 'bfloat16'], 'Model compute dtype.')
 _LOSS = flags.DEFINE_enum('loss', 'agmm_released', list(presets.PRESETS),
@@ -161,6 +162,18 @@ def throughput_line(step_flops: float, step_seconds: float) -> str:
   return line
 
 
+def memory_line(compiled: Any) -> str:
+  """XLA's ``memory_analysis`` of a compiled step, in GiB."""
+  analysis = compiled.memory_analysis()
+  gib = lambda name: (getattr(analysis, name, 0) or 0) / 2**30
+  total = (gib('argument_size_in_bytes') + gib('output_size_in_bytes')
+           + gib('temp_size_in_bytes') - gib('alias_size_in_bytes'))
+  return (f'memory_analysis: arguments {gib("argument_size_in_bytes"):.2f} GiB, '
+          f'outputs {gib("output_size_in_bytes"):.2f} (aliased to arguments '
+          f'{gib("alias_size_in_bytes"):.2f}), temporaries '
+          f'{gib("temp_size_in_bytes"):.2f}; total {total:.2f} GiB')
+
+
 def main(argv):
   del argv
   depth, output_stride, crop, batch = SHAPES[_SHAPE.value]
@@ -172,16 +185,21 @@ def main(argv):
                           _LOSS.value, setting)
              for setting in _DILATED_CONV.value]
   compiled_steps = [compile_step(config, crop) for config in configs]
+  for setting, compiled in zip(_DILATED_CONV.value, compiled_steps):
+    print(f'dilated_conv={setting}: compile {compiled.compile_seconds:.1f} s; '
+          f'{memory_line(compiled.compiled)}')
+  if _STEPS.value < 1:
+    return
   times = time_alternately(compiled_steps, _STEPS.value)
   step_flops = train_flops(configs[0], crop)
   first_median = statistics.median(times[0])
   for setting, compiled, seconds in zip(_DILATED_CONV.value, compiled_steps,
                                         times):
     median = statistics.median(seconds)
-    print(f'dilated_conv={setting}: compile {compiled.compile_seconds:.1f} s; '
-          f'step {median:.3f} s median of {len(seconds)} (min {min(seconds):.3f}, '
-          f'max {max(seconds):.3f}); {batch / median:.2f} images/s; '
-          f'{median / first_median:.3f}x the first; loss {compiled.loss():.4f}')
+    print(f'dilated_conv={setting}: step {median:.3f} s median of '
+          f'{len(seconds)} (min {min(seconds):.3f}, max {max(seconds):.3f}); '
+          f'{batch / median:.2f} images/s; {median / first_median:.3f}x the '
+          f'first; loss {compiled.loss():.4f}')
     print(f'  achieved: {throughput_line(step_flops, median)}')
   if device.platform == 'gpu':
     peak = (device.memory_stats() or {}).get('peak_bytes_in_use')
