@@ -18,7 +18,8 @@ def test_smoke_run_reports_every_stage(tmp_path):
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
   report = json.loads((tmp_path / 'gpu_suite.json').read_text())['results']
   for label in ('bf16 pce_only', 'bf16 agmm_released', 'f32 agmm_released',
-                'f32 pce_only', 'cache', 'f32 agmm_released, autotune off'):
+                'f32 pce_only', 'cache', 'f32 agmm_released, cached',
+                'f32 agmm_released, autotune off'):
     for figures in report[label]['settings'].values():
       assert figures['step_s'] > 0 and figures['compile_s'] > 0, label
   assert set(report['bf16 pce_only']['settings']) == {'xla', 'space_to_batch'}
