@@ -183,7 +183,7 @@ def stage_torch(args: dict[str, Any]) -> dict[str, Any]:
 
     if cuda:
       torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):  # cuDNN autotuning and allocator warm-up.
+    for _ in range(min(2, num_steps)):  # cuDNN autotuning, allocator warm-up.
       step()
     seconds = []
     for _ in range(num_steps):

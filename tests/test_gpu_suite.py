@@ -13,7 +13,7 @@ def test_smoke_run_reports_every_stage(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(
       [sys.executable, 'benchmarks/gpu_suite.py', '--smoke', f'--out={tmp_path}'],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800,
       check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
   report = json.loads((tmp_path / 'gpu_suite.json').read_text())['results']
