@@ -34,6 +34,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from agmm_jax import compilation_cache
 from agmm_jax import inference
 from agmm_jax import train
 from data_prep import auto
@@ -114,6 +115,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """
   if config.mode not in MODES:
     raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
+  # Before anything compiles: a rerun or a resumed run loads the programs.
+  cache_dir = compilation_cache.enable(config.compilation_cache_dir)
+  logging.info('persistent compilation cache: %s', cache_dir or 'off')
   config = resolve_data_dir(config, workdir)
   if config.mode == 'train':
     scores = train.train_and_evaluate(config, workdir)

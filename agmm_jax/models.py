@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from agmm_jax import dilated_conv as dilated_conv_lib
 from agmm_jax.resample import resize_bilinear_align_corners
 
 Array = jax.Array
@@ -82,15 +83,21 @@ def _torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
 def _conv(in_features: int, out_features: int, kernel_size: int, *,
           stride: int = 1, dilation: int = 1, use_bias: bool = False,
           kernel_init=_backbone_kernel_init, bias_init=nnx.initializers.zeros,
-          dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
-  """Conv with PyTorch padding ``dilation * (kernel_size - 1) // 2`` per side."""
+          dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+  """Conv with PyTorch padding ``dilation * (kernel_size - 1) // 2`` per side.
+
+  ``dilated_conv`` (``config.model.dilated_conv``) picks the implementation
+  of dilated convs (``agmm_jax.dilated_conv``); the parameters are the same.
+  """
   pad = dilation * (kernel_size - 1) // 2
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size),
       strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       kernel_dilation=(dilation, dilation), use_bias=use_bias,
       kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
-      param_dtype=jnp.float32, rngs=rngs)
+      param_dtype=jnp.float32,
+      conv_general_dilated=dilated_conv_lib.conv_function(dilated_conv, dilation),
+      rngs=rngs)
 
 
 class BatchNorm(nnx.Module):
@@ -144,9 +151,11 @@ class ConvBNReLU(nnx.Module):
   """``relu(bn(conv(x)))``: conv without bias (PyTorch-init), BatchNorm."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
-               dilation: int = 1, dtype: Any, rngs: nnx.Rngs):
+               dilation: int = 1, dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any,
+               rngs: nnx.Rngs):
     self.conv = _conv(in_features, out_features, kernel_size, dilation=dilation,
-                      kernel_init=_head_kernel_init, dtype=dtype, rngs=rngs)
+                      kernel_init=_head_kernel_init, dilated_conv=dilated_conv,
+                      dtype=dtype, rngs=rngs)
     self.bn = BatchNorm(out_features, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
@@ -176,13 +185,13 @@ class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(self, in_features: int, planes: int, *, stride: int,
-               dilation: int, downsample: Downsample | None, dtype: Any,
-               rngs: nnx.Rngs):
+               dilation: int, downsample: Downsample | None,
+               dilated_conv: str, dtype: Any, rngs: nnx.Rngs):
     self.conv1 = _conv(in_features, planes, 3, stride=stride, dilation=dilation,
-                       dtype=dtype, rngs=rngs)
+                       dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(planes, dtype=dtype)
-    self.conv2 = _conv(planes, planes, 3, dilation=dilation, dtype=dtype,
-                       rngs=rngs)
+    self.conv2 = _conv(planes, planes, 3, dilation=dilation,
+                       dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
     self.bn2 = BatchNorm(planes, dtype=dtype)
     self.downsample = downsample
 
@@ -199,12 +208,12 @@ class Bottleneck(nnx.Module):
   expansion = 4
 
   def __init__(self, in_features: int, planes: int, *, stride: int,
-               dilation: int, downsample: Downsample | None, dtype: Any,
-               rngs: nnx.Rngs):
+               dilation: int, downsample: Downsample | None,
+               dilated_conv: str, dtype: Any, rngs: nnx.Rngs):
     self.conv1 = _conv(in_features, planes, 1, dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(planes, dtype=dtype)
     self.conv2 = _conv(planes, planes, 3, stride=stride, dilation=dilation,
-                       dtype=dtype, rngs=rngs)
+                       dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
     self.bn2 = BatchNorm(planes, dtype=dtype)
     self.conv3 = _conv(planes, planes * self.expansion, 1, dtype=dtype,
                        rngs=rngs)
@@ -259,7 +268,8 @@ class ResNet(nnx.Module):
 
   def __init__(self, depth: int = 101, *, stem: str = 'deep',
                output_stride: int = 8, multi_grid: bool = False,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
     if depth not in RESNET_LAYERS:
       raise ValueError(f'depth must be one of {sorted(RESNET_LAYERS)}, got {depth}')
     if stem not in STEMS:
@@ -280,6 +290,7 @@ class ResNet(nnx.Module):
     dilate = output_stride_to_dilation(output_stride)
     self._in_features = stem_features
     self._dilation = 1
+    self._dilated_conv = dilated_conv
     self.layer1 = self._make_layer(block_cls, 64, layers[0], stride=1,
                                    dilate=False, grids=None, dtype=dtype,
                                    rngs=rngs)
@@ -294,7 +305,7 @@ class ResNet(nnx.Module):
                                    grids=MULTI_GRID if multi_grid else None,
                                    dtype=dtype, rngs=rngs)
     self.out_features = self._in_features
-    del self._in_features, self._dilation
+    del self._in_features, self._dilation, self._dilated_conv
 
   def _make_layer(self, block_cls, planes: int, blocks: int, *, stride: int,
                   dilate: bool, grids: Sequence[int] | None, dtype: Any,
@@ -314,12 +325,15 @@ class ResNet(nnx.Module):
       raise ValueError(f'multi-grid {grids} has fewer entries than {blocks} blocks')
     stage = [block_cls(self._in_features, planes, stride=stride,
                        dilation=previous_dilation * grids[0],
-                       downsample=downsample, dtype=dtype, rngs=rngs)]
+                       downsample=downsample,
+                       dilated_conv=self._dilated_conv, dtype=dtype, rngs=rngs)]
     self._in_features = out_features
     for index in range(1, blocks):
       stage.append(block_cls(out_features, planes, stride=1,
                              dilation=self._dilation * grids[index],
-                             downsample=None, dtype=dtype, rngs=rngs))
+                             downsample=None,
+                             dilated_conv=self._dilated_conv, dtype=dtype,
+                             rngs=rngs))
     return nnx.List(stage)
 
   def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
@@ -360,16 +374,20 @@ class ASPP(nnx.Module):
   """
 
   def __init__(self, in_features: int, atrous_rates: Sequence[int], *,
-               out_features: int = ASPP_CHANNELS, dtype: Any, rngs: nnx.Rngs):
+               out_features: int = ASPP_CHANNELS, dilated_conv: str = dilated_conv_lib.DEFAULT,
+               dtype: Any, rngs: nnx.Rngs):
     if len(atrous_rates) != 3:
       raise ValueError(f'aspp_rates must have 3 entries, got {atrous_rates}')
     self.b0 = ConvBNReLU(in_features, out_features, 1, dtype=dtype, rngs=rngs)
     self.b1 = ConvBNReLU(in_features, out_features, 3,
-                         dilation=int(atrous_rates[0]), dtype=dtype, rngs=rngs)
+                         dilation=int(atrous_rates[0]),
+                         dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
     self.b2 = ConvBNReLU(in_features, out_features, 3,
-                         dilation=int(atrous_rates[1]), dtype=dtype, rngs=rngs)
+                         dilation=int(atrous_rates[1]),
+                         dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
     self.b3 = ConvBNReLU(in_features, out_features, 3,
-                         dilation=int(atrous_rates[2]), dtype=dtype, rngs=rngs)
+                         dilation=int(atrous_rates[2]),
+                         dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
     self.b4 = ASPPPooling(in_features, out_features, dtype=dtype, rngs=rngs)
     self.project = ConvBNReLU(5 * out_features, out_features, 1, dtype=dtype,
                               rngs=rngs)
@@ -392,15 +410,18 @@ class DeepLabV3Plus(nnx.Module):
                output_stride: int = 8, multi_grid: bool = False,
                aspp_rates: Sequence[int] = (6, 12, 18),
                extra_heads: Mapping[str, Callable[..., nnx.Module]] | None = None,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
     if num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {num_classes}')
     self.num_classes = num_classes
     self.backbone = ResNet(depth, stem=stem, output_stride=output_stride,
-                           multi_grid=multi_grid, dtype=dtype, rngs=rngs)
+                           multi_grid=multi_grid, dilated_conv=dilated_conv,
+                           dtype=dtype, rngs=rngs)
     high_features = self.backbone.out_features
     low_features = 64 * self.backbone.expansion
-    self.head = ASPP(high_features, aspp_rates, dtype=dtype, rngs=rngs)
+    self.head = ASPP(high_features, aspp_rates, dilated_conv=dilated_conv,
+                     dtype=dtype, rngs=rngs)
     self.reduce = ConvBNReLU(low_features, REDUCED_LOW_CHANNELS, 1, dtype=dtype,
                              rngs=rngs)
     self.fuse = nnx.List([
@@ -445,8 +466,9 @@ def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs,
                 ) -> DeepLabV3Plus:
   """Builds ``DeepLabV3Plus`` from ``config.model`` (see docs/design.md).
 
-  Reads ``depth``, ``stem``, ``output_stride``, ``multi_grid``, ``aspp_rates``
-  and ``compute_dtype`` ('float32' | 'bfloat16' | 'float16'); every field is
+  Reads ``depth``, ``stem``, ``output_stride``, ``multi_grid``, ``aspp_rates``,
+  ``dilated_conv`` ('xla' | 'space_to_batch', ``agmm_jax.dilated_conv``) and
+  ``compute_dtype`` ('float32' | 'bfloat16' | 'float16'); every field is
   required (configs/common.py holds the defaults). ``extra_heads`` are the
   loss's declared heads (``build_loss(config.loss).needs.heads``). Pretrained
   weights are not loaded here; call ``load_pretrained(model,
@@ -464,6 +486,7 @@ def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs,
       multi_grid=bool(model_config.multi_grid),
       aspp_rates=tuple(int(r) for r in model_config.aspp_rates),
       extra_heads=extra_heads,
+      dilated_conv=str(model_config.dilated_conv),
       dtype=jnp.dtype(compute_dtype),
       rngs=rngs)
 

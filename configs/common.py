@@ -6,6 +6,8 @@ schema is documented in docs/design.md.
 
 import ml_collections
 
+from agmm_jax import compilation_cache
+from agmm_jax import dilated_conv
 from configs import presets
 
 
@@ -25,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.image_summary_every_steps = 500
+  # Persistent compilation cache: 'user' ($XDG_CACHE_HOME/agmm_jax/jax),
+  # '' (off) or a folder; see agmm_jax/compilation_cache.py.
+  config.compilation_cache_dir = compilation_cache.USER_CACHE
 
   config.data = ml_collections.ConfigDict()
   config.data.dir = ''
@@ -55,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.multi_grid = False
   config.model.aspp_rates = (6, 12, 18)
   config.model.compute_dtype = 'float32'
+  # 'xla' | 'space_to_batch': how dilated convs are computed (same values).
+  config.model.dilated_conv = dilated_conv.DEFAULT
   config.model.pretrained = ''
 
   config.loss = presets.preset('agmm_released')

@@ -1,5 +1,6 @@
-"""Pytest setup shared by all tests: the repo root on sys.path, CPU only, and
-the tiny prepared dataset the training tests share."""
+"""Pytest setup shared by all tests: the repo root on sys.path, CPU only, a
+temporary user cache folder, and the tiny prepared dataset the training
+tests share."""
 
 import os
 import sys
@@ -11,6 +12,16 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def temporary_user_cache(tmp_path_factory):
+  """XDG_CACHE_HOME in a temporary folder: the runs' persistent compilation
+  cache (config.compilation_cache_dir = 'user') stays out of the home folder
+  and starts empty; subprocesses inherit it."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('XDG_CACHE_HOME', str(tmp_path_factory.mktemp('user_cache')))
+    yield
 
 
 # Classes of the shared tiny dataset (tiny_data_dir).

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from agmm_jax import dilated_conv
 from agmm_jax import models
 
 
@@ -208,7 +209,7 @@ def test_build_model_reads_config():
   config = ml_collections.ConfigDict({
       'depth': 34, 'stem': 'torchvision', 'output_stride': 16,
       'multi_grid': True, 'aspp_rates': (1, 2, 3), 'compute_dtype': 'bfloat16',
-      'pretrained': ''})
+      'dilated_conv': 'space_to_batch', 'pretrained': ''})
   model = nnx.eval_shape(lambda: models.build_model(config, 7,
                                                     rngs=nnx.Rngs(0)))
   assert len(model.backbone.layer3) == 6
@@ -217,8 +218,14 @@ def test_build_model_reads_config():
   assert _conv2_dilations(model.backbone.layer4) == [2, 4, 8]
   assert model.classifier.kernel.get_value().shape == (1, 1, 256, 7)
   assert model.classifier.dtype == jnp.bfloat16
+  assert model.head.b2.conv.conv_general_dilated is dilated_conv.space_to_batch_conv
+  assert model.head.b0.conv.conv_general_dilated is jax.lax.conv_general_dilated
   config.compute_dtype = 'float64'
   with pytest.raises(ValueError, match='compute_dtype'):
+    models.build_model(config, 7, rngs=nnx.Rngs(0))
+  config.compute_dtype = 'float32'
+  config.dilated_conv = 'fft'
+  with pytest.raises(ValueError, match='dilated_conv'):
     models.build_model(config, 7, rngs=nnx.Rngs(0))
 
 

@@ -31,7 +31,6 @@ TOTAL_STEPS = 8
 def start(workdir: str, data_dir: str, cache_dir: str,
           log_path: str) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   env.pop('XLA_FLAGS', None)
@@ -39,6 +38,7 @@ def start(workdir: str, data_dir: str, cache_dir: str,
     return subprocess.Popen(
         [sys.executable, 'main.py', '--config=configs/tiny.py',
          f'--workdir={workdir}', '--alsologtostderr',
+         f'--config.compilation_cache_dir={cache_dir}',
          f'--config.data.dir={data_dir}',
          f'--config.num_train_steps={TOTAL_STEPS}',
          '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=10',
