@@ -3,8 +3,10 @@
 ``config.compilation_cache_dir`` (``main.py`` enables it before any
 compilation, in every mode):
 
-* ``USER_CACHE`` (``'user'``, the default): ``$XDG_CACHE_HOME/agmm_jax/jax``
-  (``~/.cache/agmm_jax/jax`` when unset), resolved on each host;
+* ``USER_CACHE`` (``'user'``, the default): jax's own
+  ``$JAX_COMPILATION_CACHE_DIR`` when set (the study script sets it for its
+  runs), else ``$XDG_CACHE_HOME/agmm_jax/jax`` (``~/.cache/agmm_jax/jax`` when
+  unset), resolved on each host;
 * ``''``: no persistent cache;
 * anything else: that folder (``~`` expanded).
 
@@ -28,7 +30,10 @@ USER_CACHE = 'user'
 
 
 def user_cache_dir() -> str:
-  """``$XDG_CACHE_HOME/agmm_jax/jax``, or ``~/.cache/agmm_jax/jax``."""
+  """``$JAX_COMPILATION_CACHE_DIR``, ``$XDG_CACHE_HOME/agmm_jax/jax``, or
+  ``~/.cache/agmm_jax/jax``, the first that is set."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
   root = os.environ.get('XDG_CACHE_HOME') or os.path.join(
       os.path.expanduser('~'), '.cache')
   return os.path.join(root, 'agmm_jax', 'jax')

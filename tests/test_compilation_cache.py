@@ -55,6 +55,9 @@ def test_second_process_hits_the_cache(tmp_path):
 
 
 def test_settings_resolve(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax_env'))
+  assert compilation_cache.resolve('user') == str(tmp_path / 'jax_env')
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
   assert (compilation_cache.resolve(compilation_cache.USER_CACHE)
           == os.path.join(str(tmp_path), 'agmm_jax', 'jax'))
