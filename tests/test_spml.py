@@ -2,7 +2,7 @@
 loop, K-means and prototypes against NumPy, the segments and each relation's
 positive/negative sets on a hand-made two-image batch, the oversegmentation
 field, finite values without labels, and the memory bank through training,
-checkpoint and resume."""
+checkpoint and restore; the random walk against a dense matrix."""
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +11,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from agmm_jax import augment
+from agmm_jax import checkpoint
 from agmm_jax import labels as labels_lib
 from agmm_jax import methods
+from agmm_jax import sharding as sharding_lib
 from agmm_jax import train
+from agmm_jax import train_state
 from agmm_jax.methods import spml
 from configs import presets
 from configs import tiny
+from tests.conftest import TINY_NUM_CLASSES as NUM_TINY_CLASSES
 
 UNL = labels_lib.UNLABELED
 PAD = labels_lib.PADDING
@@ -299,12 +303,7 @@ def test_bad_options_name_the_key():
     methods.build_loss(methods.loss_config({'spml': 1.0}))(inputs)
 
 
-def restored_memory(workdir, step):
-  state = ocp.StandardCheckpointer().restore(str(workdir / 'checkpoints' / str(step) / 'state'))
-  return jax.tree.map(np.asarray, state['method_state'][spml.MEMORY_STATE])
-
-
-def test_memory_bank_is_carried_checkpointed_and_resumed(tiny_data_dir, tmp_path):
+def test_memory_bank_is_carried_checkpointed_and_restored(tiny_data_dir, tmp_path):
   config = tiny.get_config()
   config.data.dir = tiny_data_dir
   config.loss = presets.preset('spml')
@@ -312,20 +311,54 @@ def test_memory_bank_is_carried_checkpointed_and_resumed(tiny_data_dir, tmp_path
   config.checkpoint_every_steps = 1
   config.eval_every_steps = 0
   config.image_summary_every_steps = 0
-  config.keep_checkpoints = 3
-  scores = train.train_and_evaluate(config, str(tmp_path))
-  assert scores['step'] == 2
-  first, second = restored_memory(tmp_path, 1), restored_memory(tmp_path, 2)
-  batch = config.global_batch_size
-  assert first['label'].shape == (batch, 2, 256)
+  config.eval.scales = (1.0,)
+  config.eval.flip = False
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 2
+
+  def saved(step):
+    state = ocp.StandardCheckpointer().restore(str(tmp_path / 'checkpoints' / str(step) / 'state'))
+    return jax.tree.map(np.asarray, state['method_state'][spml.MEMORY_STATE])
+
+  first, second = saved(1), saved(2)
+  assert first['label'].shape == (config.global_batch_size, 2, 256)
   # Step 1 filled slot 0 only; step 2 moved it to slot 1.
   assert np.any(first['label'][:, 0] != spml.EMPTY)
   assert np.all(first['label'][:, 1] == spml.EMPTY)
+  assert np.any(second['label'][:, 0] != spml.EMPTY)
   for name in first:
     np.testing.assert_array_equal(second[name][:, 1], first[name][:, 0], err_msg=name)
-  # Resuming from step 2 restores the bank: step 3's slot 1 is step 2's slot 0.
-  config.num_train_steps = 3
-  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 3
-  third = restored_memory(tmp_path, 3)
-  for name in third:
-    np.testing.assert_array_equal(third[name][:, 1], second[name][:, 0], err_msg=name)
+  # Restored as the trainer resumes: into the structure and sharding of a
+  # fresh train state with the loss's initial method state.
+  loss = methods.build_loss(config.loss)
+  mesh = sharding_lib.create_mesh(config.mesh)
+  fresh, _, _ = train_state.create_train_state(
+      config, NUM_TINY_CLASSES, mesh, 2, extra_heads=loss.needs.heads,
+      method_state=loss.init_state(config.global_batch_size, NUM_TINY_CLASSES))
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  restored, step = checkpointer.restore_latest(checkpoint.abstract_like(fresh))
+  checkpointer.close()
+  assert step == 2
+  memory = restored['method_state'][spml.MEMORY_STATE]
+  for name in second:
+    assert memory[name].sharding == fresh['method_state'][spml.MEMORY_STATE][name].sharding
+    np.testing.assert_array_equal(np.asarray(memory[name]), second[name], err_msg=name)
+
+
+def test_random_walk_matches_a_dense_matrix_reference():
+  rng = np.random.default_rng(5)
+  height, width, num_classes = 4, 5, 3
+  embedding = rng.normal(size=(height, width, 8))
+  logits = rng.normal(size=(height, width, num_classes))
+  probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  present = np.array([1.0, 0.0, 1.0])
+  flat = unit(embedding.reshape(-1, 8))
+  affinity = np.exp(5.0 * (flat @ flat.T - 1.0)) ** 20
+  transition = affinity / affinity.sum(0, keepdims=True)
+  maps = probabilities.reshape(-1, num_classes)
+  maps = maps / maps.max(0) * present
+  expected = (maps.T @ np.linalg.matrix_power(transition, 64)).T
+  got = spml.random_walk(jnp.asarray(embedding, jnp.float32),
+                         jnp.asarray(probabilities, jnp.float32), jnp.asarray(present))
+  np.testing.assert_allclose(got, expected.reshape(height, width, num_classes),
+                             rtol=1e-4, atol=1e-6)
+  assert np.all(np.asarray(got)[..., 1] == 0)

@@ -448,3 +448,32 @@ def spml_loss(inputs: core.LossInputs, *, clusters_per_axis: int = 6,
   total = (lowlevel_weight * losses['lowlevel'] + annotation_weight * losses['annotation']
            + cooccurrence_weight * losses['cooccurrence'])
   return total, {MEMORY_STATE: memory_push(memory, segments, inputs.class_present)}
+
+
+def random_walk(embedding: jax.Array, probabilities: jax.Array, present: jax.Array, *,
+                beta: float = 20.0, gamma: float = 5.0, doublings: int = 6) -> jax.Array:
+  """SPML's second-stage refinement of a classifier's output by a random walk
+  on the embedding (``pseudo_softmaxrw_crf.py``), one image.
+
+  ``A_ij = exp(gamma (e_i . e_j - 1))^beta`` over the pixels of the grid,
+  ``T = A / (column sums)``, squared ``doublings`` times (``T^(2^doublings)``,
+  64 steps); the class maps ``c_k = p_k / max_x p_k`` with the classes absent
+  from ``present`` zeroed; the result is ``c T``.
+
+  Args:
+    embedding: ``[h, w, D]`` (normalized here).
+    probabilities: ``[h, w, K]`` softmax of the classifier.
+    present: ``[K]``, nonzero for the classes of the image's sparse labels.
+
+  Returns:
+    ``[h, w, K]``, the walked class maps (argmax: the pseudo-labels).
+  """
+  height, width, num_classes = probabilities.shape
+  flat = normalize(embedding.reshape(height * width, -1))
+  affinity = jnp.exp(beta * gamma * (flat @ flat.T - 1.0))
+  transition = affinity / jnp.sum(affinity, axis=0, keepdims=True)
+  transition = jax.lax.fori_loop(0, doublings, lambda _, t: t @ t, transition)
+  maps = probabilities.reshape(-1, num_classes)
+  maps = maps / jnp.maximum(jnp.max(maps, axis=0, keepdims=True), 1e-12)
+  maps = maps * (present > 0)
+  return (maps.T @ transition).T.reshape(height, width, num_classes)
