@@ -22,7 +22,7 @@ Segments (SPML's ``segment_by_kmeans``, SegSort's alignment), per image:
   ``semantic * divisor + instance``, so every segment is pure in its sparse
   label. The segments of an image are the first ``max_segments_per_image``
   keys in sorted order (fixed shape under jit); pixels of further segments
-  leave the loss (none at the defaults on CamVid, docs/benchmarks.md);
+  leave the loss (none with 20 clicks per CamVid crop, docs/benchmarks.md);
 * prototypes ``mu_s = normalize(sum_{i in s} e_i)`` (differentiable) and, for
   the low-level relation, ``normalize(sum f_i)`` with the location.
 
