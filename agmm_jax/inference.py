@@ -61,9 +61,11 @@ def print_scores(config: ml_collections.ConfigDict, step: int,
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                            num_classes: int, mesh: jax.sharding.Mesh):
   """Model defs and the best (or latest) checkpointed state of ``workdir``."""
+  # The training loss's heads and method state give the checkpoint's structure.
+  loss = methods.build_loss(config.loss)
   state, model_defs, _ = train_state_lib.create_train_state(
-      config, num_classes, mesh, total_steps=1,
-      extra_heads=methods.build_loss(config.loss).needs.heads,
+      config, num_classes, mesh, total_steps=1, extra_heads=loss.needs.heads,
+      method_state=loss.init_state(int(config.global_batch_size), num_classes),
       load_pretrained=False)
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, keep=int(config.keep_checkpoints), read_only=True)

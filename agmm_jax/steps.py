@@ -23,6 +23,7 @@ from flax import nnx
 from agmm_jax import evaluate
 from agmm_jax import methods
 from agmm_jax import sharding as sharding_lib
+from agmm_jax import train_state as train_state_lib
 from agmm_jax.train_state import ModelDefs
 from agmm_jax.train_state import TrainState
 
@@ -40,8 +41,10 @@ def train_metrics_class(loss: methods.Loss) -> type[clu_metrics.Collection]:
 
 
 def loss_inputs(model: nnx.Module, batch: dict[str, jax.Array],
-                needs: methods.Needs) -> methods.LossInputs:
-  """Runs ``model`` on the batch; the :class:`LossInputs` of ``needs``."""
+                needs: methods.Needs, method_state: Any = None
+                ) -> methods.LossInputs:
+  """Runs ``model`` on the batch; the :class:`LossInputs` of ``needs``
+  (``method_state``: the train state's ``method_state``, if any)."""
   features, logits = model(batch['image'])
   return methods.LossInputs(
       logits=logits.astype(jnp.float32),
@@ -49,7 +52,8 @@ def loss_inputs(model: nnx.Module, batch: dict[str, jax.Array],
       label=batch['label'], class_present=batch['class_present'],
       image=batch['image'] if needs.image else None,
       outputs=model.extra_outputs(features) if needs.heads else None,
-      fields={name: batch[name] for name in needs.batch_fields} or None)
+      fields={name: batch[name] for name in needs.batch_fields} or None,
+      state=method_state)
 
 
 def make_train_step(model_defs: ModelDefs, loss: methods.Loss,
@@ -62,10 +66,12 @@ def make_train_step(model_defs: ModelDefs, loss: methods.Loss,
   ``metrics``: a :func:`train_metrics_class` collection of this step:
   ``loss`` (total), every loss term, ``grad_norm`` (global L2),
   ``lr_backbone``, ``lr_head``, and ``finite`` (1.0 when loss and gradients
-  are all finite), replicated.
+  are all finite), replicated. A method's state (``state['method_state']``)
+  is passed to the loss and replaced by the state it returns.
   """
   replicated = sharding_lib.replicated_sharding(mesh)
   data = sharding_lib.data_sharding(mesh)
+  state_sharding = train_state_lib.state_shardings(mesh, bool(loss.needs.state))
   metrics_class = train_metrics_class(loss)
 
   def step_fn(state, batch):
@@ -73,10 +79,11 @@ def make_train_step(model_defs: ModelDefs, loss: methods.Loss,
     # happen on variables of the differentiated trace.
     def compute_loss(params, model_state):
       model = nnx.merge(model_defs.train, params, model_state, copy=True)
-      total, terms = loss(loss_inputs(model, batch, loss.needs))
-      return total, (terms, nnx.state(model, nnx.Not(nnx.Param)))
+      total, terms, method_state = loss.apply(
+          loss_inputs(model, batch, loss.needs, state.get('method_state')))
+      return total, (terms, nnx.state(model, nnx.Not(nnx.Param)), method_state)
 
-    (total, (terms, model_state)), grads = jax.value_and_grad(
+    (total, (terms, model_state, method_state)), grads = jax.value_and_grad(
         compute_loss, has_aux=True)(state['params'], state['model_state'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -88,10 +95,12 @@ def make_train_step(model_defs: ModelDefs, loss: methods.Loss,
         lr_head=head_lr_multiplier * lr, finite=finite.astype(jnp.float32))
     new_state = {'params': params, 'model_state': model_state,
                  'opt_state': opt_state, 'step': state['step'] + 1}
+    if 'method_state' in state:
+      new_state['method_state'] = method_state
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(replicated, data),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  return jax.jit(step_fn, in_shardings=(state_sharding, data),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
 def make_summary_fn(model_defs: ModelDefs, mesh: jax.sharding.Mesh,
@@ -105,11 +114,13 @@ def make_summary_fn(model_defs: ModelDefs, mesh: jax.sharding.Mesh,
   """
   replicated = sharding_lib.replicated_sharding(mesh)
   data = sharding_lib.data_sharding(mesh)
+  state_sharding = train_state_lib.state_shardings(mesh, bool(loss.needs.state))
 
   def summary_fn(state, batch):
     model = nnx.merge(model_defs.eval, state['params'], state['model_state'])
     first = {name: value[:1] for name, value in batch.items()}
-    inputs = loss_inputs(model, first, loss.needs)
+    method_state = jax.tree.map(lambda x: x[:1], state.get('method_state'))
+    inputs = loss_inputs(model, first, loss.needs, method_state)
     prediction = jnp.argmax(inputs.logits[0], axis=-1).astype(jnp.int32)
     if loss.summary is None:
       return prediction, jnp.zeros(prediction.shape, jnp.float32)
@@ -118,7 +129,7 @@ def make_summary_fn(model_defs: ModelDefs, mesh: jax.sharding.Mesh,
         inputs.label[0, ..., None] == jnp.arange(inputs.logits.shape[-1]), axis=(0, 1))
     return prediction, response[0, ..., jnp.argmax(labeled)]
 
-  return jax.jit(summary_fn, in_shardings=(replicated, data),
+  return jax.jit(summary_fn, in_shardings=(state_sharding, data),
                  out_shardings=replicated)
 
 

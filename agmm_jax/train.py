@@ -173,6 +173,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   resuming = checkpointer.latest_step() is not None
   state, model_defs, tx = train_state_lib.create_train_state(
       config, num_classes, mesh, total_steps, extra_heads=loss.needs.heads,
+      method_state=loss.init_state(int(config.global_batch_size), num_classes),
       load_pretrained=not resuming)
   train_iter = input_pipeline.create_train_iterator(
       config.data, batch_size_per_process=batch_per_process, seed=config.seed,

@@ -6,7 +6,11 @@ The train state is a dict of pytrees, replicated on every device of a
 * ``params``: the model's ``nnx.Param``s (float32);
 * ``model_state``: everything else of the model (BatchNorm running statistics,
   dropout RNG state);
-* ``opt_state``: the optax state; ``step``: int32 scalar, steps done.
+* ``opt_state``: the optax state; ``step``: int32 scalar, steps done;
+* ``method_state``, only for a loss whose method declares state
+  (``Needs.state``, e.g. SPML's memory bank): ``Loss.init_state`` of the
+  global batch, every leaf ``[global batch, ...]`` and sharded over the
+  ``data`` axis like the batch (the step updates it; checkpoints keep it).
 
 Optimizer (the official AGMM recipe, PyTorch SGD semantics):
 ``g <- grad + weight_decay * p``; ``m <- momentum * m + g``;
@@ -74,6 +78,29 @@ def create_optimizer(optimizer_config: Any,
       param_labels)
 
 
+def state_shardings(mesh: jax.sharding.Mesh, with_method_state: bool
+                    ) -> dict[str, jax.sharding.NamedSharding]:
+  """The shardings of the train state's entries (a pytree prefix of it):
+  replicated, but ``method_state`` split over ``data`` like the batch."""
+  replicated = sharding_lib.replicated_sharding(mesh)
+  shardings = {name: replicated for name in ('params', 'model_state', 'opt_state', 'step')}
+  if with_method_state:
+    shardings['method_state'] = sharding_lib.data_sharding(mesh)
+  return shardings
+
+
+def shard_like_batch(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Host pytree with leaves ``[global batch, ...]`` (the same on every
+  process) -> arrays split over the ``data`` axis."""
+  sharding = sharding_lib.data_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Host/single-device pytree -> arrays replicated over ``mesh``.
 
@@ -101,6 +128,7 @@ class ModelDefs:
 def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
                        mesh: jax.sharding.Mesh, total_steps: int, *,
                        extra_heads: Mapping[str, Any] | None = None,
+                       method_state: Mapping[str, Any] | None = None,
                        load_pretrained: bool = True
                        ) -> tuple[TrainState, ModelDefs,
                                   optax.GradientTransformation]:
@@ -108,7 +136,8 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
 
   ``extra_heads``: the loss's declared heads (``build_loss(config.loss).
   needs.heads``), so that a checkpoint of a method with heads restores into
-  the same structure.
+  the same structure. ``method_state``: ``Loss.init_state(global batch,
+  num_classes)``, kept as ``state['method_state']`` when not empty.
   """
   model = models.build_model(config.model, num_classes,
                              rngs=nnx.Rngs(config.seed), extra_heads=extra_heads)
@@ -128,7 +157,10 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
       'opt_state': tx.init(params),
       'step': jnp.zeros((), jnp.int32),
   }
-  return replicate(state, mesh), ModelDefs(train_graphdef, eval_graphdef), tx
+  state = replicate(state, mesh)
+  if method_state:
+    state['method_state'] = shard_like_batch(dict(method_state), mesh)
+  return state, ModelDefs(train_graphdef, eval_graphdef), tx
 
 
 @jax.jit

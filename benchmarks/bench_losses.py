@@ -158,7 +158,8 @@ def bench_torch(inputs, runs):
   return statistics.median(times)
 
 
-def bench_model_step(inputs, depth, runs, max_memory_gb):
+def bench_model_step(inputs, depth, runs, max_memory_gb,
+                     step_presets=('pce_only', 'agmm_released')):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from agmm_jax import models  # pylint: disable=g-import-not-at-top
   batch, size = inputs.label.shape[:2]
@@ -170,7 +171,7 @@ def bench_model_step(inputs, depth, runs, max_memory_gb):
                        jnp.float32)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   timings = {}
-  for preset in ('pce_only', 'agmm_released'):
+  for preset in step_presets:
     loss_fn = methods.build_loss(presets.preset(preset))
 
     def step(params, rest, images, label, present, loss_fn=loss_fn):

@@ -36,6 +36,13 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     'pce_ncut': lambda: {'weights': {'pce': 1.0, 'ncut': 1.0}},
     # pCE + the gated CRF loss at the reference's weight 0.1.
     'pce_gatedcrf': lambda: {'weights': {'pce': 1.0, 'gatedcrf': 0.1}},
+    # SPML stage 1 (methods/spml.py): pCE (the classifier) + the
+    # pixel-to-segment loss with the VOC points values (the term's defaults).
+    'spml': lambda: {'weights': {'pce': 1.0, 'spml': 1.0}},
+    # The same with SPML's VOC scribble values (train_spml_scribble.sh).
+    'spml_scribble': lambda: {'weights': {'pce': 1.0, 'spml': 1.0}, 'spml': {
+        'cooccurrence_concentration': 12.0, 'annotation_weight': 1.0,
+        'cooccurrence_weight': 0.5}},
 }
 PRESETS = tuple(_PRESETS)
 

@@ -10,14 +10,16 @@ row-chunk loops of the per-pixel terms), ``pce`` (partial cross-entropy,
 absent-class), ``agmm`` (GMM and prototype terms), ``spanning_tree`` (MST,
 tree filter and affinity propagation kernels), ``tel`` (tree energy loss),
 ``apro`` (affinity propagation), ``bilateral`` (the dense bilateral product,
-exact and by a bilateral grid) and ``regularized`` (dense CRF, normalized cut,
-gated CRF and entropy terms).
+exact and by a bilateral grid), ``regularized`` (dense CRF, normalized cut,
+gated CRF and entropy terms) and ``spml`` (pixel-to-segment contrastive
+learning with its memory bank).
 """
 
 from agmm_jax.methods import agmm
 from agmm_jax.methods import apro
 from agmm_jax.methods import pce
 from agmm_jax.methods import regularized
+from agmm_jax.methods import spml
 from agmm_jax.methods import tel
 from agmm_jax.methods.core import build_loss
 from agmm_jax.methods.core import get_term

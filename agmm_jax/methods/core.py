@@ -19,9 +19,14 @@ the values are the terms' own.
 A term declares what it needs beyond logits, decoder features and labels with
 :class:`Needs`: the normalized input ``image``, extra *heads* on the decoder
 features (name -> factory of an ``nnx.Module``; the model builds them and their
-outputs reach the loss as ``LossInputs.outputs[name]``) and extra *batch
+outputs reach the loss as ``LossInputs.outputs[name]``), extra *batch
 fields* (name -> function of one augmented training example; the input
-pipeline computes them and they reach the loss as ``LossInputs.fields[name]``).
+pipeline computes them and they reach the loss as ``LossInputs.fields[name]``)
+and *method state* (name -> ``init(batch_size, num_classes, **options)``, a
+pytree of arrays whose leading axis is the global batch; the trainer keeps it
+in the train state, sharded like the batch and checkpointed, and it reaches
+the loss as ``LossInputs.state[name]``; a term that declares state returns
+``(value, {name: new state})``, e.g. SPML's memory bank).
 ``build_loss(config).needs`` merges the declarations of the active terms, and
 the trainer builds the model and the pipeline from it, so a new method touches
 its own module, a config preset and its tests.
@@ -65,6 +70,7 @@ class LossInputs(NamedTuple):
       label resolution), or None where no term declared ``Needs(image=True)``.
     outputs: the extra heads' outputs by name (``Needs.heads``), or None.
     fields: the extra batch fields by name (``Needs.batch_fields``), or None.
+    state: the method state by name (``Needs.state``), or None.
   """
   logits: jax.Array
   decoder_features: jax.Array
@@ -73,6 +79,7 @@ class LossInputs(NamedTuple):
   image: jax.Array | None = None
   outputs: Mapping[str, jax.Array] | None = None
   fields: Mapping[str, jax.Array] | None = None
+  state: Mapping[str, Any] | None = None
 
   @property
   def valid(self) -> jax.Array:
@@ -102,6 +109,15 @@ class LossInputs(NamedTuple):
     return self.fields[name]
 
 
+def term_state(inputs: LossInputs, term: str, name: str) -> Any:
+  """The method state ``name`` of ``term``; a one-line ValueError when the
+  caller passed none (``Loss.init_state`` makes the first)."""
+  if not inputs.state or name not in inputs.state:
+    raise ValueError(f'loss term {term!r} needs the method state {name!r} but '
+                     'LossInputs.state has none (pass Loss.init_state(...))')
+  return inputs.state[name]
+
+
 # ``factory(in_features, *, dtype, rngs) -> nnx.Module``: a head applied to the
 # decoder features ``[B, h, w, in_features]``.
 HeadFactory = Callable[..., Any]
@@ -110,6 +126,9 @@ HeadFactory = Callable[..., Any]
 # ``[c, c]`` and ``class_present`` of agmm_jax.input_pipeline), computed on the
 # host by the input pipeline.
 FieldFactory = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+# ``init(batch_size, num_classes, **options) -> pytree``: a method's state for
+# a global batch of ``batch_size``, every leaf ``[batch_size, ...]``.
+StateFactory = Callable[..., Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,17 +139,19 @@ class Needs:
     image: the normalized input crop in ``LossInputs.image``.
     heads: extra heads on the decoder features by output name.
     batch_fields: extra training-batch fields by name.
+    state: method state carried from step to step, by name.
   """
   image: bool = False
   heads: Mapping[str, HeadFactory] = dataclasses.field(default_factory=dict)
   batch_fields: Mapping[str, FieldFactory] = dataclasses.field(
       default_factory=dict)
+  state: Mapping[str, StateFactory] = dataclasses.field(default_factory=dict)
 
   def merge(self, other: 'Needs', what: str) -> 'Needs':
     """The union of two declarations; a name declared twice must be the same
     factory (``what`` names the term, for the error)."""
     merged = {}
-    for kind in ('heads', 'batch_fields'):
+    for kind in ('heads', 'batch_fields', 'state'):
       mine, theirs = getattr(self, kind), getattr(other, kind)
       for name in set(mine) & set(theirs):
         if mine[name] is not theirs[name]:
@@ -299,20 +320,31 @@ def loss_config(weights: Mapping[str, float],
 class Loss:
   """What :func:`build_loss` returns.
 
-  ``loss(inputs) -> (total, {term: unweighted value})``; ``needs``: the merged
+  ``loss(inputs) -> (total, {term: unweighted value})``;
+  ``loss.apply(inputs) -> (total, values, new method state)``;
+  ``loss.init_state(batch_size, num_classes)``: the initial method state
+  (``{}`` for stateless methods); ``needs``: the merged
   declarations of the active terms; ``terms``: their names;
   ``summary(inputs)``: the per-class map of the first active term that has
   one (``[B, H, W, K]``), shown as ``summary_name`` (``TERM_response``), or
   None.
   """
-  fn: Callable[[LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
+  fn: Callable[[LossInputs], tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]]
   needs: Needs
   terms: tuple[str, ...]
   summary: Callable[[LossInputs], jax.Array] | None
   summary_name: str | None
+  init_state: Callable[[int, int], dict[str, Any]]
 
   def __call__(self, inputs: LossInputs
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    total, values, _ = self.fn(inputs)
+    return total, values
+
+  def apply(self, inputs: LossInputs
+            ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    """``(total, values, new state)``; the new state has the structure of
+    ``init_state``'s."""
     return self.fn(inputs)
 
 
@@ -370,26 +402,38 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> Loss:
     if term.check is not None:
       term.check(**options)
   options_by_term = {term.name: options for term, _, options in active}
+  stateful = {term.name for term, _, _ in active if term.needs.state}
   claimed: set[str] = set()
   groups = []
   for group in _GROUPS:
     covered = tuple(name for name in options_by_term
-                    if name in group.terms and name not in claimed)
+                    if name in group.terms and name not in claimed
+                    and name not in stateful)
     if len(covered) >= 2:
       groups.append((group, covered))
       claimed.update(covered)
   singles = [(term, options) for term, _, options in active
              if term.name not in claimed]
 
-  def loss_fn(inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
-    values = {}
+  def loss_fn(inputs: LossInputs
+              ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    values, state = {}, {}
     for group, covered in groups:
       values.update(group.fn(inputs, {name: options_by_term[name]
                                       for name in covered}))
     for term, options in singles:
-      values[term.name] = term.fn(inputs, **options)
+      if term.name in stateful:
+        values[term.name], updates = term.fn(inputs, **options)
+        state.update(updates)
+      else:
+        values[term.name] = term.fn(inputs, **options)
     total = sum(weight * values[term.name] for term, weight, _ in active)
-    return total, {term.name: values[term.name] for term, _, _ in active}
+    return total, {term.name: values[term.name] for term, _, _ in active}, state
+
+  def init_state(batch_size: int, num_classes: int) -> dict[str, Any]:
+    """Every active term's declared state for a global batch."""
+    return {name: init(batch_size, num_classes, **options_by_term[term.name])
+            for term, _, _ in active for name, init in term.needs.state.items()}
 
   shown = next(((term, options) for term, _, options in active
                 if term.summary is not None), None)
@@ -400,7 +444,7 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> Loss:
 
   return Loss(loss_fn, needs, tuple(term.name for term, _, _ in active),
               summary_fn if shown else None,
-              f'{shown[0].name}_response' if shown else None)
+              f'{shown[0].name}_response' if shown else None, init_state)
 
 
 def upcast(x: jax.Array) -> jax.Array:
