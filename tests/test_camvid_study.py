@@ -1,6 +1,7 @@
-"""Tests of benchmarks/camvid_study.py: the plan, the resumable runner and the
-report, on fake workdirs (TensorBoard events written with agmm_jax.summary
-under the tags agmm_jax/train.py uses). No training."""
+"""Tests of benchmarks/camvid_study.py and its modules benchmarks/study/: the
+plan, the resumable runner and the report, on fake workdirs (TensorBoard
+events written with agmm_jax.summary under the tags agmm_jax/train.py uses).
+No training."""
 
 import dataclasses
 import json
@@ -23,6 +24,22 @@ import pytest
 
 from agmm_jax import summary
 from benchmarks import camvid_study
+from benchmarks.study.cli import DEFAULT_CALL_BUDGET_S
+from benchmarks.study.device_plan import (
+    DeviceFigures, RunShape, device_order, is_core_run, predicted_img_per_s,
+    predicted_run_s, program_key, run_shape, split_into_calls)
+from benchmarks.study.evaluations import (
+    evaluate_finished, parse_eval_output, run_diagnostic)
+from benchmarks.study.grid import (
+    CORE_METHODS, METHODS, STUDY_PRESETS, Cell, Run, config_overrides,
+    plan_preset, plan_runs, run_config)
+from benchmarks.study.pack import (
+    PACK_FIGURES, PACK_FILE_LIMIT, PACK_JSON, pack_results, unpack_results)
+from benchmarks.study.plots import make_overlays
+from benchmarks.study.report import summarize, write_report
+from benchmarks.study.results import read_run, result_from_record
+from benchmarks.study.runner import (
+    machine_description, read_marker, run_plan, write_marker)
 from configs import camvid_clicks
 
 CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree',
@@ -95,8 +112,8 @@ def test_plan_without_steps_and_with_overrides(capsys):
 
 
 def test_run_config_applies_overrides_like_the_command_line():
-  (run,) = camvid_study.plan_runs(['points:1'], ['agmm_paper'], [4])
-  config = camvid_study.run_config(run, [
+  (run,) = plan_runs(['points:1'], ['agmm_paper'], [4])
+  config = run_config(run, [
       'data.dir=elsewhere', 'data.num_threads=2',
       'data.scale_range=(0.75, 1.5)', 'optimizer.lr=0.5'])
   assert config.seed == 4 and config.data.prepare.sparse == 'points:1'
@@ -104,9 +121,9 @@ def test_run_config_applies_overrides_like_the_command_line():
   assert config.data.scale_range == (0.75, 1.5)
   assert config.optimizer.lr == 0.5
   with pytest.raises(ValueError, match="'data.nope'"):
-    camvid_study.run_config(run, ['data.nope=1'])
+    run_config(run, ['data.nope=1'])
   with pytest.raises(ValueError, match='not a Python literal'):
-    camvid_study.run_config(run, ['data.num_threads=two'])
+    run_config(run, ['data.num_threads=two'])
 
 
 def test_plan_rejects_unknown_method(capsys):
@@ -114,36 +131,36 @@ def test_plan_rejects_unknown_method(capsys):
   assert "'nope'" in capsys.readouterr().err
 
 
-def _fake_run(name: str, exit_code: int) -> camvid_study.Run:
+def _fake_run(name: str, exit_code: int) -> Run:
   """A run whose command counts its calls in WORKDIR/calls and exits."""
   workdir = os.path.join('runs', name)
   script = (f'import os; p = os.path.join({workdir!r}, "calls"); '
             'n = int(open(p).read()) if os.path.exists(p) else 0; '
             f'open(p, "w").write(str(n + 1)); raise SystemExit({exit_code})')
-  return camvid_study.Run(camvid_study.Cell('clicks:20', name), 0, workdir,
-                          (sys.executable, '-c', script))
+  return Run(Cell('clicks:20', name), 0, workdir,
+             (sys.executable, '-c', script))
 
 
 def test_run_skips_finished_runs_and_retries_failed_ones(tmp_path):
   ok, bad = _fake_run('ok', 0), _fake_run('bad', 3)
-  statuses = camvid_study.run_plan([ok, bad], repo_root=str(tmp_path))
+  statuses = run_plan([ok, bad], repo_root=str(tmp_path))
   assert [s for _, s in statuses] == ['done', 'failed (exit 3)']
-  statuses = camvid_study.run_plan([ok, bad], repo_root=str(tmp_path))
+  statuses = run_plan([ok, bad], repo_root=str(tmp_path))
   assert [s for _, s in statuses] == ['skipped', 'failed (exit 3)']
   calls = lambda run: int((tmp_path / run.workdir / 'calls').read_text())
   assert (calls(ok), calls(bad)) == (1, 2)
-  marker = camvid_study.read_marker(str(tmp_path / bad.workdir))
+  marker = read_marker(str(tmp_path / bad.workdir))
   assert not marker['done'] and [a['returncode'] for a in
                                  marker['attempts']] == [3, 3]
   assert all(a['wall_s'] >= 0 for a in marker['attempts'])
   # A different command in the same workdir is not "done": it runs again.
-  changed = camvid_study.Run(ok.cell, ok.seed, ok.workdir, ok.argv + ('x',))
-  assert [s for _, s in camvid_study.run_plan(
+  changed = Run(ok.cell, ok.seed, ok.workdir, ok.argv + ('x',))
+  assert [s for _, s in run_plan(
       [changed], repo_root=str(tmp_path))] == ['done']
   assert calls(ok) == 2
   # --stop_on_failure stops at the failed run.
-  statuses = camvid_study.run_plan([bad, changed], repo_root=str(tmp_path),
-                                   keep_going=False)
+  statuses = run_plan([bad, changed], repo_root=str(tmp_path),
+                      keep_going=False)
   assert [s for _, s in statuses] == ['failed (exit 3)']
 
 
@@ -156,8 +173,8 @@ def test_run_passes_sigterm_to_the_trainer_and_stops(tmp_path):
       open('ready', 'w').close()
       time.sleep(60)
       ''')
-  slow = camvid_study.Run(camvid_study.Cell('clicks:20', 'slow'), 0, '.',
-                          (sys.executable, '-c', script))
+  slow = Run(Cell('clicks:20', 'slow'), 0, '.',
+             (sys.executable, '-c', script))
   never = _fake_run('never', 0)
 
   def kill_when_ready():
@@ -169,7 +186,7 @@ def test_run_passes_sigterm_to_the_trainer_and_stops(tmp_path):
   killer = threading.Thread(target=kill_when_ready)
   killer.start()
   start = time.monotonic()
-  statuses = camvid_study.run_plan([slow, never], repo_root=str(tmp_path))
+  statuses = run_plan([slow, never], repo_root=str(tmp_path))
   killer.join()
   assert [s for _, s in statuses] == ['failed (exit 143)']
   assert time.monotonic() - start < 30
@@ -182,9 +199,9 @@ def study(tmp_path_factory):
   once; agmm_released planned, started by hand at seed 0 (a train loss, no
   evaluation), not at seed 1. Returns (root, runs, {run: per-class IoU})."""
   root = str(tmp_path_factory.mktemp('study') / 'runs')
-  runs = camvid_study.plan_runs(['clicks:20'],
-                                ['pce_only', 'agmm_released', 'agmm_paper',
-                                 'full'], [0, 1], steps=20, root=root)
+  runs = plan_runs(['clicks:20'],
+                   ['pce_only', 'agmm_released', 'agmm_paper', 'full'],
+                   [0, 1], steps=20, root=root)
   rng = np.random.default_rng(0)
   finals = {}
   for run in runs:
@@ -213,18 +230,18 @@ def study(tmp_path_factory):
       writer.write_scalars(20, {
           'eval/miou': per_class.mean(),
           **{f'eval/iou/{c}': v for c, v in zip(CLASSES, per_class)}})
-    camvid_study.write_marker(run.workdir, {
+    write_marker(run.workdir, {
         'command': run.command, 'done': True,
         'attempts': [{'wall_s': 100.0, 'returncode': 143,
                       'load_average': 4.0},
                      {'wall_s': 50.0, 'returncode': 0, 'load_average': 2.0}],
-        'machine': camvid_study.machine_description()})
+        'machine': machine_description()})
   return root, runs, finals
 
 
 def test_read_run_takes_the_last_value_of_a_repeated_step(study):
   _, runs, finals = study
-  result = camvid_study.read_run(runs[0])
+  result = read_run(runs[0])
   np.testing.assert_array_equal(result.miou_curve[0], [10, 20])
   assert result.final_miou == pytest.approx(finals[runs[0]].mean())
   assert list(result.per_class_iou) == sorted(CLASSES)  # no metadata.json
@@ -232,16 +249,15 @@ def test_read_run_takes_the_last_value_of_a_repeated_step(study):
       [result.per_class_iou[c] for c in CLASSES], finals[runs[0]], rtol=1e-6)
   np.testing.assert_array_equal(result.loss_curve[0], [5, 10, 15, 20])
   assert result.wall_s == 150.0 and result.done
-  started = camvid_study.read_run(runs[1])  # agmm_released: no eval yet
+  started = read_run(runs[1])  # agmm_released: no eval yet
   assert not started.has_eval and not started.done
   assert started.wall_from_events and started.wall_s == 0.0
-  assert camvid_study.read_run(runs[5]) is None  # agmm_released seed 1
+  assert read_run(runs[5]) is None  # agmm_released seed 1
 
 
 def test_summarize_matches_numpy(study):
   _, runs, finals = study
-  summaries = camvid_study.summarize(
-      [r for r in map(camvid_study.read_run, runs) if r is not None])
+  summaries = summarize([r for r in map(read_run, runs) if r is not None])
   assert [s.cell.method for s in summaries] == [
       'pce_only', 'agmm_paper', 'full']
   for summary_ in summaries:
@@ -344,11 +360,10 @@ def test_overlays_grid_from_predict_mode(study, tmp_path):
   python = tmp_path / 'python'
   python.write_text(f'#!/bin/sh\nexec {sys.executable} {fake} "$@"\n')
   python.chmod(python.stat().st_mode | stat.S_IEXEC)
-  summaries = camvid_study.summarize(
-      [r for r in map(camvid_study.read_run, runs) if r is not None])
-  path = camvid_study.make_overlays(summaries, 'clicks:20',
-                                    str(tmp_path / 'out'), num_images=2,
-                                    python=str(python))
+  summaries = summarize([r for r in map(read_run, runs) if r is not None])
+  path = make_overlays(summaries, 'clicks:20',
+                       str(tmp_path / 'out'), num_images=2,
+                       python=str(python))
   assert path == str(tmp_path / 'out' / 'qualitative_clicks20.png')
   with Image.open(path) as grid:
     # 2 rows x (input, ground truth, pce_only, agmm_paper, full).
@@ -362,7 +377,7 @@ def test_overlays_grid_from_predict_mode(study, tmp_path):
 
 def test_gpu_preset_plans_every_registry_method_and_one_check_run():
   from configs import presets
-  runs = camvid_study.plan_preset(camvid_study.STUDY_PRESETS['gpu'])
+  runs = plan_preset(STUDY_PRESETS['gpu'])
   grid = [r for r in runs if not r.cell.variant]
   expected = {(spec, method, seed) for spec in ('clicks:20', 'scribbles')
               for method in presets.PRESETS for seed in (0, 1)}
@@ -373,7 +388,7 @@ def test_gpu_preset_plans_every_registry_method_and_one_check_run():
   assert (check.cell.method, check.seed, check.cell.variant) == (
       'agmm_released', 0, 'bf16')
   assert check.workdir == 'runs/gpu_study/clicks20_agmm_released_bf16_seed0'
-  twin = next(r for r in grid if r.cell == camvid_study.Cell(
+  twin = next(r for r in grid if r.cell == Cell(
       'clicks:20', 'agmm_released') and r.seed == 0)
   # The check differs from its float32 twin by the dtype and workdir only.
   assert set(check.argv) - set(twin.argv) == {
@@ -384,7 +399,7 @@ def test_gpu_preset_plans_every_registry_method_and_one_check_run():
     assert flags['config.eval_every_steps'] == '44'
     assert flags['config.num_epochs'] == '40'
     assert 'config.num_train_steps' not in flags
-  config = camvid_study.run_config(twin, camvid_study.config_overrides(twin))
+  config = run_config(twin, config_overrides(twin))
   assert (config.model.depth, config.model.output_stride, config.num_epochs,
           config.global_batch_size, config.data.crop_size) == (
               18, 16, 40, 16, 353)
@@ -392,37 +407,36 @@ def test_gpu_preset_plans_every_registry_method_and_one_check_run():
 
 
 def test_predicted_run_seconds_match_a_hand_computation():
-  (run,) = camvid_study.plan_preset(camvid_study.STUDY_PRESETS['gpu'],
-                                    labels=['clicks:20'], methods=['tel'],
-                                    seeds=[0])[:1]
-  shape = camvid_study.run_shape(run)
+  (run,) = plan_preset(STUDY_PRESETS['gpu'],
+                       labels=['clicks:20'], methods=['tel'],
+                       seeds=[0])[:1]
+  shape = run_shape(run)
   # 40 epochs of 367 // 16 = 22 steps; val every 44 steps: 20 evaluations.
   assert (shape.total_steps, shape.batch, shape.num_evals) == (880, 16, 20)
-  figures = camvid_study.DeviceFigures()
+  figures = DeviceFigures()
   # 180 images/s for 496.1 GFLOP per image, scaled to 113.1; the pipeline
   # (12 threads x 98 images/s) is not the limit.
   rate = min(180.0 * 496.1 / 113.1, 12 * 98.0)
-  assert camvid_study.predicted_img_per_s(shape, figures) == pytest.approx(
-      rate)
+  assert predicted_img_per_s(shape, figures) == pytest.approx(rate)
   eval_s = 20 * 101 * (360 * 480) / 353**2 / 3 / rate
   expected = 15.0 + 880 * 16 / rate + eval_s
-  assert camvid_study.predicted_run_s(
+  assert predicted_run_s(
       shape, figures, compiles=False) == pytest.approx(expected)
-  assert camvid_study.predicted_run_s(
+  assert predicted_run_s(
       shape, figures, compiles=True) == pytest.approx(expected + 80.0)
   # A measured throughput replaces the scaling.
   measured = dataclasses.replace(figures, img_per_s=200.0)
-  assert camvid_study.predicted_run_s(
+  assert predicted_run_s(
       shape, measured, compiles=False) == pytest.approx(
           15.0 + (880 * 16 + 20 * 101 * 360 * 480 / 353**2 / 3) / 200.0)
 
 
-def _synthetic_runs(programs: str) -> list[camvid_study.Run]:
+def _synthetic_runs(programs: str) -> list[Run]:
   """One run per letter; equal letters share a program (the method)."""
   runs = []
   for index, letter in enumerate(programs):
-    runs.append(camvid_study.Run(
-        camvid_study.Cell('clicks:20', f'm{letter}'), index, f'w{index}',
+    runs.append(Run(
+        Cell('clicks:20', f'm{letter}'), index, f'w{index}',
         ('python', 'main.py',
          f'--config=configs/camvid_clicks.py:labels=clicks:20,'
          f'method=m{letter},size=gpu_r18,lseed=0', f'--workdir=w{index}',
@@ -432,14 +446,14 @@ def _synthetic_runs(programs: str) -> list[camvid_study.Run]:
 
 def test_split_into_calls_compiles_once_per_task_and_respects_budgets():
   runs = _synthetic_runs('aaabbbcccadd')
-  shape = camvid_study.RunShape(size='gpu_r18', total_steps=100, batch=10,
-                                eval_every=100, num_threads=12, crop=10,
-                                eval_pixels=0)
-  figures = camvid_study.DeviceFigures(
+  shape = RunShape(size='gpu_r18', total_steps=100, batch=10,
+                   eval_every=100, num_threads=12, crop=10,
+                   eval_pixels=0)
+  figures = DeviceFigures(
       img_per_s=100.0, compile_s=50.0, start_s=5.0, data_prep_s=7.0,
       call_overhead_s=3.0)
   # A run: 5 s start + 10 s training (+ 50 s compile), eval free.
-  calls = camvid_study.split_into_calls(
+  calls = split_into_calls(
       runs, figures, 100.0, task_budget_s=190.0,
       shapes={r: shape for r in runs})
   assert [r for c in calls for r in c.runs] == runs  # order kept
@@ -467,17 +481,15 @@ def test_split_into_calls_compiles_once_per_task_and_respects_budgets():
             before.task else task_before + after.run_s[0] + 3.0 > 190.0)
   assert len({c.task for c in calls}) > 1
   with pytest.raises(ValueError, match='does not fit in a device call'):
-    camvid_study.split_into_calls(runs, figures, 60.0,
-                                  shapes={r: shape for r in runs})
+    split_into_calls(runs, figures, 60.0, shapes={r: shape for r in runs})
 
 
 def test_device_order_puts_core_programs_first_grouped():
-  runs = camvid_study.plan_preset(camvid_study.STUDY_PRESETS['gpu'])
-  ordered = camvid_study.device_order(runs, camvid_study.CORE_METHODS)
+  runs = plan_preset(STUDY_PRESETS['gpu'])
+  ordered = device_order(runs, CORE_METHODS)
   assert sorted(ordered, key=runs.index) == runs
   core = [r for r in ordered
-          if camvid_study.is_core_run(r, 'clicks:20',
-                                      camvid_study.CORE_METHODS)]
+          if is_core_run(r, 'clicks:20', CORE_METHODS)]
   assert ordered[:len(core)] == core
   # pce_only and full share a program and come first, then the AGMM forms.
   assert {r.cell.method for r in core[:4]} == {'pce_only', 'full'}
@@ -485,7 +497,7 @@ def test_device_order_puts_core_programs_first_grouped():
       'agmm_paper'] * 2
   assert core[-1].cell.variant == 'bf16'
   # Each program's runs are contiguous within a part.
-  keys = [(r in core, camvid_study.program_key(r)) for r in ordered]
+  keys = [(r in core, program_key(r)) for r in ordered]
   assert len(set(keys)) == len([k for i, k in enumerate(keys)
                                 if i == 0 or keys[i - 1] != k])
 
@@ -494,7 +506,7 @@ def test_plan_prints_calls_and_predicted_device_time(capsys):
   assert camvid_study.main(['--plan', '--preset=gpu']) == 0
   lines = capsys.readouterr().out.splitlines()
   commands = [line for line in lines if not line.startswith('#')]
-  assert len(commands) == 2 * 2 * (len(camvid_study.METHODS) - 1) + 2 + 1
+  assert len(commands) == 2 * 2 * (len(METHODS) - 1) + 2 + 1
   call_lines = [line for line in lines if line.startswith('# call ')]
   totals = [float(line.split('predicted ')[1].split(' s')[0])
             for line in call_lines]
@@ -502,7 +514,7 @@ def test_plan_prints_calls_and_predicted_device_time(capsys):
   assert f'predicted {sum(totals):.0f} s' in total_line or abs(
       float(total_line.split('predicted ')[1].split(' s')[0])
       - sum(totals)) <= len(totals)
-  assert all(t <= camvid_study.DEFAULT_CALL_BUDGET_S for t in totals)
+  assert all(t <= DEFAULT_CALL_BUDGET_S for t in totals)
   assert any('WARNING' in line for line in lines)  # several calls
   assert any(line.startswith('#   size=gpu_r18') for line in lines)
   # --call=1: only that call's runs, the core cells first.
@@ -529,7 +541,7 @@ def test_camvid_config_gpu_r18_size():
 # Across sessions: --status, partial grids, deadline.
 
 
-def _write_run(run: camvid_study.Run, *, steps: Sequence[int],
+def _write_run(run: Run, *, steps: Sequence[int],
                mious: Sequence[float], marker_exit: int | None,
                per_class: Sequence[float] | None = None) -> None:
   """Fake workdir: a train loss at every step of `steps`, val mIoU `mious`
@@ -544,11 +556,11 @@ def _write_run(run: camvid_study.Run, *, steps: Sequence[int],
       writer.write_scalars(steps[-1], {f'eval/iou/{c}': v
                                        for c, v in zip(CLASSES, per_class)})
   if marker_exit is not None:
-    camvid_study.write_marker(run.workdir, {
+    write_marker(run.workdir, {
         'command': run.command, 'done': marker_exit == 0,
         'attempts': [{'wall_s': 60.0, 'returncode': marker_exit,
                       'load_average': 1.0}],
-        'machine': camvid_study.machine_description()})
+        'machine': machine_description()})
 
 
 @pytest.fixture(scope='module')
@@ -558,9 +570,9 @@ def partial_study(tmp_path_factory):
   failed (exit 1) at step 5, seed 1 not started. Returns (root, runs,
   {run: final mIoU})."""
   root = str(tmp_path_factory.mktemp('partial') / 'runs')
-  runs = camvid_study.plan_runs(['clicks:20'], ['pce_only', 'agmm_released',
-                                                'agmm_paper'], [0, 1],
-                                steps=20, root=root)
+  runs = plan_runs(['clicks:20'], ['pce_only', 'agmm_released',
+                                   'agmm_paper'], [0, 1],
+                   steps=20, root=root)
   by_key = {(r.cell.method, r.seed): r for r in runs}
   rng = np.random.default_rng(3)
   finals = {}
@@ -633,22 +645,22 @@ def test_run_plan_defers_runs_past_the_deadline_and_passes_env(tmp_path):
       open('env', 'w').write(os.environ['JAX_COMPILATION_CACHE_DIR'])
       time.sleep(float(sys.argv[1]))
       ''')
-  fast = camvid_study.Run(camvid_study.Cell('clicks:20', 'fast'), 0, 'fast',
-                          (sys.executable, '-c', script, '0'))
-  slow = camvid_study.Run(camvid_study.Cell('clicks:20', 'slow'), 0, '.',
-                          (sys.executable, '-c', script, '60'))
+  fast = Run(Cell('clicks:20', 'fast'), 0, 'fast',
+             (sys.executable, '-c', script, '0'))
+  slow = Run(Cell('clicks:20', 'slow'), 0, '.',
+             (sys.executable, '-c', script, '60'))
   never = _fake_run('never', 0)
   env = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'cache')}
   start = time.monotonic()
   # The slow run is predicted to fit, overruns and is stopped at the
   # deadline; the next one is predicted past it and deferred.
-  statuses = camvid_study.run_plan(
+  statuses = run_plan(
       [fast, slow, never], repo_root=str(tmp_path), env=env,
       deadline=start + 3.0, predicted_s={fast: 0.1, slow: 0.1, never: 100.0})
   assert time.monotonic() - start < 30
   assert [s for _, s in statuses] == ['done', 'failed (exit 143)']
   assert (tmp_path / 'env').read_text() == str(tmp_path / 'cache')
-  statuses = camvid_study.run_plan(
+  statuses = run_plan(
       [never], repo_root=str(tmp_path), deadline=time.monotonic() + 5.0,
       predicted_s={never: 100.0})
   assert [s for _, s in statuses] == ['deferred (deadline)']
@@ -664,24 +676,21 @@ def test_pack_round_trip_gives_the_same_results_and_report(
   root, runs, _ = partial_study
   figure = tmp_path / 'qualitative_clicks20.png'
   Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8)).save(figure)
-  paths = camvid_study.pack_results(runs, str(tmp_path / 'out'),
-                                    figure_paths=[str(figure)],
-                                    diagnostic='| run | acc |')
+  paths = pack_results(runs, str(tmp_path / 'out'), figure_paths=[str(figure)],
+                       diagnostic='| run | acc |')
   assert sorted(os.listdir(tmp_path / 'out')) == sorted(
-      [camvid_study.PACK_JSON, camvid_study.PACK_FIGURES])
-  assert all(os.path.getsize(p) < camvid_study.PACK_FILE_LIMIT for p in paths)
-  unpacked = camvid_study.unpack_results([str(tmp_path / 'out')],
-                                         str(tmp_path / 'figures'))
+      [PACK_JSON, PACK_FIGURES])
+  assert all(os.path.getsize(p) < PACK_FILE_LIMIT for p in paths)
+  unpacked = unpack_results([str(tmp_path / 'out')], str(tmp_path / 'figures'))
   assert (tmp_path / 'figures' / figure.name).read_bytes() == \
       figure.read_bytes()
   assert unpacked.diagnostics == ['| run | acc |']
   for run in runs:
-    direct = camvid_study.read_run(run)
+    direct = read_run(run)
     if direct is None:
       assert run.workdir not in unpacked.records
       continue
-    packed = camvid_study.result_from_record(run,
-                                             unpacked.records[run.workdir])
+    packed = result_from_record(run, unpacked.records[run.workdir])
     for field in ('miou_curve', 'loss_curve', 'throughput_curve'):
       for a, b in zip(getattr(direct, field), getattr(packed, field)):
         np.testing.assert_array_equal(a, b)
@@ -708,19 +717,19 @@ def test_pack_round_trip_gives_the_same_results_and_report(
 def test_pack_refuses_files_over_the_limit_and_unpack_bad_names(
     partial_study, tmp_path, monkeypatch):
   _, runs, _ = partial_study
-  monkeypatch.setattr(camvid_study, 'PACK_FILE_LIMIT', 100)
+  monkeypatch.setattr('benchmarks.study.pack.PACK_FILE_LIMIT', 100)
   with pytest.raises(ValueError, match='exceeds'):
-    camvid_study.pack_results(runs, str(tmp_path / 'out'))
+    pack_results(runs, str(tmp_path / 'out'))
   assert os.listdir(tmp_path / 'out') == []  # nothing half-written
   monkeypatch.undo()
-  camvid_study.pack_results(runs[:1], str(tmp_path / 'ok'))
-  bad = tmp_path / 'ok' / camvid_study.PACK_FIGURES
+  pack_results(runs[:1], str(tmp_path / 'ok'))
+  bad = tmp_path / 'ok' / PACK_FIGURES
   with tarfile.open(bad, 'w:gz') as tar:
     tar.add(__file__, arcname='../escape.png')
   with pytest.raises(ValueError, match='not a plain PNG'):
-    camvid_study.unpack_results([str(tmp_path / 'ok')], str(tmp_path / 'f'))
+    unpack_results([str(tmp_path / 'ok')], str(tmp_path / 'f'))
   with pytest.raises(ValueError, match='no study_results.json'):
-    camvid_study.unpack_results([str(tmp_path)], str(tmp_path / 'f'))
+    unpack_results([str(tmp_path)], str(tmp_path / 'f'))
 
 
 # --------------------------------------------------------------------------
@@ -733,7 +742,7 @@ def test_parse_eval_output_reads_the_printed_iou_table():
   text = ('some log line\nval at step 1800 (whole):\n'
           + metrics.format_iou_table(per_class, ['road', 'side walk', 'car'],
                                      0.375, 0.9) + '\n')
-  parsed = camvid_study.parse_eval_output(text)
+  parsed = parse_eval_output(text)
   assert (parsed['split'], parsed['step'], parsed['eval_mode']) == (
       'val', 1800, 'whole')
   assert parsed['miou'] == pytest.approx(0.375)
@@ -742,10 +751,10 @@ def test_parse_eval_output_reads_the_printed_iou_table():
   assert np.isnan(parsed['per_class']['side walk'])
   assert parsed['per_class']['car'] == pytest.approx(0.25)
   with pytest.raises(ValueError, match='no "SPLIT at step N'):
-    camvid_study.parse_eval_output('error: no checkpoint')
+    parse_eval_output('error: no checkpoint')
   with pytest.raises(ValueError, match='ends before'):
-    camvid_study.parse_eval_output('val at step 3 (whole):\nclass  IoU (%)\n'
-                                   'road  50.00\n')
+    parse_eval_output('val at step 3 (whole):\nclass  IoU (%)\n'
+                      'road  50.00\n')
 
 
 def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
@@ -753,9 +762,9 @@ def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
   # A copy: the evaluations written into the workdirs stay in this test.
   root = str(tmp_path / 'runs')
   shutil.copytree(partial_study[0], root)
-  runs = camvid_study.plan_runs(['clicks:20'], ['pce_only', 'agmm_released',
-                                                'agmm_paper'], [0, 1],
-                                steps=20, root=root)
+  runs = plan_runs(['clicks:20'], ['pce_only', 'agmm_released',
+                                   'agmm_paper'], [0, 1],
+                   steps=20, root=root)
   from agmm_jax import metrics
   calls = []
   scores = {}
@@ -772,10 +781,9 @@ def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
     return subprocess.CompletedProcess(argv, 0, f'val at step 20 (whole):\n'
                                        f'{table}\n', '')
 
-  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
+  results = [r for r in map(read_run, runs) if r is not None]
   data_dir = str(tmp_path / 'other_data')
-  statuses = camvid_study.evaluate_finished(results, data_dir,
-                                            runner=fake_runner)
+  statuses = evaluate_finished(results, data_dir, runner=fake_runner)
   # Finished runs only: both pce_only seeds and agmm_paper seed 0 (which
   # fails here); the stopped and failed runs are not evaluated.
   assert sorted(statuses.values()) == ['evaluated', 'evaluated',
@@ -786,17 +794,16 @@ def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
         '--config.mode=eval', f'--config.eval.data_dir={data_dir}',
         '--config.eval.checkpoint=latest']
   calls.clear()
-  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
-  statuses = camvid_study.evaluate_finished(results, data_dir,
-                                            runner=fake_runner)
+  results = [r for r in map(read_run, runs) if r is not None]
+  statuses = evaluate_finished(results, data_dir, runner=fake_runner)
   assert len(calls) == 1 and 'agmm_paper' in calls[0][3]  # retried only
   assert sorted(statuses.values()).count('skipped') == 2
   # The report's second table: mean ± std over the evaluated seeds.
   output = tmp_path / 'results.md'
-  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
-  camvid_study.write_report(runs, results, markdown_path=str(output),
-                            curves_path=str(tmp_path / 'c.png'),
-                            overlay_paths=[], command_line='x')
+  results = [r for r in map(read_run, runs) if r is not None]
+  write_report(runs, results, markdown_path=str(output),
+               curves_path=str(tmp_path / 'c.png'),
+               overlay_paths=[], command_line='x')
   text = output.read_text()
   second = text.split(f'## mIoU (%) on `{data_dir}`')[1]
   row = next(line for line in second.splitlines()
@@ -810,15 +817,14 @@ def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
 def test_run_diagnostic_runs_the_finished_runs_and_reports_failures(
     partial_study):
   _, runs, finals = partial_study
-  results = [r for r in map(camvid_study.read_run, runs) if r is not None]
+  results = [r for r in map(read_run, runs) if r is not None]
   seen = []
 
   def fake_runner(argv, cwd):
     seen.append(list(argv))
     return subprocess.CompletedProcess(argv, 0, '| run | acc G % |\n', '')
 
-  text = camvid_study.run_diagnostic(results, images=8, runner=fake_runner,
-                                     python='py')
+  text = run_diagnostic(results, images=8, runner=fake_runner, python='py')
   (argv,) = seen
   assert argv[:3] == ['py', '-m', 'benchmarks.gmm_diagnostic']
   flag, _, workdirs = argv[3].partition('=')
@@ -827,8 +833,7 @@ def test_run_diagnostic_runs_the_finished_runs_and_reports_failures(
   assert argv[4] == '--images=8'
   assert text.endswith('| run | acc G % |') and 'gmm_diagnostic' in text
   failing = lambda argv, cwd: subprocess.CompletedProcess(argv, 2, '', 'boom')
-  assert 'failed (exit 2)' in camvid_study.run_diagnostic(
+  assert 'failed (exit 2)' in run_diagnostic(
       results, images=8, runner=failing)
   unfinished = [r for r in results if not r.finished]
-  assert camvid_study.run_diagnostic(unfinished, images=8,
-                                     runner=failing) == ''
+  assert run_diagnostic(unfinished, images=8, runner=failing) == ''

@@ -1,0 +1,413 @@
+"""The command line of benchmarks/camvid_study.py (its usage text lives there):
+argument parsing, the plan's printout with its predicted device calls, and
+the --plan, --status, --run, --pack and --report actions.
+"""
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from benchmarks.study.device_plan import (
+    CPU_SECONDS_PER_STEP, GPU_SIZES, DeviceCall, DeviceFigures,
+    call_deadline_s, device_order, format_device_plan,
+    format_size_comparison, is_core_run, measure_train_gflop,
+    predicted_extras_s, run_shape, split_into_calls)
+from benchmarks.study.evaluations import evaluate_finished, run_diagnostic
+from benchmarks.study.grid import (
+    DEFAULT_LABELS, DEFAULT_METHODS, DEFAULT_ROOT, DEFAULT_SEEDS, METHODS,
+    REPO_ROOT, STUDY_PRESETS, Run, StudyPreset, common_args_of, plan_preset)
+from benchmarks.study.pack import (
+    PACK_FIGURES, PACK_JSON, pack_results, unpack_results)
+from benchmarks.study.plots import make_overlays, plot_curves
+from benchmarks.study.report import format_duration, summarize, write_report
+from benchmarks.study.results import (
+    DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, format_status,
+    read_run, result_from_record, run_status)
+from benchmarks.study.runner import LOG_FILE, prepare_data, run_plan
+
+
+def _comma_list(text: str) -> list[str]:
+  return [item for item in text.split(',') if item]
+
+
+DEFAULT_OVERLAY_IMAGES = 3
+# What the extras' diagnostic uses (as the 200-step study did).
+DEFAULT_DIAGNOSTIC_IMAGES = 64
+# Of a device call's 600 s, what the plan packs runs into: the rest is left
+# for the deadline's SIGTERM to be answered (a checkpoint) and a margin.
+DEFAULT_CALL_BUDGET_S = 540
+
+
+def _parse_args(argv: Sequence[str] | None, usage: str
+                ) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m benchmarks.camvid_study', description=usage,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  action = parser.add_mutually_exclusive_group(required=True)
+  action.add_argument('--plan', action='store_true',
+                      help='print the command of every run, with the '
+                      'predicted time as "#" comment lines')
+  action.add_argument('--run', action='store_true',
+                      help='run the planned commands (resumable)')
+  action.add_argument('--status', action='store_true',
+                      help='per run: done, in progress (step reached), '
+                      'failed or not started')
+  action.add_argument('--pack', metavar='FOLDER',
+                      help='write the report inputs of the planned runs into '
+                      f'FOLDER ({PACK_JSON}, {PACK_FIGURES}): what a device '
+                      'call returns')
+  action.add_argument('--report', action='store_true',
+                      help='write the Markdown report, plot and overlays')
+  action.add_argument('--flops', action='store_true',
+                      help='print the train-step GFLOP per image of each '
+                      'size (TRAIN_GFLOP_PER_IMAGE)')
+  parser.add_argument('--preset', choices=sorted(STUDY_PRESETS),
+                      help='a named grid (labels, methods, seeds, size, root, '
+                      'overrides); the flags below replace its fields')
+  parser.add_argument('--labels', type=_comma_list, default=None,
+                      help='comma-separated sparse-label specs (an option '
+                      f'with "," is not supported; default '
+                      f'{",".join(DEFAULT_LABELS)})')
+  parser.add_argument('--methods', type=_comma_list, default=None,
+                      help=f'comma-separated subset of {",".join(METHODS)} '
+                      f'(default {",".join(DEFAULT_METHODS)})')
+  parser.add_argument('--seeds', type=lambda t: [int(s) for s in
+                                                 _comma_list(t)],
+                      default=None, help='training seeds (default 0,1)')
+  parser.add_argument('--steps', type=int, default=-1,
+                      help='--config.num_train_steps (default: the config\'s '
+                      'epochs)')
+  parser.add_argument('--size', choices=('cpu', 'gpu', 'gpu_r18'),
+                      default=None, help='configs/camvid_clicks.py size '
+                      '(default cpu)')
+  parser.add_argument('--lseed', type=int, default=0,
+                      help='seed of the sparse-label generator')
+  parser.add_argument('--root', default=None,
+                      help='folder of the run workdirs (relative to the '
+                      f'repository root; default {DEFAULT_ROOT})')
+  parser.add_argument('--override', action='append', default=[],
+                      help='extra config override KEY=VALUE for every run '
+                      '(repeatable), e.g. data.num_threads=2')
+  parser.add_argument('--python', default='python',
+                      help='interpreter named in the commands')
+  parser.add_argument('--stop_on_failure', action='store_true',
+                      help='--run: stop at the first failed run')
+  parser.add_argument('--call', type=int, default=0,
+                      help='--plan/--run/--pack/--status: only the runs of '
+                      'this device call of the plan (1-based; GPU sizes)')
+  parser.add_argument('--call_budget_s', type=float,
+                      default=DEFAULT_CALL_BUDGET_S,
+                      help='predicted seconds a device call may hold')
+  parser.add_argument('--deadline_s', type=float, default=None,
+                      help='--run: start no run predicted to end later than '
+                      'this many seconds after the start; SIGTERM the one '
+                      'still going then (0: none; default with --call: what '
+                      'the device call leaves after installation, packing '
+                      'and a margin)')
+  parser.add_argument('--img_per_s', type=float, default=0.0,
+                      help='measured training images/s replacing the '
+                      'FLOP-scaled prediction')
+  parser.add_argument('--compile_s', type=float,
+                      default=DeviceFigures.compile_s,
+                      help='measured compile seconds per program')
+  parser.add_argument('--compilation_cache_dir', default=None,
+                      help='JAX_COMPILATION_CACHE_DIR of the runs (relative '
+                      'to the repository; default: the preset\'s, else none)')
+  parser.add_argument('--eval_data_dir', default='',
+                      help='--run/--report: also evaluate every finished run '
+                      'on this prepared dataset folder (main.py eval mode, '
+                      'config.eval.data_dir) and report a second table')
+  parser.add_argument('--from', dest='from_folders', type=_comma_list,
+                      default=None,
+                      help='--report: the folder(s) device calls returned '
+                      '(written by --pack), instead of the workdirs; the '
+                      'plan is the packs\' (the other grid flags are not '
+                      'needed)')
+  parser.add_argument('--diagnostic_images', type=int, default=0,
+                      help='--report/--pack: run benchmarks/gmm_diagnostic.py '
+                      'on this many training images for the finished core '
+                      'runs of the first labels spec (0: no)')
+  parser.add_argument('--output', default='docs/results.md',
+                      help='--report: the Markdown file (its folder gets '
+                      'results_curves.png and results/; for another name '
+                      'NAME.md: NAME_curves.png and NAME/)')
+  parser.add_argument('--overlay_images', type=int,
+                      default=DEFAULT_OVERLAY_IMAGES,
+                      help='--report/--pack: val images per qualitative grid '
+                      '(0: none)')
+  parser.add_argument('--overlay_labels', type=_comma_list, default=None,
+                      help='--report: label specs that get a qualitative grid '
+                      '(default: the first --labels spec)')
+  parser.add_argument('--miou_tag', default=DEFAULT_MIOU_TAG)
+  parser.add_argument('--loss_tag', default=DEFAULT_LOSS_TAG)
+  parser.add_argument('--iou_prefix', default=DEFAULT_IOU_PREFIX)
+  return parser.parse_args(argv)
+
+
+def _planned(args: argparse.Namespace) -> tuple[list[Run], StudyPreset]:
+  """The runs the flags plan, and the preset they start from (the default
+  grid's when --preset is not given)."""
+  preset = STUDY_PRESETS[args.preset] if args.preset else StudyPreset(
+      labels=DEFAULT_LABELS, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS,
+      size='cpu', root=DEFAULT_ROOT)
+  runs = plan_preset(preset, labels=args.labels, methods=args.methods,
+                     seeds=args.seeds, steps=args.steps, size=args.size,
+                     root=args.root, overrides=args.override,
+                     lseed=args.lseed, python=args.python)
+  return runs, preset
+
+
+def _figures(args: argparse.Namespace) -> DeviceFigures:
+  return DeviceFigures(img_per_s=args.img_per_s, compile_s=args.compile_s)
+
+
+def _is_device_plan(runs: Sequence[Run]) -> bool:
+  return common_args_of(runs[0])['size'] in GPU_SIZES
+
+
+def _is_core(run: Run, runs: Sequence[Run], preset: StudyPreset) -> bool:
+  """A grid run of a core method on the first labels spec (the runs the
+  overlays and the diagnostic show)."""
+  return not run.cell.variant and is_core_run(
+      run, runs[0].cell.labels, preset.core_methods or METHODS)
+
+
+def _device_calls(args: argparse.Namespace, preset: StudyPreset,
+                  runs: Sequence[Run], size: str | None = None
+                  ) -> list[DeviceCall]:
+  """The plan's device calls (`size`: the runs resized, to compare
+  backbones)."""
+  if size:
+    runs = [dataclasses.replace(run, argv=tuple(
+        a.replace(f'size={common_args_of(run)["size"]},', f'size={size},')
+        for a in run.argv)) for run in runs]
+  return split_into_calls(device_order(runs, preset.core_methods),
+                          _figures(args), args.call_budget_s)
+
+
+def _extras_line(args: argparse.Namespace, preset: StudyPreset,
+                 runs: Sequence[Run], calls: Sequence[DeviceCall]) -> str:
+  """'# ' line: the extras' predicted seconds and where they belong."""
+  core = [r for r in runs if _is_core(r, runs, preset)]
+  if not core:
+    return '# extras: none (no core run planned)'
+  overlays = args.overlay_images or DEFAULT_OVERLAY_IMAGES
+  diagnosed = args.diagnostic_images or DEFAULT_DIAGNOSTIC_IMAGES
+  seconds = predicted_extras_s(len({r.cell for r in core}), len(core),
+                               _figures(args))
+  last = max(index for index, call in enumerate(calls, 1)
+             if any(r in core for r in call.runs))
+  return (f'# extras: overlays ({overlays} images) and G-vs-p diagnostic '
+          f'({diagnosed} images) of the {len(core)} core runs, predicted '
+          f'{seconds:.0f} s: after call {last}, in the same task (they need '
+          'its checkpoints): benchmarks/gpu_study.sh extras')
+
+
+def _select_call(args: argparse.Namespace, calls: Sequence[DeviceCall]
+                 ) -> DeviceCall | None:
+  """The call --call names (None without --call)."""
+  if not args.call:
+    return None
+  if not 1 <= args.call <= len(calls):
+    raise ValueError(f'--call={args.call}: the plan has {len(calls)} '
+                     'device call(s)')
+  return calls[args.call - 1]
+
+
+def _cpu_plan_lines(runs: Sequence[Run]) -> list[str]:
+  shapes = [run_shape(run) for run in runs]
+  steps = sum(s.total_steps for s in shapes)
+  return [f'# {len(runs)} runs, {steps} steps: about '
+          f'{format_duration(steps * CPU_SECONDS_PER_STEP)} on a 2-core CPU at '
+          f'{CPU_SECONDS_PER_STEP} s/step (the 200-step runs of '
+          'docs/results.md); resumable, see --status']
+
+
+def _command_line(argv: Sequence[str] | None) -> str:
+  return shlex.join(['python', '-m', 'benchmarks.camvid_study'] + list(
+      argv if argv is not None else sys.argv[1:]))
+
+
+def main(argv: Sequence[str] | None, usage: str) -> int:
+  """Runs the action the flags `argv` name (None: sys.argv); `usage`: the
+  --help description. Returns the exit status."""
+  args = _parse_args(argv, usage)
+  if args.flops:
+    from configs import camvid_clicks  # pylint: disable=g-import-not-at-top
+    for size in camvid_clicks.SIZES:
+      print(f'size={size}: {measure_train_gflop(size):.1f} GFLOP per image')
+    return 0
+  try:
+    runs, preset = _planned(args)
+    calls = (_device_calls(args, preset, runs) if _is_device_plan(runs)
+             else [])
+    call = _select_call(args, calls) if calls else None
+    if args.call and not calls:
+      raise ValueError('--call needs a GPU --size (the plan of device calls)')
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  figures = _figures(args)
+  selected = call.runs if call else (
+      [r for c in calls for r in c.runs] if calls else runs)
+  cache_dir = (args.compilation_cache_dir if args.compilation_cache_dir
+               is not None else preset.compilation_cache_dir)
+
+  if args.plan:
+    for run in selected:
+      print(run.command)
+    if calls:
+      calls_by_size = {}
+      for size in GPU_SIZES:
+        try:
+          calls_by_size[size] = _device_calls(args, preset, runs, size)
+        except ValueError as e:
+          print(f'# size={size}: {e}')
+      for line in (format_device_plan(calls, figures, args.call_budget_s)
+                   + [_extras_line(args, preset, runs, calls)]
+                   + format_size_comparison(calls_by_size)):
+        print(line)
+      if cache_dir:
+        print(f'# JAX_COMPILATION_CACHE_DIR={cache_dir} for every run')
+    else:
+      print('\n'.join(_cpu_plan_lines(runs)))
+    return 0
+
+  if args.status:
+    results = {run: read_run(run) for run in selected}
+    print('\n'.join(format_status([run_status(run, results[run])
+                                   for run in selected])))
+    return 0
+
+  if args.run:
+    start = time.monotonic()
+    if calls and len(calls) > 1 and not call:
+      print(f'warning: the plan needs {len(calls)} device calls of '
+            f'{args.call_budget_s:.0f} s; running them all in order (pass '
+            '--call=K on a device)', file=sys.stderr)
+    from data_prep import common  # pylint: disable=g-import-not-at-top
+    try:
+      prepare_data(selected, args.override)
+    except (ValueError, OSError, common.ConversionError) as e:
+      print(f'error: data preparation: {e}', file=sys.stderr)
+      return 1
+    predicted = {run: seconds for c in calls
+                 for run, seconds in zip(c.runs, c.run_s)}
+    env = {'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO_ROOT, cache_dir)
+           } if cache_dir else None
+    deadline_s = args.deadline_s
+    if deadline_s is None:
+      deadline_s = call_deadline_s(call) if call else 0.0
+    statuses = run_plan(
+        selected, keep_going=not args.stop_on_failure, env=env,
+        deadline=start + deadline_s if deadline_s > 0 else None,
+        predicted_s=predicted)
+    failed = [(r, s) for r, s in statuses if s.startswith('failed')]
+    for run, status in failed:
+      print(f'{status}: {run.workdir}/{LOG_FILE}', file=sys.stderr)
+    if args.eval_data_dir:
+      results = [r for r in map(read_run, selected) if r is not None]
+      evaluate_finished(results, args.eval_data_dir)
+    return 1 if failed or len(statuses) < len(selected) else 0
+
+  tags = dict(miou_tag=args.miou_tag, loss_tag=args.loss_tag,
+              iou_prefix=args.iou_prefix)
+  output = os.path.join(REPO_ROOT, args.output)
+  # docs/results.md -> docs/results_curves.png and docs/results/: another
+  # report (the GPU study's) keeps its figures apart.
+  stem = os.path.splitext(output)[0]
+  overlay_dir = stem
+  if args.pack:
+    results = [r for r in (read_run(run, **tags) for run in runs)
+               if r is not None]
+    core = [r for r in results if _is_core(r.run, runs, preset)]
+    folder = os.path.join(REPO_ROOT, args.pack)
+    # The extras run without --call (a call packs its scalars only).
+    extras = call is None and (args.overlay_images > 0
+                               or args.diagnostic_images > 0)
+    try:
+      # The scalars first: when the extras overrun the device call, this
+      # pack still comes back (each pack replaces the last atomically).
+      paths = pack_results(runs, folder, command_line=_command_line(argv))
+      print('wrote ' + ', '.join(paths), flush=True)
+      if not extras:
+        return 0
+      with tempfile.TemporaryDirectory() as scratch:
+        figure_paths = []
+        if args.overlay_images > 0:
+          path = make_overlays(summarize(core, finished_only=True),
+                               runs[0].cell.labels, scratch,
+                               num_images=args.overlay_images,
+                               python=args.python)
+          figure_paths += [path] if path else []
+        diagnostic = run_diagnostic(
+            core, images=args.diagnostic_images,
+            python=args.python) if args.diagnostic_images > 0 else ''
+        paths = pack_results(runs, folder, figure_paths=figure_paths,
+                             diagnostic=diagnostic,
+                             command_line=_command_line(argv))
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    print('wrote ' + ', '.join(paths) + ' with the overlays and diagnostic')
+    return 0
+
+  # --report.
+  machines, diagnostics, overlay_paths = [], [], []
+  if args.overlay_images > 0 and os.path.isdir(overlay_dir):
+    # Only the grids this report links stay.
+    for name in os.listdir(overlay_dir):
+      if name.startswith('qualitative_') and name.endswith('.png'):
+        os.remove(os.path.join(overlay_dir, name))
+  if args.from_folders:
+    if args.eval_data_dir:
+      print('error: --eval_data_dir evaluates workdirs on this machine; the '
+            'packs of --from carry the evaluations made on the device',
+            file=sys.stderr)
+      return 2
+    try:
+      unpacked = unpack_results(
+          [os.path.join(REPO_ROOT, f) for f in args.from_folders], overlay_dir)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    # The packs' plan: the commands exactly as the device ran them.
+    runs = unpacked.runs
+    results = [result_from_record(run, unpacked.records[run.workdir], **tags)
+               for run in runs if run.workdir in unpacked.records]
+    machines, diagnostics = unpacked.machines, unpacked.diagnostics
+    overlay_paths = unpacked.figure_paths if args.overlay_images > 0 else []
+  else:
+    results = [r for r in (read_run(run, **tags) for run in runs)
+               if r is not None]
+    if args.eval_data_dir:
+      evaluate_finished(results, args.eval_data_dir)
+    core = [r for r in results if _is_core(r.run, runs, preset)]
+    if args.diagnostic_images > 0:
+      diagnostics = [run_diagnostic(core, images=args.diagnostic_images,
+                                    python=args.python)]
+    if args.overlay_images > 0:
+      finished = summarize(results, finished_only=True)
+      for spec in args.overlay_labels or [runs[0].cell.labels]:
+        path = make_overlays(finished, spec, overlay_dir,
+                             num_images=args.overlay_images)
+        if path:
+          overlay_paths.append(path)
+  summaries = summarize(results)
+  if not summaries:
+    print(f'error: no run under {runs[0].workdir.rsplit(os.sep, 1)[0]} has an '
+          f'evaluation yet ({args.miou_tag!r} scalars)', file=sys.stderr)
+    return 1
+  curves_path = stem + '_curves.png'
+  plot_curves(summaries, curves_path)
+  write_report(runs, results, markdown_path=output, curves_path=curves_path,
+               overlay_paths=overlay_paths, command_line=_command_line(argv),
+               machines=machines, diagnostics=[d for d in diagnostics if d])
+  print(f'wrote {output}, {curves_path} and {len(overlay_paths)} overlay '
+        'grid(s)')
+  return 0

@@ -1,0 +1,190 @@
+"""Running the planned commands one after another (resumable): the study
+marker each workdir gets (the command, its attempts, `done`), the machine
+description, data preparation before the runs, the deadline of a device call
+and the SIGTERM passed on to the trainer.
+"""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from benchmarks.study.grid import REPO_ROOT, Run, run_config
+
+# Written by --run into each workdir: the command and its attempts.
+MARKER_FILE = 'study_run.json'
+LOG_FILE = 'study_stdout.log'
+
+
+def read_marker(workdir: str) -> dict[str, Any] | None:
+  """The study marker of a workdir, or None when it has none."""
+  path = os.path.join(workdir, MARKER_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
+
+
+def write_marker(workdir: str, marker: Mapping[str, Any]) -> None:
+  """Writes the marker atomically (a kill never leaves half a file)."""
+  path = os.path.join(workdir, MARKER_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(marker, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def is_done(run: Run, repo_root: str = REPO_ROOT) -> bool:
+  """True when `run`'s exact command finished with status 0 in its workdir."""
+  marker = read_marker(os.path.join(repo_root, run.workdir))
+  return bool(marker and marker.get('done')
+              and marker.get('command') == run.command)
+
+
+def machine_description() -> dict[str, Any]:
+  """CPU model, core count, OS and library versions of this machine."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      models = [line.split(':', 1)[1].strip() for line in f
+                if line.startswith('model name')]
+    cpu = models[0] if models else cpu
+  except OSError:
+    pass
+  versions = {}
+  for package in ('jax', 'jaxlib', 'flax'):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = 'not installed'
+  # The GPUs, where nvidia-smi lists them (the lent device machine).
+  devices = ''
+  if shutil.which('nvidia-smi'):
+    listing = subprocess.run(['nvidia-smi', '-L'], capture_output=True,
+                             text=True, check=False)
+    devices = '; '.join(listing.stdout.strip().splitlines())
+  return {'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'platform': platform.platform(), 'python': platform.python_version(),
+          'devices': devices, **versions}
+
+
+def utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime(
+      '%Y-%m-%d %H:%M:%S UTC')
+
+
+def prepare_data(runs: Sequence[Run], overrides: Sequence[str] = (),
+                 repo_root: str = REPO_ROOT) -> dict[str, float]:
+  """Converts the data folder of every run once (before the runs, so the
+  runs' wall times are training only); returns `{data_dir: seconds}`."""
+  from data_prep import auto  # pylint: disable=g-import-not-at-top
+  seconds = {}
+  cwd = os.getcwd()
+  os.chdir(repo_root)  # config paths are relative to the repository
+  try:
+    for run in runs:
+      config = run_config(run, overrides)
+      if config.data.dir in seconds:
+        continue
+      start = time.perf_counter()
+      if auto.prepare_if_missing(config.data.prepare, config.data.dir):
+        print(f'prepared {config.data.dir} in '
+              f'{time.perf_counter() - start:.0f} s', flush=True)
+      seconds[config.data.dir] = time.perf_counter() - start
+  finally:
+    os.chdir(cwd)
+  return seconds
+
+
+def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
+             keep_going: bool = True, env: Mapping[str, str] | None = None,
+             deadline: float | None = None,
+             predicted_s: Mapping[Run, float] | None = None
+             ) -> list[tuple[Run, str]]:
+  """Runs the commands one after another; returns `(run, status)` pairs.
+
+  status: 'skipped' (already done with the same command), 'done',
+  'failed (exit N)', or 'deferred (deadline)'. `env`: variables added to the
+  commands' environment (JAX_COMPILATION_CACHE_DIR). `deadline`
+  (time.monotonic() seconds): a run whose `predicted_s` would end after it
+  is not started (it and the rest are left for the next call), and a run
+  still going at the deadline gets SIGTERM (it checkpoints and exits 143). A run's stdout and stderr are appended to
+  `WORKDIR/study_stdout.log`; its marker `WORKDIR/study_run.json` records the
+  command, every attempt (start time, wall seconds, exit status, load
+  average) and `done`. A killed or preempted run is simply rerun: the trainer
+  resumes from its workdir; a SIGTERM or Ctrl-C of this process is passed on
+  to the running trainer (which saves a checkpoint first). Stops at the first
+  failure unless `keep_going`; always stops when a run was stopped by a signal
+  (status >= 128 or < 0).
+  """
+  statuses = []
+  machine = machine_description()
+  child_env = {**os.environ, **(env or {})}
+  for index, run in enumerate(runs, 1):
+    label = f'[{index}/{len(runs)}] {run.cell.name} seed {run.seed}'
+    if is_done(run, repo_root):
+      print(f'{label}: done before, skipped', flush=True)
+      statuses.append((run, 'skipped'))
+      continue
+    if deadline is not None and time.monotonic() + (
+        predicted_s or {}).get(run, 0.0) > deadline:
+      print(f'{label}: deferred (predicted to end after the deadline)',
+            flush=True)
+      statuses.append((run, 'deferred (deadline)'))
+      break
+    workdir = os.path.join(repo_root, run.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    marker = read_marker(workdir) or {}
+    attempts = marker.get('attempts', []) if (
+        marker.get('command') == run.command) else []
+    log_path = os.path.join(workdir, LOG_FILE)
+    print(f'{label}: {run.command}\n  log: {log_path}', flush=True)
+    attempt = {'start': utc_now(), 'load_average': os.getloadavg()[0]}
+    start = time.perf_counter()
+    with open(log_path, 'a') as log:
+      log.write(f'\n=== {attempt["start"]}: {run.command}\n')
+      log.flush()
+      process = subprocess.Popen(run.argv, cwd=repo_root, stdout=log,
+                                 stderr=subprocess.STDOUT, env=child_env)
+      # A SIGTERM to the study reaches the trainer, which then saves a
+      # checkpoint and exits 143; so do Ctrl-C and the deadline.
+      previous = signal.signal(
+          signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+      timer = None
+      if deadline is not None:
+        timer = threading.Timer(max(deadline - time.monotonic(), 0.0),
+                                process.terminate)
+        timer.start()
+      try:
+        returncode = process.wait()
+      except KeyboardInterrupt:
+        process.terminate()
+        returncode = process.wait()
+      finally:
+        signal.signal(signal.SIGTERM, previous)
+        if timer is not None:
+          timer.cancel()
+    attempt.update(wall_s=time.perf_counter() - start, returncode=returncode)
+    attempts.append(attempt)
+    write_marker(workdir, {
+        'command': run.command, 'cell': run.cell.name,
+        'labels': run.cell.labels, 'method': run.cell.method,
+        'seed': run.seed, 'done': returncode == 0, 'attempts': attempts,
+        'machine': machine})
+    status = 'done' if returncode == 0 else f'failed (exit {returncode})'
+    print(f'{label}: {status} in {attempt["wall_s"]:.0f} s', flush=True)
+    statuses.append((run, status))
+    if returncode != 0 and (not keep_going or returncode < 0
+                            or returncode >= 128):
+      break
+  return statuses
