@@ -34,6 +34,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from agmm_jax import errors
 from agmm_jax import inference
 from agmm_jax import train
 from data_prep import auto
@@ -73,23 +74,21 @@ def initialize_distributed() -> None:
 MODES = ('train', 'eval', 'predict')
 
 
-def resolve_data_dir(config: ml_collections.ConfigDict,
-                     workdir: str) -> ml_collections.ConfigDict:
+def resolve_data(config: ml_collections.ConfigDict,
+                 workdir: str) -> ml_collections.ConfigDict:
   """A copy of ``config`` whose ``data.dir`` holds a prepared dataset.
 
-  With ``config.data.prepare.converter`` set, the dataset is converted on
-  first use (``data_prep.auto``; process 0 converts, the others wait) into
-  ``data.dir``, or ``WORKDIR/data`` when ``data.dir`` is empty.
+  Paths come from ``data_prep.auto.resolved_paths`` (an empty ``data.dir``
+  of a config that prepares its data is ``WORKDIR/data``; in eval mode,
+  ``eval.data_dir``, converted into a cache when it is a raw folder dataset);
+  process 0 converts what is missing, the others wait.
   """
-  config = config.copy_and_resolve_references()
-  prepare = config.data.get('prepare')
-  if prepare is None or not prepare.get('converter'):
-    return config
-  data_dir = config.data.dir or os.path.join(os.path.abspath(workdir), 'data')
+  config = auto.resolved_paths(config, workdir)
   error = None
   if jax.process_index() == 0:
     try:
-      auto.prepare_if_missing(prepare, data_dir)
+      os.makedirs(workdir, exist_ok=True)
+      auto.prepare_missing(config)
     except Exception as prepare_error:  # pylint: disable=broad-exception-caught
       # Raised below, once the other processes know: left at a barrier they
       # would wait for the coordination timeout.
@@ -97,12 +96,10 @@ def resolve_data_dir(config: ml_collections.ConfigDict,
   if jax.process_count() > 1:
     failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if failed and error is None:
-      raise ValueError(f'data preparation of config.data.dir={data_dir!r} failed '
-                       'on process 0 (its log has the reason)')
+      raise ValueError(f'data preparation of config.data.dir={config.data.dir!r} '
+                       'failed on process 0 (its log has the reason)')
   if error is not None:
     raise error
-  with config.unlocked():
-    config.data.dir = data_dir
   return config
 
 
@@ -114,7 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """
   if config.mode not in MODES:
     raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
-  config = resolve_data_dir(config, workdir)
+  config = resolve_data(config, workdir)
   if config.mode == 'train':
     scores = train.train_and_evaluate(config, workdir)
     # A train config that names images to segment (the demo) ends with them.
@@ -134,6 +131,17 @@ class _QuietCheckpointInfo(py_logging.Filter):
             or f'{os.sep}orbax{os.sep}' not in record.pathname)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a mistake (unknown ``--config.X``, bad value,
+  config file that fails to load) is one ``error:`` line, exit status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    # Any exception of a config file's get_config() surfaces here.
+    print(f'error: {errors.flag_error_line(error, argv)}', file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietCheckpointInfo())
   if len(argv) > 1:
@@ -141,10 +149,17 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None:
     raise app.UsageError('--config=configs/NAME.py is required')
   try:
+    # config_flags defers a load error (a missing file) to the first use of
+    # the config; the copy is that first use.
+    config = _CONFIG.value.copy_and_resolve_references()
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    print(f'error: {errors.flag_error_line(error, sys.argv)}', file=sys.stderr)
+    sys.exit(1)
+  try:
     initialize_distributed()
     logging.info('process %d of %d, %d devices', jax.process_index(),
                  jax.process_count(), jax.device_count())
-    run(_CONFIG.value, _WORKDIR.value)
+    run(config, _WORKDIR.value)
   except train.Preempted as preempted:
     print(str(preempted), file=sys.stderr)
     sys.exit(train.EXIT_PREEMPTED)
@@ -152,10 +167,19 @@ def main(argv: list[str]) -> None:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
   except data_prep_common.ConversionError as error:
-    # One summary line; the offending files follow, one per line.
-    print(f'error: data preparation failed: {error}', file=sys.stderr)
+    # The offending files, one per line, then one summary line (last, where
+    # the eye lands) saying what to do.
+    for problem in error.problems:
+      print(problem, file=sys.stderr)
+    hints = [error.hint] if error.hint else []
+    if error.skippable:
+      hints.append('--config.data.prepare.skip_bad=True leaves the bad '
+                   'examples out and lists them')
+    print(f'error: data preparation failed: {len(error.problems)} '
+          f'problem(s) above, nothing written{"".join("; " + h for h in hints)}',
+          file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -38,7 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.prepare.seed = 0
   config.data.crop_size = 129
   config.data.augment = 'basic'
-  config.data.eval_canvas = (180, 240)
   config.data.num_threads = 2
 
   config.model.depth = 18
