@@ -134,10 +134,13 @@ def resolved_paths(config: ml_collections.ConfigDict,
 def prepare_missing(config: ml_collections.ConfigDict) -> bool:
   """Converts whatever `resolved_paths(config)` names and is missing.
 
-  Returns True when a conversion ran. Raises FileNotFoundError / ValueError
-  (one line) for bad paths and data_prep.common.ConversionError for bad
-  source data.
+  Returns True when a conversion ran. Predict mode converts nothing (it reads
+  the checkpoint's class list, and the data only where they are). Raises
+  FileNotFoundError / ValueError (one line) for bad paths and
+  data_prep.common.ConversionError for bad source data.
   """
+  if config.mode == 'predict':
+    return False
   if config.mode == 'eval' and config.eval.data_dir:
     return _prepare_eval_data(config)
   return prepare_if_missing(config.data.prepare, config.data.dir)
