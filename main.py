@@ -14,16 +14,18 @@ Several processes (one per host): give every process the same
 JAX_PROCESS_ID), or pass ``--distributed`` to let JAX detect a cluster
 (SLURM, Open MPI, Cloud TPU).
 
-Exit status: 0 done; 1 bad input (missing data, unknown mode, batch size not
-divisible by the devices, NaN/inf loss: one line on stderr, the last good
-checkpoint kept); 143 stopped by SIGTERM after saving a checkpoint (rerun to
-resume). An unknown ``--config.X`` is a flags error (status 1).
+Exit status: 0 done; 1 bad input (an unknown ``--config.X`` or bad value,
+missing or unprepared data, shapes that do not fit the data, a class list
+other than the checkpoint's, batch size not divisible by the devices, NaN/inf
+loss: one ``error:`` line on stderr saying what to do, the last good
+checkpoint kept; a failed data conversion lists its bad files first); 143
+stopped by SIGTERM after saving a checkpoint (rerun to resume).
 """
 
 import logging as py_logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import app
 from absl import flags
@@ -131,6 +133,12 @@ class _QuietCheckpointInfo(py_logging.Filter):
             or f'{os.sep}orbax{os.sep}' not in record.pathname)
 
 
+def _exit_with(message: str) -> NoReturn:
+  """Ends the run with one `error:` line on stderr and exit status 1."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; a mistake (unknown ``--config.X``, bad value,
   config file that fails to load) is one ``error:`` line, exit status 1."""
@@ -138,23 +146,22 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except Exception as error:  # pylint: disable=broad-exception-caught
     # Any exception of a config file's get_config() surfaces here.
-    print(f'error: {errors.flag_error_line(error, argv)}', file=sys.stderr)
-    sys.exit(1)
+    _exit_with(errors.flag_error_line(error, argv))
 
 
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietCheckpointInfo())
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    _exit_with(f'unexpected arguments: {" ".join(argv[1:])} (flags are '
+               '--name=value)')
   if _CONFIG.value is None:
-    raise app.UsageError('--config=configs/NAME.py is required')
+    _exit_with('--config=configs/NAME.py is required')
   try:
     # config_flags defers a load error (a missing file) to the first use of
     # the config; the copy is that first use.
     config = _CONFIG.value.copy_and_resolve_references()
   except Exception as error:  # pylint: disable=broad-exception-caught
-    print(f'error: {errors.flag_error_line(error, sys.argv)}', file=sys.stderr)
-    sys.exit(1)
+    _exit_with(errors.flag_error_line(error, sys.argv))
   try:
     initialize_distributed()
     logging.info('process %d of %d, %d devices', jax.process_index(),
@@ -164,8 +171,7 @@ def main(argv: list[str]) -> None:
     print(str(preempted), file=sys.stderr)
     sys.exit(train.EXIT_PREEMPTED)
   except (ValueError, OSError, train.NonFiniteError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(1)
+    _exit_with(str(error))
   except data_prep_common.ConversionError as error:
     # The offending files, one per line, then one summary line (last, where
     # the eye lands) saying what to do.
@@ -175,10 +181,8 @@ def main(argv: list[str]) -> None:
     if error.skippable:
       hints.append('--config.data.prepare.skip_bad=True leaves the bad '
                    'examples out and lists them')
-    print(f'error: data preparation failed: {len(error.problems)} '
-          f'problem(s) above, nothing written{"".join("; " + h for h in hints)}',
-          file=sys.stderr)
-    sys.exit(1)
+    _exit_with(f'data preparation failed: {len(error.problems)} problem(s) '
+               f'above, nothing written{"".join("; " + h for h in hints)}')
 
 
 if __name__ == '__main__':

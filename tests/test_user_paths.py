@@ -2,8 +2,8 @@
 
 Command-line mistakes run ``main.py`` in subprocesses (all at once) and check
 that stderr ends with one ``error:`` line and holds no traceback; the rest
-call ``main.run`` or ``data_prep.auto`` in this process. One module-scoped
-training run (1 step of configs/tiny.py) feeds the eval and predict cases.
+call ``main.run`` or ``data_prep.auto`` in this process. The session's tiny
+training run (conftest.tiny_trained_run) feeds the eval and predict cases.
 The converter's own cases (flat folders, split names, when ``--skip_bad`` is
 suggested) are in test_data_prep.py.
 """
@@ -36,14 +36,9 @@ def tiny_config(data_dir: str = ''):
 
 
 @pytest.fixture(scope='module')
-def trained(tiny_data_dir, tmp_path_factory) -> str:
-  """A workdir with one checkpoint of configs/tiny.py (1 step)."""
-  workdir = str(tmp_path_factory.mktemp('trained'))
-  config = tiny_config(tiny_data_dir)
-  config.num_train_steps = 1
-  config.image_summary_every_steps = 0
-  main.run(config, workdir)
-  return workdir
+def trained(tiny_trained_run) -> str:
+  """The workdir of the session's tiny run (4 steps)."""
+  return tiny_trained_run[0]
 
 
 def start_main(config: str, args: list[str]) -> subprocess.Popen:
@@ -193,7 +188,7 @@ def test_eval_on_a_raw_folder_split_sizes_the_canvas(trained, tmp_path, capsys):
   metadata = input_pipeline.read_metadata(
       os.path.join(trained, auto.EVAL_CACHE_SUBDIR, caches[0]))
   assert metadata['splits']['test']['num_examples'] == 3
-  assert 'test at step 1' in capsys.readouterr().out
+  assert 'test at step 4' in capsys.readouterr().out
 
 
 def test_eval_cache_follows_the_folder_contents(tmp_path):
