@@ -14,10 +14,12 @@ import shutil
 import subprocess
 import sys
 
+from absl import flags
 import numpy as np
 from PIL import Image
 import pytest
 
+from agmm_jax import errors
 from agmm_jax import input_pipeline
 from configs import tiny
 from data_prep import auto
@@ -237,3 +239,28 @@ def test_predict_skips_unreadable_images_or_fails_by_choice(trained, tmp_path):
       'a.png', 'a_overlay.jpg', 'c.png', 'c_overlay.jpg', 'unreadable.txt']
   with open(tmp_path / 'out' / 'unreadable.txt') as f:
     assert f.read().splitlines() == [str(input_dir / 'b.png')]
+
+
+def test_flag_errors_become_the_flag_and_the_reason():
+  config = tiny_config()
+  with pytest.raises(AttributeError) as unknown:
+    config.num_train_step  # pylint: disable=pointless-statement
+  assert errors.flag_error_line(
+      unknown.value, ['main.py', '--config=configs/tiny.py',
+                      '--config.num_train_step=3']) == (
+          "--config.num_train_step: the config has no field 'num_train_step' "
+          '(Did you mean "num_train_steps" instead of "num_train_step"?); the '
+          'fields are those of configs/common.py (docs/design.md, "Config '
+          'schema")')
+  # A config file whose get_config() raises: absl wraps it with a traceback.
+  try:
+    try:
+      raise ValueError("config argument method='x': expected one of (...)")
+    except ValueError as cause:
+      raise flags.IllegalFlagValueError(
+          'flag --config=configs/demo.py:method=x: Error whilst parsing config '
+          'file:\n\nTraceback (most recent call last):\n  File ...') from cause
+  except flags.IllegalFlagValueError as wrapped:
+    line = errors.flag_error_line(wrapped, ['main.py'])
+  assert line == ("--config=configs/demo.py:method=x: config argument "
+                  "method='x': expected one of (...)")
