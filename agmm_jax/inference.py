@@ -193,6 +193,9 @@ def _readable_images(input_dir: str, names: list[str],
         f'{len(unreadable)} unreadable image(s) in {input_dir}, nothing '
         f'written ({"; ".join(unreadable)}); set '
         '--config.predict.on_unreadable=skip to segment the others')
+  if not readable:
+    raise ValueError(f'{input_dir}: none of its {len(names)} image file(s) '
+                     f'decodes ({"; ".join(unreadable)})')
   for problem in unreadable:
     logging.warning('skipped: %s', problem)
   return readable

@@ -239,6 +239,11 @@ def test_predict_skips_unreadable_images_or_fails_by_choice(trained, tmp_path):
       'a.png', 'a_overlay.jpg', 'c.png', 'c_overlay.jpg', 'unreadable.txt']
   with open(tmp_path / 'out' / 'unreadable.txt') as f:
     assert f.read().splitlines() == [str(input_dir / 'b.png')]
+  # Nothing readable at all is an error, whatever the choice.
+  for name in ('a.png', 'c.jpg'):
+    os.remove(input_dir / name)
+  with pytest.raises(ValueError, match='none of its 1 image file'):
+    main.run(config, trained)
 
 
 def test_flag_errors_become_the_flag_and_the_reason():
