@@ -14,16 +14,18 @@ Several processes (one per host): give every process the same
 JAX_PROCESS_ID), or pass ``--distributed`` to let JAX detect a cluster
 (SLURM, Open MPI, Cloud TPU).
 
-Exit status: 0 done; 1 bad input (missing data, unknown mode, batch size not
-divisible by the devices, NaN/inf loss: one line on stderr, the last good
-checkpoint kept); 143 stopped by SIGTERM after saving a checkpoint (rerun to
-resume). An unknown ``--config.X`` is a flags error (status 1).
+Exit status: 0 done; 1 bad input (an unknown ``--config.X`` or bad value,
+missing or unprepared data, shapes that do not fit the data, a class list
+other than the checkpoint's, batch size not divisible by the devices, NaN/inf
+loss: one ``error:`` line on stderr saying what to do, the last good
+checkpoint kept; a failed data conversion lists its bad files first); 143
+stopped by SIGTERM after saving a checkpoint (rerun to resume).
 """
 
 import logging as py_logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import app
 from absl import flags
@@ -35,6 +37,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from agmm_jax import compilation_cache
+from agmm_jax import errors
 from agmm_jax import inference
 from agmm_jax import train
 from data_prep import auto
@@ -74,23 +77,21 @@ def initialize_distributed() -> None:
 MODES = ('train', 'eval', 'predict')
 
 
-def resolve_data_dir(config: ml_collections.ConfigDict,
-                     workdir: str) -> ml_collections.ConfigDict:
+def resolve_data(config: ml_collections.ConfigDict,
+                 workdir: str) -> ml_collections.ConfigDict:
   """A copy of ``config`` whose ``data.dir`` holds a prepared dataset.
 
-  With ``config.data.prepare.converter`` set, the dataset is converted on
-  first use (``data_prep.auto``; process 0 converts, the others wait) into
-  ``data.dir``, or ``WORKDIR/data`` when ``data.dir`` is empty.
+  Paths come from ``data_prep.auto.resolved_paths`` (an empty ``data.dir``
+  of a config that prepares its data is ``WORKDIR/data``; in eval mode,
+  ``eval.data_dir``, converted into a cache when it is a raw folder dataset);
+  process 0 converts what is missing, the others wait.
   """
-  config = config.copy_and_resolve_references()
-  prepare = config.data.get('prepare')
-  if prepare is None or not prepare.get('converter'):
-    return config
-  data_dir = config.data.dir or os.path.join(os.path.abspath(workdir), 'data')
+  config = auto.resolved_paths(config, workdir)
   error = None
   if jax.process_index() == 0:
     try:
-      auto.prepare_if_missing(prepare, data_dir)
+      os.makedirs(workdir, exist_ok=True)
+      auto.prepare_missing(config)
     except Exception as prepare_error:  # pylint: disable=broad-exception-caught
       # Raised below, once the other processes know: left at a barrier they
       # would wait for the coordination timeout.
@@ -98,12 +99,10 @@ def resolve_data_dir(config: ml_collections.ConfigDict,
   if jax.process_count() > 1:
     failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if failed and error is None:
-      raise ValueError(f'data preparation of config.data.dir={data_dir!r} failed '
-                       'on process 0 (its log has the reason)')
+      raise ValueError(f'data preparation of config.data.dir={config.data.dir!r} '
+                       'failed on process 0 (its log has the reason)')
   if error is not None:
     raise error
-  with config.unlocked():
-    config.data.dir = data_dir
   return config
 
 
@@ -118,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   # Before anything compiles: a rerun or a resumed run loads the programs.
   cache_dir = compilation_cache.enable(config.compilation_cache_dir)
   logging.info('persistent compilation cache: %s', cache_dir or 'off')
-  config = resolve_data_dir(config, workdir)
+  config = resolve_data(config, workdir)
   if config.mode == 'train':
     scores = train.train_and_evaluate(config, workdir)
     # A train config that names images to segment (the demo) ends with them.
@@ -138,28 +137,57 @@ class _QuietCheckpointInfo(py_logging.Filter):
             or f'{os.sep}orbax{os.sep}' not in record.pathname)
 
 
+def _exit_with(message: str) -> NoReturn:
+  """Ends the run with one `error:` line on stderr and exit status 1."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a mistake (unknown ``--config.X``, bad value,
+  config file that fails to load) is one ``error:`` line, exit status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    # Any exception of a config file's get_config() surfaces here.
+    _exit_with(errors.flag_error_line(error, argv))
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietCheckpointInfo())
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    _exit_with(f'unexpected arguments: {" ".join(argv[1:])} (flags are '
+               '--name=value)')
   if _CONFIG.value is None:
-    raise app.UsageError('--config=configs/NAME.py is required')
+    _exit_with('--config=configs/NAME.py is required')
+  try:
+    # config_flags defers a load error (a missing file) to the first use of
+    # the config; the copy is that first use.
+    config = _CONFIG.value.copy_and_resolve_references()
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    _exit_with(errors.flag_error_line(error, sys.argv))
   try:
     initialize_distributed()
     logging.info('process %d of %d, %d devices', jax.process_index(),
                  jax.process_count(), jax.device_count())
-    run(_CONFIG.value, _WORKDIR.value)
+    run(config, _WORKDIR.value)
   except train.Preempted as preempted:
     print(str(preempted), file=sys.stderr)
     sys.exit(train.EXIT_PREEMPTED)
   except (ValueError, OSError, train.NonFiniteError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(1)
+    _exit_with(str(error))
   except data_prep_common.ConversionError as error:
-    # One summary line; the offending files follow, one per line.
-    print(f'error: data preparation failed: {error}', file=sys.stderr)
-    sys.exit(1)
+    # The offending files, one per line, then one summary line (last, where
+    # the eye lands) saying what to do.
+    for problem in error.problems:
+      print(problem, file=sys.stderr)
+    hints = [error.hint] if error.hint else []
+    if error.skippable:
+      hints.append('--config.data.prepare.skip_bad=True leaves the bad '
+                   'examples out and lists them')
+    _exit_with(f'data preparation failed: {len(error.problems)} problem(s) '
+               f'above, nothing written{"".join("; " + h for h in hints)}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

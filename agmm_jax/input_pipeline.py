@@ -49,6 +49,9 @@ _HAS_LABEL_KEYS = {'sparse': 'has_sparse', 'dense': 'has_dense'}
 # Offset indexes of shards already seen, keyed by (path, size, mtime).
 _INDEX_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
 _INDEX_CACHE_LOCK = threading.Lock()
+# Largest image sizes read from the records of a split, keyed by its shards'
+# (path, mtime) (datasets prepared without sizes in metadata.json).
+_IMAGE_SIZE_CACHE: dict[tuple[tuple[str, int], ...], tuple[int, int]] = {}
 
 
 def read_metadata(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -109,6 +112,94 @@ def num_examples(metadata: Mapping[str, Any], split: str, data_dir: str) -> int:
     raise ValueError(f'{data_dir}/metadata.json: no split {split!r} (has '
                      f'{sorted(metadata["splits"])})')
   return int(metadata['splits'][split]['num_examples'])
+
+
+def split_image_size(data_dir: str, metadata: Mapping[str, Any],
+                     split: str) -> tuple[int, int]:
+  """``(max height, max width)`` over the images of ``split``.
+
+  From the split's ``max_height`` / ``max_width`` in metadata.json (written
+  by data_prep), or, for datasets prepared without them, read from every
+  record's ``image/height`` and ``image/width``.
+  """
+  info = metadata['splits'].get(split, {})
+  if 'max_height' in info and 'max_width' in info:
+    return int(info['max_height']), int(info['max_width'])
+  shards = _split_shards(data_dir, metadata, split, None)
+  key = tuple((os.path.abspath(p), os.stat(p).st_mtime_ns) for p in shards)
+  with _INDEX_CACHE_LOCK:
+    size = _IMAGE_SIZE_CACHE.get(key)
+  if size is not None:
+    return size
+  source = TFRecordSource(shards)
+  height = width = 0
+  for index in range(len(source)):
+    record = source[index]
+    try:
+      example = tfrecord.decode_example(record.data)
+      height = max(height, int(example['image/height'][0]))
+      width = max(width, int(example['image/width'][0]))
+    except (ValueError, KeyError, IndexError) as e:
+      raise ValueError(f'{record.where}: no image/height and image/width '
+                       f'({e})') from None
+  with _INDEX_CACHE_LOCK:
+    _IMAGE_SIZE_CACHE[key] = (height, width)
+  return height, width
+
+
+def eval_canvas(data_config, split: str) -> tuple[int, int]:
+  """The eval canvas ``(Hc, Wc)`` of ``split``: ``data.eval_canvas``, or the
+  split's largest image size when it is empty.
+
+  Raises:
+    ValueError: one line naming ``config.data.eval_canvas`` and the size the
+      split needs, when the given canvas is smaller than one of its images.
+  """
+  data_dir = os.fspath(_data_config_value(data_config, 'dir'))
+  metadata = read_metadata(data_dir)
+  _split_shards(data_dir, metadata, split, 'dense')
+  needed = split_image_size(data_dir, metadata, split)
+  canvas = tuple(int(s) for s in _data_config_value(data_config, 'eval_canvas'))
+  if not canvas:
+    return needed
+  if len(canvas) != 2:
+    raise ValueError(f'config.data.eval_canvas must be (H, W) or () (sized '
+                     f'from the data), got {canvas}')
+  if canvas[0] < needed[0] or canvas[1] < needed[1]:
+    raise ValueError(
+        f'config.data.eval_canvas={canvas} is smaller than the largest image '
+        f'({needed[0]}x{needed[1]}) of split {split!r} of {data_dir}; set '
+        f"--config.data.eval_canvas='{needed}' or '()' to size it from the "
+        'data')
+  return canvas
+
+
+def check_crop_size(data_config) -> None:
+  """Checks ``data.crop_size`` against the training images at start-up.
+
+  A crop larger than the longest side of every rescaled training image (the
+  largest image at the largest ``scale_range`` factor) would be mostly
+  padding in both directions; that is a one-line ValueError naming both.
+  Datasets prepared without image sizes in metadata.json are not read for
+  this (the train split can be large).
+  """
+  data_dir = os.fspath(_data_config_value(data_config, 'dir'))
+  metadata = read_metadata(data_dir)
+  split = str(_data_config_value(data_config, 'train_split'))
+  crop_size = int(_data_config_value(data_config, 'crop_size'))
+  if crop_size < 1:
+    raise ValueError(f'config.data.crop_size must be positive, got {crop_size}')
+  info = metadata['splits'].get(split, {})
+  if 'max_height' not in info or 'max_width' not in info:
+    return
+  longest = max(int(info['max_height']), int(info['max_width']))
+  high = float(_data_config_value(data_config, 'scale_range')[1])
+  if crop_size > int(longest * high):
+    raise ValueError(
+        f'config.data.crop_size={crop_size} is larger than the longest side '
+        f'of every training image even at the largest scale ({longest} x '
+        f'{high} of split {split!r} of {data_dir}); set '
+        f'--config.data.crop_size to at most {int(longest * high)}')
 
 
 def _split_shards(data_dir: str, metadata: Mapping[str, Any], split: str,
@@ -448,10 +539,7 @@ def create_eval_iterator(data_config, split: str, *,
   metadata = read_metadata(data_dir)
   num_classes = int(num_classes or metadata['num_classes'])
   source = TFRecordSource(_split_shards(data_dir, metadata, split, 'dense'))
-  canvas = tuple(int(s) for s in _data_config_value(data_config,
-                                                    'eval_canvas'))
-  if len(canvas) != 2:
-    raise ValueError(f'data.eval_canvas must be (H, W), got {canvas}')
+  canvas = eval_canvas(data_config, split)
   num_batches = eval_num_batches(
       len(source), batch_size_per_process=batch_size_per_process,
       process_count=process_count)

@@ -155,8 +155,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metadata = input_pipeline.checked_metadata(config.data)
   class_names = input_pipeline.class_names(metadata)
   num_classes = len(class_names)
+  # Everything the data can contradict is checked before the first step.
+  inference.check_classes(workdir, class_names, config.data.dir)
   num_train = input_pipeline.num_examples(metadata, config.data.train_split,
                                           config.data.dir)
+  input_pipeline.check_crop_size(config.data)
+  input_pipeline.eval_canvas(config.data, config.data.eval_split)
   steps_per_epoch = max(num_train // int(config.global_batch_size), 1)
   total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
                  else int(config.num_epochs) * steps_per_epoch)
@@ -167,6 +171,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpoint_every = int(config.checkpoint_every_steps)
   checkpoint_every = checkpoint_every if checkpoint_every > 0 else total_steps
   write_config(config, workdir)
+  inference.record_classes(workdir, class_names)
 
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, keep=int(config.keep_checkpoints))

@@ -64,7 +64,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.stem = 'torchvision'
     config.model.output_stride = 16
     config.data.crop_size = 161
-    config.data.eval_canvas = (180, 240)
     config.global_batch_size = 8
     config.num_epochs = 40
     config.eval.batch_size = 8
@@ -79,7 +78,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.depth = 50
     config.model.output_stride = 8
     config.data.crop_size = 353
-    config.data.eval_canvas = (360, 480)
     config.global_batch_size = 16
     config.num_epochs = 200
   return config

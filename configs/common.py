@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.crop_size = 321
   config.data.scale_range = (0.5, 2.0)
   config.data.augment = 'voc'
-  config.data.eval_canvas = (512, 512)
+  # Eval images are padded to this (H, W); () sizes it from the eval split's
+  # largest image (metadata.json), checked against the data at start-up.
+  config.data.eval_canvas = ()
   config.data.num_threads = 8
   config.data.prefetch = 2
   # How to build data.dir when it does not exist yet (see data_prep/auto.py);
@@ -52,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.prepare.seed = 0
   config.data.prepare.dense_train = True
   config.data.prepare.downscale = 1
+  # Leave bad source examples out (listed in DIR/bad_files.txt) instead of
+  # failing.
+  config.data.prepare.skip_bad = False
 
   config.model = ml_collections.ConfigDict()
   config.model.depth = 101
@@ -79,10 +84,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
   config.eval.flip = True
   config.eval.checkpoint = 'best'
+  # Eval mode on another dataset: a prepared one or a raw folder dataset
+  # (converted into WORKDIR/eval_data/); '' is the training data. The split:
+  # '' is data.eval_split.
+  config.eval.data_dir = ''
+  config.eval.split = ''
 
   config.predict = ml_collections.ConfigDict()
   config.predict.input_dir = ''
   config.predict.output_dir = ''
+  # Images that do not decode: 'skip' (listed, the others are written) or
+  # 'fail' (nothing written).
+  config.predict.on_unreadable = 'skip'
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1

@@ -2,11 +2,11 @@ r"""A tiny configuration for tests and smoke runs (CPU, seconds per step).
 
 ResNet-18 (torchvision stem) at output stride 16, 33x33 crops, global batch 8
 (divisible by 1, 2, 4 or 8 devices), 4 steps with an evaluation at step 2 and
-at the end. Point ``data.dir`` at a prepared folder, e.g. the one
-``tests/fixtures.make_folder_dataset_tfrecords`` writes:
+at the end. On first use it prepares its own data like the demo: the bundled
+CamVid subset shrunk 4x (45x60 images, 10 clicks per training image) into
+WORKDIR/data; or point ``data.dir`` at any prepared folder (the tests do):
 
-  python main.py --config=configs/tiny.py --workdir=/tmp/agmm_tiny \
-      --config.data.dir=/path/to/prepared_folder
+  python main.py --config=configs/tiny.py --workdir=/tmp/agmm_tiny
 """
 
 import ml_collections
@@ -25,10 +25,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_summary_every_steps = 2
 
   config.data.dir = ''
+  config.data.prepare.converter = 'folder'
+  config.data.prepare.root = 'demo_data/camvid_mini'
+  config.data.prepare.sparse = 'clicks:10'
+  config.data.prepare.void_value = 11
+  config.data.prepare.downscale = 4
   config.data.crop_size = 33
   config.data.scale_range = (0.75, 1.25)
   config.data.augment = 'basic'
-  config.data.eval_canvas = (48, 64)
   config.data.num_threads = 1
   config.data.prefetch = 1
 

@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -43,16 +44,27 @@ from data_prep import sparse_labels
 STORED_UNLABELED = labels_lib.STORED_UNLABELED
 METADATA_FILE = 'metadata.json'
 BAD_FILES_FILE = 'bad_files.txt'
+DEFAULT_SPLITS = ('train', 'val')
+# The words of a label-value problem (LabelDecoder.decode).
+BAD_LABEL_VALUES = 'label values'
 # Shards hold about this many examples when --num_shards is 0 (automatic).
 _EXAMPLES_PER_SHARD = 500
 _INVALID = -1
 
 
 class ConversionError(Exception):
-  """Bad input; ``problems`` has one line per offending file."""
+  """Bad input; ``problems`` has one line per offending file.
 
-  def __init__(self, problems: Sequence[str]):
+  ``skippable``: every problem is one of bad examples, which ``skip_bad``
+  would leave out (a missing class list or split folder is not). ``hint``:
+  what the caller's user can change, for the summary line.
+  """
+
+  def __init__(self, problems: Sequence[str], *, skippable: bool = False,
+               hint: str = ''):
     self.problems = list(problems)
+    self.skippable = skippable
+    self.hint = hint
     super().__init__(f'{len(self.problems)} problem(s):\n' +
                      '\n'.join(self.problems))
 
@@ -108,7 +120,7 @@ class LabelDecoder:
     stored = lut[raw.astype(np.intp)]
     if (stored == _INVALID).any():
       bad = sorted(np.unique(raw[stored == _INVALID]).tolist())
-      raise ValueError(f'{path}: label values {bad[:20]} are not '
+      raise ValueError(f'{path}: {BAD_LABEL_VALUES} {bad[:20]} are not '
                        f'{self.description}')
     return stored.astype(np.uint8)
 
@@ -164,6 +176,8 @@ class SplitSource:
 @dataclasses.dataclass
 class _Result:
   image_id: str
+  height: int = 0
+  width: int = 0
   record: bytes | None = None
   problems: list[str] = dataclasses.field(default_factory=list)
   sparse_stats: sparse_labels.SparseStats | None = None
@@ -262,6 +276,7 @@ def process_example(example: SourceExample, options: SplitOptions,
   except ValueError as e:
     result.problems.append(str(e))
     return result
+  result.height, result.width = height, width
   features = {
       'image/encoded': image_bytes,
       'image/format': image_format,
@@ -313,6 +328,20 @@ def process_example(example: SourceExample, options: SplitOptions,
 
 def _process_star(args) -> _Result:
   return process_example(*args)
+
+
+# Split names become file names ({split}-NNNNN-of-MMMMM.tfrecord): a letter or
+# digit first (no hidden files, no '.' or '..'), then letters, digits, '_', '-'
+# and '.' (no path separators).
+_SPLIT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
+
+
+def check_split_name(split: str) -> None:
+  """Raises ConversionError for a split name that would make odd file names."""
+  if not _SPLIT_NAME.fullmatch(split):
+    raise ConversionError([
+        f'split name {split!r}: use letters, digits, "_", "-" or "." (not '
+        'first), e.g. --splits=val; it names the shard files'])
 
 
 def shard_names(split: str, num_shards: int) -> list[str]:
@@ -368,6 +397,8 @@ def convert(*, name: str, classes: Sequence[str],
     ConversionError: listing every problem (unless ``skip_bad``), or when the
       output exists.
   """
+  for split in splits:
+    check_split_name(split)
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
     raise ConversionError([f'{output}: output exists (use --overwrite to '
@@ -445,7 +476,7 @@ def _convert_into(directory: str, *, name, classes, splits, num_shards,
     if executor is not None:
       executor.shutdown(wait=True, cancel_futures=True)
   if all_problems and not skip_bad:
-    raise ConversionError(all_problems)
+    raise ConversionError(all_problems, skippable=True)
   metadata['num_bad_files'] = len(all_problems)
   if all_problems:
     with open(os.path.join(directory, BAD_FILES_FILE), 'w') as f:
@@ -475,6 +506,7 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
   sparse_stats = sparse_labels.SparseStats(num_classes)
   unlabeled_found = set()
   written = 0
+  max_height = max_width = 0
   writers = []
   try:
     writers = [tfrecord.TFRecordWriter(os.path.join(directory, n))
@@ -491,6 +523,8 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
       # Contiguous shards: example i goes to shard i * shards // count.
       writers[position * shards // count].write(result.record)
       written += 1
+      max_height = max(max_height, result.height)
+      max_width = max(max_width, result.width)
       if result.sparse_stats is not None:
         sparse_stats.merge(result.sparse_stats)
       unlabeled_found.update(result.unlabeled_values_found)
@@ -508,6 +542,9 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
       'shards': names,
       'has_sparse': options.has_sparse,
       'has_dense': options.dense_decoder is not None and options.store_dense,
+      # The largest image of the split (the eval canvas is sized from it).
+      'max_height': max_height,
+      'max_width': max_width,
   }
   sparse_metadata = None
   if options.has_sparse:
@@ -560,8 +597,8 @@ def run_cli(build: Callable[[], dict[str, Any]], output: str) -> int:
   except ConversionError as e:
     for problem in e.problems:
       print(problem, file=sys.stderr)
-    hint = ('' if os.path.exists(output) else
-            ' (--skip_bad leaves bad examples out and lists them)')
+    hint = (' (--skip_bad leaves bad examples out and lists them)'
+            if e.skippable else '')
     print(f'conversion failed: {len(e.problems)} problem(s); nothing written '
           f'to {output}{hint}', file=sys.stderr)
     return 1
@@ -576,8 +613,10 @@ def run_cli(build: Callable[[], dict[str, Any]], output: str) -> int:
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
   """Flags shared by all converters (read back with ``common_kwargs``)."""
-  parser.add_argument('--splits', default='train,val',
-                      help='comma-separated splits to convert')
+  parser.add_argument('--splits', default=None,
+                      help='comma-separated splits to convert (default: '
+                      f'{",".join(DEFAULT_SPLITS)}; the one split of a flat '
+                      'folder dataset: val)')
   parser.add_argument('--sparse_splits', default='train',
                       help='splits that get sparse labels (training splits)')
   parser.add_argument('--output', required=True,
@@ -609,7 +648,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
   """Converter keyword arguments of the flags of ``add_common_flags``."""
   return dict(
-      splits=tuple(s for s in args.splits.split(',') if s),
+      splits=tuple(s for s in (args.splits or ','.join(DEFAULT_SPLITS)).split(',')
+                   if s),
       sparse_splits=tuple(s for s in args.sparse_splits.split(',') if s),
       seed=args.seed, train_dense=args.train_dense,
       jpeg_quality=args.jpeg_quality, num_shards=args.num_shards,

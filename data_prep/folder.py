@@ -6,6 +6,10 @@ Expected layout (CamVid's, see ../shared/datasets/camvid/README.md)::
   ROOT/{split}/images/NAME.jpg     (or .jpeg / .png), RGB
   ROOT/{split}/labels/NAME.png     single-channel, values 0..K-1 and void
 
+or a flat folder, one split (named by ``--splits``, default ``val``)::
+
+  ROOT/classes.txt, ROOT/images/NAME.jpg, ROOT/labels/NAME.png
+
 Sparse training labels are generated from the dense ones (``--sparse``, a
 ``data_prep.sparse_labels`` spec) or read from your own PNGs
 (``--sparse_dir``: ``DIR/NAME.png`` with class ids and
@@ -24,6 +28,25 @@ from data_prep import common
 from data_prep import sparse_labels
 
 _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+CLASSES_FILE = 'classes.txt'
+# The split a flat folder becomes when no name is given: an evaluation split,
+# the name configs evaluate by default (config.data.eval_split).
+FLAT_SPLIT = 'val'
+
+
+def is_flat(root: str, images_subdir: str = 'images') -> bool:
+  """Whether ``root`` holds one split directly (``ROOT/images``)."""
+  return os.path.isdir(os.path.join(root, images_subdir))
+
+
+def is_folder_dataset(path: str, images_subdir: str = 'images') -> bool:
+  """Whether ``path`` looks like a raw folder dataset this converter reads:
+  a class list plus ``images/`` at the root or in a split subfolder."""
+  if not os.path.isfile(os.path.join(path, CLASSES_FILE)):
+    return False
+  return is_flat(path, images_subdir) or any(
+      os.path.isdir(os.path.join(path, name, images_subdir))
+      for name in os.listdir(path))
 
 
 def read_classes(path: str) -> list[str]:
@@ -41,14 +64,21 @@ def find_examples(root: str, split: str, images_subdir: str = 'images',
                   labels_subdir: str = 'labels',
                   sparse_dir: str = '') -> tuple[list[common.SourceExample],
                                                  list[str]]:
-  """Pairs images with labels by file stem; returns (examples, problems)."""
-  image_dir = os.path.join(root, split, images_subdir)
-  label_dir = os.path.join(root, split, labels_subdir)
+  """Pairs images with labels by file stem; returns (examples, problems).
+
+  A flat ``root`` (``is_flat``) is the split itself. Raises ConversionError
+  (not skippable) when the split's folders are missing or hold no image.
+  """
+  split_dir = root if is_flat(root, images_subdir) else os.path.join(root, split)
+  image_dir = os.path.join(split_dir, images_subdir)
+  label_dir = os.path.join(split_dir, labels_subdir)
   problems = []
   if not os.path.isdir(image_dir):
-    return [], [f'{image_dir}: missing image folder for split {split}']
+    raise common.ConversionError(
+        [f'{image_dir}: missing image folder for split {split}'])
   if not os.path.isdir(label_dir):
-    return [], [f'{label_dir}: missing label folder for split {split}']
+    raise common.ConversionError(
+        [f'{label_dir}: missing label folder for split {split}'])
   images = {}
   for file_name in sorted(os.listdir(image_dir)):
     stem, extension = os.path.splitext(file_name)
@@ -73,12 +103,12 @@ def find_examples(root: str, split: str, images_subdir: str = 'images',
       for stem, path in images.items()
   ]
   if not examples and not problems:
-    problems.append(f'{image_dir}: no images')
+    raise common.ConversionError([f'{image_dir}: no images'])
   return examples, problems
 
 
 def convert_folder(root: str, output: str, *,
-                   splits: tuple[str, ...] = ('train', 'val'),
+                   splits: tuple[str, ...] = common.DEFAULT_SPLITS,
                    sparse_splits: tuple[str, ...] = ('train',),
                    void_values: tuple[int, ...] = (255,),
                    classes_file: str = '', sparse: str = '',
@@ -92,11 +122,20 @@ def convert_folder(root: str, output: str, *,
   """Converts ``root`` into a prepared dataset at ``output``.
 
   Splits not in ``sparse_splits`` are evaluation splits: dense labels only
-  (always stored). Returns the metadata; raises ``common.ConversionError``.
+  (always stored). A flat ``root`` is one split: ``splits`` must name one.
+  Returns the metadata; raises ``common.ConversionError``.
   """
   if sparse and sparse_dir:
     raise common.ConversionError(['give --sparse or --sparse_dir, not both'])
-  classes = read_classes(classes_file or os.path.join(root, 'classes.txt'))
+  if not os.path.isdir(root):
+    raise common.ConversionError([f'{root}: no such folder'])
+  if is_flat(root, images_subdir) and len(splits) != 1:
+    raise common.ConversionError([
+        f'{root}: a flat folder ({images_subdir}/ at the root) is one split; '
+        f'name it with one --splits=NAME, not {",".join(splits)}'])
+  for split in splits:
+    common.check_split_name(split)
+  classes = read_classes(classes_file or os.path.join(root, CLASSES_FILE))
   num_classes = len(classes)
   try:
     dense_decoder = common.LabelDecoder.identity(num_classes, void_values)
@@ -106,11 +145,16 @@ def convert_folder(root: str, output: str, *,
   except ValueError as e:
     raise common.ConversionError([str(e)]) from e
   sources = {}
+  missing = []
   for split in splits:
     is_sparse = split in sparse_splits and bool(sparse or sparse_dir)
-    examples, problems = find_examples(
-        root, split, images_subdir, labels_subdir,
-        sparse_dir if is_sparse else '')
+    try:
+      examples, problems = find_examples(
+          root, split, images_subdir, labels_subdir,
+          sparse_dir if is_sparse else '')
+    except common.ConversionError as error:
+      missing.extend(error.problems)
+      continue
     options = common.SplitOptions(
         dense_decoder=dense_decoder,
         store_dense=train_dense or split not in sparse_splits,
@@ -120,6 +164,10 @@ def convert_folder(root: str, output: str, *,
     settings = {'sparse_dir': os.path.abspath(sparse_dir)} if (
         is_sparse and sparse_dir) else {}
     sources[split] = common.SplitSource(examples, options, problems, settings)
+  if missing:
+    # Listed with the other splits' bad files, but --skip_bad cannot help.
+    raise common.ConversionError(
+        missing + [p for source in sources.values() for p in source.problems])
   return common.convert(
       name=name or os.path.basename(os.path.normpath(root)), classes=classes,
       splits=sources, output=output, num_shards=num_shards,
@@ -153,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--name', default='', help='default: ROOT folder name')
   common.add_common_flags(parser)
   args = parser.parse_args(argv)
+  if args.splits is None:
+    args.splits = (FLAT_SPLIT if is_flat(args.root, args.images_subdir)
+                   else ','.join(common.DEFAULT_SPLITS))
   try:
     void_values = tuple(int(v) for v in args.void_value.split(',') if v)
   except ValueError:

@@ -35,3 +35,19 @@ def tiny_data_dir(tmp_path_factory) -> str:
   return fixtures.make_folder_dataset_tfrecords(
       tmp_path_factory.mktemp('tiny_data'), num_train=6, num_val=3,
       num_classes=TINY_NUM_CLASSES)
+
+
+@pytest.fixture(scope='session')
+def tiny_trained_run(tiny_data_dir, tmp_path_factory) -> tuple[str, dict]:
+  """``(workdir, scores)`` of configs/tiny.py trained on ``tiny_data_dir``
+  through ``main.run`` (4 steps, evaluations and checkpoints at 2 and 4).
+
+  Shared by the modules that test eval and predict modes: they may add
+  folders (eval caches) but never change its checkpoints.
+  """
+  import main  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.dir = tiny_data_dir
+  workdir = str(tmp_path_factory.mktemp('tiny_run'))
+  return workdir, main.run(config, workdir)

@@ -417,3 +417,63 @@ def test_interrupted_overwrite_keeps_the_previous_dataset(
   monkeypatch.setattr(os, 'rename', original_rename)
   assert sorted(os.listdir(output)) == before
   assert sorted(os.listdir(tmp_path)) == ['out']
+
+
+def test_flat_folder_converts_as_one_split_sized_in_metadata(tmp_path, capsys):
+  # A flat folder: classes.txt, images/ and labels/ at the root.
+  source, truth = fixtures.make_folder_root(
+      tmp_path, split_sizes={'held_out': 3}, height=30, width=44)
+  flat = tmp_path / 'flat'
+  os.makedirs(flat)
+  shutil.copy(os.path.join(source, 'classes.txt'), flat)
+  for subdir in ('images', 'labels'):
+    shutil.copytree(os.path.join(source, 'held_out', subdir), flat / subdir)
+  output = str(tmp_path / 'out')
+  assert folder.main([f'--root={flat}', '--void_value=4', f'--output={output}',
+                      '--no_progress']) == 0
+  examples = read_split(output, folder.FLAT_SPLIT)
+  assert sorted(examples) == sorted(truth['held_out'])
+  for image_id, dense in truth['held_out'].items():
+    np.testing.assert_array_equal(label(examples[image_id], 'dense'), dense)
+  with open(os.path.join(output, 'metadata.json')) as f:
+    split = json.load(f)['splits'][folder.FLAT_SPLIT]
+  assert (split['max_height'], split['max_width']) == (30, 44)
+  # --splits names the one split; two names for one flat folder are refused.
+  assert folder.main([f'--root={flat}', '--void_value=4', '--splits=test',
+                      f'--output={tmp_path / "named"}', '--no_progress']) == 0
+  assert len(read_split(str(tmp_path / 'named'), 'test')) == 3
+  capsys.readouterr()
+  assert folder.main([f'--root={flat}', '--void_value=4', '--splits=a,b',
+                      f'--output={tmp_path / "two"}', '--no_progress']) == 1
+  assert 'is one split' in capsys.readouterr().err
+  assert not (tmp_path / 'two').exists()
+
+
+@pytest.mark.parametrize('split', ['.', '..', '.hidden', 'a/b', 'x y'])
+def test_odd_split_names_are_refused(folder_root, tmp_path, capsys, split):
+  root, _ = folder_root
+  output = tmp_path / 'out'
+  assert folder.main([f'--root={root}', '--void_value=4', f'--splits={split},val',
+                      f'--output={output}', '--no_progress']) == 1
+  err = capsys.readouterr().err
+  assert f'split name {split!r}' in err and '--skip_bad' not in err
+  assert os.listdir(tmp_path) == []
+
+
+def test_skip_bad_is_suggested_only_for_bad_examples(folder_root, tmp_path,
+                                                      capsys):
+  source, truth = folder_root
+  root = tmp_path / 'root'
+  shutil.copytree(source, root)
+  os.remove(root / 'classes.txt')
+  argv = [f'--root={root}', '--void_value=4', f'--output={tmp_path / "o"}',
+          '--no_progress']
+  assert folder.main(argv) == 1
+  err = capsys.readouterr().err
+  assert 'missing class list' in err and '--skip_bad' not in err
+  shutil.copy(os.path.join(source, 'classes.txt'), root)
+  bad = root / 'val' / 'images' / f'{sorted(truth["val"])[0]}.jpg'
+  bad.write_bytes(b'not a jpeg')
+  assert folder.main(argv) == 1
+  err = capsys.readouterr().err
+  assert f'{bad}: cannot decode image' in err and '--skip_bad' in err

@@ -285,14 +285,35 @@ def test_eval_batches(dataset_dir, process_count):
   assert sorted(seen) == sorted(e[0] for e in val)
 
 
-def test_eval_image_larger_than_canvas(dataset_dir):
-  data_dir, _ = dataset_dir
-  iterator = input_pipeline.create_eval_iterator(
-      DataConfig(data_dir, eval_canvas=(15, 40)), 'val',
-      batch_size_per_process=2)
-  with pytest.raises(ValueError, match=r'val-0000\d-of-00002.tfrecord: '
-                     r'record \d+ .*does not fit data.eval_canvas 15x40'):
-    list(iterator)
+def test_eval_canvas_is_checked_at_creation_or_sized_from_the_data(dataset_dir):
+  data_dir, val = dataset_dir
+  # The largest val image, from the examples written (metadata has no sizes,
+  # so the pipeline reads them from the records).
+  largest = (max(e[1].shape[0] for e in val), max(e[1].shape[1] for e in val))
+  with pytest.raises(ValueError, match=(
+      r'^config.data.eval_canvas=\(15, 40\) is smaller than the largest image '
+      rf'\({largest[0]}x{largest[1]}\) of split .val.')):
+    input_pipeline.create_eval_iterator(
+        DataConfig(data_dir, eval_canvas=(15, 40)), 'val',
+        batch_size_per_process=2)
+  assert input_pipeline.eval_canvas(DataConfig(data_dir, eval_canvas=()),
+                                    'val') == largest
+  batch = next(iter(input_pipeline.create_eval_iterator(
+      DataConfig(data_dir, eval_canvas=()), 'val', batch_size_per_process=2)))
+  assert batch['image'].shape[1:3] == largest
+
+
+def test_eval_canvas_reads_image_sizes_from_metadata(tmp_path):
+  examples = [(f'ex{i}', *_example_arrays(i)) for i in range(3)]
+  _write_dataset(tmp_path, examples, 'val', num_shards=1)
+  with open(tmp_path / 'metadata.json') as f:
+    metadata = json.load(f)
+  # Sizes recorded by data_prep win over the records (never read here).
+  metadata['splits']['val'].update(max_height=70, max_width=90)
+  with open(tmp_path / 'metadata.json', 'w') as f:
+    json.dump(metadata, f)
+  assert input_pipeline.eval_canvas(DataConfig(tmp_path, eval_canvas=()),
+                                    'val') == (70, 90)
 
 
 def test_corrupt_record_names_shard_and_record(tmp_path):

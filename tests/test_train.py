@@ -20,10 +20,10 @@ from agmm_jax import train
 from agmm_jax import train_state
 from configs import tiny
 import main
-from tests import fixtures
+from tests import conftest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 4
+NUM_CLASSES = conftest.TINY_NUM_CLASSES
 
 
 def reference_scores(confusion: np.ndarray) -> tuple[float, np.ndarray, float]:
@@ -61,17 +61,13 @@ def tiny_config(data_dir: str):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return fixtures.make_folder_dataset_tfrecords(
-      tmp_path_factory.mktemp('data'), num_train=6, num_val=3,
-      num_classes=NUM_CLASSES)
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
 
 
 @pytest.fixture(scope='module')
-def trained(data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('run'))
-  scores = main.run(tiny_config(data_dir), workdir)
-  return workdir, scores
+def trained(tiny_trained_run):
+  return tiny_trained_run
 
 
 def test_train_returns_scores_of_its_confusion(trained):
