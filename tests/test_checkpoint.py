@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agmm_jax import checkpoint
+from tests import fixtures
 
 
 def test_save_best_compares_with_a_save_still_in_flight(tmp_path):
@@ -62,14 +63,6 @@ def _saved_steps(workdir: str, steps: tuple[int, ...]) -> dict[int, tuple]:
   return expected
 
 
-def _truncate_largest_file(directory: str) -> str:
-  paths = [os.path.join(root, name) for root, _, names in os.walk(directory)
-           for name in names]
-  largest = max(paths, key=os.path.getsize)
-  os.truncate(largest, os.path.getsize(largest) // 2)
-  return largest
-
-
 def _restore(workdir: str, read_only: bool = False, size: int = ARRAY_SIZE):
   checkpointer = checkpoint.Checkpointer(workdir, read_only=read_only)
   iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
@@ -88,7 +81,7 @@ def test_restore_falls_back_past_unreadable_steps(tmp_path, caplog,
   workdir = str(tmp_path)
   expected = _saved_steps(workdir, (1, 2, 3))
   latest = tmp_path / 'checkpoints'
-  _truncate_largest_file(str(latest / '3' / 'state'))
+  fixtures.truncate_largest_file(str(latest / '3' / 'state'))
   os.remove(latest / '2' / 'data' / 'process_0-of-1.json')
   printed = []  # What Python would print as "Exception ignored in ...".
   monkeypatch.setattr(sys, 'unraisablehook', printed.append)
@@ -117,7 +110,8 @@ def test_restore_falls_back_past_unreadable_steps(tmp_path, caplog,
 
 def test_read_only_restore_falls_back_and_moves_nothing(tmp_path):
   expected = _saved_steps(str(tmp_path), (1, 2))
-  _truncate_largest_file(str(tmp_path / 'checkpoints' / '2' / 'state'))
+  fixtures.truncate_largest_file(
+      str(tmp_path / 'checkpoints' / '2' / 'state'))
   weights, step, _, checkpointer = _restore(str(tmp_path), read_only=True)
   checkpointer.close()
   assert step == 1

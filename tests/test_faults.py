@@ -106,10 +106,7 @@ def state_digest(checkpoint_dir: str, step: int) -> tuple[str, dict]:
   state = ocp.StandardCheckpointer().restore(os.path.join(path, 'state'))
   digest = hashlib.sha256()
   for key, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None),
-                             jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    array = np.ascontiguousarray(np.asarray(leaf))
+    array = np.ascontiguousarray(fixtures.host_array(leaf))
     digest.update(f'{jax.tree_util.keystr(key)}{array.dtype}{array.shape}'
                   .encode())
     digest.update(array.tobytes())
@@ -119,13 +116,6 @@ def state_digest(checkpoint_dir: str, step: int) -> tuple[str, dict]:
     with open(data_file) as f:
       data_state = json.load(f)
   return digest.hexdigest(), data_state
-
-
-def truncate_largest_file(directory: str) -> None:
-  paths = [os.path.join(root, name) for root, _, names in os.walk(directory)
-           for name in names]
-  largest = max(paths, key=os.path.getsize)
-  os.truncate(largest, os.path.getsize(largest) // 2)
 
 
 @pytest.fixture(scope='module')
@@ -157,7 +147,8 @@ def runs(tmp_path_factory):
   # Digests of the steps the reruns wrote, before two of them are damaged.
   digests = {step: state_digest(chain_checkpoints, step)
              for step in (2, 4, 6)}
-  truncate_largest_file(os.path.join(chain_checkpoints, '6', 'state'))
+  fixtures.truncate_largest_file(
+      os.path.join(chain_checkpoints, '6', 'state'))
   os.remove(os.path.join(chain_checkpoints, '4', 'data', 'process_0-of-1.json'))
   log_path = str(tmp / 'final.log')
   status = start(chain, source_root, cache, log_path).wait(timeout=600)
