@@ -26,6 +26,7 @@ asynchronous save, so it surfaces at the next save or wait) raises
 """
 
 import contextlib
+import logging as py_logging
 import os
 import sys
 from typing import Any, Iterator, Optional
@@ -65,12 +66,23 @@ def _is_failed_restore_leftover(unraisable: Any) -> bool:
   return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
 
 
+class _FailedRestoreTasks(py_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records of Orbax's
+  read tasks (the third form the leftovers of a failed restore take)."""
+
+  def filter(self, record) -> bool:
+    message = record.getMessage()
+    return not (message.startswith('Task exception was never retrieved')
+                and f'{os.sep}orbax{os.sep}' in message)
+
+
 def _ignore_failed_restore_leftovers() -> None:
   """Keeps those leftovers off stderr from now on; any other unraisable
   error goes to the previous hook."""
   previous = sys.unraisablehook
   if getattr(previous, 'ignores_failed_restore_leftovers', False):
     return
+  py_logging.getLogger('asyncio').addFilter(_FailedRestoreTasks())
 
   def hook(unraisable):
     if not _is_failed_restore_leftover(unraisable):
