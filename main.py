@@ -17,9 +17,10 @@ JAX_PROCESS_ID), or pass ``--distributed`` to let JAX detect a cluster
 Exit status: 0 done; 1 bad input (an unknown ``--config.X`` or bad value,
 missing or unprepared data, shapes that do not fit the data, a class list
 other than the checkpoint's, batch size not divisible by the devices, NaN/inf
-loss: one ``error:`` line on stderr saying what to do, the last good
-checkpoint kept; a failed data conversion lists its bad files first); 143
-stopped by SIGTERM after saving a checkpoint (rerun to resume).
+loss, a failed checkpoint write: one ``error:`` line on stderr saying what to
+do, the last good checkpoint kept; a failed data conversion lists its bad
+files first); 143 stopped by SIGTERM after saving a checkpoint, or during data
+preparation with nothing written (rerun to resume).
 """
 
 import logging as py_logging
@@ -130,11 +131,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 class _QuietCheckpointInfo(py_logging.Filter):
-  """Drops Orbax's INFO records (dozens per save); its warnings still show."""
+  """Drops Orbax's INFO records (dozens per save); its warnings and errors
+  still show, as one line each: the exception of a failed save reaches
+  ``main`` and is reported there (its traceback would only repeat it)."""
 
   def filter(self, record) -> bool:
-    return (record.levelno >= py_logging.WARNING
-            or f'{os.sep}orbax{os.sep}' not in record.pathname)
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= py_logging.WARNING
 
 
 def _exit_with(message: str) -> NoReturn:
@@ -171,7 +176,7 @@ def main(argv: list[str]) -> None:
     logging.info('process %d of %d, %d devices', jax.process_index(),
                  jax.process_count(), jax.device_count())
     run(config, _WORKDIR.value)
-  except train.Preempted as preempted:
+  except (train.Preempted, auto.PreparationInterrupted) as preempted:
     print(str(preempted), file=sys.stderr)
     sys.exit(train.EXIT_PREEMPTED)
   except (ValueError, OSError, train.NonFiniteError) as error:

@@ -13,20 +13,82 @@ Layout under the work directory:
 Saves are asynchronous (the arrays are copied to host memory before ``save``
 returns, so donating the state to the next train step is safe); call
 ``wait_until_finished`` before exiting.
+
+Faults (docs/reliability.md): Orbax writes each step into
+``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed save
+leaves no step behind (the leftover temporary folder is removed when the next
+run opens the work directory). A newest step that exists but cannot be read
+(truncated or deleted files) is moved to ``checkpoints_unreadable/`` with a
+one-line warning and the previous readable step is restored instead. A
+write that fails (disk full, permissions; in the background thread of an
+asynchronous save, so it surfaces at the next save or wait) raises
+``SaveError`` naming the last complete step, which stays intact.
 """
 
+import contextlib
+import logging as py_logging
 import os
-from typing import Any, Optional
+import sys
+from typing import Any, Iterator, Optional
 
+from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'checkpoints_best'
+UNREADABLE_DIR = 'checkpoints_unreadable'
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
 BEST_METRIC = 'miou'
+
+
+class SaveError(OSError):
+  """Writing a checkpoint failed; the earlier complete steps are intact."""
+
+
+def _is_failed_restore_leftover(unraisable: Any) -> bool:
+  """True for the "unraisable" errors a failed Orbax restore leaves behind.
+
+  When a restore fails, Orbax closes its event loop while TensorStore reads
+  are still in flight: each one completing later raises
+  ``RuntimeError('Event loop is closed')`` in a callback, and read coroutines
+  never awaited raise the read error again when collected. Python prints each
+  as a traceback (dozens, up to a second later); the restore's own error is
+  already handled.
+  """
+  error, source = unraisable.exc_value, unraisable.object
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    return True
+  code = getattr(source, 'cr_code', None)
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
+class _FailedRestoreTasks(py_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records of Orbax's
+  read tasks (the third form the leftovers of a failed restore take)."""
+
+  def filter(self, record) -> bool:
+    message = record.getMessage()
+    return not (message.startswith('Task exception was never retrieved')
+                and f'{os.sep}orbax{os.sep}' in message)
+
+
+def _ignore_failed_restore_leftovers() -> None:
+  """Keeps those leftovers off stderr from now on; any other unraisable
+  error goes to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_failed_restore_leftovers', False):
+    return
+  py_logging.getLogger('asyncio').addFilter(_FailedRestoreTasks())
+
+  def hook(unraisable):
+    if not _is_failed_restore_leftover(unraisable):
+      previous(unraisable)
+  hook.ignores_failed_restore_leftovers = True
+  sys.unraisablehook = hook
 
 
 def abstract_like(tree: Any) -> Any:
@@ -44,10 +106,15 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f'config.keep_checkpoints must be >= 1, got {keep}')
     workdir = os.path.abspath(workdir)
+    self._workdir = workdir
+    self._read_only = read_only
+    # cleanup_tmp_directories: the temporary folders of saves a killed run
+    # left unfinished are deleted when a run opens the work directory.
     self._latest = ocp.CheckpointManager(
         os.path.join(workdir, LATEST_DIR),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only),
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only),
         item_handlers={
             STATE_ITEM: ocp.StandardCheckpointHandler(),
             DATA_ITEM: grain.checkpoint.CheckpointHandler(),
@@ -56,12 +123,31 @@ class Checkpointer:
         os.path.join(workdir, BEST_DIR),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC],
-            best_mode='max', create=not read_only, read_only=read_only),
+            best_mode='max', create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
     # The mIoU of the best checkpoint this process saved: Orbax records a
     # step's metrics only when its asynchronous save finalizes, so reading
     # them back right after a save can find none.
     self._saved_best_miou: Optional[float] = None
+
+  @contextlib.contextmanager
+  def _reporting_failed_writes(self) -> Iterator[None]:
+    """Turns a failed checkpoint write into one ``SaveError`` line."""
+    try:
+      yield
+    except SaveError:
+      raise
+    except (OSError, ValueError) as error:
+      # Orbax drops a failed step from its list; reread the folder to name
+      # the newest complete one.
+      self._latest.reload()
+      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      raise SaveError(
+          f'writing a checkpoint in {self._workdir} failed: {reason}; the last '
+          f'complete checkpoint, step {self._latest.latest_step()}, is intact: '
+          'fix the cause (e.g. free disk space) and rerun the same command to '
+          'resume') from error
 
   def latest_step(self) -> Optional[int]:
     """Step of the newest checkpoint under ``checkpoints/`` (None if none)."""
@@ -87,45 +173,92 @@ class Checkpointer:
     """
     if step in self._latest.all_steps():
       return False
-    return self._latest.save(
-        step,
-        args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
-            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
-        }),
-        force=True)
+    # A best save of this step still in flight finalizes first: otherwise a
+    # kill could leave the latest step on disk without its best checkpoint,
+    # and the resumed run would never evaluate (nor offer) that step again.
+    with self._reporting_failed_writes():
+      self._best.wait_until_finished()
+      return self._latest.save(
+          step,
+          args=ocp.args.Composite(**{
+              STATE_ITEM: ocp.args.StandardSave(state),
+              DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+          }),
+          force=True)
 
   def save_best(self, step: int, state: Any, miou: float) -> bool:
     """Offers ``state`` with its mIoU; kept only if it is the best so far."""
     best = self.best_miou()
     if step in self._best.all_steps() or (best is not None and miou <= best):
       return False
-    saved = self._best.save(
-        step,
-        args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}),
-        metrics={BEST_METRIC: float(miou)}, force=True)
+    with self._reporting_failed_writes():
+      saved = self._best.save(
+          step,
+          args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}),
+          metrics={BEST_METRIC: float(miou)}, force=True)
     if saved:
       self._saved_best_miou = float(miou)
     return saved
 
   def restore_latest(self, abstract_state: Any,
                      data_iterator: Any = None) -> tuple[Any, int]:
-    """Restores the newest checkpoint into ``abstract_state``'s structure.
+    """Restores the newest readable checkpoint into ``abstract_state``.
 
     When ``data_iterator`` is given its position is restored in place too.
+    Steps are tried newest first. A step that fails to restore while an older
+    one succeeds is unreadable (truncated or deleted files): a one-line
+    warning names it, and unless read-only it is moved to
+    ``WORKDIR/checkpoints_unreadable/`` so that the resumed run saves that step
+    afresh. When no step restores (say, a checkpoint of another model) the
+    newest step's error is raised and nothing is moved.
 
     Raises:
       FileNotFoundError: when there is no checkpoint.
     """
-    step = self._latest.latest_step()
-    if step is None:
+    steps = sorted(self._latest.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(
           f'no checkpoint in {self._latest.directory}')
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._latest.restore(step, args=ocp.args.Composite(**items))
-    return restored[STATE_ITEM], step
+    unreadable: list[tuple[int, Exception]] = []
+    for step in steps:
+      try:
+        restored = self._latest.restore(step,
+                                        args=ocp.args.Composite(**items))
+      except Exception as error:  # pylint: disable=broad-exception-caught
+        # Which errors mean "damaged" depends on the file and the storage
+        # layer (ValueError from TensorStore, FileNotFoundError, JSON
+        # errors); an older step that restores tells damage from mismatch.
+        _ignore_failed_restore_leftovers()
+        unreadable.append((step, error))
+        continue
+      for bad_step, error in unreadable:
+        self._set_aside(bad_step, error, step)
+      return restored[STATE_ITEM], step
+    raise unreadable[0][1]
+
+  def _set_aside(self, step: int, error: Exception, fallback: int) -> None:
+    """Warns that ``step`` is unreadable; moves it out of ``checkpoints/``."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if self._read_only:
+      logging.warning('checkpoint %d in %s is unreadable (%s); using step %d',
+                      step, self._latest.directory, reason[:200], fallback)
+      return
+    target = os.path.join(self._workdir, UNREADABLE_DIR, str(step))
+    if jax.process_index() == 0:
+      suffix = 1
+      while os.path.exists(target):
+        target = os.path.join(self._workdir, UNREADABLE_DIR, f'{step}.{suffix}')
+        suffix += 1
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(os.path.join(str(self._latest.directory), str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+    self._latest.reload()
+    logging.warning('checkpoint %d is unreadable (%s); moved to %s, resuming '
+                    'from step %d', step, reason[:200], target, fallback)
 
   def restore_best(self, abstract_state: Any) -> tuple[Any, int]:
     """Restores the best-mIoU checkpoint.
@@ -136,16 +269,33 @@ class Checkpointer:
     step = self._best.best_step()
     if step is None:
       raise FileNotFoundError(f'no best checkpoint in {self._best.directory}')
-    restored = self._best.restore(
-        step, args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    try:
+      restored = self._best.restore(
+          step, args=ocp.args.Composite(
+              **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    except Exception:
+      _ignore_failed_restore_leftovers()
+      raise
     return restored[STATE_ITEM], step
 
   def wait_until_finished(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk.
+
+    Raises:
+      SaveError: when one of them failed.
+    """
+    with self._reporting_failed_writes():
+      self._latest.wait_until_finished()
+      self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._latest.close()
-    self._best.close()
+    """Waits for pending saves (as ``wait_until_finished``) and closes.
+
+    Raises:
+      SaveError: when a pending save failed.
+    """
+    with self._reporting_failed_writes():
+      try:
+        self._latest.close()
+      finally:
+        self._best.close()

@@ -12,7 +12,8 @@ before every save) or parameter (checked before every save) raises
 ``NonFiniteError`` and nothing of the bad state is saved. SIGTERM sets a
 flag; the loop saves after the current step and raises ``Preempted``
 (``main.py`` exits with ``EXIT_PREEMPTED`` = 143); rerunning resumes from the
-latest checkpoint, data iterator included.
+latest checkpoint, data iterator included. Kills, failed checkpoint writes and
+unreadable checkpoints: docs/reliability.md.
 """
 
 import os
@@ -74,8 +75,11 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
       os.replace(path, os.path.join(workdir, f'config.{index}.json'))
       logging.warning('%s: the config differs from the last run; the earlier '
                       'one is kept as config.%d.json', workdir, index)
-    with open(path, 'w') as f:
+    # Written beside and renamed: a run killed mid-write leaves the previous
+    # config.json whole.
+    with open(f'{path}.tmp', 'w') as f:
       f.write(text)
+    os.replace(f'{path}.tmp', path)
   return path
 
 
@@ -136,6 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     FileNotFoundError / ValueError: bad data folder or config.
     NonFiniteError: a NaN/inf loss, gradient or parameter (the last good
       checkpoint is kept; the bad state is never saved).
+    checkpoint_lib.SaveError: a checkpoint could not be written (disk full);
+      the last complete one is intact.
     Preempted: SIGTERM arrived (at any time after the start); the state of the
       next step was saved first.
   """
@@ -305,9 +311,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           num_classes)
     writer.flush()
   finally:
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.close()
+    try:
+      # Waits for the saves in flight; raises checkpoint_lib.SaveError if one
+      # failed (the earlier checkpoints are intact).
+      checkpointer.close()
+    finally:
+      writer.close()
   inference.print_scores(config, step, scores, class_names)
   scores['step'] = step
   return scores

@@ -11,11 +11,14 @@
   converted again and an unchanged one never.
 
 `resolved_paths` computes every path (no writes, the same on every process);
-`prepare_missing` converts what is missing (process 0).
+`prepare_missing` converts what is missing (process 0). SIGTERM during a
+training-data conversion stops it cleanly: the temporary folder is removed and
+``PreparationInterrupted`` is raised (main.py exits with 143).
 """
 
 import hashlib
 import os
+import signal
 
 from absl import logging
 import ml_collections
@@ -170,6 +173,15 @@ def _prepare_eval_data(config: ml_collections.ConfigDict) -> bool:
   return True
 
 
+class PreparationInterrupted(Exception):
+  """SIGTERM arrived during the conversion; nothing was written."""
+
+
+def _raise_interrupted(signum, frame):
+  del signum, frame
+  raise PreparationInterrupted()
+
+
 def prepare_if_missing(prepare: ml_collections.ConfigDict,
                        data_dir: str) -> bool:
   """Converts the dataset described by `prepare` into `data_dir` if needed.
@@ -216,14 +228,29 @@ def prepare_if_missing(prepare: ml_collections.ConfigDict,
                'converter from %s (sparse %r, seed %d)', data_dir,
                prepare.converter, os.path.abspath(prepare.root),
                prepare.sparse, prepare.seed)
-  folder.convert_folder(
-      prepare.root, data_dir,
-      void_values=(prepare.void_value,),
-      sparse=prepare.sparse,
-      seed=prepare.seed,
-      train_dense=prepare.dense_train,
-      downscale=prepare.downscale,
-      skip_bad=bool(prepare.skip_bad),
-      num_workers=min(4, os.cpu_count() or 1),
-      progress=True)
+  try:
+    # The exception unwinds through the converter, which removes its
+    # temporary folder and shuts its workers down. Outside the main thread
+    # (no signal handlers there) SIGTERM keeps its default action.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+  except ValueError:
+    previous = None
+  try:
+    folder.convert_folder(
+        prepare.root, data_dir,
+        void_values=(prepare.void_value,),
+        sparse=prepare.sparse,
+        seed=prepare.seed,
+        train_dense=prepare.dense_train,
+        downscale=prepare.downscale,
+        skip_bad=bool(prepare.skip_bad),
+        num_workers=min(4, os.cpu_count() or 1),
+        progress=True)
+  except PreparationInterrupted:
+    raise PreparationInterrupted(
+        f'stopped by SIGTERM while preparing {data_dir}; nothing was written '
+        'there; rerun the same command to prepare it') from None
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return True

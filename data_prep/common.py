@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -362,6 +363,19 @@ def _check_ids(split: str, examples: Sequence[SourceExample]) -> list[str]:
   return problems
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+  """Worker initializer: exits the worker once ``parent_pid`` is gone.
+
+  A SIGKILLed converter cannot shut its pool down, and its idle workers
+  would wait on their queue forever (a few hundred MB each).
+  """
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(1.0)
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True).start()
+
+
 def _raise_on_signal(signum, frame):
   del frame
   raise KeyboardInterrupt(f'signal {signum}')
@@ -461,7 +475,8 @@ def _convert_into(directory: str, *, name, classes, splits, num_shards,
     # spawn: workers must not inherit a forked JAX runtime or locks of the
     # calling program.
     executor = concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context('spawn'))
+        num_workers, mp_context=multiprocessing.get_context('spawn'),
+        initializer=_exit_with_parent, initargs=(os.getpid(),))
   try:
     for split, source in splits.items():
       split_metadata, sparse_metadata, problems = _convert_split(

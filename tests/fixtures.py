@@ -10,6 +10,8 @@
   labelTrainIds) and flat ``{N}clicks`` folders with 19 or 255 as unlabeled.
 * ``make_folder_dataset_tfrecords``: a converted dataset folder, quickly (for
   the input pipeline and trainer tests).
+* ``truncate_largest_file`` and ``host_array``: damage a saved checkpoint, and
+  read its leaves back as NumPy (the resume and fault tests).
 
 Each ``make_*_root`` returns ``(root, truth)`` where ``truth`` holds the labels
 in the stored convention (uint8 class ids, 255 unlabeled/void) that a correct
@@ -18,6 +20,7 @@ converter must produce, computed here independently of ``data_prep``.
 
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -243,3 +246,19 @@ def make_folder_dataset_tfrecords(tmp_path, *, num_train: int = 6,
                         sparse=sparse, seed=seed, train_dense=train_dense,
                         num_shards=num_shards, progress=False)
   return data_dir
+
+
+def truncate_largest_file(directory: str) -> None:
+  """Cuts the largest file under ``directory`` to half its size (a write
+  interrupted by a crash, as the storage layer sees it)."""
+  paths = [os.path.join(root, name) for root, _, names in os.walk(directory)
+           for name in names]
+  largest = max(paths, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+def host_array(leaf) -> np.ndarray:
+  """NumPy view of a restored leaf (typed PRNG keys as their key data)."""
+  if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  return np.asarray(leaf)

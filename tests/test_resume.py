@@ -71,13 +71,6 @@ def load_step(workdir: str, step: int):
   return state, data_state
 
 
-def host_array(leaf) -> np.ndarray:
-  """NumPy view of a restored leaf (typed PRNG keys as their key data)."""
-  if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
-    leaf = jax.random.key_data(leaf)
-  return np.asarray(leaf)
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('resume')
@@ -129,7 +122,8 @@ def test_resumed_run_equals_uninterrupted_run(runs):
   leaves_b = dict(jax.tree_util.tree_flatten_with_path(state_b)[0])
   assert len(leaves_a) == len(leaves_b) > 10
   for path, leaf in leaves_a:
-    np.testing.assert_allclose(host_array(leaves_b[path]), host_array(leaf),
+    np.testing.assert_allclose(fixtures.host_array(leaves_b[path]),
+                               fixtures.host_array(leaf),
                                rtol=1e-6, atol=1e-7,
                                err_msg=jax.tree_util.keystr(path))
 
