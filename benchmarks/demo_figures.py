@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks import camvid_study
+from benchmarks.study import results
+from benchmarks.study import runner
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_COMMAND = ('main.py', '--config=configs/demo.py')
@@ -49,11 +50,11 @@ def run_demo(workdir: str) -> float:
 def final_miou(workdir: str) -> tuple[int, float, float | None]:
   """(step, mIoU) of the last `eval/miou` scalar of `workdir`, and the span
   of its scalar events in seconds."""
-  scalars, span_s = camvid_study.read_scalars(workdir)
-  if camvid_study.DEFAULT_MIOU_TAG not in scalars:
-    raise SystemExit(f'{workdir}: no {camvid_study.DEFAULT_MIOU_TAG} scalar '
+  scalars, span_s = results.read_scalars(workdir)
+  if results.DEFAULT_MIOU_TAG not in scalars:
+    raise SystemExit(f'{workdir}: no {results.DEFAULT_MIOU_TAG} scalar '
                      '(did the run finish an evaluation?)')
-  steps, values = scalars[camvid_study.DEFAULT_MIOU_TAG]
+  steps, values = scalars[results.DEFAULT_MIOU_TAG]
   return int(steps[-1]), float(values[-1]), span_s
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   workdir = os.path.abspath(args.workdir)
   wall_s = None if args.read_only else run_demo(workdir)
   step, miou, span_s = final_miou(workdir)
-  machine = camvid_study.machine_description()
+  machine = runner.machine_description()
   print(f'commit: {commit()}')
   print(f'machine: {machine["cpu"]}, {machine["cpu_count"]} cores, '
         f'jax {machine["jax"]}')
