@@ -15,6 +15,8 @@ from benchmarks.study.grid import (
 # steps per epoch are TRAIN_IMAGES // batch (agmm_jax/train.py).
 CAMVID_TRAIN_IMAGES = 367
 CAMVID_VAL_IMAGES = 101
+# Every CamVid image is 360x480 (before the config's prepare.downscale).
+CAMVID_IMAGE_SIZE = (360, 480)
 
 # Train-step GFLOP per image of each size of configs/camvid_clicks.py:
 # XLA's cost analysis of the lowered forward + backward step at the size's
@@ -101,7 +103,9 @@ def run_shape(run: Run) -> RunShape:
   eval_every = (steps_per_epoch if config.eval_every_steps == -1
                 else int(config.eval_every_steps))
   size = common_args_of(run)['size']
-  height, width = config.data.eval_canvas
+  # An empty eval canvas is sized from the data: the (downscaled) image size.
+  height, width = config.data.eval_canvas or tuple(
+      side // int(config.data.prepare.downscale) for side in CAMVID_IMAGE_SIZE)
   return RunShape(size=size, total_steps=total, batch=batch,
                   eval_every=eval_every if eval_every > 0 else total,
                   num_threads=int(config.data.num_threads),
