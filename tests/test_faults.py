@@ -55,6 +55,7 @@ def command(workdir: str, source_root: str) -> list[str]:
           '--config.data.prepare.converter=folder',
           f'--config.data.prepare.root={source_root}',
           '--config.data.prepare.sparse=points:1',
+          '--config.data.prepare.downscale=1',
           f'--config.data.prepare.void_value={NUM_CLASSES}',
           f'--config.num_train_steps={TOTAL_STEPS}',
           '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=10',
