@@ -12,8 +12,8 @@
 
 `resolved_paths` computes every path (no writes, the same on every process);
 `prepare_missing` converts what is missing (process 0). SIGTERM during a
-training-data conversion stops it cleanly: the temporary folder is removed and
-``PreparationInterrupted`` is raised (main.py exits with 143).
+conversion (training or eval data) stops it cleanly: the temporary folder is
+removed and ``PreparationInterrupted`` is raised (main.py exits with 143).
 """
 
 import hashlib
@@ -149,6 +149,38 @@ def prepare_missing(config: ml_collections.ConfigDict) -> bool:
   return prepare_if_missing(config.data.prepare, config.data.dir)
 
 
+class PreparationInterrupted(Exception):
+  """SIGTERM arrived during the conversion; nothing was written."""
+
+
+def _raise_interrupted(signum, frame):
+  del signum, frame
+  raise PreparationInterrupted()
+
+
+def _convert_folder(source: str, output: str, **options) -> None:
+  """`folder.convert_folder(source, output, **options)` on up to 4 workers,
+  stopped cleanly by SIGTERM: the exception unwinds through the converter,
+  which removes its temporary folder and shuts its workers down, and
+  `PreparationInterrupted` names `output`. Outside the main thread (no signal
+  handlers there) SIGTERM keeps its default action."""
+  try:
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+  except ValueError:
+    previous = None
+  try:
+    folder.convert_folder(source, output,
+                          num_workers=min(4, os.cpu_count() or 1),
+                          progress=True, **options)
+  except PreparationInterrupted:
+    raise PreparationInterrupted(
+        f'stopped by SIGTERM while preparing {output}; nothing was written '
+        'there; rerun the same command to prepare it') from None
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
 def _prepare_eval_data(config: ml_collections.ConfigDict) -> bool:
   """Converts the raw folder `config.eval.data_dir` into its cache."""
   if _has_metadata(config.data.dir):
@@ -159,11 +191,10 @@ def _prepare_eval_data(config: ml_collections.ConfigDict) -> bool:
                'into %s', config.eval.data_dir, split, void_value,
                config.data.dir)
   try:
-    folder.convert_folder(
+    _convert_folder(
         config.eval.data_dir, config.data.dir, splits=(split,),
         sparse_splits=(), void_values=(void_value,),
-        skip_bad=bool(config.data.prepare.skip_bad),
-        num_workers=min(4, os.cpu_count() or 1), progress=True)
+        skip_bad=bool(config.data.prepare.skip_bad))
   except common.ConversionError as error:
     if any(common.BAD_LABEL_VALUES in problem for problem in error.problems):
       error.hint = (f'the raw labels\' void value is '
@@ -171,15 +202,6 @@ def _prepare_eval_data(config: ml_collections.ConfigDict) -> bool:
                     'it if the folder uses another')
     raise
   return True
-
-
-class PreparationInterrupted(Exception):
-  """SIGTERM arrived during the conversion; nothing was written."""
-
-
-def _raise_interrupted(signum, frame):
-  del signum, frame
-  raise PreparationInterrupted()
 
 
 def prepare_if_missing(prepare: ml_collections.ConfigDict,
@@ -228,29 +250,12 @@ def prepare_if_missing(prepare: ml_collections.ConfigDict,
                'converter from %s (sparse %r, seed %d)', data_dir,
                prepare.converter, os.path.abspath(prepare.root),
                prepare.sparse, prepare.seed)
-  try:
-    # The exception unwinds through the converter, which removes its
-    # temporary folder and shuts its workers down. Outside the main thread
-    # (no signal handlers there) SIGTERM keeps its default action.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-  except ValueError:
-    previous = None
-  try:
-    folder.convert_folder(
-        prepare.root, data_dir,
-        void_values=(prepare.void_value,),
-        sparse=prepare.sparse,
-        seed=prepare.seed,
-        train_dense=prepare.dense_train,
-        downscale=prepare.downscale,
-        skip_bad=bool(prepare.skip_bad),
-        num_workers=min(4, os.cpu_count() or 1),
-        progress=True)
-  except PreparationInterrupted:
-    raise PreparationInterrupted(
-        f'stopped by SIGTERM while preparing {data_dir}; nothing was written '
-        'there; rerun the same command to prepare it') from None
-  finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+  _convert_folder(
+      prepare.root, data_dir,
+      void_values=(prepare.void_value,),
+      sparse=prepare.sparse,
+      seed=prepare.seed,
+      train_dense=prepare.dense_train,
+      downscale=prepare.downscale,
+      skip_bad=bool(prepare.skip_bad))
   return True
