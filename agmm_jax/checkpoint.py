@@ -77,8 +77,8 @@ class _FailedRestoreTasks(py_logging.Filter):
 
 
 def _ignore_failed_restore_leftovers() -> None:
-  """Keeps those leftovers off stderr from now on; any other unraisable
-  error goes to the previous hook."""
+  """Keeps those leftovers off stderr from now on (called before every
+  restore); any other unraisable error goes to the previous hook."""
   previous = sys.unraisablehook
   if getattr(previous, 'ignores_failed_restore_leftovers', False):
     return
@@ -223,6 +223,9 @@ class Checkpointer:
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     unreadable: list[tuple[int, Exception]] = []
+    # Before, not after, a failure: under load Orbax's leftover reads can
+    # fire while the failed restore is still unwinding.
+    _ignore_failed_restore_leftovers()
     for step in steps:
       try:
         restored = self._latest.restore(step,
@@ -231,7 +234,6 @@ class Checkpointer:
         # Which errors mean "damaged" depends on the file and the storage
         # layer (ValueError from TensorStore, FileNotFoundError, JSON
         # errors); an older step that restores tells damage from mismatch.
-        _ignore_failed_restore_leftovers()
         unreadable.append((step, error))
         continue
       for bad_step, error in unreadable:
@@ -269,13 +271,10 @@ class Checkpointer:
     step = self._best.best_step()
     if step is None:
       raise FileNotFoundError(f'no best checkpoint in {self._best.directory}')
-    try:
-      restored = self._best.restore(
-          step, args=ocp.args.Composite(
-              **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
-    except Exception:
-      _ignore_failed_restore_leftovers()
-      raise
+    _ignore_failed_restore_leftovers()  # As in restore_latest.
+    restored = self._best.restore(
+        step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
     return restored[STATE_ITEM], step
 
   def wait_until_finished(self) -> None:
