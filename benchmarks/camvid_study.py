@@ -42,6 +42,13 @@ overrides; explicit flags still win):
   python -m benchmarks.camvid_study --run --preset=cpu40
   python -m benchmarks.camvid_study --status --preset=cpu40
 
+The archive (`--archive`, default docs/results/records/): a session's runs/
+does not outlive it, so `--run` writes each run it finishes (or finds
+finished) as one JSON record there, to be committed; `--run` skips archived
+runs, `--status` and `--report` read a run from its record when its workdir
+is gone. Overlays, the G-vs-p diagnostic and `--eval_data_dir` need a
+workdir's checkpoints and cover only runs still present.
+
 Device time (GPU preset): runs are separate `main.py` processes sharing JAX's
 persistent compilation cache (JAX_COMPILATION_CACHE_DIR in the children's
 environment), not cells inside one Python process. A cell's seeds and its

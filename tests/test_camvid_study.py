@@ -24,6 +24,7 @@ import pytest
 
 from agmm_jax import summary
 from benchmarks import camvid_study
+from benchmarks.study import archive
 from benchmarks.study.cli import DEFAULT_CALL_BUDGET_S
 from benchmarks.study.device_plan import (
     DeviceFigures, RunShape, device_order, is_core_run, predicted_img_per_s,
@@ -561,6 +562,70 @@ def _write_run(run: Run, *, steps: Sequence[int],
         'attempts': [{'wall_s': 60.0, 'returncode': marker_exit,
                       'load_average': 1.0}],
         'machine': machine_description()})
+
+
+def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
+    tmp_path, capsys):
+  """A session's workdirs do not outlive it: --status and --report read
+  the committed records instead, and --run skips what they hold."""
+  root = str(tmp_path / 'runs' / 'grid')
+  records = str(tmp_path / 'records')
+  done, unfinished = plan_runs(['clicks:20'], ['pce_only', 'agmm_paper'],
+                               [0], steps=20, root=root)
+  per_class = np.linspace(0.1, 0.9, len(CLASSES))
+  _write_run(done, steps=[10, 20], mious=[0.1, per_class.mean()],
+             marker_exit=0, per_class=per_class)
+  _write_run(unfinished, steps=[10], mious=[0.2], marker_exit=143)
+  before = read_run(done)
+  for run in (done, unfinished):
+    assert archive.save(run, records) == archive.record_path(run, records)
+  assert archive.record_path(done, records) == os.path.join(
+      records, 'grid', 'clicks20_pce_only_seed0.json')
+  shutil.rmtree(tmp_path / 'runs')
+  assert archive.is_archived(done, records)
+  assert not archive.is_archived(unfinished, records)
+  after = archive.read_result(done, records)
+  assert after.done and after.finished and after.wall_s == 60.0
+  for curve in ('miou_curve', 'loss_curve', 'throughput_curve'):
+    for ours, theirs in zip(getattr(after, curve), getattr(before, curve)):
+      np.testing.assert_array_equal(ours, theirs)
+  assert after.per_class_iou == before.per_class_iou
+  # Another schedule under the same workdir name is not taken for it.
+  longer = dataclasses.replace(
+      done, argv=done.argv + ('--config.num_train_steps=40',))
+  assert archive.load(longer, records) is None
+  assert archive.read_result(longer, records) is None
+
+  grid = ['--labels=clicks:20', '--methods=pce_only,agmm_paper', '--seeds=0',
+          '--steps=20', f'--root={root}', f'--archive={records}']
+  assert camvid_study.main(['--status'] + grid) == 0
+  rows = {tuple(line.split()[:2]): line.split()[2:]
+          for line in capsys.readouterr().out.splitlines()[1:3]}
+  assert rows[('clicks20_pce_only', '0')][:2] == ['done', '20/20']
+  assert rows[('clicks20_agmm_paper', '0')][:3] == ['in', 'progress', '10/20']
+  output = tmp_path / 'results.md'
+  assert camvid_study.main(['--report', f'--output={output}',
+                            '--overlay_images=0'] + grid) == 0
+  capsys.readouterr()
+  row = next(line for line in output.read_text().splitlines()
+             if line.startswith('| clicks:20 | '))
+  assert row.split('|')[2].strip() == (
+      f'{100 * per_class.mean():.2f} (n=1)')
+
+  # run_plan: a run done elsewhere is skipped unrun; each run done here,
+  # now or before, is handed to on_done (the study archives it).
+  ok = _fake_run('ok', 0)
+  handed = []
+  statuses = run_plan([ok], repo_root=str(tmp_path / 'a'),
+                      on_done=handed.append)
+  statuses += run_plan([ok], repo_root=str(tmp_path / 'a'),
+                       on_done=handed.append)
+  statuses += run_plan([ok], repo_root=str(tmp_path / 'b'),
+                       done_elsewhere=lambda run: run == ok,
+                       on_done=handed.append)
+  assert [s for _, s in statuses] == ['done', 'skipped', 'skipped']
+  assert handed == [ok, ok]
+  assert not (tmp_path / 'b' / ok.workdir).exists()
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from benchmarks.study import archive
 from benchmarks.study.device_plan import (
     CPU_SECONDS_PER_STEP, GPU_SIZES, DeviceCall, DeviceFigures,
     call_deadline_s, device_order, format_device_plan,
@@ -26,8 +27,8 @@ from benchmarks.study.pack import (
 from benchmarks.study.plots import make_overlays, plot_curves
 from benchmarks.study.report import format_duration, summarize, write_report
 from benchmarks.study.results import (
-    DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, format_status,
-    read_run, result_from_record, run_status)
+    DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, RunResult,
+    format_status, read_run, result_from_record, run_status)
 from benchmarks.study.runner import LOG_FILE, prepare_data, run_plan
 
 
@@ -122,6 +123,12 @@ def _parse_args(argv: Sequence[str] | None, usage: str
                       help='--run/--report: also evaluate every finished run '
                       'on this prepared dataset folder (main.py eval mode, '
                       'config.eval.data_dir) and report a second table')
+  parser.add_argument('--archive', default=archive.DEFAULT_ARCHIVE,
+                      help='folder (relative to the repository) of the '
+                      'committed records of finished runs: --run archives '
+                      'each run it finishes and skips archived ones, '
+                      '--status and --report read a run from there when its '
+                      'workdir is gone (\'\': none)')
   parser.add_argument('--from', dest='from_folders', type=_comma_list,
                       default=None,
                       help='--report: the folder(s) device calls returned '
@@ -228,6 +235,19 @@ def _cpu_plan_lines(runs: Sequence[Run]) -> list[str]:
           'docs/results.md); resumable, see --status']
 
 
+def _with_checkpoints(runs: Sequence[Run]) -> list[RunResult]:
+  """The RunResults of the runs whose workdir still holds its checkpoints
+  (what an evaluation on another dataset needs; an archived record has
+  none)."""
+  results = []
+  for run in runs:
+    if os.path.isdir(os.path.join(REPO_ROOT, run.workdir, 'checkpoints')):
+      result = read_run(run)
+      if result is not None:
+        results.append(result)
+  return results
+
+
 def _command_line(argv: Sequence[str] | None) -> str:
   return shlex.join(['python', '-m', 'benchmarks.camvid_study'] + list(
       argv if argv is not None else sys.argv[1:]))
@@ -279,7 +299,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
     return 0
 
   if args.status:
-    results = {run: read_run(run) for run in selected}
+    results = {run: archive.read_result(run, args.archive)
+               for run in selected}
     print('\n'.join(format_status([run_status(run, results[run])
                                    for run in selected])))
     return 0
@@ -306,13 +327,18 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
     statuses = run_plan(
         selected, keep_going=not args.stop_on_failure, env=env,
         deadline=start + deadline_s if deadline_s > 0 else None,
-        predicted_s=predicted)
+        predicted_s=predicted,
+        done_elsewhere=lambda run: archive.is_archived(run, args.archive),
+        on_done=lambda run: archive.save(run, args.archive))
     failed = [(r, s) for r, s in statuses if s.startswith('failed')]
     for run, status in failed:
       print(f'{status}: {run.workdir}/{LOG_FILE}', file=sys.stderr)
     if args.eval_data_dir:
-      results = [r for r in map(read_run, selected) if r is not None]
-      evaluate_finished(results, args.eval_data_dir)
+      statuses_by_workdir = evaluate_finished(
+          _with_checkpoints(selected), args.eval_data_dir)
+      for run in selected:
+        if statuses_by_workdir.get(run.workdir) == 'evaluated':
+          archive.save(run, args.archive)
     return 1 if failed or len(statuses) < len(selected) else 0
 
   tags = dict(miou_tag=args.miou_tag, loss_tag=args.loss_tag,
@@ -323,8 +349,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
   stem = os.path.splitext(output)[0]
   overlay_dir = stem
   if args.pack:
-    results = [r for r in (read_run(run, **tags) for run in runs)
-               if r is not None]
+    results = [r for r in (archive.read_result(run, args.archive, **tags)
+                           for run in runs) if r is not None]
     core = [r for r in results if _is_core(r.run, runs, preset)]
     folder = os.path.join(REPO_ROOT, args.pack)
     # The extras run without --call (a call packs its scalars only).
@@ -383,10 +409,14 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
     machines, diagnostics = unpacked.machines, unpacked.diagnostics
     overlay_paths = unpacked.figure_paths if args.overlay_images > 0 else []
   else:
-    results = [r for r in (read_run(run, **tags) for run in runs)
-               if r is not None]
+    results = [r for r in (archive.read_result(run, args.archive, **tags)
+                           for run in runs) if r is not None]
     if args.eval_data_dir:
-      evaluate_finished(results, args.eval_data_dir)
+      statuses_by_workdir = evaluate_finished(
+          _with_checkpoints(runs), args.eval_data_dir)
+      results = [archive.read_result(r.run, args.archive, **tags)
+                 if statuses_by_workdir.get(r.run.workdir) == 'evaluated'
+                 else r for r in results]
     core = [r for r in results if _is_core(r.run, runs, preset)]
     if args.diagnostic_images > 0:
       diagnostics = [run_diagnostic(core, images=args.diagnostic_images,

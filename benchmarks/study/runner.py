@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from benchmarks.study.grid import REPO_ROOT, Run, run_config
@@ -109,11 +109,14 @@ def prepare_data(runs: Sequence[Run], overrides: Sequence[str] = (),
 def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
              keep_going: bool = True, env: Mapping[str, str] | None = None,
              deadline: float | None = None,
-             predicted_s: Mapping[Run, float] | None = None
+             predicted_s: Mapping[Run, float] | None = None,
+             done_elsewhere: Callable[[Run], bool] | None = None,
+             on_done: Callable[[Run], object] | None = None
              ) -> list[tuple[Run, str]]:
   """Runs the commands one after another; returns `(run, status)` pairs.
 
-  status: 'skipped' (already done with the same command), 'done',
+  status: 'skipped' (already done with the same command, in its workdir or
+  where `done_elsewhere` says: the study's archive), 'done',
   'failed (exit N)', or 'deferred (deadline)'. `env`: variables added to the
   commands' environment (JAX_COMPILATION_CACHE_DIR). `deadline`
   (time.monotonic() seconds): a run whose `predicted_s` would end after it
@@ -125,15 +128,18 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
   resumes from its workdir; a SIGTERM or Ctrl-C of this process is passed on
   to the running trainer (which saves a checkpoint first). Stops at the first
   failure unless `keep_going`; always stops when a run was stopped by a signal
-  (status >= 128 or < 0).
+  (status >= 128 or < 0). `on_done(run)` follows every run that is done,
+  including one done before in its workdir (the study archives its record).
   """
   statuses = []
   machine = machine_description()
   child_env = {**os.environ, **(env or {})}
   for index, run in enumerate(runs, 1):
     label = f'[{index}/{len(runs)}] {run.cell.name} seed {run.seed}'
-    if is_done(run, repo_root):
+    if is_done(run, repo_root) or (done_elsewhere and done_elsewhere(run)):
       print(f'{label}: done before, skipped', flush=True)
+      if on_done and is_done(run, repo_root):
+        on_done(run)
       statuses.append((run, 'skipped'))
       continue
     if deadline is not None and time.monotonic() + (
@@ -183,6 +189,8 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
         'machine': machine})
     status = 'done' if returncode == 0 else f'failed (exit {returncode})'
     print(f'{label}: {status} in {attempt["wall_s"]:.0f} s', flush=True)
+    if returncode == 0 and on_done:
+      on_done(run)
     statuses.append((run, status))
     if returncode != 0 and (not keep_going or returncode < 0
                             or returncode >= 128):

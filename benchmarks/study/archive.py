@@ -1,0 +1,93 @@
+"""The study's committed archive: one JSON record (results.run_record) per
+finished run, under `docs/results/records/` by default.
+
+A session's `runs/` (checkpoints, event files) does not outlive the session:
+only what is committed does. So every run the study finishes is archived as
+its record (scalars, marker, config, evaluations: tens of KB), and the study
+reads the archive where a workdir is missing: `--run` skips an archived run,
+`--status` counts it done, `--report` tables it. A grid can then progress
+across sessions, one commit of records at a time; only a run cut mid-way by
+the end of a session starts again. What needs a checkpoint (overlays, the
+G-vs-p diagnostic, an evaluation on another dataset) is made only for runs
+whose workdir is still here.
+"""
+
+import json
+import os
+
+from benchmarks.study.grid import REPO_ROOT, Run
+from benchmarks.study.results import (
+    DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, RunResult,
+    read_run, result_from_record, run_record)
+
+DEFAULT_ARCHIVE = 'docs/results/records'
+
+
+def record_path(run: Run, archive: str, repo_root: str = REPO_ROOT) -> str:
+  """`ARCHIVE/ROOT/CELL_seedS.json` for the workdir `.../ROOT/CELL_seedS`
+  (its last two components: the study root's name and the run's)."""
+  root, name = os.path.split(os.path.normpath(run.workdir))
+  return os.path.join(repo_root, archive, os.path.basename(root),
+                      name + '.json')
+
+
+def load(run: Run, archive: str, repo_root: str = REPO_ROOT
+         ) -> dict | None:
+  """The archived record of `run`'s exact command, or None (none, or one of
+  another command: a different schedule under the same workdir name).
+
+  Raises:
+    ValueError: naming the file when it is not valid JSON.
+  """
+  if not archive:
+    return None
+  path = record_path(run, archive, repo_root)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      record = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
+  return record if record.get('command') == run.command else None
+
+
+def is_archived(run: Run, archive: str, repo_root: str = REPO_ROOT) -> bool:
+  """True when the archive holds a finished record of `run`'s command."""
+  record = load(run, archive, repo_root)
+  marker = (record or {}).get('marker') or {}
+  return bool(marker.get('done') and marker.get('command') == run.command)
+
+
+def save(run: Run, archive: str, repo_root: str = REPO_ROOT) -> str | None:
+  """Archives `run`'s record read from its workdir (atomically); returns the
+  path, or None when the workdir has no event file or no archive is set."""
+  if not archive:
+    return None
+  record = run_record(run, repo_root=repo_root)
+  if record is None:
+    return None
+  path = record_path(run, archive, repo_root)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, separators=(',', ':'))
+    f.write('\n')
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def read_result(run: Run, archive: str, *, repo_root: str = REPO_ROOT,
+                miou_tag: str = DEFAULT_MIOU_TAG,
+                loss_tag: str = DEFAULT_LOSS_TAG,
+                iou_prefix: str = DEFAULT_IOU_PREFIX) -> RunResult | None:
+  """The RunResult of `run`: its workdir when the run finished there, else
+  its archived record, else the unfinished workdir (None: neither holds
+  anything)."""
+  tags = dict(miou_tag=miou_tag, loss_tag=loss_tag, iou_prefix=iou_prefix)
+  result = read_run(run, repo_root=repo_root, **tags)
+  if result is not None and result.finished:
+    return result
+  record = load(run, archive, repo_root)
+  if record is not None:
+    return result_from_record(run, record, **tags)
+  return result
