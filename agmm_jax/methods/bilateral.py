@@ -48,7 +48,8 @@ to about 81x81. Not measured: GPU / TPU. The cells are options of the loss
 terms (their defaults are written there).
 
 The grid has a static shape (image size and sigmas): ``grid_spec`` /
-``check_grid_size`` report and bound its memory when the loss is traced.
+``check_grid_size`` report and bound its memory (the loss terms call them
+when the loss is built at the training shape).
 """
 
 import functools

@@ -59,10 +59,14 @@ Options live in each term's block (``config.loss.densecrf.cell_xy``,
 ``config.loss.ncut.scale_factor``): densecrf and ncut take the same kernel
 options, but a run uses one of them, and each keeps its own.
 
-Grid memory: the grid's shape depends on the crop, which the option check
-does not see, so the size check runs when the loss is traced (the first
-step) and fails with a one-line error naming the cells and
-``loss_config.<term>.max_grid_mib``.
+Grid memory: the grid's shape depends on the crop, the batch and K, so the
+size check is the terms' ``shape_check``: it runs when the loss is built with
+the training shape (``build_loss(config.loss, TrainShape(...))``, as the
+trainer does at start-up, before the model and the input pipeline) and fails
+with one line naming the kernel options, ``config.data.crop_size``,
+``config.global_batch_size`` and ``loss_config.<term>.max_grid_mib``. There
+is no trace-time guard: built without a shape (tests, benchmarks), the caller
+chose the shapes itself.
 """
 
 import functools
@@ -370,20 +374,24 @@ def _check_rloss_options(term: str, *, sigma_xy, sigma_rgb, scale_factor,
              f'one of {DENSECRF_FORMS}')
 
 
-def _check_grid_memory(term: str, probs, *, channels, sigma_xy, sigma_rgb,
-                       scale_factor, approx, cell_xy, cell_rgb, max_grid_mib
-                       ) -> None:
-  """Trace-time bound on one grid buffer at the crop of ``probs``."""
+def _check_grid_memory(term: str, shape: core.TrainShape, *, channels: int,
+                       sigma_xy, sigma_rgb, scale_factor, approx, cell_xy,
+                       cell_rgb, max_grid_mib) -> None:
+  """Start-up bound on one grid buffer at the training shape: the loss sees
+  ``[batch_size, crop_size, crop_size, K]`` (:class:`core.TrainShape`)."""
   if approx != 'grid':
     return
-  batch, height, width, _ = probs.shape
-  spec = bilateral.grid_spec(
-      int(math.floor(height * scale_factor)), int(math.floor(width * scale_factor)),
-      sigma_xy * scale_factor, sigma_rgb, cell_xy, cell_rgb)
+  scaled = int(math.floor(shape.crop_size * scale_factor))
+  spec = bilateral.grid_spec(scaled, scaled, sigma_xy * scale_factor,
+                             sigma_rgb, cell_xy, cell_rgb)
+  key = functools.partial(core.option_key, term)
   bilateral.check_grid_size(
-      f'{core.option_key(term, "cell_xy")}={cell_xy}, {core.option_key(term, "cell_rgb")}={cell_rgb} '
-      f'at crop {height}x{width} (limit {core.option_key(term, "max_grid_mib")}='
-      f'{max_grid_mib})', spec, batch, channels, int(max_grid_mib * 2 ** 20))
+      f'{key("sigma_xy")}={sigma_xy}, {key("cell_xy")}={cell_xy}, '
+      f'{key("sigma_rgb")}={sigma_rgb}, {key("cell_rgb")}={cell_rgb} at '
+      f'config.data.crop_size={shape.crop_size} (x {key("scale_factor")}='
+      f'{scale_factor}), config.global_batch_size={shape.batch_size} (limit '
+      f'{key("max_grid_mib")}={max_grid_mib})', spec, shape.batch_size,
+      channels, int(max_grid_mib * 2 ** 20))
 
 
 def _softmax(inputs: core.LossInputs) -> jax.Array:
@@ -394,8 +402,13 @@ def _check_densecrf(**options) -> None:
   _check_rloss_options('densecrf', **options)
 
 
+def _check_densecrf_grid(shape: core.TrainShape, *, form, **options) -> None:
+  _check_grid_memory('densecrf', shape,
+                     channels=shape.num_classes + (form == 'potts'), **options)
+
+
 @core.register_term('densecrf', needs=core.Needs(image=True),
-                    check=_check_densecrf)
+                    check=_check_densecrf, shape_check=_check_densecrf_grid)
 def densecrf(inputs: core.LossInputs, *, sigma_xy: float = RLOSS_SIGMA_XY,
              sigma_rgb: float = RLOSS_SIGMA_RGB,
              scale_factor: float = RLOSS_SCALE_FACTOR, form: str = 'rloss',
@@ -403,35 +416,39 @@ def densecrf(inputs: core.LossInputs, *, sigma_xy: float = RLOSS_SIGMA_XY,
              cell_rgb: float = CELL_RGB,
              max_grid_mib: float = MAX_GRID_MIB) -> jax.Array:
   """Dense CRF loss (:func:`densecrf_loss`) of the label-resolution softmax;
-  the grid's memory is checked against ``max_grid_mib`` when traced."""
-  probs = _softmax(inputs)
-  kernel = dict(sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
-                scale_factor=scale_factor, approx=approx, cell_xy=cell_xy,
-                cell_rgb=cell_rgb)
-  _check_grid_memory('densecrf', probs, channels=probs.shape[-1] + (form == 'potts'),
-                     max_grid_mib=max_grid_mib, **kernel)
-  return densecrf_loss(inputs.rgb(), probs, inputs.valid, form=form, **kernel)
+  ``max_grid_mib`` bounds one grid buffer at the training shape when the loss
+  is built (module docstring)."""
+  del max_grid_mib
+  return densecrf_loss(inputs.rgb(), _softmax(inputs), inputs.valid,
+                       sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
+                       scale_factor=scale_factor, form=form, approx=approx,
+                       cell_xy=cell_xy, cell_rgb=cell_rgb)
 
 
 def _check_ncut(**options) -> None:
   _check_rloss_options('ncut', **options)
 
 
-@core.register_term('ncut', needs=core.Needs(image=True), check=_check_ncut)
+def _check_ncut_grid(shape: core.TrainShape, **options) -> None:
+  # K + 1 channels: the degree d = W m is filtered with S.
+  _check_grid_memory('ncut', shape, channels=shape.num_classes + 1, **options)
+
+
+@core.register_term('ncut', needs=core.Needs(image=True), check=_check_ncut,
+                    shape_check=_check_ncut_grid)
 def ncut(inputs: core.LossInputs, *, sigma_xy: float = RLOSS_SIGMA_XY,
          sigma_rgb: float = RLOSS_SIGMA_RGB,
          scale_factor: float = RLOSS_SCALE_FACTOR, approx: str = 'grid',
          cell_xy: float = CELL_XY, cell_rgb: float = CELL_RGB,
          max_grid_mib: float = MAX_GRID_MIB) -> jax.Array:
   """Normalized cut loss (:func:`normalized_cut_loss`) of the label-resolution
-  softmax; the grid (K + 1 channels: the degree) is checked when traced."""
-  probs = _softmax(inputs)
-  kernel = dict(sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
-                scale_factor=scale_factor, approx=approx, cell_xy=cell_xy,
-                cell_rgb=cell_rgb)
-  _check_grid_memory('ncut', probs, channels=probs.shape[-1] + 1,
-                     max_grid_mib=max_grid_mib, **kernel)
-  return normalized_cut_loss(inputs.rgb(), probs, inputs.valid, **kernel)
+  softmax; ``max_grid_mib`` bounds one grid buffer (K + 1 channels: the
+  degree) at the training shape when the loss is built."""
+  del max_grid_mib
+  return normalized_cut_loss(inputs.rgb(), _softmax(inputs), inputs.valid,
+                             sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
+                             scale_factor=scale_factor, approx=approx,
+                             cell_xy=cell_xy, cell_rgb=cell_rgb)
 
 
 def _check_gatedcrf(*, radius, sigma_xy, sigma_rgb, downscale,
