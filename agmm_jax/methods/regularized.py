@@ -5,7 +5,8 @@ Terms (each a scalar of the batch; weights in ``config.loss.weights``):
 * ``densecrf``: the dense CRF loss of rloss (Tang et al., ECCV 2018, "On
   Regularized Losses for Weakly-supervised CNN Segmentation"),
   ``-(1 / B) sum_b sum_k S_k^T W S_k`` (``form='rloss'``, the reference's
-  value and gradient at its ``weight`` 1) or the Potts form
+  formula at its ``weight`` 1 with the exact kernel in place of its lattice;
+  scale below) or the Potts form
   ``(1 / B) sum_b sum_k S_k^T W (1 - S_k)`` (``form='potts'``, >= 0, the same
   gradient through the softmax);
 * ``ncut``: the normalized cut loss (Tang et al., CVPR 2018),
@@ -22,15 +23,40 @@ real-pixel mask ``m``; ``W`` the RGBXY Gaussian kernel of
 augmented crop), over real pixels, diagonal included. Padding never
 contributes and the image gets no gradient.
 
-Scale of ``densecrf``: the term is rloss' loss without its ``weight``, so the
-config weight is rloss' knob itself (``--densecrfloss 2e-9``; preset
-``pce_densecrf``). Its values are large and negative (about minus the
+Scale of ``densecrf``: rloss' loss is ``-(w / N) sum_n sum_k S_k^T L S_k``
+(``DenseCRFLoss.py``: ``N`` the batch, ``S`` the downscaled softmax times
+the ROI, ``L S`` the *unnormalized* output of its permutohedral lattice on
+``(x, y) / sigma_xy, rgb / sigma_rgb``, nothing removed from the diagonal),
+i.e. ``(w / N) sum_k S_k^T L (1 - S_k)`` minus the constant ``1^T L 1``. The
+lattice is ``L ~ g W`` with ``W`` the exact kernel above, self term
+included (an isolated pixel keeps ~0.46 of its own value), and ``g`` is not
+1: the unnormalized splat, blur ``[1/2, 1, 1/2]`` along the 6 lattice axes,
+slice and factor ``1 / (1 + 2^-5)`` have no unit gain against the Gaussian.
+Measured on 8 random 321x321 CamVid crops at rloss' settings
+(``benchmarks/bench_rloss_gain.py``, docs/benchmarks.md):
+``g = S^T L S / S^T W S = 0.549`` (std 0.015, 0.531..0.577; 0.546 against
+this module's grid at the default cells). This term is ``-(1 / B) sum_b
+sum_k S_k^T W S_k`` (``W`` by the grid, within ~1 % of exact), so rloss'
+``--densecrfloss 2e-9`` gives the same loss here at
+``DENSECRF_WEIGHT = RLOSS_DENSECRF_WEIGHT * RLOSS_LATTICE_GAIN`` (1.1e-9,
+preset ``pce_densecrf``). Its values are large and negative (about minus the
 number of downscaled pixels times their mean degree ``d = W 1`` for a
 confident prediction: -3e7 on CamVid 321x321 crops, -2e5 for a uniform-ish
-softmax); the grid's kernel and the
-reference's permutohedral lattice differ in gain by a constant near 1, so a
-weight transfers up to that constant. ``ncut`` has no released PyTorch code
-(rloss ships only the DenseCRF layers); its preset weight is 1.
+softmax).
+
+Weight of ``ncut`` (preset ``pce_ncut``: 1): no published value was found.
+The follow-up's code (rloss, ECCV 2018) ships only the DenseCRF layers, and
+the CVPR 2018 paper (Tang et al., as far as it could be read here: abstract
+and slides) states no normalized-cut weight or kernel. The one public
+implementation on rloss' lattice found (``qscgy/ridge-detector``,
+``--ncloss 0.1..0.5``, ``sigma_xy`` 40, ``sigma_rgb`` 15, scale 0.5) is tuned
+for a 2-class ridge-detection task and normalizes differently (one ratio
+``sum_k S_k^T L S_k / sum_k d^T S_k`` over all classes), so it does not
+transfer. 1 is a unit weight, not a tuned one: the term is scale-free (a ratio
+of kernel sums, so neither the image size nor a kernel gain changes it), each
+class contributes at most 1 (``K - 1`` per image for a uniform softmax, 0 for
+a piecewise-constant one that follows the kernel's clusters); its kernel is
+rloss' dense CRF kernel.
 
 rloss rescaling (``DenseCRFLoss.forward``; densecrf and ncut): image and mask
 by nearest, the softmax bilinearly (``align_corners=False``, no
@@ -87,6 +113,13 @@ from agmm_jax.methods import core
 RLOSS_SIGMA_XY = 100.0
 RLOSS_SIGMA_RGB = 15.0
 RLOSS_SCALE_FACTOR = 0.5
+# rloss' --densecrfloss, a weight on its lattice's unnormalized product.
+RLOSS_DENSECRF_WEIGHT = 2e-9
+# S^T L S / S^T W S of rloss' lattice L against the exact kernel W at the
+# settings above on CamVid crops (0.549, std 0.015; module docstring).
+RLOSS_LATTICE_GAIN = 0.55
+# The densecrf weight that gives rloss' loss: rloss' weight times the gain.
+DENSECRF_WEIGHT = RLOSS_DENSECRF_WEIGHT * RLOSS_LATTICE_GAIN
 # Grid cells in sigmas: within a few percent of the exact loss on CamVid
 # (bilateral's module docstring); 1.0 / 1.0 is ~4x faster at ~5 % error.
 CELL_XY = 0.5
