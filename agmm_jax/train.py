@@ -129,6 +129,16 @@ def _image_summaries(local_batch: dict[str, np.ndarray], prediction: np.ndarray,
   return images
 
 
+def training_loss(config: ml_collections.ConfigDict,
+                  num_classes: int) -> methods.Loss:
+  """The loss of ``config.loss``, its options checked at the training shape
+  (global batch, crop, ``num_classes``; e.g. a bilateral grid over its
+  memory limit is a one-line ValueError here, before anything is built)."""
+  return methods.build_loss(config.loss, methods.TrainShape(
+      batch_size=int(config.global_batch_size),
+      crop_size=int(config.data.crop_size), num_classes=int(num_classes)))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains with periodic evaluation and checkpoints; resumes from ``workdir``.
@@ -153,7 +163,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         sigterm: '_SigtermFlag') -> dict[str, Any]:
   """The body of ``train_and_evaluate`` (SIGTERM handler installed)."""
   workdir = os.path.abspath(workdir)
-  loss = methods.build_loss(config.loss)
   mesh = sharding_lib.create_mesh(config.mesh)
   batch_per_process = sharding_lib.per_process_batch_size(
       int(config.global_batch_size), mesh)
@@ -161,6 +170,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metadata = input_pipeline.checked_metadata(config.data)
   class_names = input_pipeline.class_names(metadata)
   num_classes = len(class_names)
+  loss = training_loss(config, num_classes)
   # Everything the data can contradict is checked before the first step.
   inference.check_classes(workdir, class_names, config.data.dir)
   num_train = input_pipeline.num_examples(metadata, config.data.train_split,

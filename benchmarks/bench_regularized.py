@@ -27,11 +27,12 @@ from scipy import ndimage
 
 from agmm_jax import augment
 from agmm_jax import methods
+from agmm_jax.methods import regularized
 
 # (label, weights, overrides)
 CASES = (
-    ('densecrf (cells 0.5/0.8)', {'densecrf': 2e-9}, {}),
-    ('densecrf (cells 1.0/1.0)', {'densecrf': 2e-9},
+    ('densecrf (cells 0.5/0.8)', {'densecrf': regularized.DENSECRF_WEIGHT}, {}),
+    ('densecrf (cells 1.0/1.0)', {'densecrf': regularized.DENSECRF_WEIGHT},
      {'densecrf': {'cell_xy': 1.0, 'cell_rgb': 1.0}}),
     ('ncut (cells 0.5/0.8)', {'ncut': 1.0}, {}),
     ('gatedcrf (stride 4)', {'gatedcrf': 0.1}, {}),

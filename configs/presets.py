@@ -11,6 +11,7 @@ from typing import Any, Callable
 import ml_collections
 
 from agmm_jax import methods
+from agmm_jax.methods import regularized
 
 _AGMM_WEIGHTS = {'pce': 1.0, 'absent_class': 1.0, 'prototype': 1.0, 'gmm': 1.0}
 
@@ -29,10 +30,12 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     'tel': lambda: {'weights': {'pce': 1.0, 'tel': 0.4}},
     # APro's semantic variant next to pCE, with TEL's weight (methods/apro.py).
     'apro': lambda: {'weights': {'pce': 1.0, 'apro': 0.4}},
-    # pCE + the dense CRF loss at rloss' weight (--densecrfloss 2e-9; the term
-    # is rloss' loss at weight 1, agmm_jax/methods/regularized.py).
-    'pce_densecrf': lambda: {'weights': {'pce': 1.0, 'densecrf': 2e-9}},
-    # pCE + the normalized cut loss (no released weight: 1).
+    # pCE + the dense CRF loss at the weight that gives rloss' loss at its
+    # --densecrfloss 2e-9 (its lattice's gain, agmm_jax/methods/regularized.py).
+    'pce_densecrf': lambda: {'weights': {
+        'pce': 1.0, 'densecrf': regularized.DENSECRF_WEIGHT}},
+    # pCE + the normalized cut loss (no published weight: a unit weight,
+    # agmm_jax/methods/regularized.py).
     'pce_ncut': lambda: {'weights': {'pce': 1.0, 'ncut': 1.0}},
     # pCE + the gated CRF loss at the reference's weight 0.1.
     'pce_gatedcrf': lambda: {'weights': {'pce': 1.0, 'gatedcrf': 0.1}},

@@ -169,6 +169,24 @@ def test_shapes_are_checked_before_any_step(tiny_data_dir, tmp_path, override,
   assert not (tmp_path / 'checkpoints').exists()
 
 
+def test_a_loss_over_its_memory_limit_ends_with_one_line(tiny_data_dir,
+                                                         tmp_path):
+  """The dense CRF loss's grid at a 2000-pixel crop (over its 2048 MiB limit)
+  is one ``error:`` line before anything is built."""
+  process = start_main('configs/voc_point.py:method=pce_densecrf', [
+      f'--workdir={tmp_path}', f'--config.data.dir={tiny_data_dir}',
+      '--config.data.crop_size=2000'])
+  _, stderr = process.communicate(timeout=600)
+  assert process.returncode == 1, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert lines[-1].startswith('error: loss_config.densecrf.sigma_xy=100.0'), (
+      stderr[-3000:])
+  assert 'config.data.crop_size=2000' in lines[-1], lines[-1]
+  assert 'limit loss_config.densecrf.max_grid_mib=2048.0' in lines[-1]
+  assert 'Traceback' not in stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
 def test_eval_on_a_raw_folder_split_sizes_the_canvas(trained, tmp_path, capsys):
   # Larger images than the training data's (40x56), another split name, the
   # checkpoint's classes.

@@ -30,3 +30,4 @@ from agmm_jax.methods.core import Needs
 from agmm_jax.methods.core import register_group
 from agmm_jax.methods.core import register_term
 from agmm_jax.methods.core import registered_terms
+from agmm_jax.methods.core import TrainShape

@@ -14,9 +14,10 @@ The reference (meng-tang/rloss, ``pytorch/wrapper/bilateralfilter``) builds
 features ``x / sigma_xy, y / sigma_xy, rgb / sigma_rgb`` on the 0..255 image
 and runs Kraehenbuehl's permutohedral lattice (splat, ``[1/2, 1, 1/2]`` blur
 along the d + 1 lattice axes, slice, times ``1 / (1 + 2^-d)``), unnormalized.
-That approximates ``W`` above, self term included (no diagonal is removed);
-its overall gain is not exactly 1, so a loss weight tuned there transfers
-here only up to that constant.
+That approximates ``g W`` with ``W`` above, self term included (no diagonal
+is removed), at a gain ``g`` of about 0.55 on CamVid photos at rloss'
+settings (``benchmarks/bench_rloss_gain.py``), which the densecrf preset
+weight accounts for (:mod:`agmm_jax.methods.regularized`).
 
 Fast approximation, chosen by measurement (``benchmarks/bench_bilateral.py``,
 CamVid photos, shared 2-core CPU, float32): a dense 5-D bilateral grid over
@@ -48,7 +49,8 @@ to about 81x81. Not measured: GPU / TPU. The cells are options of the loss
 terms (their defaults are written there).
 
 The grid has a static shape (image size and sigmas): ``grid_spec`` /
-``check_grid_size`` report and bound its memory when the loss is traced.
+``check_grid_size`` report and bound its memory (the loss terms call them
+when the loss is built at the training shape).
 """
 
 import functools

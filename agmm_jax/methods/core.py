@@ -168,8 +168,28 @@ SummaryFn = Callable[..., jax.Array]
 # ``check(**options)``: raises a ValueError naming ``loss_config.TERM.OPTION``
 # for an option value that cannot work.
 CheckFn = Callable[..., None]
+# ``shape_check(shape: TrainShape, **options)``: raises a one-line ValueError
+# naming the options and the TrainShape fields when the options cannot work
+# at the training shape (e.g. a buffer over a memory limit).
+ShapeCheckFn = Callable[..., None]
 GroupFn = Callable[[LossInputs, Mapping[str, dict[str, Any]]],
                    dict[str, jax.Array]]
+
+
+class TrainShape(NamedTuple):
+  """The shape the training loss sees, known from the config and the
+  dataset's metadata before anything is built: ``LossInputs.logits`` is
+  ``[batch_size, crop_size, crop_size, num_classes]``.
+
+  Attributes:
+    batch_size: ``config.global_batch_size`` (the loss is traced on the
+      global batch).
+    crop_size: ``config.data.crop_size`` (label resolution is the crop's).
+    num_classes: the dataset's class count.
+  """
+  batch_size: int
+  crop_size: int
+  num_classes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +201,7 @@ class Term:
   summary: SummaryFn | None
   check: CheckFn | None
   shared: tuple[str, ...]
+  shape_check: ShapeCheckFn | None = None
 
   def options(self) -> dict[str, Any]:
     """The term's options and their defaults (its keyword-only parameters)."""
@@ -208,10 +229,13 @@ _SHARED: dict[str, Any] = {}
 def register_term(name: str, *, needs: Needs = Needs(),
                   summary: SummaryFn | None = None,
                   check: CheckFn | None = None,
-                  shared: tuple[str, ...] = ()) -> Callable[[TermFn], TermFn]:
+                  shared: tuple[str, ...] = (),
+                  shape_check: ShapeCheckFn | None = None
+                  ) -> Callable[[TermFn], TermFn]:
   """Decorator registering ``term(inputs, **options) -> scalar`` as ``name``,
-  with what it needs, its summary map, its option check and the options it
-  shares at the loss level (module docstring).
+  with what it needs, its summary map, its option check, the options it
+  shares at the loss level (module docstring) and its check of the options
+  at the training shape (:class:`TrainShape`).
 
   A shared option has one default for every term that declares it, and a
   term that takes an option another term shares must declare it shared too,
@@ -221,7 +245,7 @@ def register_term(name: str, *, needs: Needs = Needs(),
   def decorator(fn: TermFn) -> TermFn:
     if name in _TERMS:
       raise ValueError(f'loss term {name!r} is already registered')
-    term = Term(name, fn, needs, summary, check, tuple(shared))
+    term = Term(name, fn, needs, summary, check, tuple(shared), shape_check)
     options = term.options()
     for option in shared:
       if option not in options:
@@ -386,14 +410,16 @@ def _active_terms(loss_config: ml_collections.ConfigDict
   return active
 
 
-def build_loss(loss_config: ml_collections.ConfigDict) -> Loss:
+def build_loss(loss_config: ml_collections.ConfigDict,
+               shape: TrainShape | None = None) -> Loss:
   """Builds the :class:`Loss` of a loss config (see :func:`loss_config`).
 
   ``total = sum_t weights[t] * term_t(inputs, **options_t)`` over the terms
   with a non-zero weight; the terms a registered group covers are computed by
   the group when two or more of them are active. Every term's options are
-  checked here (names, and values by the term's ``check``), so that a bad
-  config fails before the first step with an error naming the config key.
+  checked here (names, and values by the term's ``check``; with ``shape``,
+  the training shape, also by its ``shape_check``), so that a bad config
+  fails before the first step with an error naming the config key.
   """
   active = _active_terms(loss_config)
   needs = Needs()
@@ -401,6 +427,8 @@ def build_loss(loss_config: ml_collections.ConfigDict) -> Loss:
     needs = needs.merge(term.needs, f'loss term {term.name!r}')
     if term.check is not None:
       term.check(**options)
+    if shape is not None and term.shape_check is not None:
+      term.shape_check(shape, **options)
   options_by_term = {term.name: options for term, _, options in active}
   stateful = {term.name for term, _, _ in active if term.needs.state}
   claimed: set[str] = set()

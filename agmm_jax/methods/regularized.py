@@ -5,7 +5,8 @@ Terms (each a scalar of the batch; weights in ``config.loss.weights``):
 * ``densecrf``: the dense CRF loss of rloss (Tang et al., ECCV 2018, "On
   Regularized Losses for Weakly-supervised CNN Segmentation"),
   ``-(1 / B) sum_b sum_k S_k^T W S_k`` (``form='rloss'``, the reference's
-  value and gradient at its ``weight`` 1) or the Potts form
+  formula at its ``weight`` 1 with the exact kernel in place of its lattice;
+  scale below) or the Potts form
   ``(1 / B) sum_b sum_k S_k^T W (1 - S_k)`` (``form='potts'``, >= 0, the same
   gradient through the softmax);
 * ``ncut``: the normalized cut loss (Tang et al., CVPR 2018),
@@ -22,15 +23,40 @@ real-pixel mask ``m``; ``W`` the RGBXY Gaussian kernel of
 augmented crop), over real pixels, diagonal included. Padding never
 contributes and the image gets no gradient.
 
-Scale of ``densecrf``: the term is rloss' loss without its ``weight``, so the
-config weight is rloss' knob itself (``--densecrfloss 2e-9``; preset
-``pce_densecrf``). Its values are large and negative (about minus the
+Scale of ``densecrf``: rloss' loss is ``-(w / N) sum_n sum_k S_k^T L S_k``
+(``DenseCRFLoss.py``: ``N`` the batch, ``S`` the downscaled softmax times
+the ROI, ``L S`` the *unnormalized* output of its permutohedral lattice on
+``(x, y) / sigma_xy, rgb / sigma_rgb``, nothing removed from the diagonal),
+i.e. ``(w / N) sum_k S_k^T L (1 - S_k)`` minus the constant ``1^T L 1``. The
+lattice is ``L ~ g W`` with ``W`` the exact kernel above, self term
+included (an isolated pixel keeps ~0.46 of its own value), and ``g`` is not
+1: the unnormalized splat, blur ``[1/2, 1, 1/2]`` along the 6 lattice axes,
+slice and factor ``1 / (1 + 2^-5)`` have no unit gain against the Gaussian.
+Measured on 8 random 321x321 CamVid crops at rloss' settings
+(``benchmarks/bench_rloss_gain.py``, docs/benchmarks.md):
+``g = S^T L S / S^T W S = 0.549`` (std 0.015, 0.531..0.577; 0.546 against
+this module's grid at the default cells). This term is ``-(1 / B) sum_b
+sum_k S_k^T W S_k`` (``W`` by the grid, within ~1 % of exact), so rloss'
+``--densecrfloss 2e-9`` gives the same loss here at
+``DENSECRF_WEIGHT = RLOSS_DENSECRF_WEIGHT * RLOSS_LATTICE_GAIN`` (1.1e-9,
+preset ``pce_densecrf``). Its values are large and negative (about minus the
 number of downscaled pixels times their mean degree ``d = W 1`` for a
 confident prediction: -3e7 on CamVid 321x321 crops, -2e5 for a uniform-ish
-softmax); the grid's kernel and the
-reference's permutohedral lattice differ in gain by a constant near 1, so a
-weight transfers up to that constant. ``ncut`` has no released PyTorch code
-(rloss ships only the DenseCRF layers); its preset weight is 1.
+softmax).
+
+Weight of ``ncut`` (preset ``pce_ncut``: 1): no published value was found.
+The follow-up's code (rloss, ECCV 2018) ships only the DenseCRF layers, and
+the CVPR 2018 paper (Tang et al., as far as it could be read here: abstract
+and slides) states no normalized-cut weight or kernel. The one public
+implementation on rloss' lattice found (``qscgy/ridge-detector``,
+``--ncloss 0.1..0.5``, ``sigma_xy`` 40, ``sigma_rgb`` 15, scale 0.5) is tuned
+for a 2-class ridge-detection task and normalizes differently (one ratio
+``sum_k S_k^T L S_k / sum_k d^T S_k`` over all classes), so it does not
+transfer. 1 is a unit weight, not a tuned one: the term is scale-free (a ratio
+of kernel sums, so neither the image size nor a kernel gain changes it), each
+class contributes at most 1 (``K - 1`` per image for a uniform softmax, 0 for
+a piecewise-constant one that follows the kernel's clusters); its kernel is
+rloss' dense CRF kernel.
 
 rloss rescaling (``DenseCRFLoss.forward``; densecrf and ncut): image and mask
 by nearest, the softmax bilinearly (``align_corners=False``, no
@@ -59,10 +85,14 @@ Options live in each term's block (``config.loss.densecrf.cell_xy``,
 ``config.loss.ncut.scale_factor``): densecrf and ncut take the same kernel
 options, but a run uses one of them, and each keeps its own.
 
-Grid memory: the grid's shape depends on the crop, which the option check
-does not see, so the size check runs when the loss is traced (the first
-step) and fails with a one-line error naming the cells and
-``loss_config.<term>.max_grid_mib``.
+Grid memory: the grid's shape depends on the crop, the batch and K, so the
+size check is the terms' ``shape_check``: it runs when the loss is built with
+the training shape (``build_loss(config.loss, TrainShape(...))``, as the
+trainer does at start-up, before the model and the input pipeline) and fails
+with one line naming the kernel options, ``config.data.crop_size``,
+``config.global_batch_size`` and ``loss_config.<term>.max_grid_mib``. There
+is no trace-time guard: built without a shape (tests, benchmarks), the caller
+chose the shapes itself.
 """
 
 import functools
@@ -83,6 +113,13 @@ from agmm_jax.methods import core
 RLOSS_SIGMA_XY = 100.0
 RLOSS_SIGMA_RGB = 15.0
 RLOSS_SCALE_FACTOR = 0.5
+# rloss' --densecrfloss, a weight on its lattice's unnormalized product.
+RLOSS_DENSECRF_WEIGHT = 2e-9
+# S^T L S / S^T W S of rloss' lattice L against the exact kernel W at the
+# settings above on CamVid crops (0.549, std 0.015; module docstring).
+RLOSS_LATTICE_GAIN = 0.55
+# The densecrf weight that gives rloss' loss: rloss' weight times the gain.
+DENSECRF_WEIGHT = RLOSS_DENSECRF_WEIGHT * RLOSS_LATTICE_GAIN
 # Grid cells in sigmas: within a few percent of the exact loss on CamVid
 # (bilateral's module docstring); 1.0 / 1.0 is ~4x faster at ~5 % error.
 CELL_XY = 0.5
@@ -370,20 +407,24 @@ def _check_rloss_options(term: str, *, sigma_xy, sigma_rgb, scale_factor,
              f'one of {DENSECRF_FORMS}')
 
 
-def _check_grid_memory(term: str, probs, *, channels, sigma_xy, sigma_rgb,
-                       scale_factor, approx, cell_xy, cell_rgb, max_grid_mib
-                       ) -> None:
-  """Trace-time bound on one grid buffer at the crop of ``probs``."""
+def _check_grid_memory(term: str, shape: core.TrainShape, *, channels: int,
+                       sigma_xy, sigma_rgb, scale_factor, approx, cell_xy,
+                       cell_rgb, max_grid_mib) -> None:
+  """Start-up bound on one grid buffer at the training shape: the loss sees
+  ``[batch_size, crop_size, crop_size, K]`` (:class:`core.TrainShape`)."""
   if approx != 'grid':
     return
-  batch, height, width, _ = probs.shape
-  spec = bilateral.grid_spec(
-      int(math.floor(height * scale_factor)), int(math.floor(width * scale_factor)),
-      sigma_xy * scale_factor, sigma_rgb, cell_xy, cell_rgb)
+  scaled = int(math.floor(shape.crop_size * scale_factor))
+  spec = bilateral.grid_spec(scaled, scaled, sigma_xy * scale_factor,
+                             sigma_rgb, cell_xy, cell_rgb)
+  key = functools.partial(core.option_key, term)
   bilateral.check_grid_size(
-      f'{core.option_key(term, "cell_xy")}={cell_xy}, {core.option_key(term, "cell_rgb")}={cell_rgb} '
-      f'at crop {height}x{width} (limit {core.option_key(term, "max_grid_mib")}='
-      f'{max_grid_mib})', spec, batch, channels, int(max_grid_mib * 2 ** 20))
+      f'{key("sigma_xy")}={sigma_xy}, {key("cell_xy")}={cell_xy}, '
+      f'{key("sigma_rgb")}={sigma_rgb}, {key("cell_rgb")}={cell_rgb} at '
+      f'config.data.crop_size={shape.crop_size} (x {key("scale_factor")}='
+      f'{scale_factor}), config.global_batch_size={shape.batch_size} (limit '
+      f'{key("max_grid_mib")}={max_grid_mib})', spec, shape.batch_size,
+      channels, int(max_grid_mib * 2 ** 20))
 
 
 def _softmax(inputs: core.LossInputs) -> jax.Array:
@@ -394,8 +435,13 @@ def _check_densecrf(**options) -> None:
   _check_rloss_options('densecrf', **options)
 
 
+def _check_densecrf_grid(shape: core.TrainShape, *, form, **options) -> None:
+  _check_grid_memory('densecrf', shape,
+                     channels=shape.num_classes + (form == 'potts'), **options)
+
+
 @core.register_term('densecrf', needs=core.Needs(image=True),
-                    check=_check_densecrf)
+                    check=_check_densecrf, shape_check=_check_densecrf_grid)
 def densecrf(inputs: core.LossInputs, *, sigma_xy: float = RLOSS_SIGMA_XY,
              sigma_rgb: float = RLOSS_SIGMA_RGB,
              scale_factor: float = RLOSS_SCALE_FACTOR, form: str = 'rloss',
@@ -403,35 +449,39 @@ def densecrf(inputs: core.LossInputs, *, sigma_xy: float = RLOSS_SIGMA_XY,
              cell_rgb: float = CELL_RGB,
              max_grid_mib: float = MAX_GRID_MIB) -> jax.Array:
   """Dense CRF loss (:func:`densecrf_loss`) of the label-resolution softmax;
-  the grid's memory is checked against ``max_grid_mib`` when traced."""
-  probs = _softmax(inputs)
-  kernel = dict(sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
-                scale_factor=scale_factor, approx=approx, cell_xy=cell_xy,
-                cell_rgb=cell_rgb)
-  _check_grid_memory('densecrf', probs, channels=probs.shape[-1] + (form == 'potts'),
-                     max_grid_mib=max_grid_mib, **kernel)
-  return densecrf_loss(inputs.rgb(), probs, inputs.valid, form=form, **kernel)
+  ``max_grid_mib`` bounds one grid buffer at the training shape when the loss
+  is built (module docstring)."""
+  del max_grid_mib
+  return densecrf_loss(inputs.rgb(), _softmax(inputs), inputs.valid,
+                       sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
+                       scale_factor=scale_factor, form=form, approx=approx,
+                       cell_xy=cell_xy, cell_rgb=cell_rgb)
 
 
 def _check_ncut(**options) -> None:
   _check_rloss_options('ncut', **options)
 
 
-@core.register_term('ncut', needs=core.Needs(image=True), check=_check_ncut)
+def _check_ncut_grid(shape: core.TrainShape, **options) -> None:
+  # K + 1 channels: the degree d = W m is filtered with S.
+  _check_grid_memory('ncut', shape, channels=shape.num_classes + 1, **options)
+
+
+@core.register_term('ncut', needs=core.Needs(image=True), check=_check_ncut,
+                    shape_check=_check_ncut_grid)
 def ncut(inputs: core.LossInputs, *, sigma_xy: float = RLOSS_SIGMA_XY,
          sigma_rgb: float = RLOSS_SIGMA_RGB,
          scale_factor: float = RLOSS_SCALE_FACTOR, approx: str = 'grid',
          cell_xy: float = CELL_XY, cell_rgb: float = CELL_RGB,
          max_grid_mib: float = MAX_GRID_MIB) -> jax.Array:
   """Normalized cut loss (:func:`normalized_cut_loss`) of the label-resolution
-  softmax; the grid (K + 1 channels: the degree) is checked when traced."""
-  probs = _softmax(inputs)
-  kernel = dict(sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
-                scale_factor=scale_factor, approx=approx, cell_xy=cell_xy,
-                cell_rgb=cell_rgb)
-  _check_grid_memory('ncut', probs, channels=probs.shape[-1] + 1,
-                     max_grid_mib=max_grid_mib, **kernel)
-  return normalized_cut_loss(inputs.rgb(), probs, inputs.valid, **kernel)
+  softmax; ``max_grid_mib`` bounds one grid buffer (K + 1 channels: the
+  degree) at the training shape when the loss is built."""
+  del max_grid_mib
+  return normalized_cut_loss(inputs.rgb(), _softmax(inputs), inputs.valid,
+                             sigma_xy=sigma_xy, sigma_rgb=sigma_rgb,
+                             scale_factor=scale_factor, approx=approx,
+                             cell_xy=cell_xy, cell_rgb=cell_rgb)
 
 
 def _check_gatedcrf(*, radius, sigma_xy, sigma_rgb, downscale,

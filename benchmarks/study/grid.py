@@ -21,6 +21,14 @@ METHODS = presets.PRESETS + (FULL,)
 DEFAULT_METHODS = ('pce_only', 'agmm_released', 'agmm_paper', FULL)
 DEFAULT_SEEDS = (0, 1)
 DEFAULT_ROOT = 'runs/study'
+# The label kinds (a spec's prefix before ':', data_prep/sparse_labels.py)
+# each method is for, where it is not for every kind; the grid skips its
+# cells on the others. SPML's two presets carry its VOC points values and its
+# VOC scribble values (configs/presets.py).
+METHOD_LABEL_KINDS = {
+    'spml': ('points', 'clicks'),
+    'spml_scribble': ('scribbles',),
+}
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -29,6 +37,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 def labels_tag(spec: str) -> str:
   """File-name form of a sparse-label spec: 'clicks:20' -> 'clicks20'."""
   return spec.replace(':', '').replace('=', '')
+
+
+def labels_kind(spec: str) -> str:
+  """The kind of a sparse-label spec: 'clicks:20' -> 'clicks'."""
+  return spec.split(':', 1)[0]
+
+
+def applies(method: str, spec: str) -> bool:
+  """Whether `method` is for the labels of `spec` (METHOD_LABEL_KINDS)."""
+  kinds = METHOD_LABEL_KINDS.get(method)
+  return kinds is None or labels_kind(spec) in kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +95,9 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
               size: str = 'cpu', lseed: int = 0, root: str = DEFAULT_ROOT,
               overrides: Sequence[str] = (),
               python: str = 'python', variant: str = '') -> list[Run]:
-  """The runs of the study, seed-major (every cell at seed 0 first).
+  """The runs of the study, seed-major (every cell at seed 0 first); a
+  method's cells on label kinds it is not for (METHOD_LABEL_KINDS) are left
+  out.
 
   Args:
     labels: sparse-label generator specs (data_prep/sparse_labels.py).
@@ -92,7 +113,8 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
       grid's by `overrides`; '' for the grid.
 
   Raises:
-    ValueError: naming an unknown method, an empty list or a bad override.
+    ValueError: naming an unknown method, an empty list, a bad override, or
+      methods none of which is for the given labels.
   """
   for method in methods:
     if method not in METHODS:
@@ -108,9 +130,14 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
                              for x in (labels, methods, seeds))
   cells = []
   for spec in labels:
-    cells += [Cell(spec, m, variant) for m in methods if m != FULL]
+    cells += [Cell(spec, m, variant) for m in methods
+              if m != FULL and applies(m, spec)]
   if FULL in methods:
     cells.append(Cell(labels[0], FULL, variant))
+  if not cells:
+    raise ValueError(f'--methods {",".join(methods)}: none is for the label '
+                     f'kinds of --labels {",".join(labels)} (METHOD_LABEL_KINDS '
+                     'in benchmarks/study/grid.py)')
   runs = []
   for seed in seeds:
     for cell in cells:

@@ -113,7 +113,8 @@ def score_table(runs: Sequence[Run], results: Sequence[RunResult],
   one column per method, the grid's cells only (check variants left out).
   A cell with fewer finished seeds than planned is marked partial; one with
   none reads `missing`, by default 'in progress' (a run has events) or
-  'not run'."""
+  'not run'; a cell the grid does not plan (a method not for those labels)
+  reads '-'."""
   grid = [r for r in runs if not r.cell.variant]
   planned: dict[Cell, int] = {}
   for run in grid:
@@ -122,6 +123,8 @@ def score_table(runs: Sequence[Run], results: Sequence[RunResult],
   by_cell = {s.cell: s for s in summaries}
 
   def entry(cell: Cell) -> str:
+    if cell not in planned:
+      return '-'
     summary = by_cell.get(cell)
     if summary is None:
       return missing or ('in progress' if cell in started else 'not run')
