@@ -605,6 +605,10 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
   _write_run(done, steps=[10, 20], mious=[0.1, per_class.mean()],
              marker_exit=0, per_class=per_class)
   _write_run(unfinished, steps=[10], mious=[0.2], marker_exit=143)
+  # The trainer's config.json (the archive compares its loss config).
+  (tmp_path / done.workdir / 'config.json').write_text(run_config(
+      done, config_overrides(done)).to_json_best_effort(indent=2,
+                                                        sort_keys=True))
   before = read_run(done)
   for run in (done, unfinished):
     assert archive.save(run, records) == archive.record_path(run, records)
@@ -624,6 +628,18 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
       done, argv=done.argv + ('--config.num_train_steps=40',))
   assert archive.load(longer, records) is None
   assert archive.read_result(longer, records) is None
+  # Nor is a record trained with another loss config (a preset changed).
+  path = archive.record_path(done, records)
+  stale = json.loads(open(path).read())
+  stale['config']['loss']['weights']['pce'] = 0.5
+  stale_records = str(tmp_path / 'stale')
+  os.makedirs(os.path.dirname(archive.record_path(done, stale_records)))
+  with open(archive.record_path(done, stale_records), 'w') as f:
+    json.dump(stale, f)
+  assert archive.load(done, records) is not None
+  capsys.readouterr()
+  assert archive.load(done, stale_records) is None
+  assert 'another loss config' in capsys.readouterr().err
 
   grid = ['--labels=clicks:20', '--methods=pce_only,agmm_paper', '--seeds=0',
           '--steps=20', f'--root={root}', f'--archive={records}']

@@ -14,8 +14,10 @@ whose workdir is still here.
 
 import json
 import os
+import sys
 
-from benchmarks.study.grid import REPO_ROOT, Run
+from benchmarks.study.grid import (
+    CONFIG_FILE, REPO_ROOT, Run, config_overrides, run_config)
 from benchmarks.study.results import (
     DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, RunResult,
     read_run, result_from_record, run_record)
@@ -31,10 +33,21 @@ def record_path(run: Run, archive: str, repo_root: str = REPO_ROOT) -> str:
                       name + '.json')
 
 
+def _loss_config_now(run: Run) -> dict | None:
+  """The loss config `run`'s command trains with today's code, as the
+  trainer's config.json holds it (None: not a camvid_clicks command)."""
+  if not any(a.startswith(f'--config={CONFIG_FILE}:') for a in run.argv):
+    return None
+  config = run_config(run, config_overrides(run))
+  return json.loads(config.loss.to_json_best_effort(sort_keys=True))
+
+
 def load(run: Run, archive: str, repo_root: str = REPO_ROOT
          ) -> dict | None:
-  """The archived record of `run`'s exact command, or None (none, or one of
-  another command: a different schedule under the same workdir name).
+  """The archived record of `run`'s exact command, or None: none, one of
+  another command (a different schedule under the same workdir name), or a
+  stale one, trained with another loss config than the command gives today
+  (a preset's default changed since; a warning names the file).
 
   Raises:
     ValueError: naming the file when it is not valid JSON.
@@ -49,7 +62,16 @@ def load(run: Run, archive: str, repo_root: str = REPO_ROOT
       record = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}: not valid JSON ({e})') from None
-  return record if record.get('command') == run.command else None
+  if record.get('command') != run.command:
+    return None
+  trained = (record.get('config') or {}).get('loss')
+  now = _loss_config_now(run)
+  if trained is not None and now is not None and trained != now:
+    print(f'warning: {path}: trained with another loss config than '
+          f'{run.cell.method} has now; not counted (rerun the cell)',
+          file=sys.stderr)
+    return None
+  return record
 
 
 def is_archived(run: Run, archive: str, repo_root: str = REPO_ROOT) -> bool:
