@@ -22,18 +22,18 @@ from PIL import Image
 from scipy import ndimage
 
 from agmm_jax.methods import bilateral
+from benchmarks.camvid_data import CAMVID_TRAIN
 
-CAMVID = '/work/shared/datasets/camvid/train'
 NUM_CLASSES = 11
 
 
 def _load(size, num_images):
-  names = sorted(os.listdir(os.path.join(CAMVID, 'images')))[::120]
+  names = sorted(os.listdir(os.path.join(CAMVID_TRAIN, 'images')))[::120]
   rgbs, probs = [], []
   rng = np.random.default_rng(0)
   for name in names[:num_images]:
-    rgb = Image.open(os.path.join(CAMVID, 'images', name)).convert('RGB')
-    lab = Image.open(os.path.join(CAMVID, 'labels', name[:-4] + '.png'))
+    rgb = Image.open(os.path.join(CAMVID_TRAIN, 'images', name)).convert('RGB')
+    lab = Image.open(os.path.join(CAMVID_TRAIN, 'labels', name[:-4] + '.png'))
     rgb = np.asarray(rgb.resize((240, 180), Image.BILINEAR), np.float32)
     lab = np.asarray(lab.resize((240, 180), Image.NEAREST))
     onehot = np.eye(NUM_CLASSES + 1)[lab[:size, :size]][..., :NUM_CLASSES]

@@ -30,8 +30,8 @@ from agmm_jax import augment
 from agmm_jax import input_pipeline
 from agmm_jax import labels
 from agmm_jax import tfrecord
+from benchmarks.camvid_data import CAMVID_TRAIN
 
-CAMVID = '/work/shared/datasets/camvid/train'
 CAMVID_VOID = 11
 NUM_CLASSES = 11
 POINTS_PER_IMAGE = 50
@@ -142,7 +142,7 @@ def throughput(out_dir: str, crop: int, batch: int, num_batches: int,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--images_dir', default=CAMVID)
+  parser.add_argument('--images_dir', default=CAMVID_TRAIN)
   parser.add_argument('--num', type=int, default=64)
   parser.add_argument('--crop', type=int, default=321)
   parser.add_argument('--batch', type=int, default=16)

@@ -28,6 +28,7 @@ from scipy import ndimage
 from agmm_jax import augment
 from agmm_jax import methods
 from agmm_jax.methods import regularized
+from benchmarks.camvid_data import CAMVID_CLASSES, CAMVID_TRAIN
 
 # (label, weights, overrides)
 CASES = (
@@ -57,19 +58,17 @@ def _inputs(batch, size, classes):
       image=jnp.asarray(augment.normalize(rgb.astype(np.uint8))))
 
 
-CAMVID = '/work/shared/datasets/camvid/train'
-CAMVID_CLASSES = 11
 
 
 def _camvid_inputs(batch, size):
   """Top-left crops of every 120th training photo; logits of the smoothed
   one-hot labels plus noise (void: uniform)."""
-  names = sorted(os.listdir(os.path.join(CAMVID, 'images')))[::120][:batch]
+  names = sorted(os.listdir(os.path.join(CAMVID_TRAIN, 'images')))[::120][:batch]
   rng = np.random.default_rng(0)
   images, logits, labels = [], [], []
   for name in names:
-    rgb = np.asarray(Image.open(os.path.join(CAMVID, 'images', name)).convert('RGB'))
-    lab = np.asarray(Image.open(os.path.join(CAMVID, 'labels', name[:-4] + '.png')))
+    rgb = np.asarray(Image.open(os.path.join(CAMVID_TRAIN, 'images', name)).convert('RGB'))
+    lab = np.asarray(Image.open(os.path.join(CAMVID_TRAIN, 'labels', name[:-4] + '.png')))
     lab = lab[:size, :size]
     onehot = np.eye(CAMVID_CLASSES + 1)[np.minimum(lab, CAMVID_CLASSES)][..., :-1]
     onehot[lab >= CAMVID_CLASSES] = 1.0 / CAMVID_CLASSES

@@ -35,27 +35,25 @@ from scipy import ndimage
 
 from agmm_jax.methods import bilateral
 from agmm_jax.methods import regularized
-
-CAMVID = '/work/shared/datasets/camvid/train'
-NUM_CLASSES = 11
+from benchmarks.camvid_data import CAMVID_CLASSES, CAMVID_TRAIN
 
 
 def _crops(crop: int, count: int, seed: int = 0):
   """``count`` (rgb 0..255 ``[crop, crop, 3]``, softmax ``[crop, crop, K]``)
   random crops of distinct CamVid training images."""
   rng = np.random.default_rng(seed)
-  names = sorted(os.listdir(os.path.join(CAMVID, 'images')))
+  names = sorted(os.listdir(os.path.join(CAMVID_TRAIN, 'images')))
   for name in rng.choice(names, count, replace=False):
-    rgb = np.asarray(Image.open(os.path.join(CAMVID, 'images', name))
+    rgb = np.asarray(Image.open(os.path.join(CAMVID_TRAIN, 'images', name))
                      .convert('RGB'), np.float32)
-    lab = np.asarray(Image.open(os.path.join(CAMVID, 'labels',
+    lab = np.asarray(Image.open(os.path.join(CAMVID_TRAIN, 'labels',
                                              name[:-4] + '.png')))
     y = rng.integers(0, rgb.shape[0] - crop + 1)
     x = rng.integers(0, rgb.shape[1] - crop + 1)
     rgb, lab = rgb[y:y + crop, x:x + crop], lab[y:y + crop, x:x + crop]
-    onehot = np.eye(NUM_CLASSES + 1)[np.minimum(lab, NUM_CLASSES)]
-    onehot = onehot[..., :NUM_CLASSES]
-    onehot[lab >= NUM_CLASSES] = 1.0 / NUM_CLASSES
+    onehot = np.eye(CAMVID_CLASSES + 1)[np.minimum(lab, CAMVID_CLASSES)]
+    onehot = onehot[..., :CAMVID_CLASSES]
+    onehot[lab >= CAMVID_CLASSES] = 1.0 / CAMVID_CLASSES
     logits = 4.0 * ndimage.gaussian_filter(onehot, (2, 2, 0))
     yield name, rgb, np.asarray(jax.nn.softmax(
         logits + 0.5 * rng.normal(size=logits.shape)), np.float32)
@@ -89,7 +87,7 @@ def main():
   sxy, srgb = regularized.RLOSS_SIGMA_XY * scale, regularized.RLOSS_SIGMA_RGB
   print(f'{platform.processor() or platform.machine()}, {os.cpu_count()} '
         f'cores, jax {jax.__version__}; crop {args.crop} scaled by {scale}, '
-        f'sigma_xy {sxy} (scaled), sigma_rgb {srgb}, K = {NUM_CLASSES}')
+        f'sigma_xy {sxy} (scaled), sigma_rgb {srgb}, K = {CAMVID_CLASSES}')
   exact = jax.jit(lambda r, v: bilateral.bilateral_exact(
       r, v, sxy, srgb, jnp.ones(r.shape[:3], bool)))
   grid = jax.jit(lambda r, v: bilateral.bilateral_grid(
