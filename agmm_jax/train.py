@@ -31,6 +31,7 @@ from agmm_jax import inference
 from agmm_jax import input_pipeline
 from agmm_jax import methods
 from agmm_jax import sharding as sharding_lib
+from agmm_jax import spml_stage2
 from agmm_jax import steps
 from agmm_jax import summary
 from agmm_jax import train_state as train_state_lib
@@ -233,6 +234,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checked_means(unchecked_start, unchecked_metrics)
       unchecked_start, unchecked_metrics = step, None
 
+  stage2 = spml_stage2.is_enabled(config)
   scores: dict[str, Any] = {}
   # The steps since the last log step, merged on the device (clu.metrics).
   period_start, period_metrics = step, None
@@ -303,9 +305,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           check_unchecked()
           save(step)
           raise Preempted(step)
-    if not scores:
+    if not scores and not stage2:
       # Nothing left to train (a rerun of a finished run): report the final
-      # state's scores all the same.
+      # state's scores all the same (with a second stage, its model's).
       logging.info('%s: already trained to step %d', workdir, step)
       scores = inference.evaluate_dataset(eval_fn, state, config, mesh,
                                           num_classes)
@@ -317,6 +319,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpointer.close()
     finally:
       writer.close()
+  if stage2:
+    scores = spml_stage2.train_stage2(
+        config, workdir, state, model_defs, loss, mesh, class_names, total_steps,
+        stop_requested=sigterm.any_process, preempted=Preempted,
+        non_finite=NonFiniteError)
+    step = scores.pop('step')
   inference.print_scores(config, step, scores, class_names)
   scores['step'] = step
   return scores
