@@ -313,6 +313,7 @@ def test_memory_bank_is_carried_checkpointed_and_restored(tiny_data_dir, tmp_pat
   config.image_summary_every_steps = 0
   config.eval.scales = (1.0,)
   config.eval.flip = False
+  config.spml_stage2.enabled = False  # Stage 1's state only (test_spml_stage2.py).
   assert train.train_and_evaluate(config, str(tmp_path))['step'] == 2
 
   def saved(step):
