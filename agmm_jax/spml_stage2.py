@@ -69,7 +69,6 @@ from PIL import Image
 
 from agmm_jax import augment
 from agmm_jax import checkpoint as checkpoint_lib
-from agmm_jax import inference
 from agmm_jax import input_pipeline
 from agmm_jax import labels as labels_lib
 from agmm_jax import methods
@@ -102,6 +101,26 @@ def stage2_steps(config: ml_collections.ConfigDict, stage1_steps: int) -> int:
   if steps_wanted > 0:
     return steps_wanted
   return max(1, round(stage1_steps * SPML_STAGE2_ITERATIONS / SPML_STAGE1_ITERATIONS))
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """True when ``WORKDIR/spml_stage2`` holds a checkpoint folder."""
+  return os.path.isdir(os.path.join(workdir, STAGE2_DIR, checkpoint_lib.LATEST_DIR))
+
+
+def initial_state(config: ml_collections.ConfigDict, stage1_state: train_state_lib.TrainState,
+                  mesh: jax.sharding.Mesh, total_steps: int
+                  ) -> tuple[train_state_lib.TrainState, optax.GradientTransformation]:
+  """The stage-2 state of a stage-1 state and its optimizer (``config.
+  optimizer`` over ``total_steps``, on the classifier's parameters only):
+  ``params`` and ``model_state`` of stage 1, ``opt_state`` of the
+  classifier, ``step`` 0; no method state. Replicated over ``mesh``."""
+  params = stage1_state['params']
+  tx = train_state_lib.create_optimizer(config.optimizer, total_steps)
+  state = train_state_lib.replicate(
+      {'params': params, 'model_state': stage1_state['model_state'],
+       'opt_state': tx.init(params['classifier']), 'step': jnp.zeros((), jnp.int32)}, mesh)
+  return state, tx
 
 
 def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
@@ -249,6 +268,7 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
                  stage1_state: train_state_lib.TrainState,
                  model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
                  mesh: jax.sharding.Mesh, class_names: list[str], stage1_steps: int,
+                 evaluate: Callable[[train_state_lib.TrainState], dict[str, Any]],
                  stop_requested: Callable[[], bool],
                  preempted: Callable[[int], Exception],
                  non_finite: Callable[[str], Exception]) -> dict[str, Any]:
@@ -257,19 +277,17 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
   from ``WORKDIR/spml_stage2``. Returns the final evaluation's scores with
   ``step`` = ``stage1_steps`` + stage-2 steps.
 
-  ``stop_requested()`` is polled after every step (SIGTERM): the state is
-  saved and ``preempted(step)`` raised; ``non_finite(message)`` is raised
-  for a NaN/inf loss or gradient (nothing of it saved).
+  ``evaluate(state)``: the scores of a state on the eval split (the
+  trainer's ``inference.evaluate_dataset``). ``stop_requested()`` is polled
+  after every step (SIGTERM): the state is saved and ``preempted(step)``
+  raised; ``non_finite(message)`` is raised for a NaN/inf loss, gradient or
+  parameter (nothing of it saved).
   """
   num_classes = len(class_names)
   pseudo_dir = write_pseudo_labels(config, workdir, stage1_state, model_defs, loss, mesh,
                                    num_classes)
   total_steps = stage2_steps(config, stage1_steps)
-  params = stage1_state['params']
-  tx = train_state_lib.create_optimizer(config.optimizer, total_steps)
-  state = train_state_lib.replicate(
-      {'params': params, 'model_state': stage1_state['model_state'],
-       'opt_state': tx.init(params['classifier']), 'step': jnp.zeros((), jnp.int32)}, mesh)
+  state, tx = initial_state(config, stage1_state, mesh, total_steps)
   data_config = config.data.copy_and_resolve_references()
   data_config.dir = pseudo_dir
   data_config.train_labels = 'sparse'
@@ -287,7 +305,6 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
       model_defs, tx, mesh,
       lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, total_steps),
       head_lr_multiplier=float(config.optimizer.head_lr_multiplier))
-  eval_fn = steps.make_eval_fn(model_defs, config, num_classes, mesh)
   writer = summary.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   eval_every = int(config.eval_every_steps)
   eval_every = eval_every if eval_every > 0 else total_steps
@@ -314,7 +331,7 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(stage1_steps + step,
                              {f'{STAGE2_DIR}/{k}': v for k, v in means.items()})
       if step % eval_every == 0 or is_last:
-        scores = inference.evaluate_dataset(eval_fn, state, config, mesh, num_classes)
+        scores = evaluate(state)
         writer.write_scalars(stage1_steps + step, {
             'eval/miou': scores['miou'], 'eval/pixel_accuracy': scores['pixel_accuracy'],
             **{f'eval/iou/{name}': float(iou)
@@ -331,7 +348,7 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
         raise preempted(stage1_steps + step)
     if not scores:
       logging.info('%s: SPML stage 2 already trained to step %d', workdir, step)
-      scores = inference.evaluate_dataset(eval_fn, state, config, mesh, num_classes)
+      scores = evaluate(state)
     writer.flush()
   finally:
     try:

@@ -322,6 +322,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if stage2:
     scores = spml_stage2.train_stage2(
         config, workdir, state, model_defs, loss, mesh, class_names, total_steps,
+        evaluate=lambda state: inference.evaluate_dataset(eval_fn, state, config, mesh,
+                                                          num_classes),
         stop_requested=sigterm.any_process, preempted=Preempted,
         non_finite=NonFiniteError)
     step = scores.pop('step')

@@ -182,6 +182,12 @@ def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path)
     assert np.all(label >= 0) or np.all(label == UNL)
   written = os.path.getmtime(os.path.join(pseudo_dir, shard))
 
+  # Eval mode restores the final model.
+  config = stage_config(tiny_data_dir, True)
+  config.mode = 'eval'
+  config.eval.checkpoint = 'latest'
+  np.testing.assert_array_equal(main.run(config, workdir)['confusion'], scores['confusion'])
+
   # A rerun trains nothing, rewrites nothing and reports the final model.
   again = main.run(stage_config(tiny_data_dir, True), workdir)
   assert again['step'] == 4 and again['miou'] == scores['miou']
