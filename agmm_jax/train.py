@@ -4,7 +4,9 @@ Builds the loss (``agmm_jax.methods``, from ``config.loss``), the model with
 the heads the loss declares, the input pipeline with the batch fields it
 declares, and the replicated train state (``agmm_jax.train_state``); then runs
 the jitted step (``agmm_jax.steps``) with periodic evaluation, checkpoints and
-TensorBoard summaries. Training scalars are accumulated with ``clu.metrics``
+TensorBoard summaries; then, for a loss with SPML's term, SPML's second stage
+(``agmm_jax.spml_stage2``: pseudo-labels, the final classifier, evaluated at
+steps after the first stage's). Training scalars are accumulated with ``clu.metrics``
 collections and written as their means over each logging period.
 
 Robustness: a NaN/inf loss, gradient norm (checked at every log step and

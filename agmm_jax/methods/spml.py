@@ -57,10 +57,30 @@ concentrations 16 / 6 / 8, weights 0.1 each, memory of 2 batches, 6 x 6
 clusters, 10 iterations); the ``spml_scribble`` preset sets the scribble
 script's (co-occurrence concentration 12, weights 0.1 / 1.0 / 0.5).
 
-SPML's stage-1 classifier (a small head on the *detached* embedding trained by
-cross-entropy on the sparse labels) is here the model's own classifier trained
-by the ``pce`` term next to ``spml`` (the presets); its gradient reaches the
-backbone, which SPML's does not.
+The stage-1 classifier, whose probabilities the second stage walks: SPML's
+is a small head on the *detached* embedding (``segsort_softmax``: 3x3 conv to
+128 channels, BatchNorm, ReLU, dropout 0.75, 1x1 conv) trained by
+cross-entropy on the sparse labels (scaled by the annotation weight there;
+with a detached input that only scales its rate). Both forms are here:
+
+* the presets: the model's own classifier trained by the ``pce`` term next to
+  ``spml``; its gradient reaches the backbone, which SPML's does not, and the
+  stage-1 evaluations are of a trained classifier;
+* the ``spml_classifier`` term (``--config.loss.weights.spml_classifier=0.1
+  --config.loss.weights.pce=0`` for SPML's points form): SPML's head as the
+  ``spml_classifier`` head (:class:`ClassifierHead`), which reads the
+  embedding head's output (``input_head``) through a stop-gradient, so no
+  gradient of it reaches the embedding, the decoder or the backbone; its
+  logits are resized to the labels and scored as pCE. The model's own
+  classifier then stays untrained in stage 1 (its evaluations mean nothing)
+  and the second stage's classifier is the one evaluated.
+
+The second stage (``agmm_jax/spml_stage2.py``, run by the trainer after the
+first; its docstring maps it to SPML's scripts): :func:`pseudo_labels` walks
+the stage-1 classifier's probabilities on the embedding (:func:`random_walk`,
+``beta`` 20, ``gamma`` 5, 6 squarings, on every ``WALK_STRIDE``-th label
+pixel as SPML's image size // 8) over the training split, and the model's
+classifier is trained on the pseudo-labels over the fixed network.
 
 The memory bank (method state, ``Needs(state=...)``): the prototypes, labels
 and class presence of the segments of the last ``memory_batches`` batches,
