@@ -51,6 +51,7 @@ Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
   ``eval/miou`` is the final model's.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -58,7 +59,6 @@ import shutil
 from typing import Any, Callable
 
 from absl import logging
-from clu import metrics as clu_metrics
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -313,7 +313,11 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
   log_every = max(int(config.log_every_steps), 1)
   scores: dict[str, Any] = {}
   period = None
-  try:
+  # On the way out, whatever happened: the pending saves (a failed one raises
+  # checkpoint_lib.SaveError), then the writer.
+  with contextlib.ExitStack() as closing:
+    closing.callback(writer.close)
+    closing.callback(checkpointer.close)
     while step < total_steps:
       batch = sharding_lib.global_batch(next(train_iter), mesh)
       state, step_metrics = train_step(state, batch)
@@ -332,10 +336,7 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
                              {f'{STAGE2_DIR}/{k}': v for k, v in means.items()})
       if step % eval_every == 0 or is_last:
         scores = evaluate(state)
-        writer.write_scalars(stage1_steps + step, {
-            'eval/miou': scores['miou'], 'eval/pixel_accuracy': scores['pixel_accuracy'],
-            **{f'eval/iou/{name}': float(iou)
-               for name, iou in zip(class_names, scores['per_class_iou'])}})
+        writer.write_scalars(stage1_steps + step, summary.eval_scalars(scores, class_names))
         logging.info('SPML stage 2 step %d: eval mIoU %.2f%%', step, 100 * scores['miou'])
         if np.isfinite(scores['miou']):
           checkpointer.save_best(step, state, scores['miou'])
@@ -350,10 +351,5 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
       logging.info('%s: SPML stage 2 already trained to step %d', workdir, step)
       scores = evaluate(state)
     writer.flush()
-  finally:
-    try:
-      checkpointer.close()
-    finally:
-      writer.close()
   scores['step'] = stage1_steps + step
   return scores

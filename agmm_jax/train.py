@@ -283,11 +283,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           check_unchecked()
           scores = inference.evaluate_dataset(eval_fn, state, config, mesh,
                                               num_classes)
-          writer.write_scalars(step, {
-              'eval/miou': scores['miou'],
-              'eval/pixel_accuracy': scores['pixel_accuracy'],
-              **{f'eval/iou/{name}': float(iou) for name, iou in
-                 zip(class_names, scores['per_class_iou'])}})
+          writer.write_scalars(step, summary.eval_scalars(scores, class_names))
           logging.info('step %d: eval mIoU %.2f%%, pixel accuracy %.2f%%',
                        step, 100 * scores['miou'],
                        100 * scores['pixel_accuracy'])

@@ -17,10 +17,9 @@ from agmm_jax import models
 from agmm_jax import spml_stage2
 from agmm_jax import tfrecord
 from agmm_jax.methods import spml
-from configs import presets
-from configs import tiny
 import main
 from tests.conftest import TINY_NUM_CLASSES
+from tests.test_spml import spml_tiny_config
 from tests.test_train import read_event_tags
 
 UNL = labels_lib.UNLABELED
@@ -133,15 +132,7 @@ def test_detached_classifier_sends_no_gradient_into_the_network():
 
 
 def stage_config(data_dir, enabled):
-  config = tiny.get_config()
-  config.data.dir = data_dir
-  config.loss = presets.preset('spml')
-  config.num_train_steps = 2
-  config.eval_every_steps = 0
-  config.checkpoint_every_steps = 0
-  config.image_summary_every_steps = 0
-  config.eval.scales = (1.0,)
-  config.eval.flip = False
+  config = spml_tiny_config(data_dir)
   config.spml_stage2.enabled = enabled
   config.spml_stage2.num_train_steps = 2
   return config
