@@ -94,8 +94,31 @@ def is_enabled(config: ml_collections.ConfigDict) -> bool:
           and float(config.loss.weights.get('spml', 0.0)) != 0.0)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the ``config.spml_stage2`` field of
+  a value that cannot work, or saying that stage 2 runs in one process;
+  called before stage 1 so that a bad value fails before any training."""
+  stage2 = config.spml_stage2
+  steps_wanted = stage2.num_train_steps
+  if isinstance(steps_wanted, bool) or not isinstance(steps_wanted, int) or (
+      steps_wanted < 1 and steps_wanted != -1):
+    raise ValueError('config.spml_stage2.num_train_steps must be an int >= 1 or -1, '
+                     f'got {steps_wanted!r}')
+  for field in ('walk_beta', 'walk_gamma'):
+    value = stage2[field]
+    if not isinstance(value, (int, float)) or not 0 < float(value) < float('inf'):
+      raise ValueError(f'config.spml_stage2.{field} must be a finite number > 0, '
+                       f'got {value!r}')
+  doublings = stage2.walk_doublings
+  if isinstance(doublings, bool) or not isinstance(doublings, int) or doublings < 0:
+    raise ValueError(f'config.spml_stage2.walk_doublings must be an int >= 0, got {doublings!r}')
+  if jax.process_count() > 1:
+    raise ValueError('SPML stage 2 runs in one process; set '
+                     '--config.spml_stage2.enabled=False for a multi-process run')
+
+
 def stage2_steps(config: ml_collections.ConfigDict, stage1_steps: int) -> int:
-  """``config.spml_stage2.num_train_steps``, or for -1 (or 0) stage 1's steps
+  """``config.spml_stage2.num_train_steps``, or for -1 stage 1's steps
   scaled as SPML's scripts (4000 / 30000), at least 1."""
   steps_wanted = int(config.spml_stage2.num_train_steps)
   if steps_wanted > 0:
@@ -165,16 +188,12 @@ def write_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
   """Writes (or finds complete) ``WORKDIR/spml_pseudo_labels`` (module
   docstring); returns its path.
 
-  Raises:
-    ValueError: with several processes (the pass runs in one).
+  One process only (:func:`check_config`).
   """
   target = os.path.join(workdir, PSEUDO_LABEL_DIR)
   if os.path.exists(os.path.join(target, input_pipeline.METADATA_FILE)):
     logging.info('%s: pseudo-labels already written', target)
     return target
-  if jax.process_count() > 1:
-    raise ValueError('SPML stage 2 runs in one process; set '
-                     '--config.spml_stage2.enabled=False for a multi-process run')
   data_dir = str(config.data.dir)
   metadata = input_pipeline.read_metadata(data_dir)
   split = str(config.data.train_split)
@@ -306,7 +325,12 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
       lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, total_steps),
       head_lr_multiplier=float(config.optimizer.head_lr_multiplier))
   writer = summary.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  eval_every = int(config.eval_every_steps)
+  # As stage 1's: -1 once per epoch (of the pseudo-labeled split), 0 only at the end.
+  steps_per_epoch = max(input_pipeline.num_examples(
+      input_pipeline.read_metadata(pseudo_dir), str(config.data.train_split), pseudo_dir)
+                        // int(config.global_batch_size), 1)
+  eval_every = (steps_per_epoch if config.eval_every_steps == -1
+                else int(config.eval_every_steps))
   eval_every = eval_every if eval_every > 0 else total_steps
   checkpoint_every = int(config.checkpoint_every_steps)
   checkpoint_every = checkpoint_every if checkpoint_every > 0 else total_steps

@@ -179,6 +179,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_every = eval_every if eval_every > 0 else total_steps
   checkpoint_every = int(config.checkpoint_every_steps)
   checkpoint_every = checkpoint_every if checkpoint_every > 0 else total_steps
+  stage2 = spml_stage2.is_enabled(config)
+  if stage2:
+    spml_stage2.check_config(config)
   write_config(config, workdir)
   inference.record_classes(workdir, class_names)
 
@@ -236,7 +239,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checked_means(unchecked_start, unchecked_metrics)
       unchecked_start, unchecked_metrics = step, None
 
-  stage2 = spml_stage2.is_enabled(config)
   scores: dict[str, Any] = {}
   # The steps since the last log step, merged on the device (clu.metrics).
   period_start, period_metrics = step, None

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from agmm_jax import input_pipeline
@@ -184,3 +185,21 @@ def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path)
   assert again['step'] == 4 and again['miou'] == scores['miou']
   assert os.path.getmtime(os.path.join(pseudo_dir, shard)) == written
   assert read_event_tags(workdir)[f'{spml_stage2.STAGE2_DIR}/loss'] == [3, 4]
+
+
+@pytest.mark.parametrize('field, value', [('num_train_steps', 0), ('walk_beta', -1.0),
+                                          ('walk_gamma', float('inf')),
+                                          ('walk_doublings', -1)])
+def test_bad_stage2_values_name_the_field(field, value):
+  config = spml_tiny_config('unused')
+  config.spml_stage2[field] = value
+  with pytest.raises(ValueError, match=f'config.spml_stage2.{field} must be'):
+    spml_stage2.check_config(config)
+
+def test_default_stage2_steps_scale_as_spml_scripts():
+  config = spml_tiny_config('unused')
+  assert config.spml_stage2.num_train_steps == -1
+  assert spml_stage2.stage2_steps(config, 1800) == 240   # 1800 x 4000 / 30000
+  assert spml_stage2.stage2_steps(config, 2) == 1
+  config.spml_stage2.num_train_steps = 7
+  assert spml_stage2.stage2_steps(config, 1800) == 7
