@@ -184,9 +184,12 @@ def _encode_png(label: np.ndarray) -> bytes:
 def write_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
                         state: train_state_lib.TrainState,
                         model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
-                        mesh: jax.sharding.Mesh, num_classes: int) -> str:
+                        mesh: jax.sharding.Mesh, num_classes: int,
+                        stop_requested: Callable[[], bool],
+                        stopped: Callable[[], Exception]) -> str:
   """Writes (or finds complete) ``WORKDIR/spml_pseudo_labels`` (module
-  docstring); returns its path.
+  docstring); returns its path. ``stop_requested()`` is polled after every
+  batch: ``stopped()`` is raised, the partial folder left to be redone.
 
   One process only (:func:`check_config`).
   """
@@ -227,6 +230,8 @@ def write_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
         features[input_pipeline.LABEL_KEYS['sparse']] = _encode_png(
             pseudo[row, :height, :width])
         writer.write(tfrecord.encode_example(features))
+      if stop_requested():
+        raise stopped()
   split_info = dict(metadata['splits'][split], shards=[shard_name],
                     num_examples=len(source), has_sparse=True)
   pseudo_metadata = dict(metadata, splits={split: split_info})
@@ -298,13 +303,14 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
 
   ``evaluate(state)``: the scores of a state on the eval split (the
   trainer's ``inference.evaluate_dataset``). ``stop_requested()`` is polled
-  after every step (SIGTERM): the state is saved and ``preempted(step)``
-  raised; ``non_finite(message)`` is raised for a NaN/inf loss, gradient or
+  after every pseudo-label batch and every step (SIGTERM): the pass is left
+  to be redone, the state of a step saved, and ``preempted(step)`` raised; ``non_finite(message)`` is raised for a NaN/inf loss, gradient or
   parameter (nothing of it saved).
   """
   num_classes = len(class_names)
   pseudo_dir = write_pseudo_labels(config, workdir, stage1_state, model_defs, loss, mesh,
-                                   num_classes)
+                                   num_classes, stop_requested,
+                                   lambda: preempted(stage1_steps))
   total_steps = stage2_steps(config, stage1_steps)
   state, tx = initial_state(config, stage1_state, mesh, total_steps)
   data_config = config.data.copy_and_resolve_references()

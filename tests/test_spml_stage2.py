@@ -4,6 +4,7 @@ stages through the trainer, stopped between them and resumed."""
 
 import glob
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from agmm_jax import methods
 from agmm_jax import models
 from agmm_jax import spml_stage2
 from agmm_jax import tfrecord
+from agmm_jax import train
 from agmm_jax.methods import spml
 import main
 from tests.conftest import TINY_NUM_CLASSES
@@ -139,7 +141,7 @@ def stage_config(data_dir, enabled):
   return config
 
 
-def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path):
+def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path)
   # Stage 1 only, as a run stopped before its second stage.
   first = main.run(stage_config(tiny_data_dir, False), workdir)
@@ -149,14 +151,32 @@ def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path)
   # A half-written pass left by a kill is redone.
   os.makedirs(os.path.join(workdir, spml_stage2.PSEUDO_LABEL_DIR + '.tmp'))
 
+  # SIGTERM during stage 2's first step: saved, stopped, resumed.
+  make_step = spml_stage2.make_stage2_step
+
+  def make_step_stopped_once(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+
+    def stopped_once(state, batch):
+      monkeypatch.setattr(spml_stage2, 'make_stage2_step', make_step)
+      os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, batch)
+    return stopped_once
+
+  monkeypatch.setattr(spml_stage2, 'make_stage2_step', make_step_stopped_once)
+  with pytest.raises(train.Preempted) as stopped:
+    main.run(stage_config(tiny_data_dir, True), workdir)
+  assert stopped.value.step == 3
+  assert os.listdir(os.path.join(workdir, spml_stage2.STAGE2_DIR, 'checkpoints')) == ['1']
   scores = main.run(stage_config(tiny_data_dir, True), workdir)
   assert scores['step'] == 4 and np.isfinite(scores['miou'])
   assert sorted(glob.glob(os.path.join(workdir, 'checkpoints', '*'))) == stage1_files
-  assert os.listdir(os.path.join(workdir, spml_stage2.STAGE2_DIR, 'checkpoints')) == ['2']
+  assert sorted(os.listdir(os.path.join(workdir, spml_stage2.STAGE2_DIR, 'checkpoints'))) == [
+      '1', '2']
   tags = read_event_tags(workdir)
   # Stage 1 trained once; the workdir's last evaluation is the final model's.
   assert tags['train/loss'] == [1, 2]
-  assert tags[f'{spml_stage2.STAGE2_DIR}/loss'] == [3, 4]
+  assert sorted(tags[f'{spml_stage2.STAGE2_DIR}/loss']) == [3, 4]
   assert sorted(tags['eval/miou']) == [2, 4]
 
   # The pseudo-labels: every training record, same images, a class on every
@@ -184,7 +204,7 @@ def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path)
   again = main.run(stage_config(tiny_data_dir, True), workdir)
   assert again['step'] == 4 and again['miou'] == scores['miou']
   assert os.path.getmtime(os.path.join(pseudo_dir, shard)) == written
-  assert read_event_tags(workdir)[f'{spml_stage2.STAGE2_DIR}/loss'] == [3, 4]
+  assert sorted(read_event_tags(workdir)[f'{spml_stage2.STAGE2_DIR}/loss']) == [3, 4]
 
 
 @pytest.mark.parametrize('field, value', [('num_train_steps', 0), ('walk_beta', -1.0),
