@@ -18,6 +18,7 @@ from agmm_jax import input_pipeline
 from agmm_jax import methods
 from agmm_jax import metrics as metrics_lib
 from agmm_jax import sharding as sharding_lib
+from agmm_jax import spml_stage2
 from agmm_jax import steps
 from agmm_jax import train_state as train_state_lib
 from agmm_jax import visualize
@@ -107,13 +108,18 @@ def print_scores(config: ml_collections.ConfigDict, step: int,
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                            num_classes: int, mesh: jax.sharding.Mesh):
-  """Model defs and the best (or latest) checkpointed state of ``workdir``."""
+  """Model defs and the best (or latest) checkpointed state of ``workdir``:
+  of SPML's final model (``WORKDIR/spml_stage2``) once its second stage has
+  a checkpoint, the step then being the second stage's."""
   # The training loss's heads and method state give the checkpoint's structure.
   loss = methods.build_loss(config.loss)
   state, model_defs, _ = train_state_lib.create_train_state(
       config, num_classes, mesh, total_steps=1, extra_heads=loss.needs.heads,
       method_state=loss.init_state(int(config.global_batch_size), num_classes),
       load_pretrained=False)
+  if spml_stage2.is_enabled(config) and spml_stage2.has_checkpoint(workdir):
+    state, _ = spml_stage2.initial_state(config, state, mesh, total_steps=1)
+    workdir = os.path.join(workdir, spml_stage2.STAGE2_DIR)
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, keep=int(config.keep_checkpoints), read_only=True)
   try:

@@ -436,9 +436,10 @@ class DeepLabV3Plus(nnx.Module):
         bias_init=_torch_default_bias_init(DECODER_CHANNELS), dtype=dtype,
         rngs=rngs)
     # Heads a loss method declares (agmm_jax.methods.Needs.heads), each
-    # ``factory(DECODER_CHANNELS, dtype=, rngs=)`` applied to the features.
+    # ``factory(DECODER_CHANNELS, num_classes=, dtype=, rngs=)`` applied to
+    # the features, or to another head's output (its ``input_head``).
     self.extra_heads = nnx.Dict({
-        name: factory(DECODER_CHANNELS, dtype=dtype, rngs=rngs)
+        name: factory(DECODER_CHANNELS, num_classes=num_classes, dtype=dtype, rngs=rngs)
         for name, factory in sorted((extra_heads or {}).items())})
 
   def __call__(self, images: Array) -> tuple[Array, Array]:
@@ -456,9 +457,20 @@ class DeepLabV3Plus(nnx.Module):
     return features.astype(jnp.float32), logits
 
   def extra_outputs(self, features: Array) -> dict[str, Array]:
-    """The extra heads' outputs on the decoder ``features`` (float32)."""
-    return {name: head(features.astype(self.classifier.dtype)).astype(jnp.float32)
-            for name, head in self.extra_heads.items()}
+    """The extra heads' outputs (float32): on the decoder ``features``, or,
+    for a head with an ``input_head`` attribute, on that head's output."""
+    inputs = features.astype(self.classifier.dtype)
+    outputs = {name: head(inputs).astype(jnp.float32)
+               for name, head in self.extra_heads.items()
+               if getattr(head, 'input_head', None) is None}
+    for name, head in self.extra_heads.items():
+      source = getattr(head, 'input_head', None)
+      if source is not None:
+        if source not in outputs:
+          raise ValueError(f'head {name!r} reads head {source!r}, which is not '
+                           'a head on the decoder features of this model')
+        outputs[name] = head(outputs[source].astype(self.classifier.dtype)).astype(jnp.float32)
+    return outputs
 
 
 def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs,

@@ -4,7 +4,9 @@ Builds the loss (``agmm_jax.methods``, from ``config.loss``), the model with
 the heads the loss declares, the input pipeline with the batch fields it
 declares, and the replicated train state (``agmm_jax.train_state``); then runs
 the jitted step (``agmm_jax.steps``) with periodic evaluation, checkpoints and
-TensorBoard summaries. Training scalars are accumulated with ``clu.metrics``
+TensorBoard summaries; then, for a loss with SPML's term, SPML's second stage
+(``agmm_jax.spml_stage2``: pseudo-labels, the final classifier, evaluated at
+steps after the first stage's). Training scalars are accumulated with ``clu.metrics``
 collections and written as their means over each logging period.
 
 Robustness: a NaN/inf loss, gradient norm (checked at every log step and
@@ -31,6 +33,7 @@ from agmm_jax import inference
 from agmm_jax import input_pipeline
 from agmm_jax import methods
 from agmm_jax import sharding as sharding_lib
+from agmm_jax import spml_stage2
 from agmm_jax import steps
 from agmm_jax import summary
 from agmm_jax import train_state as train_state_lib
@@ -186,6 +189,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_every = eval_every if eval_every > 0 else total_steps
   checkpoint_every = int(config.checkpoint_every_steps)
   checkpoint_every = checkpoint_every if checkpoint_every > 0 else total_steps
+  stage2 = spml_stage2.is_enabled(config)
+  if stage2:
+    spml_stage2.check_config(config)
   write_config(config, workdir)
   inference.record_classes(workdir, class_names)
 
@@ -289,11 +295,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           check_unchecked()
           scores = inference.evaluate_dataset(eval_fn, state, config, mesh,
                                               num_classes)
-          writer.write_scalars(step, {
-              'eval/miou': scores['miou'],
-              'eval/pixel_accuracy': scores['pixel_accuracy'],
-              **{f'eval/iou/{name}': float(iou) for name, iou in
-                 zip(class_names, scores['per_class_iou'])}})
+          writer.write_scalars(step, summary.eval_scalars(scores, class_names))
           logging.info('step %d: eval mIoU %.2f%%, pixel accuracy %.2f%%',
                        step, 100 * scores['miou'],
                        100 * scores['pixel_accuracy'])
@@ -313,9 +315,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           check_unchecked()
           save(step)
           raise Preempted(step)
-    if not scores:
+    if not scores and not stage2:
       # Nothing left to train (a rerun of a finished run): report the final
-      # state's scores all the same.
+      # state's scores all the same (with a second stage, its model's).
       logging.info('%s: already trained to step %d', workdir, step)
       scores = inference.evaluate_dataset(eval_fn, state, config, mesh,
                                           num_classes)
@@ -327,6 +329,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpointer.close()
     finally:
       writer.close()
+  if stage2:
+    scores = spml_stage2.train_stage2(
+        config, workdir, state, model_defs, loss, mesh, class_names, total_steps,
+        evaluate=lambda state: inference.evaluate_dataset(eval_fn, state, config, mesh,
+                                                          num_classes),
+        stop_requested=sigterm.any_process, preempted=Preempted,
+        non_finite=NonFiniteError)
+    step = scores.pop('step')
   inference.print_scores(config, step, scores, class_names)
   scores['step'] = step
   return scores

@@ -4,6 +4,7 @@ oversegmentation field; prints figures.
 Usage (from the repository root):
 
     python benchmarks/bench_spml.py [--runs 3] [--model_depth 101] [--skip_model]
+        [--pseudo_labels_only]
 
 1. The ``spml_regions`` field (Felzenszwalb, agmm_jax.methods.spml.oversegment)
    on 321 x 321 center crops of CamVid train images: milliseconds per crop on
@@ -19,6 +20,11 @@ Usage (from the repository root):
    output stride 8 at the same batch with ``pce_only``
    (``bench_losses.bench_model_step``), and the share of it the SPML term
    would add.
+4. The second stage's pseudo-labels (``spml.pseudo_labels``: the random walk
+   on every 8th pixel and the resize back, without the network) at the
+   CamVid study's CPU shapes (batch 8, 180 x 240, 11 classes) and VOC's
+   largest canvas (batch 1, 500 x 500, 21 classes): compile time and median
+   wall time per batch. Only this with ``--pseudo_labels_only``.
 """
 
 import argparse
@@ -93,6 +99,27 @@ def bench_regions(crops):
   return np.stack(regions)
 
 
+def bench_pseudo_labels(rng, runs):
+  """Seconds per batch of ``spml.pseudo_labels`` at the study's and VOC's
+  shapes (smooth random embeddings, random softmax, clicks)."""
+  for name, batch, height, width, num_classes in (('CamVid CPU', 8, 180, 240, 11),
+                                                   ('VOC canvas', 1, 500, 500, 21)):
+    grid = (spml.grid_size(height), spml.grid_size(width))
+    coarse = jnp.asarray(rng.normal(size=(batch, 9, 9, spml.EMBEDDING_DIM)), jnp.float32)
+    embedding = jax.image.resize(coarse, (batch, *grid, spml.EMBEDDING_DIM), 'bilinear')
+    logits = jnp.asarray(rng.normal(size=(batch, height, width, num_classes)), jnp.float32)
+    label = clicks(rng, rng.integers(0, num_classes, (batch, height, width)))
+    args = (embedding, jax.nn.softmax(logits, axis=-1), jnp.asarray(label))
+    start = time.perf_counter()
+    compiled = jax.jit(spml.pseudo_labels).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    seconds = bench_losses.time_calls(compiled, args, runs)
+    points = ((height - 1) // spml.WALK_STRIDE + 1) * ((width - 1) // spml.WALK_STRIDE + 1)
+    print(f'pseudo-labels, {name}: batch {batch} x {height} x {width}, {points} walked '
+          f'pixels per image: compile {compile_s:.1f} s, median of {runs} '
+          f'{seconds:.3f} s per batch', flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--runs', type=int, default=3)
@@ -100,9 +127,13 @@ def main():
   parser.add_argument('--model_depth', type=int, default=101)
   parser.add_argument('--max_step_memory_gb', type=float, default=12.0)
   parser.add_argument('--skip_model', action='store_true')
+  parser.add_argument('--pseudo_labels_only', action='store_true')
   args = parser.parse_args()
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, '
         f'load average {os.getloadavg()[0]:.1f} (timings scale with other load)', flush=True)
+  bench_pseudo_labels(np.random.default_rng(1), args.runs)
+  if args.pseudo_labels_only:
+    return
   batch = 4
   regions = bench_regions(camvid_crops(2 * batch))
   rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ import ml_collections
 
 from agmm_jax import compilation_cache
 from agmm_jax import dilated_conv
+from agmm_jax.methods import spml
 from configs import presets
 
 
@@ -77,6 +78,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 1e-4
   config.optimizer.poly_power = 0.9
+
+  # SPML's second stage (agmm_jax/spml_stage2.py), run after the first when
+  # the loss has the spml term: pseudo-labels of the training split by the
+  # random walk, then the model's classifier trained on them with everything
+  # else fixed. num_train_steps -1: the first stage's steps x 4000 / 30000
+  # (SPML's scripts); its optimizer is config.optimizer, as in SPML.
+  config.spml_stage2 = ml_collections.ConfigDict()
+  config.spml_stage2.enabled = True
+  config.spml_stage2.num_train_steps = -1
+  config.spml_stage2.walk_beta = spml.WALK_BETA
+  config.spml_stage2.walk_gamma = spml.WALK_GAMMA
+  config.spml_stage2.walk_doublings = spml.WALK_DOUBLINGS
 
   config.eval = ml_collections.ConfigDict()
   config.eval.mode = 'whole'

@@ -30,7 +30,8 @@ FEATURE_STRIDE = 4
 class ToyHead(nnx.Module):
   """One 1x1 convolution to a scalar map ``[B, h, w]``."""
 
-  def __init__(self, in_features: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, *, num_classes: int, dtype, rngs: nnx.Rngs):
+    del num_classes
     self.conv = nnx.Conv(in_features, 1, (1, 1), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):

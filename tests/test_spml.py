@@ -303,16 +303,25 @@ def test_bad_options_name_the_key():
     methods.build_loss(methods.loss_config({'spml': 1.0}))(inputs)
 
 
-def test_memory_bank_is_carried_checkpointed_and_restored(tiny_data_dir, tmp_path):
+def spml_tiny_config(data_dir):
+  """configs/tiny.py with the spml preset: 2 steps, one evaluation (one
+  scale) and one checkpoint, at the end."""
   config = tiny.get_config()
-  config.data.dir = tiny_data_dir
+  config.data.dir = data_dir
   config.loss = presets.preset('spml')
   config.num_train_steps = 2
-  config.checkpoint_every_steps = 1
+  config.checkpoint_every_steps = 0
   config.eval_every_steps = 0
   config.image_summary_every_steps = 0
   config.eval.scales = (1.0,)
   config.eval.flip = False
+  return config
+
+
+def test_memory_bank_is_carried_checkpointed_and_restored(tiny_data_dir, tmp_path):
+  config = spml_tiny_config(tiny_data_dir)
+  config.checkpoint_every_steps = 1
+  config.spml_stage2.enabled = False  # Stage 1's state only (test_spml_stage2.py).
   assert train.train_and_evaluate(config, str(tmp_path))['step'] == 2
 
   def saved(step):

@@ -118,8 +118,9 @@ def term_state(inputs: LossInputs, term: str, name: str) -> Any:
   return inputs.state[name]
 
 
-# ``factory(in_features, *, dtype, rngs) -> nnx.Module``: a head applied to the
-# decoder features ``[B, h, w, in_features]``.
+# ``factory(in_features, *, num_classes, dtype, rngs) -> nnx.Module``: a head
+# applied to the decoder features ``[B, h, w, in_features]``, or, when the
+# module has an ``input_head`` attribute, to that head's output.
 HeadFactory = Callable[..., Any]
 # ``make(example) -> np.ndarray``: one field of one augmented training example
 # (``example`` holds ``image`` float32 ``[c, c, 3]``, ``label`` int32

@@ -57,10 +57,30 @@ concentrations 16 / 6 / 8, weights 0.1 each, memory of 2 batches, 6 x 6
 clusters, 10 iterations); the ``spml_scribble`` preset sets the scribble
 script's (co-occurrence concentration 12, weights 0.1 / 1.0 / 0.5).
 
-SPML's stage-1 classifier (a small head on the *detached* embedding trained by
-cross-entropy on the sparse labels) is here the model's own classifier trained
-by the ``pce`` term next to ``spml`` (the presets); its gradient reaches the
-backbone, which SPML's does not.
+The stage-1 classifier, whose probabilities the second stage walks: SPML's
+is a small head on the *detached* embedding (``segsort_softmax``: 3x3 conv to
+128 channels, BatchNorm, ReLU, dropout 0.75, 1x1 conv) trained by
+cross-entropy on the sparse labels (scaled by the annotation weight there;
+with a detached input that only scales its rate). Both forms are here:
+
+* the presets: the model's own classifier trained by the ``pce`` term next to
+  ``spml``; its gradient reaches the backbone, which SPML's does not, and the
+  stage-1 evaluations are of a trained classifier;
+* the ``spml_classifier`` term (``--config.loss.weights.spml_classifier=0.1
+  --config.loss.weights.pce=0`` for SPML's points form): SPML's head as the
+  ``spml_classifier`` head (:class:`ClassifierHead`), which reads the
+  embedding head's output (``input_head``) through a stop-gradient, so no
+  gradient of it reaches the embedding, the decoder or the backbone; its
+  logits are resized to the labels and scored as pCE. The model's own
+  classifier then stays untrained in stage 1 (its evaluations mean nothing)
+  and the second stage's classifier is the one evaluated.
+
+The second stage (``agmm_jax/spml_stage2.py``, run by the trainer after the
+first; its docstring maps it to SPML's scripts): :func:`pseudo_labels` walks
+the stage-1 classifier's probabilities on the embedding (:func:`random_walk`,
+``beta`` 20, ``gamma`` 5, 6 squarings, on every ``WALK_STRIDE``-th label
+pixel as SPML's image size // 8) over the training split, and the model's
+classifier is trained on the pseudo-labels over the fixed network.
 
 The memory bank (method state, ``Needs(state=...)``): the prototypes, labels
 and class presence of the segments of the last ``memory_batches`` batches,
@@ -78,9 +98,13 @@ from skimage import segmentation
 
 from agmm_jax import augment
 from agmm_jax import labels as labels_lib
+from agmm_jax import models
+from agmm_jax import resample
 from agmm_jax.methods import core
+from agmm_jax.methods import label_grid
 
 EMBEDDING_HEAD = 'spml_embedding'
+CLASSIFIER_HEAD = 'spml_classifier'
 REGIONS_FIELD = 'spml_regions'
 MEMORY_STATE = 'spml_memory'
 # SPML's ``EMBEDDING_DIM``.
@@ -92,6 +116,17 @@ GRID_STRIDE = 4
 FELZENSZWALB_SCALE = 100.0
 FELZENSZWALB_SIGMA = 0.8
 FELZENSZWALB_MIN_SIZE = 20
+# SPML's stage-1 softmax classifier (``segsort_softmax.SegsortSoftmax``):
+# 3x3 conv to twice the embedding width, BatchNorm, ReLU, dropout 0.75, 1x1
+# conv to the classes.
+CLASSIFIER_DROPOUT = 0.75
+# The random walk of the pseudo-labels (``pseudo_softmaxrw_crf.py``): affinity
+# ``exp(gamma (cos - 1))^beta``, the transition matrix squared ``doublings``
+# times, on every ``WALK_STRIDE``-th label pixel (SPML: image size // 8).
+WALK_BETA = 20.0
+WALK_GAMMA = 5.0
+WALK_DOUBLINGS = 6
+WALK_STRIDE = 8
 # Segment slot of no segment (sorts after every real key).
 _NO_KEY = np.iinfo(np.int32).max
 # Segment label of an empty (or memory-less) slot; real slots are classes or
@@ -102,11 +137,34 @@ EMPTY = labels_lib.PADDING
 class EmbeddingHead(nnx.Module):
   """``normalize(conv_1x1(f))``: the 64-d unit-length pixel embedding."""
 
-  def __init__(self, in_features: int, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, *, num_classes: int, dtype: Any, rngs: nnx.Rngs):
+    del num_classes  # 64 channels whatever the classes.
     self.conv = nnx.Conv(in_features, EMBEDDING_DIM, (1, 1), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return normalize(core.upcast(self.conv(x)))
+
+
+class ClassifierHead(nnx.Module):
+  """SPML's stage-1 softmax classifier on the *detached* embedding:
+  ``conv_1x1(dropout(relu(bn(conv_3x3(normalize(sg(e)))))))`` to ``[B, h, w,
+  K]`` logits on the segment grid. Its input is the ``spml_embedding`` head's
+  output (``input_head``), so its gradient never reaches the embedding, the
+  decoder or the backbone."""
+
+  input_head = EMBEDDING_HEAD
+
+  def __init__(self, in_features: int, *, num_classes: int, dtype: Any, rngs: nnx.Rngs):
+    del in_features  # It reads the embedding, not the decoder features.
+    self.hidden = models.ConvBNReLU(EMBEDDING_DIM, 2 * EMBEDDING_DIM, 3, dtype=dtype,
+                                    rngs=rngs)
+    self.dropout = nnx.Dropout(CLASSIFIER_DROPOUT, rngs=rngs)
+    self.classifier = nnx.Conv(2 * EMBEDDING_DIM, num_classes, (1, 1), use_bias=True,
+                               dtype=dtype, rngs=rngs)
+
+  def __call__(self, embedding: jax.Array) -> jax.Array:
+    fixed = normalize(core.upcast(jax.lax.stop_gradient(embedding))).astype(embedding.dtype)
+    return self.classifier(self.dropout(self.hidden(fixed)))
 
 
 def normalize(x: jax.Array) -> jax.Array:
@@ -450,30 +508,94 @@ def spml_loss(inputs: core.LossInputs, *, clusters_per_axis: int = 6,
   return total, {MEMORY_STATE: memory_push(memory, segments, inputs.class_present)}
 
 
-def random_walk(embedding: jax.Array, probabilities: jax.Array, present: jax.Array, *,
-                beta: float = 20.0, gamma: float = 5.0, doublings: int = 6) -> jax.Array:
+@core.register_term('spml_classifier', needs=core.Needs(
+    heads={EMBEDDING_HEAD: EmbeddingHead, CLASSIFIER_HEAD: ClassifierHead}),
+    check=label_grid.check_rows_per_chunk, shared=('rows_per_chunk',))
+def spml_classifier_loss(inputs: core.LossInputs, *,
+                         rows_per_chunk: int = label_grid.ROWS_PER_CHUNK) -> jax.Array:
+  """Cross-entropy over the labeled pixels of the ``spml_classifier`` head's
+  logits, resized to the labels as the model resizes its own (SPML's
+  ``softmax_loss`` of ``segsort_softmax``); trains that head only."""
+  logits = resample.resize_bilinear_align_corners(
+      core.upcast(inputs.output(CLASSIFIER_HEAD)), inputs.label.shape[1:3])
+  return label_grid.label_grid_losses(inputs._replace(logits=logits), ('pce',),
+                                      rows_per_chunk=rows_per_chunk)['pce']
+
+
+def random_walk(embedding: jax.Array, probabilities: jax.Array, present: jax.Array,
+                valid: jax.Array | None = None, *, beta: float = WALK_BETA,
+                gamma: float = WALK_GAMMA, doublings: int = WALK_DOUBLINGS) -> jax.Array:
   """SPML's second-stage refinement of a classifier's output by a random walk
   on the embedding (``pseudo_softmaxrw_crf.py``), one image.
 
-  ``A_ij = exp(gamma (e_i . e_j - 1))^beta`` over the pixels of the grid,
+  Over the ``valid`` pixels ``V`` of the ``[h, w]`` grid (all by default):
+  ``A_ij = exp(gamma (e_i . e_j - 1))^beta`` for ``i, j in V`` (0 otherwise),
   ``T = A / (column sums)``, squared ``doublings`` times (``T^(2^doublings)``,
-  64 steps); the class maps ``c_k = p_k / max_x p_k`` with the classes absent
-  from ``present`` zeroed; the result is ``c T``.
+  64 steps); the class maps ``c_k = p_k / max_{x in V} p_k`` on ``V`` (0
+  elsewhere) with the classes absent from ``present`` zeroed; the result is
+  ``c T``.
 
   Args:
     embedding: ``[h, w, D]`` (normalized here).
     probabilities: ``[h, w, K]`` softmax of the classifier.
     present: ``[K]``, nonzero for the classes of the image's sparse labels.
+    valid: bool ``[h, w]``, the image's pixels (not padding), or None.
 
   Returns:
-    ``[h, w, K]``, the walked class maps (argmax: the pseudo-labels).
+    ``[h, w, K]``, the walked class maps (argmax: the pseudo-labels); 0 off
+    ``V``.
   """
   height, width, num_classes = probabilities.shape
-  flat = normalize(embedding.reshape(height * width, -1))
-  affinity = jnp.exp(beta * gamma * (flat @ flat.T - 1.0))
-  transition = affinity / jnp.sum(affinity, axis=0, keepdims=True)
+  inside = (jnp.ones((height * width,), bool) if valid is None
+            else valid.reshape(-1)).astype(jnp.float32)
+  flat = normalize(embedding.reshape(height * width, -1).astype(jnp.float32))
+  affinity = jnp.exp(beta * gamma * (flat @ flat.T - 1.0)) * inside[:, None] * inside[None, :]
+  transition = affinity / jnp.maximum(jnp.sum(affinity, axis=0, keepdims=True), 1e-30)
   transition = jax.lax.fori_loop(0, doublings, lambda _, t: t @ t, transition)
-  maps = probabilities.reshape(-1, num_classes)
+  maps = probabilities.reshape(-1, num_classes).astype(jnp.float32) * inside[:, None]
   maps = maps / jnp.maximum(jnp.max(maps, axis=0, keepdims=True), 1e-12)
   maps = maps * (present > 0)
   return (maps.T @ transition).T.reshape(height, width, num_classes)
+
+
+def pseudo_labels(embedding: jax.Array, probabilities: jax.Array, label: jax.Array, *,
+                  beta: float = WALK_BETA, gamma: float = WALK_GAMMA,
+                  doublings: int = WALK_DOUBLINGS) -> jax.Array:
+  """SPML's pseudo-labels of a batch (``pseudo_softmaxrw_crf.py`` without its
+  dense CRF and flip): the random walk on every ``WALK_STRIDE``-th label pixel,
+  its maps resized back with align-corners bilinear interpolation (edge
+  rows/columns repeated past the last walked pixel), argmax.
+
+  Args:
+    embedding: ``[B, h, w, D]`` on the segment grid (``grid_size`` of the
+      labels; every second grid pixel is walked).
+    probabilities: ``[B, H, W, K]`` softmax of the stage-1 classifier.
+    label: int32 ``[B, H, W]``: the sparse labels (their classes are the
+      image's ``present`` classes), ``PADDING`` outside the image.
+
+  Returns:
+    int32 ``[B, H, W]``: a class on every real pixel of an image with a
+    labeled pixel; ``UNLABELED`` on the real pixels of an image without one
+    (nothing to walk from); ``PADDING`` where ``label`` is.
+  """
+  batch, height, width, num_classes = probabilities.shape
+  step = WALK_STRIDE // GRID_STRIDE
+  points = embedding[:, ::step, ::step]
+  rows, cols = points.shape[1:3]
+  if (rows, cols) != ((height - 1) // WALK_STRIDE + 1, (width - 1) // WALK_STRIDE + 1):
+    raise ValueError(f'pseudo_labels: embedding grid {embedding.shape[1:3]} does not '
+                     f'fit labels {height}x{width} at stride {GRID_STRIDE}')
+  sampled = probabilities[:, ::WALK_STRIDE, ::WALK_STRIDE]
+  valid = labels_lib.real_mask(label[:, ::WALK_STRIDE, ::WALK_STRIDE])
+  present = core.labeled_class_counts(label, num_classes) > 0
+  walked = jax.vmap(lambda e, p, c, v: random_walk(
+      e, p, c, v, beta=beta, gamma=gamma, doublings=doublings))(points, sampled, present, valid)
+  resized = resample.resize_bilinear_align_corners(
+      walked, ((rows - 1) * WALK_STRIDE + 1, (cols - 1) * WALK_STRIDE + 1))
+  resized = jnp.pad(resized, ((0, 0), (0, max(height - resized.shape[1], 0)),
+                              (0, max(width - resized.shape[2], 0)), (0, 0)), mode='edge')
+  classes = jnp.argmax(resized[:, :height, :width], axis=-1).astype(jnp.int32)
+  has_labels = jnp.any(present, axis=-1)[:, None, None]
+  return jnp.where(labels_lib.real_mask(label),
+                   jnp.where(has_labels, classes, labels_lib.UNLABELED),
+                   labels_lib.PADDING).astype(jnp.int32)

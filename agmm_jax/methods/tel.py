@@ -61,7 +61,8 @@ TREE_STRIDE = 4
 class EmbeddingHead(models.ConvBNReLU):
   """TEL's embedding layer: ``relu(bn(conv_1x1(f)))``, 256 channels."""
 
-  def __init__(self, in_features: int, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, *, num_classes: int, dtype: Any, rngs: nnx.Rngs):
+    del num_classes  # The embedding's width does not depend on the classes.
     super().__init__(in_features, EMBEDDING_CHANNELS, 1, dtype=dtype, rngs=rngs)
 
 

@@ -1,0 +1,385 @@
+"""SPML's second stage (Ke et al., ICLR 2021; code twke18/SPML): pseudo-labels
+of the training split by a random walk on the stage-1 embedding, then the
+final classifier trained on them with everything else fixed.
+
+What SPML's scripts do after the embedding (``bashscripts/voc12/
+train_spml_point.sh`` and ``train_spml_scribble.sh``, identical there):
+
+1. ``pyscripts/inference/pseudo_softmaxrw_crf.py``: for every training image
+   at full size, the stage-1 softmax classifier (``segsort_softmax``'s head
+   on the detached embedding) gives probabilities and the embedding an
+   affinity, both at image size // 8 and averaged over the image and its
+   flip; the random walk of :func:`agmm_jax.methods.spml.random_walk`
+   (``exp(5 (cos - 1))^20``, column-normalized, squared 6 times; class maps
+   divided by their maximum, classes absent from the image's sparse labels
+   zeroed) refines them; resized to the image, a dense CRF (10 iterations),
+   argmax: a pseudo-label for every pixel, written as PNGs.
+2. ``pyscripts/train/train_classifier.py`` with ``config_classifier.yaml``:
+   a new ``softmax_classifier`` (3x3 conv, BatchNorm, ReLU, dropout 0.65, 1x1
+   conv) on the fixed embedding (the embedding network restored from stage 1,
+   in eval mode, under ``no_grad``) trained by cross-entropy on the
+   pseudo-labels: 4000 iterations at batch 16 (stage 1: 30000 at 4 x 4),
+   the stage-1 learning rate 3e-3 with the poly policy, weight decay 5e-4,
+   classifier weights at 10x (biases 20x, no decay), random grayscale and
+   blur added to the augmentation.
+3. ``pyscripts/inference/inference_softmax.py``: that classifier on the val
+   split (with CRF) is SPML's reported result.
+
+Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
+
+* :func:`write_pseudo_labels`: the pass over the training split (records in
+  order, padded to the split's largest image, ``config.eval.batch_size`` at a
+  time) with the eval-mode stage-1 model: probabilities of the stage-1
+  classifier (the ``spml_classifier`` head when its term is active, SPML's
+  detached classifier; else the model's own, trained by pCE), the walk of
+  :func:`agmm_jax.methods.spml.pseudo_labels` on every 8th label pixel. No
+  dense CRF and no flip. Written as a prepared dataset (the training records
+  with the pseudo-label as their sparse label, ``metadata.json`` with the
+  training split only) into ``WORKDIR/spml_pseudo_labels.tmp`` and renamed to
+  ``WORKDIR/spml_pseudo_labels`` when complete: a killed pass leaves no
+  ``spml_pseudo_labels`` and the rerun redoes it; a complete one is reused.
+* :func:`train_stage2`: the final classifier is the model's own classifier
+  (1x1 conv on the 256-channel decoder features, which the embedding is a
+  projection of), trained on the fixed eval-mode network (its gradient stops
+  at the decoder features) by cross-entropy on the pseudo-labels with
+  ``config.optimizer`` (SPML uses its stage-1 rate and decay too; the
+  classifier gets the head rate) over ``config.spml_stage2.num_train_steps``
+  (-1: stage 1's steps x 4000 / 30000). The usual augmentation, no
+  grayscale or blur. Checkpoints (state and data iterator) under
+  ``WORKDIR/spml_stage2/``, resumable like stage 1; scalars and evaluations
+  in WORKDIR's events at steps ``stage-1 steps + s``, so the workdir's last
+  ``eval/miou`` is the final model's.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from agmm_jax import augment
+from agmm_jax import checkpoint as checkpoint_lib
+from agmm_jax import input_pipeline
+from agmm_jax import labels as labels_lib
+from agmm_jax import methods
+from agmm_jax import resample
+from agmm_jax import sharding as sharding_lib
+from agmm_jax import steps
+from agmm_jax import summary
+from agmm_jax import tfrecord
+from agmm_jax import train_state as train_state_lib
+from agmm_jax.methods import spml
+
+PSEUDO_LABEL_DIR = 'spml_pseudo_labels'
+STAGE2_DIR = 'spml_stage2'
+# SPML's scripts: the embedding trains 30000 iterations, the final classifier
+# 4000, both at a global batch of 16.
+SPML_STAGE1_ITERATIONS = 30000
+SPML_STAGE2_ITERATIONS = 4000
+
+
+def is_enabled(config: ml_collections.ConfigDict) -> bool:
+  """True when ``config.spml_stage2.enabled`` and the loss has the spml term."""
+  return (bool(config.spml_stage2.enabled)
+          and float(config.loss.weights.get('spml', 0.0)) != 0.0)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the ``config.spml_stage2`` field of
+  a value that cannot work, or saying that stage 2 runs in one process;
+  called before stage 1 so that a bad value fails before any training."""
+  stage2 = config.spml_stage2
+  steps_wanted = stage2.num_train_steps
+  if isinstance(steps_wanted, bool) or not isinstance(steps_wanted, int) or (
+      steps_wanted < 1 and steps_wanted != -1):
+    raise ValueError('config.spml_stage2.num_train_steps must be an int >= 1 or -1, '
+                     f'got {steps_wanted!r}')
+  for field in ('walk_beta', 'walk_gamma'):
+    value = stage2[field]
+    if not isinstance(value, (int, float)) or not 0 < float(value) < float('inf'):
+      raise ValueError(f'config.spml_stage2.{field} must be a finite number > 0, '
+                       f'got {value!r}')
+  doublings = stage2.walk_doublings
+  if isinstance(doublings, bool) or not isinstance(doublings, int) or doublings < 0:
+    raise ValueError(f'config.spml_stage2.walk_doublings must be an int >= 0, got {doublings!r}')
+  if jax.process_count() > 1:
+    raise ValueError('SPML stage 2 runs in one process; set '
+                     '--config.spml_stage2.enabled=False for a multi-process run')
+
+
+def stage2_steps(config: ml_collections.ConfigDict, stage1_steps: int) -> int:
+  """``config.spml_stage2.num_train_steps``, or for -1 stage 1's steps
+  scaled as SPML's scripts (4000 / 30000), at least 1."""
+  steps_wanted = int(config.spml_stage2.num_train_steps)
+  if steps_wanted > 0:
+    return steps_wanted
+  return max(1, round(stage1_steps * SPML_STAGE2_ITERATIONS / SPML_STAGE1_ITERATIONS))
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """True when ``WORKDIR/spml_stage2`` holds a checkpoint folder."""
+  return os.path.isdir(os.path.join(workdir, STAGE2_DIR, checkpoint_lib.LATEST_DIR))
+
+
+def initial_state(config: ml_collections.ConfigDict, stage1_state: train_state_lib.TrainState,
+                  mesh: jax.sharding.Mesh, total_steps: int
+                  ) -> tuple[train_state_lib.TrainState, optax.GradientTransformation]:
+  """The stage-2 state of a stage-1 state and its optimizer (``config.
+  optimizer`` over ``total_steps``, on the classifier's parameters only):
+  ``params`` and ``model_state`` of stage 1, ``opt_state`` of the
+  classifier, ``step`` 0; no method state. Replicated over ``mesh``."""
+  params = stage1_state['params']
+  tx = train_state_lib.create_optimizer(config.optimizer, total_steps)
+  state = train_state_lib.replicate(
+      {'params': params, 'model_state': stage1_state['model_state'],
+       'opt_state': tx.init(params['classifier']), 'step': jnp.zeros((), jnp.int32)}, mesh)
+  return state, tx
+
+
+def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
+                         mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
+                         ) -> Callable[..., jax.Array]:
+  """Jitted ``(params, model_state, image [B, Hc, Wc, 3], label [B, Hc, Wc])
+  -> pseudo-labels [B, Hc, Wc]`` of the eval-mode stage-1 model
+  (:func:`agmm_jax.methods.spml.pseudo_labels`)."""
+  replicated = sharding_lib.replicated_sharding(mesh)
+  data = sharding_lib.data_sharding(mesh)
+  detached = 'spml_classifier' in loss.terms
+  walk = dict(beta=float(config.spml_stage2.walk_beta),
+              gamma=float(config.spml_stage2.walk_gamma),
+              doublings=int(config.spml_stage2.walk_doublings))
+
+  def pseudo_label_fn(params, model_state, image, label):
+    model = nnx.merge(model_defs.eval, params, model_state)
+    features, logits = model(image)
+    outputs = model.extra_outputs(features)
+    if detached:
+      logits = resample.resize_bilinear_align_corners(
+          outputs[spml.CLASSIFIER_HEAD], label.shape[1:3])
+    probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return spml.pseudo_labels(outputs[spml.EMBEDDING_HEAD], probabilities, label, **walk)
+
+  return jax.jit(pseudo_label_fn, in_shardings=(replicated, replicated, data, data),
+                 out_shardings=replicated)
+
+
+def _encode_png(label: np.ndarray) -> bytes:
+  """uint8 PNG of an int32 label map (``UNLABELED`` stored as 255)."""
+  stored = np.where(label >= 0, label, labels_lib.STORED_UNLABELED).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(stored, mode='L').save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def write_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
+                        state: train_state_lib.TrainState,
+                        model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
+                        mesh: jax.sharding.Mesh, num_classes: int,
+                        stop_requested: Callable[[], bool],
+                        stopped: Callable[[], Exception]) -> str:
+  """Writes (or finds complete) ``WORKDIR/spml_pseudo_labels`` (module
+  docstring); returns its path. ``stop_requested()`` is polled after every
+  batch: ``stopped()`` is raised, the partial folder left to be redone.
+
+  One process only (:func:`check_config`).
+  """
+  target = os.path.join(workdir, PSEUDO_LABEL_DIR)
+  if os.path.exists(os.path.join(target, input_pipeline.METADATA_FILE)):
+    logging.info('%s: pseudo-labels already written', target)
+    return target
+  data_dir = str(config.data.dir)
+  metadata = input_pipeline.read_metadata(data_dir)
+  split = str(config.data.train_split)
+  label_key = input_pipeline.LABEL_KEYS[str(config.data.train_labels)]
+  shards = [os.path.join(data_dir, name) for name in metadata['splits'][split]['shards']]
+  source = input_pipeline.TFRecordSource(shards)
+  canvas = input_pipeline.split_image_size(data_dir, metadata, split)
+  batch_size = int(config.eval.batch_size)
+  pseudo_label_fn = make_pseudo_label_fn(model_defs, loss, mesh, config)
+  partial = f'{target}.tmp'
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  shard_name = f'{split}-00000-of-00001.tfrecord'
+  with tfrecord.TFRecordWriter(os.path.join(partial, shard_name)) as writer:
+    for start in range(0, len(source), batch_size):
+      records = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+      images = np.zeros((batch_size, *canvas, 3), np.float32)
+      label_batch = np.full((batch_size, *canvas), labels_lib.PADDING, np.int32)
+      sizes = []
+      for row, record in enumerate(records):
+        image, label, _ = input_pipeline.decode_record(
+            record, num_classes=num_classes, label_key=label_key)
+        images[row], label_batch[row] = augment.pad_to_canvas(
+            augment.normalize(np.asarray(image)), label, canvas)
+        sizes.append(label.shape)
+      batch = sharding_lib.global_batch({'image': images, 'label': label_batch}, mesh)
+      pseudo = train_state_lib.host(pseudo_label_fn(
+          state['params'], state['model_state'], batch['image'], batch['label']))
+      for row, (record, (height, width)) in enumerate(zip(records, sizes)):
+        features = tfrecord.decode_example(record.data)
+        features[input_pipeline.LABEL_KEYS['sparse']] = _encode_png(
+            pseudo[row, :height, :width])
+        writer.write(tfrecord.encode_example(features))
+      if stop_requested():
+        raise stopped()
+  split_info = dict(metadata['splits'][split], shards=[shard_name],
+                    num_examples=len(source), has_sparse=True)
+  pseudo_metadata = dict(metadata, splits={split: split_info})
+  with open(os.path.join(partial, input_pipeline.METADATA_FILE), 'w', encoding='utf-8') as f:
+    json.dump(pseudo_metadata, f, indent=2)
+  os.replace(partial, target)
+  logging.info('%s: pseudo-labels of %d training images written', target, len(source))
+  return target
+
+
+def make_stage2_step(model_defs: train_state_lib.ModelDefs, tx: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh, *, lr_schedule: optax.Schedule,
+                     head_lr_multiplier: float) -> Callable[..., Any]:
+  """The jitted ``(state, batch) -> (state, metrics)`` of stage 2 (state
+  donated): cross-entropy over the pseudo-labeled pixels
+  (``pce``) of the model's classifier on the fixed decoder features of the
+  eval-mode model; only ``params['classifier']`` changes, ``opt_state`` is
+  ``tx``'s state of those parameters. ``metrics`` as the train step's
+  (``lr_backbone`` 0: the backbone is fixed)."""
+  replicated = sharding_lib.replicated_sharding(mesh)
+  data = sharding_lib.data_sharding(mesh)
+  state_sharding = train_state_lib.state_shardings(mesh, False)
+  loss = methods.build_loss(methods.loss_config({'pce': 1.0}))
+  metrics_class = steps.train_metrics_class(loss)
+
+  def step_fn(state, batch):
+    model = nnx.merge(model_defs.eval, state['params'], state['model_state'])
+    features = jax.lax.stop_gradient(model(batch['image'])[0])
+    classifier_def, _ = nnx.split(model.classifier)
+
+    def compute_loss(classifier_params):
+      classifier = nnx.merge(classifier_def, classifier_params)
+      logits = classifier(features.astype(classifier.dtype)).astype(jnp.float32)
+      logits = resample.resize_bilinear_align_corners(logits, batch['label'].shape[1:3])
+      return loss(methods.LossInputs(logits=logits, decoder_features=features,
+                                     label=batch['label'],
+                                     class_present=batch['class_present']))
+
+    classifier_params = state['params']['classifier']
+    (total, terms), grads = jax.value_and_grad(compute_loss, has_aux=True)(classifier_params)
+    updates, opt_state = tx.update(grads, state['opt_state'], classifier_params)
+    params = nnx.State({**state['params'],
+                        'classifier': optax.apply_updates(classifier_params, updates)})
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    metrics = metrics_class.single_from_model_output(
+        loss=total, **terms, grad_norm=grad_norm, lr_backbone=jnp.zeros(()),
+        lr_head=head_lr_multiplier * lr_schedule(state['step']),
+        finite=finite.astype(jnp.float32))
+    return {'params': params, 'model_state': state['model_state'],
+            'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+
+  return jax.jit(step_fn, in_shardings=(state_sharding, data),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def train_stage2(config: ml_collections.ConfigDict, workdir: str,
+                 stage1_state: train_state_lib.TrainState,
+                 model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
+                 mesh: jax.sharding.Mesh, class_names: list[str], stage1_steps: int,
+                 evaluate: Callable[[train_state_lib.TrainState], dict[str, Any]],
+                 stop_requested: Callable[[], bool],
+                 preempted: Callable[[int], Exception],
+                 non_finite: Callable[[str], Exception]) -> dict[str, Any]:
+  """Pseudo-labels (:func:`write_pseudo_labels`), then the final classifier's
+  training with evaluations and checkpoints (module docstring); resumes
+  from ``WORKDIR/spml_stage2``. Returns the final evaluation's scores with
+  ``step`` = ``stage1_steps`` + stage-2 steps.
+
+  ``evaluate(state)``: the scores of a state on the eval split (the
+  trainer's ``inference.evaluate_dataset``). ``stop_requested()`` is polled
+  after every pseudo-label batch and every step (SIGTERM): the pass is left
+  to be redone, the state of a step saved, and ``preempted(step)`` raised; ``non_finite(message)`` is raised for a NaN/inf loss, gradient or
+  parameter (nothing of it saved).
+  """
+  num_classes = len(class_names)
+  pseudo_dir = write_pseudo_labels(config, workdir, stage1_state, model_defs, loss, mesh,
+                                   num_classes, stop_requested,
+                                   lambda: preempted(stage1_steps))
+  total_steps = stage2_steps(config, stage1_steps)
+  state, tx = initial_state(config, stage1_state, mesh, total_steps)
+  data_config = config.data.copy_and_resolve_references()
+  data_config.dir = pseudo_dir
+  data_config.train_labels = 'sparse'
+  train_iter = input_pipeline.create_train_iterator(
+      data_config, batch_size_per_process=sharding_lib.per_process_batch_size(
+          int(config.global_batch_size), mesh),
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, STAGE2_DIR),
+                                             keep=int(config.keep_checkpoints))
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore_latest(checkpoint_lib.abstract_like(state), train_iter)
+  step = int(train_state_lib.host(state['step']))
+  train_step = make_stage2_step(
+      model_defs, tx, mesh,
+      lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, total_steps),
+      head_lr_multiplier=float(config.optimizer.head_lr_multiplier))
+  writer = summary.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # As stage 1's: -1 once per epoch (of the pseudo-labeled split), 0 only at the end.
+  steps_per_epoch = max(input_pipeline.num_examples(
+      input_pipeline.read_metadata(pseudo_dir), str(config.data.train_split), pseudo_dir)
+                        // int(config.global_batch_size), 1)
+  eval_every = (steps_per_epoch if config.eval_every_steps == -1
+                else int(config.eval_every_steps))
+  eval_every = eval_every if eval_every > 0 else total_steps
+  checkpoint_every = int(config.checkpoint_every_steps)
+  checkpoint_every = checkpoint_every if checkpoint_every > 0 else total_steps
+  log_every = max(int(config.log_every_steps), 1)
+  scores: dict[str, Any] = {}
+  period = None
+  # On the way out, whatever happened: the pending saves (a failed one raises
+  # checkpoint_lib.SaveError), then the writer.
+  with contextlib.ExitStack() as closing:
+    closing.callback(writer.close)
+    closing.callback(checkpointer.close)
+    while step < total_steps:
+      batch = sharding_lib.global_batch(next(train_iter), mesh)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      period = steps.merge(period, step_metrics)
+      is_last = step == total_steps
+      if step % log_every == 0 or is_last:
+        means = {k: float(train_state_lib.host(v)) for k, v in period.compute().items()}
+        period = None
+        if means.pop('finite') < 1.0:
+          raise non_finite(f'SPML stage 2: loss {means["loss"]} / gradient norm '
+                           f'{means["grad_norm"]} is not finite before step {step}; '
+                           f'stopping (last good checkpoint: {checkpointer.latest_step()} '
+                           f'in {workdir}/{STAGE2_DIR})')
+        writer.write_scalars(stage1_steps + step,
+                             {f'{STAGE2_DIR}/{k}': v for k, v in means.items()})
+      if step % eval_every == 0 or is_last:
+        scores = evaluate(state)
+        writer.write_scalars(stage1_steps + step, summary.eval_scalars(scores, class_names))
+        logging.info('SPML stage 2 step %d: eval mIoU %.2f%%', step, 100 * scores['miou'])
+        if np.isfinite(scores['miou']):
+          checkpointer.save_best(step, state, scores['miou'])
+      if step % checkpoint_every == 0 or is_last or stop_requested():
+        if not bool(train_state_lib.host(train_state_lib.all_finite(state['params']))):
+          raise non_finite(f'SPML stage 2: parameters are NaN/inf at step {step}; not '
+                           f'saving (last good checkpoint: {checkpointer.latest_step()})')
+        checkpointer.save(step, state, train_iter)
+      if stop_requested():
+        raise preempted(stage1_steps + step)
+    if not scores:
+      logging.info('%s: SPML stage 2 already trained to step %d', workdir, step)
+      scores = evaluate(state)
+    writer.flush()
+  scores['step'] = stage1_steps + step
+  return scores
