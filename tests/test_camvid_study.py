@@ -434,6 +434,22 @@ def test_grid_skips_methods_on_label_kinds_they_are_not_for():
   assert table[4] == '| scribbles | not run | - | not run |'
 
 
+def test_spml_runs_are_planned_with_their_stage_2_steps():
+  """An SPML run ends with its final classifier (stage 2: SPML's 4000 of
+  30000 iterations, scaled), so it is finished only at that last step."""
+  for steps, stage2 in ((200, 27), (300, 40)):
+    (spml,) = plan_runs(['clicks:20'], ['spml'], [0], steps=steps)
+    (pce,) = plan_runs(['clicks:20'], ['pce_only'], [0], steps=steps)
+    assert run_shape(spml).total_steps == steps + stage2
+    assert run_shape(pce).total_steps == steps
+  (fixed,) = plan_runs(['clicks:20'], ['spml'], [0], steps=200,
+                       overrides=['spml_stage2.num_train_steps=5'])
+  assert run_shape(fixed).total_steps == 205
+  (off,) = plan_runs(['clicks:20'], ['spml'], [0], steps=200,
+                     overrides=['spml_stage2.enabled=False'])
+  assert run_shape(off).total_steps == 200
+
+
 def test_predicted_run_seconds_match_a_hand_computation():
   (run,) = plan_preset(STUDY_PRESETS['gpu'],
                        labels=['clicks:20'], methods=['tel'],

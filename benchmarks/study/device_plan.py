@@ -94,12 +94,19 @@ class RunShape:
 
 def run_shape(run: Run) -> RunShape:
   """`run`'s schedule from its config (steps per epoch: CAMVID_TRAIN_IMAGES
-  // batch, as agmm_jax/train.py counts them)."""
+  // batch, as agmm_jax/train.py counts them). An SPML run's steps include
+  its stage 2, whose evaluations are logged after stage 1's last step: the
+  run is finished only at the final classifier's last evaluation."""
   config = run_config(run, config_overrides(run))
   batch = int(config.global_batch_size)
   steps_per_epoch = max(CAMVID_TRAIN_IMAGES // batch, 1)
   total = (int(config.num_train_steps) if config.num_train_steps > 0
            else int(config.num_epochs) * steps_per_epoch)
+  # Imported here, as run_config imports the configs: JAX is loaded only
+  # by the actions that need a run's shape.
+  from agmm_jax import spml_stage2  # pylint: disable=g-import-not-at-top
+  if spml_stage2.is_enabled(config):
+    total += spml_stage2.stage2_steps(config, total)
   eval_every = (steps_per_epoch if config.eval_every_steps == -1
                 else int(config.eval_every_steps))
   size = common_args_of(run)['size']
