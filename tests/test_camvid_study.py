@@ -689,6 +689,34 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
   assert not (tmp_path / 'b' / ok.workdir).exists()
 
 
+def test_run_action_archives_what_it_finishes_and_skips_the_archive(
+    tmp_path, monkeypatch, capsys):
+  """--run hands run_plan the archive of --archive: archived runs count as
+  done elsewhere, and each run done is archived there."""
+  root = str(tmp_path / 'runs' / 'grid')
+  records = str(tmp_path / 'records')
+  (run,) = plan_runs(['clicks:20'], ['pce_only'], [0], steps=20, root=root)
+  seen = {}
+
+  def fake_run_plan(runs, **kwargs):
+    seen['runs'] = list(runs)
+    seen['before'] = [kwargs['done_elsewhere'](r) for r in runs]
+    _write_run(runs[0], steps=[10, 20], mious=[0.1, 0.3], marker_exit=0)
+    kwargs['on_done'](runs[0])
+    seen['after'] = [kwargs['done_elsewhere'](r) for r in runs]
+    return [(runs[0], 'done')]
+
+  monkeypatch.setattr('benchmarks.study.cli.prepare_data',
+                      lambda *args, **kwargs: {})
+  monkeypatch.setattr('benchmarks.study.cli.run_plan', fake_run_plan)
+  assert camvid_study.main([
+      '--run', '--labels=clicks:20', '--methods=pce_only', '--seeds=0',
+      '--steps=20', f'--root={root}', f'--archive={records}']) == 0
+  capsys.readouterr()
+  assert seen == {'runs': [run], 'before': [False], 'after': [True]}
+  assert os.path.exists(archive.record_path(run, records))
+
+
 @pytest.fixture(scope='module')
 def partial_study(tmp_path_factory):
   """3 cells x 2 seeds at 20 steps: pce_only both seeds done; agmm_paper
