@@ -294,7 +294,8 @@ class TFRecordSource:
     return f'TFRecordSource({len(self._paths)} shards, {len(self)} records)'
 
 
-def _decode_png_label(encoded: bytes, num_classes: int) -> np.ndarray:
+def decode_label_png(encoded: bytes, num_classes: int) -> np.ndarray:
+  """A stored label PNG as class ids, ``labels.UNLABELED`` elsewhere."""
   with Image.open(io.BytesIO(encoded)) as png:
     stored = np.asarray(png)
   if stored.ndim != 2 or stored.dtype != np.uint8:
@@ -329,7 +330,7 @@ def decode_record(record: RawRecord, *, num_classes: int,
     image.load()
     if image.mode != 'RGB':
       image = image.convert('RGB')
-    label = _decode_png_label(example[label_key], num_classes)
+    label = decode_label_png(example[label_key], num_classes)
     if label.shape != (image.height, image.width):
       raise ValueError(f'{label_key} is {label.shape[0]}x{label.shape[1]} but '
                        f'the image is {image.height}x{image.width}')
