@@ -335,11 +335,7 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = max(input_pipeline.num_examples(
       input_pipeline.read_metadata(pseudo_dir), str(config.data.train_split), pseudo_dir)
                         // int(config.global_batch_size), 1)
-  eval_every = (steps_per_epoch if config.eval_every_steps == -1
-                else int(config.eval_every_steps))
-  eval_every = eval_every if eval_every > 0 else total_steps
-  checkpoint_every = int(config.checkpoint_every_steps)
-  checkpoint_every = checkpoint_every if checkpoint_every > 0 else total_steps
+  eval_every, checkpoint_every = steps.periods(config, steps_per_epoch, total_steps)
   log_every = max(int(config.log_every_steps), 1)
   scores: dict[str, Any] = {}
   period = None

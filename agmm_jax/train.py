@@ -183,12 +183,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = max(num_train // int(config.global_batch_size), 1)
   total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
                  else int(config.num_epochs) * steps_per_epoch)
-  # Period 0 (or below, other than eval -1 = once per epoch): only at the end.
-  eval_every = (steps_per_epoch if config.eval_every_steps == -1
-                else int(config.eval_every_steps))
-  eval_every = eval_every if eval_every > 0 else total_steps
-  checkpoint_every = int(config.checkpoint_every_steps)
-  checkpoint_every = checkpoint_every if checkpoint_every > 0 else total_steps
+  eval_every, checkpoint_every = steps.periods(config, steps_per_epoch,
+                                               total_steps)
   stage2 = spml_stage2.is_enabled(config)
   if stage2:
     spml_stage2.check_config(config)
