@@ -104,17 +104,17 @@ def run_shape(run: Run) -> RunShape:
            else int(config.num_epochs) * steps_per_epoch)
   # Imported here, as run_config imports the configs: JAX is loaded only
   # by the actions that need a run's shape.
-  from agmm_jax import spml_stage2  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from agmm_jax import spml_stage2, steps
   if spml_stage2.is_enabled(config):
     total += spml_stage2.stage2_steps(config, total)
-  eval_every = (steps_per_epoch if config.eval_every_steps == -1
-                else int(config.eval_every_steps))
+  eval_every, _ = steps.periods(config, steps_per_epoch, total)
   size = common_args_of(run)['size']
   # An empty eval canvas is sized from the data: the (downscaled) image size.
   height, width = config.data.eval_canvas or tuple(
       side // int(config.data.prepare.downscale) for side in CAMVID_IMAGE_SIZE)
   return RunShape(size=size, total_steps=total, batch=batch,
-                  eval_every=eval_every if eval_every > 0 else total,
+                  eval_every=eval_every,
                   num_threads=int(config.data.num_threads),
                   crop=int(config.data.crop_size),
                   eval_pixels=int(height) * int(width))
