@@ -32,8 +32,21 @@ Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
   time) with the eval-mode stage-1 model: probabilities of the stage-1
   classifier (the ``spml_classifier`` head when its term is active, SPML's
   detached classifier; else the model's own, trained by pCE), the walk of
-  :func:`agmm_jax.methods.spml.pseudo_labels` on every 8th label pixel. No
-  dense CRF and no flip. Written as a prepared dataset (the training records
+  :func:`agmm_jax.methods.spml.pseudo_labels` on every 8th label pixel.
+  Opt-in, off by default: ``config.spml_stage2.flip``, SPML's flip
+  (:func:`flip_averaged_outputs`: the image and its mirror within its width,
+  padding kept on the right; the two probabilities averaged, and the two
+  affinities, each of its normalized embedding, the mirror's embedding
+  flipped back by linear interpolation on the stride-4 grid where SPML flips
+  at full resolution); ``config.spml_stage2.crf_iterations`` > 0, SPML's
+  dense CRF of the walked maps at label resolution
+  (:mod:`agmm_jax.methods.dense_crf`, SPML's kernels ``spml.CRF_*``; its
+  appearance kernel by the bilateral grid at coarse cells, not pydensecrf's
+  permutohedral lattice; SPML runs 10 iterations). Still left out: SPML's
+  full-resolution embedding and logits (here the stride-4 grid and the
+  label-resolution softmax sampled every 8th pixel) and its
+  ``cv2.resize`` (half-pixel) where this resizes with aligned corners.
+  Written as a prepared dataset (the training records
   with the pseudo-label as their sparse label, ``metadata.json`` with the
   training split only) into ``WORKDIR/spml_pseudo_labels.tmp`` and renamed to
   ``WORKDIR/spml_pseudo_labels`` when complete: a killed pass leaves no
@@ -69,6 +82,7 @@ from PIL import Image
 
 from agmm_jax import augment
 from agmm_jax import checkpoint as checkpoint_lib
+from agmm_jax import evaluate
 from agmm_jax import input_pipeline
 from agmm_jax import labels as labels_lib
 from agmm_jax import methods
@@ -78,6 +92,8 @@ from agmm_jax import steps
 from agmm_jax import summary
 from agmm_jax import tfrecord
 from agmm_jax import train_state as train_state_lib
+from agmm_jax.methods import bilateral
+from agmm_jax.methods import core
 from agmm_jax.methods import spml
 
 PSEUDO_LABEL_DIR = 'spml_pseudo_labels'
@@ -96,8 +112,9 @@ def is_enabled(config: ml_collections.ConfigDict) -> bool:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError naming the ``config.spml_stage2`` field of
-  a value that cannot work, or saying that stage 2 runs in one process;
-  called before stage 1 so that a bad value fails before any training."""
+  a value that cannot work (a CRF grid over its limit: :func:`check_crf_grid`),
+  or saying that stage 2 runs in one process; called before stage 1 so that a
+  bad value fails before any training."""
   stage2 = config.spml_stage2
   steps_wanted = stage2.num_train_steps
   if isinstance(steps_wanted, bool) or not isinstance(steps_wanted, int) or (
@@ -109,9 +126,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, (int, float)) or not 0 < float(value) < float('inf'):
       raise ValueError(f'config.spml_stage2.{field} must be a finite number > 0, '
                        f'got {value!r}')
-  doublings = stage2.walk_doublings
-  if isinstance(doublings, bool) or not isinstance(doublings, int) or doublings < 0:
-    raise ValueError(f'config.spml_stage2.walk_doublings must be an int >= 0, got {doublings!r}')
+  for field in ('walk_doublings', 'crf_iterations'):
+    value = stage2[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f'config.spml_stage2.{field} must be an int >= 0, got {value!r}')
+  check_crf_grid(config)
   if jax.process_count() > 1:
     raise ValueError('SPML stage 2 runs in one process; set '
                      '--config.spml_stage2.enabled=False for a multi-process run')
@@ -146,28 +165,113 @@ def initial_state(config: ml_collections.ConfigDict, stage1_state: train_state_l
   return state, tx
 
 
+def flip_grid_horizontally(grid: jax.Array, width: jax.Array, stride: int) -> jax.Array:
+  """Mirrors a grid within each example's image: column ``c`` of ``grid``
+  ``[B, h, w, C]`` sits at pixel ``stride c``; the result's column ``c`` (for
+  ``stride c < width_b``) is ``grid`` at pixel ``width_b - 1 - stride c``,
+  linearly interpolated between its columns (the last one repeated past
+  it); other columns stay. ``stride`` 1 is an exact mirror of the pixels
+  ``[0, width_b)`` (:func:`agmm_jax.evaluate.flip_region_horizontally`).
+
+  Args:
+    grid: ``[B, h, w, C]``.
+    width: int ``[B]``, the images' widths in pixels.
+    stride: pixels per grid column.
+  """
+  columns = grid.shape[2]
+  column = jnp.arange(columns, dtype=jnp.int32)[None, :]
+  width = jnp.asarray(width, jnp.int32)[:, None]
+  source = (width - 1 - stride * column).astype(jnp.float32) / stride
+  low = jnp.clip(jnp.floor(source), 0, columns - 1).astype(jnp.int32)
+  high = jnp.minimum(low + 1, columns - 1)
+  fraction = jnp.clip(source - low, 0.0, 1.0)[:, None, :, None]
+  take = jax.vmap(lambda image, index: jnp.take(image, index, axis=1))
+  mirrored = (1.0 - fraction) * take(grid, low) + fraction * take(grid, high)
+  return jnp.where((stride * column < width)[:, None, :, None], mirrored, grid)
+
+
+def image_widths(label: jax.Array) -> jax.Array:
+  """int32 ``[B]``: the real columns of each image (padding is on the right)."""
+  return jnp.sum(jnp.any(labels_lib.real_mask(label), axis=1), axis=-1).astype(jnp.int32)
+
+
+def flip_averaged_outputs(outputs_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+                          image: jax.Array, label: jax.Array
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """SPML's flip on padded images: ``outputs_fn`` (image ``[B, H, W, 3]`` ->
+  embedding ``[B, h, w, D]`` on the segment grid, probabilities ``[B, H, W,
+  K]``) on the images and on their mirrors within their widths (padding
+  stays on the right, as SPML pads after flipping); the mirror's outputs
+  mirrored back.
+
+  Returns:
+    ``(embedding, flipped_embedding, probabilities)``: the image's embedding,
+    the flip's flipped back (:func:`flip_grid_horizontally`, stride
+    ``spml.GRID_STRIDE``), and the mean of the two probabilities.
+  """
+  width = image_widths(label)
+  embedding, probabilities = outputs_fn(image)
+  flipped_embedding, flipped_probabilities = outputs_fn(
+      evaluate.flip_region_horizontally(image, width))
+  probabilities = 0.5 * (probabilities
+                         + evaluate.flip_region_horizontally(flipped_probabilities, width))
+  return (embedding, flip_grid_horizontally(flipped_embedding, width, spml.GRID_STRIDE),
+          probabilities)
+
+
+def check_crf_grid(config: ml_collections.ConfigDict) -> None:
+  """One-line ValueError naming ``config.spml_stage2.crf_iterations`` when the
+  CRF's bilateral grid for ``config.eval.batch_size`` images of the training
+  split's canvas exceeds ``spml.CRF_MAX_GRID_MIB``; nothing without the CRF
+  (``config.data.dir`` is read only with it)."""
+  if int(config.spml_stage2.crf_iterations) == 0 or spml.CRF_APPROX != 'grid':
+    return
+  data_dir = str(config.data.dir)
+  metadata = input_pipeline.read_metadata(data_dir)
+  canvas = input_pipeline.split_image_size(data_dir, metadata, str(config.data.train_split))
+  bilateral.check_grid_size(
+      'config.spml_stage2.crf_iterations',
+      bilateral.grid_spec(*canvas, spml.CRF_APPEARANCE_SIGMA_XY, spml.CRF_APPEARANCE_SIGMA_RGB,
+                          spml.CRF_CELL_XY, spml.CRF_CELL_RGB),
+      int(config.eval.batch_size), len(input_pipeline.class_names(metadata)),
+      int(spml.CRF_MAX_GRID_MIB * 2**20))
+
+
 def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
                          mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
                          ) -> Callable[..., jax.Array]:
   """Jitted ``(params, model_state, image [B, Hc, Wc, 3], label [B, Hc, Wc])
   -> pseudo-labels [B, Hc, Wc]`` of the eval-mode stage-1 model
-  (:func:`agmm_jax.methods.spml.pseudo_labels`)."""
+  (:func:`agmm_jax.methods.spml.pseudo_labels`; with
+  ``config.spml_stage2.flip`` of the image and its flip,
+  :func:`flip_averaged_outputs`; ``crf_iterations`` > 0: with the CRF)."""
   replicated = sharding_lib.replicated_sharding(mesh)
   data = sharding_lib.data_sharding(mesh)
   detached = 'spml_classifier' in loss.terms
-  walk = dict(beta=float(config.spml_stage2.walk_beta),
-              gamma=float(config.spml_stage2.walk_gamma),
-              doublings=int(config.spml_stage2.walk_doublings))
+  stage2 = config.spml_stage2
+  walk = dict(beta=float(stage2.walk_beta), gamma=float(stage2.walk_gamma),
+              doublings=int(stage2.walk_doublings), crf_iterations=int(stage2.crf_iterations))
 
   def pseudo_label_fn(params, model_state, image, label):
     model = nnx.merge(model_defs.eval, params, model_state)
-    features, logits = model(image)
-    outputs = model.extra_outputs(features)
-    if detached:
-      logits = resample.resize_bilinear_align_corners(
-          outputs[spml.CLASSIFIER_HEAD], label.shape[1:3])
-    probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return spml.pseudo_labels(outputs[spml.EMBEDDING_HEAD], probabilities, label, **walk)
+
+    def outputs_fn(image):
+      features, logits = model(image)
+      outputs = model.extra_outputs(features)
+      if detached:
+        logits = resample.resize_bilinear_align_corners(
+            outputs[spml.CLASSIFIER_HEAD], label.shape[1:3])
+      return (outputs[spml.EMBEDDING_HEAD],
+              jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+
+    if stage2.flip:
+      embedding, flipped_embedding, probabilities = flip_averaged_outputs(
+          outputs_fn, image, label)
+    else:
+      (embedding, probabilities), flipped_embedding = outputs_fn(image), None
+    return spml.pseudo_labels(embedding, probabilities, label,
+                              flipped_embedding=flipped_embedding,
+                              rgb=core.normalized_to_rgb(image), **walk)
 
   return jax.jit(pseudo_label_fn, in_shardings=(replicated, replicated, data, data),
                  out_shardings=replicated)

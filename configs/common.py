@@ -90,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.spml_stage2.walk_beta = spml.WALK_BETA
   config.spml_stage2.walk_gamma = spml.WALK_GAMMA
   config.spml_stage2.walk_doublings = spml.WALK_DOUBLINGS
+  # SPML's flip (the image and its flip, probabilities and affinities
+  # averaged) and dense CRF of the walked maps (its scripts: 10 iterations,
+  # spml.SPML_CRF_ITERATIONS); off by default, 0: no CRF.
+  config.spml_stage2.flip = False
+  config.spml_stage2.crf_iterations = 0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.mode = 'whole'

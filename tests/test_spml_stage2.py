@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from agmm_jax import evaluate
 from agmm_jax import input_pipeline
 from agmm_jax import labels as labels_lib
 from agmm_jax import methods
@@ -27,6 +28,7 @@ import main
 from tests.conftest import TINY_NUM_CLASSES
 from tests.test_spml import spml_tiny_config
 from tests import fixtures
+from tests import test_dense_crf
 from tests.test_train import read_event_tags
 
 UNL = labels_lib.UNLABELED
@@ -37,18 +39,27 @@ def unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def reference_pseudo_labels(embedding, probabilities, label):
+def reference_walked_maps(embedding, probabilities, label, flipped_embedding=None):
   """One image, float64, from the definitions: the walk over the real points
-  of every 8th pixel, align-corners bilinear back, edge rows repeated."""
+  of every 8th pixel (with a flip: the two affinities averaged before the
+  power), align-corners bilinear back, edge rows repeated. None without a
+  labeled pixel."""
   height, width, num_classes = probabilities.shape
   points = embedding[::2, ::2]
   rows, cols = points.shape[:2]
   valid = (label[::8, ::8] != PAD).reshape(-1)
   present = np.array([np.any(label == k) for k in range(num_classes)])
   if not present.any():
-    return np.where(label == PAD, PAD, UNL)
-  flat = unit(points.reshape(rows * cols, -1))[valid]
-  affinity = np.exp(5.0 * (flat @ flat.T - 1.0)) ** 20
+    return None
+
+  def affinity_of(points):
+    flat = unit(points.reshape(rows * cols, -1))[valid]
+    return np.exp(5.0 * (flat @ flat.T - 1.0))
+
+  affinity = affinity_of(points)
+  if flipped_embedding is not None:
+    affinity = 0.5 * (affinity + affinity_of(flipped_embedding[::2, ::2]))
+  affinity = affinity ** 20
   transition = np.linalg.matrix_power(affinity / affinity.sum(0, keepdims=True), 64)
   maps = probabilities[::8, ::8].reshape(rows * cols, -1)[valid]
   maps = maps / maps.max(0) * present
@@ -64,6 +75,14 @@ def reference_pseudo_labels(embedding, probabilities, label):
       fy, fx = sy - y0, sx - x0
       resized[y, x] = ((1 - fy) * (1 - fx) * walked[y0, x0] + (1 - fy) * fx * walked[y0, x1]
                        + fy * (1 - fx) * walked[y1, x0] + fy * fx * walked[y1, x1])
+  return resized
+
+
+def reference_pseudo_labels(embedding, probabilities, label):
+  """One image: the argmax of :func:`reference_walked_maps`."""
+  resized = reference_walked_maps(embedding, probabilities, label)
+  if resized is None:
+    return np.where(label == PAD, PAD, UNL)
   return np.where(label == PAD, PAD, np.argmax(resized, axis=-1))
 
 
@@ -90,6 +109,120 @@ def test_pseudo_labels_match_a_dense_random_walk():
   # Only the classes of the image's labels, on every real pixel of image 0.
   assert set(np.unique(got[0][label[0] != PAD])) <= {1, 3}
   assert np.all(got[0][label[0] == PAD] == PAD)
+
+
+def mirror_grid_reference(grid, width, stride):
+  """One image ``[h, w, C]``: columns ``c`` with ``stride c < width`` take
+  the grid's row, linearly interpolated over pixel positions ``stride * k``
+  (clamped at the ends), at pixel ``width - 1 - stride c``."""
+  out = grid.copy()
+  positions = stride * np.arange(grid.shape[1])
+  for c in range(grid.shape[1]):
+    if stride * c < width:
+      for y in range(grid.shape[0]):
+        for k in range(grid.shape[2]):
+          out[y, c, k] = np.interp(width - 1 - stride * c, positions, grid[y, :, k])
+  return out
+
+
+def test_flip_grid_horizontally_mirrors_within_each_width():
+  rng = np.random.default_rng(3)
+  grid = rng.normal(size=(4, 3, 6, 2))
+  widths = np.array([23, 21, 14, 0])   # past the last grid pixel, on it, between, empty
+  got = np.asarray(jax.jit(spml_stage2.flip_grid_horizontally, static_argnums=2)(
+      jnp.asarray(grid, jnp.float32), jnp.asarray(widths), 4))
+  for b, width in enumerate(widths):
+    np.testing.assert_allclose(got[b], mirror_grid_reference(grid[b], width, 4),
+                               rtol=1e-6, atol=1e-6, err_msg=b)
+  pixels = rng.normal(size=(2, 3, 7, 2)).astype(np.float32)
+  np.testing.assert_array_equal(
+      spml_stage2.flip_grid_horizontally(jnp.asarray(pixels), jnp.asarray([7, 4]), 1),
+      evaluate.flip_region_horizontally(jnp.asarray(pixels), jnp.asarray([7, 4])))
+
+
+def fake_outputs(image, xp):
+  """A stand-in network that is not flip-equivariant: per pixel, the image
+  and its difference to the right neighbour (edge repeated); the embedding
+  on every 4th pixel, the probabilities a softmax at every pixel."""
+  right = xp.concatenate([image[:, :, 1:], image[:, :, -1:]], axis=2)
+  features = xp.concatenate([image, right - image], axis=-1)
+  logits = features @ xp.asarray(np.linspace(-1.0, 1.0, 18).reshape(6, 3))
+  probabilities = xp.exp(logits) / xp.exp(logits).sum(-1, keepdims=True)
+  return xp.tanh(features[:, ::4, ::4]), probabilities
+
+
+def test_flip_averaged_outputs_of_a_padded_batch_match_a_numpy_flip():
+  rng = np.random.default_rng(4)
+  height, width = 9, 15
+  image = rng.normal(size=(3, height, width, 3)).astype(np.float32)
+  label = np.full((3, height, width), UNL, np.int32)
+  sizes = [(9, 15), (6, 10), (9, 13)]   # full; padded right and bottom; (13-1) % 4 == 0
+  for b, (h, w) in enumerate(sizes):
+    image[b, h:], image[b, :, w:] = 0.0, 0.0
+    label[b, h:], label[b, :, w:] = PAD, PAD
+  embedding, flipped_embedding, probabilities = jax.jit(
+      lambda i, l: spml_stage2.flip_averaged_outputs(lambda x: fake_outputs(x, jnp), i, l))(
+          jnp.asarray(image), jnp.asarray(label))
+  plain_embedding, plain_probabilities = fake_outputs(image, np)
+  np.testing.assert_allclose(embedding, plain_embedding, rtol=1e-6, atol=1e-6)
+  for b, (_, w) in enumerate(sizes):
+    flipped = image[b:b + 1].copy()
+    flipped[:, :, :w] = flipped[:, :, :w][:, :, ::-1]
+    flip_embedding, flip_probabilities = fake_outputs(flipped, np)
+    back = flip_probabilities[0].copy()
+    back[:, :w] = back[:, :w][:, ::-1]
+    np.testing.assert_allclose(probabilities[b], 0.5 * (plain_probabilities[b] + back),
+                               rtol=1e-5, atol=1e-6, err_msg=b)
+    np.testing.assert_allclose(flipped_embedding[b],
+                               mirror_grid_reference(flip_embedding[0], w, 4),
+                               rtol=1e-5, atol=1e-6, err_msg=b)
+  # A pointwise network is flip-equivariant: where the mirrored grid pixels
+  # are grid pixels ((w - 1) % 4 == 0) the flip changes nothing.
+  pointwise = lambda x: (x[:, ::4, ::4], jax.nn.softmax(x, axis=-1))
+  embedding, flipped_embedding, probabilities = spml_stage2.flip_averaged_outputs(
+      pointwise, jnp.asarray(image[2:]), jnp.asarray(label[2:]))
+  np.testing.assert_allclose(flipped_embedding, embedding, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(probabilities, jax.nn.softmax(image[2:], axis=-1), rtol=1e-6)
+
+
+def test_pseudo_labels_with_flip_and_crf_match_the_references(monkeypatch):
+  """The walk with the flip's affinity averaged in, then SPML's CRF (its
+  kernels, the exact bilateral product) against the dense NumPy walk and
+  mean field."""
+  monkeypatch.setattr(spml, 'CRF_APPROX', 'exact')
+  rng = np.random.default_rng(6)
+  height, width, num_classes = 17, 21, 4
+  label = np.full((2, height, width), UNL, np.int32)
+  label[0, 2, 3], label[0, 9, 15], label[0, 5, 5] = 1, 3, 1
+  label[0, 12:], label[0, :, 18:] = PAD, PAD
+  label[1, 0, 0], label[1, 16, 20], label[1, 8, 8] = 0, 2, 3
+  grid = (2, spml.grid_size(height), spml.grid_size(width), 6)
+  embedding, flipped_embedding = rng.normal(size=grid), rng.normal(size=grid)
+  embedding[..., :3] += 3.0
+  flipped_embedding[..., :3] += 3.0
+  logits = 2.0 * rng.normal(size=(2, height, width, num_classes))
+  probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  rgb = rng.uniform(0.0, 255.0, size=(2, height, width, 3))
+  rgb[:, :, :10] = rgb[:, :1, :1]
+  got = np.asarray(jax.jit(lambda *a: spml.pseudo_labels(
+      *a[:3], flipped_embedding=a[3], rgb=a[4], crf_iterations=3))(
+          *(jnp.asarray(x, jnp.float32) for x in (embedding, probabilities)),
+          jnp.asarray(label), jnp.asarray(flipped_embedding, jnp.float32),
+          jnp.asarray(rgb, jnp.float32)))
+  params = dict(smoothness_sigma=spml.CRF_SMOOTHNESS_SIGMA,
+                smoothness_weight=spml.CRF_SMOOTHNESS_WEIGHT,
+                appearance_sigma_xy=spml.CRF_APPEARANCE_SIGMA_XY,
+                appearance_sigma_rgb=spml.CRF_APPEARANCE_SIGMA_RGB,
+                appearance_weight=spml.CRF_APPEARANCE_WEIGHT)
+  changed = 0
+  for b in range(2):
+    maps = reference_walked_maps(embedding[b], probabilities[b], label[b], flipped_embedding[b])
+    marginals = test_dense_crf.reference_mean_field(
+        -np.log(np.clip(maps, 1e-5, 1.0)), rgb[b], label[b] != PAD, 3, params)
+    expected = np.where(label[b] == PAD, PAD, np.argmax(marginals, axis=-1))
+    np.testing.assert_array_equal(got[b], expected, err_msg=b)
+    changed += np.sum((np.argmax(maps, -1) != expected) & (label[b] != PAD))
+  assert changed > 0   # the CRF moved some labels
 
 
 def test_detached_classifier_sends_no_gradient_into_the_network():
@@ -213,12 +346,22 @@ def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path,
 
 @pytest.mark.parametrize('field, value', [('num_train_steps', 0), ('walk_beta', -1.0),
                                           ('walk_gamma', float('inf')),
-                                          ('walk_doublings', -1)])
+                                          ('walk_doublings', -1), ('crf_iterations', -1)])
 def test_bad_stage2_values_name_the_field(field, value):
   config = spml_tiny_config('unused')
   config.spml_stage2[field] = value
   with pytest.raises(ValueError, match=f'config.spml_stage2.{field} must be'):
     spml_stage2.check_config(config)
+
+def test_a_crf_grid_over_its_limit_names_the_field(tiny_data_dir, monkeypatch):
+  config = spml_tiny_config(tiny_data_dir)
+  assert config.spml_stage2.crf_iterations == 0 and config.spml_stage2.flip is False
+  monkeypatch.setattr(spml, 'CRF_MAX_GRID_MIB', 1e-3)
+  spml_stage2.check_config(config)   # no CRF: no grid
+  config.spml_stage2.crf_iterations = spml.SPML_CRF_ITERATIONS
+  with pytest.raises(ValueError, match=r'^config.spml_stage2.crf_iterations: grid of \d+ cells'):
+    spml_stage2.check_config(config)
+
 
 def test_default_stage2_steps_scale_as_spml_scripts():
   config = spml_tiny_config('unused')

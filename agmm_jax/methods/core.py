@@ -56,6 +56,12 @@ _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+def normalized_to_rgb(image: jax.Array) -> jax.Array:
+  """float32 RGB in 0..255 (unclipped) of an ImageNet-normalized ``[..., 3]``
+  image: ``255 (x std + mean)``."""
+  return 255.0 * (image.astype(jnp.float32) * _IMAGENET_STD + _IMAGENET_MEAN)
+
+
 class LossInputs(NamedTuple):
   """What the losses see of one training batch.
 
@@ -91,8 +97,7 @@ class LossInputs(NamedTuple):
     augmentation, as the network saw it); no gradient."""
     if self.image is None:
       raise ValueError('LossInputs.image is None: declare Needs(image=True)')
-    image = jax.lax.stop_gradient(self.image.astype(jnp.float32))
-    return 255.0 * (image * _IMAGENET_STD + _IMAGENET_MEAN)
+    return normalized_to_rgb(jax.lax.stop_gradient(self.image))
 
   def output(self, name: str) -> jax.Array:
     """The extra head ``name``'s output."""
