@@ -40,6 +40,7 @@ import numpy as np
 from agmm_jax import compilation_cache
 from agmm_jax import errors
 from agmm_jax import inference
+from agmm_jax import loop
 from agmm_jax import train
 from data_prep import auto
 from data_prep import common as data_prep_common
@@ -176,10 +177,10 @@ def main(argv: list[str]) -> None:
     logging.info('process %d of %d, %d devices', jax.process_index(),
                  jax.process_count(), jax.device_count())
     run(config, _WORKDIR.value)
-  except (train.Preempted, auto.PreparationInterrupted) as preempted:
+  except (loop.Preempted, auto.PreparationInterrupted) as preempted:
     print(str(preempted), file=sys.stderr)
-    sys.exit(train.EXIT_PREEMPTED)
-  except (ValueError, OSError, train.NonFiniteError) as error:
+    sys.exit(loop.EXIT_PREEMPTED)
+  except (ValueError, OSError, loop.NonFiniteError) as error:
     _exit_with(str(error))
   except data_prep_common.ConversionError as error:
     # The offending files, one per line, then one summary line (last, where

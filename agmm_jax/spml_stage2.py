@@ -64,7 +64,6 @@ Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
   ``eval/miou`` is the final model's.
 """
 
-import contextlib
 import io
 import json
 import os
@@ -85,6 +84,7 @@ from agmm_jax import checkpoint as checkpoint_lib
 from agmm_jax import evaluate
 from agmm_jax import input_pipeline
 from agmm_jax import labels as labels_lib
+from agmm_jax import loop
 from agmm_jax import methods
 from agmm_jax import resample
 from agmm_jax import sharding as sharding_lib
@@ -397,24 +397,21 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
                  model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
                  mesh: jax.sharding.Mesh, class_names: list[str], stage1_steps: int,
                  evaluate: Callable[[train_state_lib.TrainState], dict[str, Any]],
-                 stop_requested: Callable[[], bool],
-                 preempted: Callable[[int], Exception],
-                 non_finite: Callable[[str], Exception]) -> dict[str, Any]:
+                 sigterm: loop.SigtermFlag) -> dict[str, Any]:
   """Pseudo-labels (:func:`write_pseudo_labels`), then the final classifier's
-  training with evaluations and checkpoints (module docstring); resumes
-  from ``WORKDIR/spml_stage2``. Returns the final evaluation's scores with
+  training in stage 1's loop (:func:`agmm_jax.loop.run`: logged means,
+  evaluations, checkpoints, NaN checks, SIGTERM); resumes from
+  ``WORKDIR/spml_stage2``. Returns the final evaluation's scores with
   ``step`` = ``stage1_steps`` + stage-2 steps.
 
   ``evaluate(state)``: the scores of a state on the eval split (the
-  trainer's ``inference.evaluate_dataset``). ``stop_requested()`` is polled
-  after every pseudo-label batch and every step (SIGTERM): the pass is left
-  to be redone, the state of a step saved, and ``preempted(step)`` raised; ``non_finite(message)`` is raised for a NaN/inf loss, gradient or
-  parameter (nothing of it saved).
+  trainer's ``inference.evaluate_dataset``). SIGTERM during the pass leaves
+  it to be redone and raises ``loop.Preempted(stage1_steps)``; during
+  training, as in stage 1, with the step counted after stage 1's.
   """
-  num_classes = len(class_names)
   pseudo_dir = write_pseudo_labels(config, workdir, stage1_state, model_defs, loss, mesh,
-                                   num_classes, stop_requested,
-                                   lambda: preempted(stage1_steps))
+                                   len(class_names), sigterm.any_process,
+                                   lambda: loop.Preempted(stage1_steps))
   total_steps = stage2_steps(config, stage1_steps)
   state, tx = initial_state(config, stage1_state, mesh, total_steps)
   data_config = config.data.copy_and_resolve_references()
@@ -425,11 +422,11 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
           int(config.global_batch_size), mesh),
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, STAGE2_DIR),
+  stage2_dir = os.path.join(workdir, STAGE2_DIR)
+  checkpointer = checkpoint_lib.Checkpointer(stage2_dir,
                                              keep=int(config.keep_checkpoints))
   if checkpointer.latest_step() is not None:
     state, _ = checkpointer.restore_latest(checkpoint_lib.abstract_like(state), train_iter)
-  step = int(train_state_lib.host(state['step']))
   train_step = make_stage2_step(
       model_defs, tx, mesh,
       lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, total_steps),
@@ -439,47 +436,18 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = max(input_pipeline.num_examples(
       input_pipeline.read_metadata(pseudo_dir), str(config.data.train_split), pseudo_dir)
                         // int(config.global_batch_size), 1)
-  eval_every, checkpoint_every = steps.periods(config, steps_per_epoch, total_steps)
-  log_every = max(int(config.log_every_steps), 1)
-  scores: dict[str, Any] = {}
-  period = None
-  # On the way out, whatever happened: the pending saves (a failed one raises
-  # checkpoint_lib.SaveError), then the writer.
-  with contextlib.ExitStack() as closing:
-    closing.callback(writer.close)
-    closing.callback(checkpointer.close)
-    while step < total_steps:
-      batch = sharding_lib.global_batch(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch)
-      step += 1
-      period = steps.merge(period, step_metrics)
-      is_last = step == total_steps
-      if step % log_every == 0 or is_last:
-        means = {k: float(train_state_lib.host(v)) for k, v in period.compute().items()}
-        period = None
-        if means.pop('finite') < 1.0:
-          raise non_finite(f'SPML stage 2: loss {means["loss"]} / gradient norm '
-                           f'{means["grad_norm"]} is not finite before step {step}; '
-                           f'stopping (last good checkpoint: {checkpointer.latest_step()} '
-                           f'in {workdir}/{STAGE2_DIR})')
-        writer.write_scalars(stage1_steps + step,
-                             {f'{STAGE2_DIR}/{k}': v for k, v in means.items()})
-      if step % eval_every == 0 or is_last:
-        scores = evaluate(state)
-        writer.write_scalars(stage1_steps + step, summary.eval_scalars(scores, class_names))
-        logging.info('SPML stage 2 step %d: eval mIoU %.2f%%', step, 100 * scores['miou'])
-        if np.isfinite(scores['miou']):
-          checkpointer.save_best(step, state, scores['miou'])
-      if step % checkpoint_every == 0 or is_last or stop_requested():
-        if not bool(train_state_lib.host(train_state_lib.all_finite(state['params']))):
-          raise non_finite(f'SPML stage 2: parameters are NaN/inf at step {step}; not '
-                           f'saving (last good checkpoint: {checkpointer.latest_step()})')
-        checkpointer.save(step, state, train_iter)
-      if stop_requested():
-        raise preempted(stage1_steps + step)
-    if not scores:
-      logging.info('%s: SPML stage 2 already trained to step %d', workdir, step)
-      scores = evaluate(state)
-    writer.flush()
+  state, scores = loop.run(
+      state, train_step, train_iter, mesh,
+      loop.Schedule.from_config(config, steps_per_epoch, total_steps),
+      checkpointer, writer, evaluate, sigterm,
+      global_batch_size=int(config.global_batch_size),
+      reporting=loop.Reporting(
+          name='SPML stage 2: ', scalar_prefix=STAGE2_DIR, step_offset=stage1_steps,
+          checkpoint_dir=os.path.join(stage2_dir, checkpoint_lib.LATEST_DIR),
+          class_names=class_names))
+  step = int(train_state_lib.host(state['step']))
+  if not scores:
+    logging.info('%s: SPML stage 2 already trained to step %d', workdir, step)
+    scores = evaluate(state)
   scores['step'] = stage1_steps + step
   return scores

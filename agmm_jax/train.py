@@ -1,29 +1,21 @@
-"""The training loop: ``train_and_evaluate(config, workdir)``.
+"""The training run: ``train_and_evaluate(config, workdir)``.
 
 Builds the loss (``agmm_jax.methods``, from ``config.loss``), the model with
 the heads the loss declares, the input pipeline with the batch fields it
 declares, and the replicated train state (``agmm_jax.train_state``); then runs
-the jitted step (``agmm_jax.steps``) with periodic evaluation, checkpoints and
-TensorBoard summaries; then, for a loss with SPML's term, SPML's second stage
-(``agmm_jax.spml_stage2``: pseudo-labels, the final classifier, evaluated at
-steps after the first stage's). Training scalars are accumulated with ``clu.metrics``
-collections and written as their means over each logging period.
-
-Robustness: a NaN/inf loss, gradient norm (checked at every log step and
-before every save) or parameter (checked before every save) raises
-``NonFiniteError`` and nothing of the bad state is saved. SIGTERM sets a
-flag; the loop saves after the current step and raises ``Preempted``
-(``main.py`` exits with ``EXIT_PREEMPTED`` = 143); rerunning resumes from the
-latest checkpoint, data iterator included. Kills, failed checkpoint writes and
-unreadable checkpoints: docs/reliability.md.
+the jitted step (``agmm_jax.steps``) in the loop of ``agmm_jax.loop``
+(logged means, periodic evaluation, checkpoints, NaN checks, SIGTERM:
+``loop.NonFiniteError``, ``loop.Preempted``); then, for a loss with SPML's
+term, SPML's second stage (``agmm_jax.spml_stage2``: pseudo-labels, the final
+classifier in the same loop, evaluated at steps after the first stage's).
+Rerunning resumes from the latest checkpoint, data iterator included. Kills,
+failed checkpoint writes and unreadable checkpoints: docs/reliability.md.
 """
 
 import os
-import signal
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from absl import logging
@@ -31,6 +23,7 @@ from absl import logging
 from agmm_jax import checkpoint as checkpoint_lib
 from agmm_jax import inference
 from agmm_jax import input_pipeline
+from agmm_jax import loop
 from agmm_jax import methods
 from agmm_jax import sharding as sharding_lib
 from agmm_jax import spml_stage2
@@ -38,23 +31,6 @@ from agmm_jax import steps
 from agmm_jax import summary
 from agmm_jax import train_state as train_state_lib
 from agmm_jax import visualize
-
-# Exit status of a run stopped by SIGTERM after saving its checkpoint
-# (128 + SIGTERM, as a shell reports it): rerunning the command resumes.
-EXIT_PREEMPTED = 128 + signal.SIGTERM
-
-
-class NonFiniteError(RuntimeError):
-  """A loss, gradient or parameter became NaN or infinite."""
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; the state was saved at ``step``."""
-
-  def __init__(self, step: int):
-    super().__init__(f'stopped by SIGTERM after saving step {step}; rerun the '
-                     'same command to resume')
-    self.step = step
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -84,35 +60,6 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
       f.write(text)
     os.replace(f'{path}.tmp', path)
   return path
-
-
-class _SigtermFlag:
-  """Sets a flag on SIGTERM (the loop saves at the next step and stops)."""
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      del signum, frame
-      self.received = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # Not the main thread: leave SIGTERM alone.
-      self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def any_process(self) -> bool:
-    """True when any process got SIGTERM (a collective if multi-process)."""
-    if jax.process_count() == 1:
-      return self.received
-    flags = multihost_utils.process_allgather(np.asarray(self.received))
-    return bool(np.any(flags))
 
 
 def _image_summaries(local_batch: dict[str, np.ndarray], prediction: np.ndarray,
@@ -151,19 +98,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Raises:
     FileNotFoundError / ValueError: bad data folder or config.
-    NonFiniteError: a NaN/inf loss, gradient or parameter (the last good
+    loop.NonFiniteError: a NaN/inf loss, gradient or parameter (the last good
       checkpoint is kept; the bad state is never saved).
     checkpoint_lib.SaveError: a checkpoint could not be written (disk full);
       the last complete one is intact.
-    Preempted: SIGTERM arrived (at any time after the start); the state of the
+    loop.Preempted: SIGTERM arrived (at any time after the start); the state of the
       next step was saved first.
   """
-  with _SigtermFlag() as sigterm:
+  with loop.SigtermFlag() as sigterm:
     return _train_and_evaluate(config, workdir, sigterm)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        sigterm: '_SigtermFlag') -> dict[str, Any]:
+                        sigterm: loop.SigtermFlag) -> dict[str, Any]:
   """The body of ``train_and_evaluate`` (SIGTERM handler installed)."""
   workdir = os.path.abspath(workdir)
   mesh = sharding_lib.create_mesh(config.mesh)
@@ -183,8 +130,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = max(num_train // int(config.global_batch_size), 1)
   total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
                  else int(config.num_epochs) * steps_per_epoch)
-  eval_every, checkpoint_every = steps.periods(config, steps_per_epoch,
-                                               total_steps)
+  schedule = loop.Schedule.from_config(config, steps_per_epoch, total_steps)
   stage2 = spml_stage2.is_enabled(config)
   if stage2:
     spml_stage2.check_config(config)
@@ -220,119 +166,38 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
                           if not isinstance(v, dict)})
 
-  def save(at_step: int) -> None:
-    if not bool(train_state_lib.host(train_state_lib.all_finite(state['params']))):
-      raise NonFiniteError(f'parameters are NaN/inf at step {at_step}; not '
-                           f'saving (last good checkpoint: '
-                           f'{checkpointer.latest_step()})')
-    checkpointer.save(at_step, state, train_iter)
+  def write_image_summaries(at_step: int, state: Any, local_batch: dict[str, np.ndarray],
+                            batch: dict[str, jax.Array]) -> None:
+    if config.image_summary_every_steps > 0 and (
+        at_step % int(config.image_summary_every_steps) == 0 or at_step == 1):
+      prediction, response = summary_fn(state, batch)
+      if jax.process_index() == 0:
+        writer.write_images(at_step, {
+            f'train/{k}': v for k, v in _image_summaries(
+                local_batch, train_state_lib.host(prediction),
+                train_state_lib.host(response), loss.summary_name).items()})
 
-  def checked_means(since: int, metrics: Any) -> dict[str, float]:
-    """Host means of the steps merged in ``metrics`` (steps after ``since``);
-    raises if any of them had a non-finite loss or gradient."""
-    means = {k: float(train_state_lib.host(v)) for k, v in metrics.compute().items()}
-    if means['finite'] < 1.0:
-      raise NonFiniteError(
-          f'loss {means["loss"]} / gradient norm {means["grad_norm"]} is not '
-          f'finite in steps {since + 1}..{step}; stopping (last good '
-          f'checkpoint: {checkpointer.latest_step()} in {workdir}/checkpoints)')
-    return means
+  def evaluate(state: Any) -> dict[str, Any]:
+    return inference.evaluate_dataset(eval_fn, state, config, mesh, num_classes)
 
-  def check_unchecked() -> None:
-    """Raises for a non-finite step not yet checked; before every save."""
-    nonlocal unchecked_start, unchecked_metrics
-    if unchecked_metrics is not None:
-      checked_means(unchecked_start, unchecked_metrics)
-      unchecked_start, unchecked_metrics = step, None
-
-  scores: dict[str, Any] = {}
-  # The steps since the last log step, merged on the device (clu.metrics).
-  period_start, period_metrics = step, None
-  # Steps not yet checked for finiteness (a save happens only after a check).
-  unchecked_start, unchecked_metrics = step, None
-  log_every = max(int(config.log_every_steps), 1)
-  # Called at log steps only, so every call reports (progress and ETA);
-  # evaluation and checkpointing run paused and do not lower the rate.
-  progress = summary.ReportProgress(
-      total_steps, every_steps=1, every_secs=None,
-      global_batch_size=int(config.global_batch_size))
-  progress(step)
-  try:
-    while step < total_steps:
-      local_batch = next(train_iter)
-      batch = sharding_lib.global_batch(local_batch, mesh)
-      state, step_metrics = train_step(state, batch)
-      step += 1
-      period_metrics = steps.merge(period_metrics, step_metrics)
-      unchecked_metrics = steps.merge(unchecked_metrics, step_metrics)
-
-      is_last = step == total_steps
-      if step % log_every == 0 or is_last:
-        means = checked_means(period_start, period_metrics)
-        period_start, period_metrics = step, None
-        unchecked_start, unchecked_metrics = step, None
-        del means['finite']
-        means['images_per_second'] = progress(step)['images_per_sec']
-        writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-        logging.info('step %d/%d: %s', step, total_steps,
-                     ', '.join(f'{k}={v:.4g}' for k, v in means.items()))
-
-      if config.image_summary_every_steps > 0 and (
-          step % int(config.image_summary_every_steps) == 0 or step == 1):
-        prediction, response = summary_fn(state, batch)
-        if jax.process_index() == 0:
-          writer.write_images(step, {
-              f'train/{k}': v for k, v in _image_summaries(
-                  local_batch, train_state_lib.host(prediction),
-                  train_state_lib.host(response), loss.summary_name).items()})
-
-      if step % eval_every == 0 or is_last:
-        with progress.paused():
-          check_unchecked()
-          scores = inference.evaluate_dataset(eval_fn, state, config, mesh,
-                                              num_classes)
-          writer.write_scalars(step, summary.eval_scalars(scores, class_names))
-          logging.info('step %d: eval mIoU %.2f%%, pixel accuracy %.2f%%',
-                       step, 100 * scores['miou'],
-                       100 * scores['pixel_accuracy'])
-          if np.isfinite(scores['miou']):
-            checkpointer.save_best(step, state, scores['miou'])
-
-      if step % checkpoint_every == 0 or is_last:
-        with progress.paused():
-          check_unchecked()
-          save(step)
-
-      # Several processes agree on stopping at log steps (a collective), so
-      # they all save the same step.
-      if (sigterm.received if jax.process_count() == 1
-          else step % log_every == 0):
-        if sigterm.any_process():
-          check_unchecked()
-          save(step)
-          raise Preempted(step)
-    if not scores and not stage2:
-      # Nothing left to train (a rerun of a finished run): report the final
-      # state's scores all the same (with a second stage, its model's).
-      logging.info('%s: already trained to step %d', workdir, step)
-      scores = inference.evaluate_dataset(eval_fn, state, config, mesh,
-                                          num_classes)
-    writer.flush()
-  finally:
-    try:
-      # Waits for the saves in flight; raises checkpoint_lib.SaveError if one
-      # failed (the earlier checkpoints are intact).
-      checkpointer.close()
-    finally:
-      writer.close()
+  state, scores = loop.run(
+      state, train_step, train_iter, mesh,
+      schedule, checkpointer, writer, evaluate, sigterm,
+      global_batch_size=int(config.global_batch_size),
+      reporting=loop.Reporting(name='', scalar_prefix='train', step_offset=0,
+                               checkpoint_dir=os.path.join(workdir, checkpoint_lib.LATEST_DIR),
+                               class_names=class_names),
+      after_step=write_image_summaries)
+  step = int(train_state_lib.host(state['step']))
   if stage2:
-    scores = spml_stage2.train_stage2(
-        config, workdir, state, model_defs, loss, mesh, class_names, total_steps,
-        evaluate=lambda state: inference.evaluate_dataset(eval_fn, state, config, mesh,
-                                                          num_classes),
-        stop_requested=sigterm.any_process, preempted=Preempted,
-        non_finite=NonFiniteError)
+    scores = spml_stage2.train_stage2(config, workdir, state, model_defs, loss, mesh,
+                                      class_names, total_steps, evaluate, sigterm)
     step = scores.pop('step')
+  elif not scores:
+    # Nothing left to train (a rerun of a finished run): report the final
+    # state's scores all the same.
+    logging.info('%s: already trained to step %d', workdir, step)
+    scores = evaluate(state)
   inference.print_scores(config, step, scores, class_names)
   scores['step'] = step
   return scores

@@ -17,11 +17,11 @@ from PIL import Image
 from agmm_jax import evaluate
 from agmm_jax import input_pipeline
 from agmm_jax import labels as labels_lib
+from agmm_jax import loop
 from agmm_jax import methods
 from agmm_jax import models
 from agmm_jax import spml_stage2
 from agmm_jax import tfrecord
-from agmm_jax import train
 from agmm_jax.methods import spml
 from benchmarks import pseudo_label_quality
 import main
@@ -301,7 +301,7 @@ def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path,
     return stopped_once
 
   monkeypatch.setattr(spml_stage2, 'make_stage2_step', make_step_stopped_once)
-  with pytest.raises(train.Preempted) as stopped:
+  with pytest.raises(loop.Preempted) as stopped:
     main.run(stage_config(tiny_data_dir, True), workdir)
   assert stopped.value.step == 3
   assert os.listdir(os.path.join(workdir, spml_stage2.STAGE2_DIR, 'checkpoints')) == ['1']

@@ -16,6 +16,7 @@ from PIL import Image
 import pytest
 
 from agmm_jax import inference
+from agmm_jax import loop
 from agmm_jax import train
 from agmm_jax import train_state
 from configs import tiny
@@ -186,7 +187,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
   config.checkpoint_every_steps = 1
   config.eval_every_steps = 0
   config.image_summary_every_steps = 0
-  with pytest.raises(train.NonFiniteError) as error:
+  with pytest.raises(loop.NonFiniteError) as error:
     main.run(config, str(tmp_path))
   message = str(error.value)
   assert '\n' not in message and ('not finite' in message or 'NaN' in message)
