@@ -231,8 +231,8 @@ def _cpu_plan_lines(runs: Sequence[Run]) -> list[str]:
   steps = sum(s.total_steps for s in shapes)
   return [f'# {len(runs)} runs, {steps} steps: about '
           f'{format_duration(steps * CPU_SECONDS_PER_STEP)} on a 2-core CPU at '
-          f'{CPU_SECONDS_PER_STEP} s/step (the 200-step runs of '
-          'docs/results.md); resumable, see --status']
+          f'{CPU_SECONDS_PER_STEP} s/step (the 40-epoch pce_only run of '
+          'docs/results.md 7.); resumable, see --status']
 
 
 def _with_checkpoints(runs: Sequence[Run]) -> list[RunResult]:

@@ -64,10 +64,12 @@ DEVICE_CALL_LIMIT_S = 600
 DEVICE_TASK_BUDGET_S = 900
 # Assumed: the machine's start (the device tool says "minutes").
 MACHINE_START_S = 150
-# The size=cpu schedule on this project's 2-core machines: the 200-step runs
-# of docs/results.md took 7-8 min each (420 s / 200 steps, evaluations
-# included).
-CPU_SECONDS_PER_STEP = 2.1
+# The size=cpu schedule on this project's 2-core machines: the 40-epoch
+# pce_only run of docs/results.md 7. trained steps 200 to 1800 in 4433 s,
+# evaluations every 225 steps included, with nothing else running (the
+# 200-step runs' 420 s / 200 steps had fewer evaluations per step and
+# underestimated it).
+CPU_SECONDS_PER_STEP = 2.8
 
 
 @dataclasses.dataclass(frozen=True)
