@@ -30,7 +30,7 @@ import json
 import math
 import os
 import threading
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import grain
 import numpy as np
