@@ -149,6 +149,11 @@ class Checkpointer:
           'fix the cause (e.g. free disk space) and rerun the same command to '
           'resume') from error
 
+  @property
+  def latest_dir(self) -> str:
+    """The folder of the latest-N checkpoints (``WORKDIR/checkpoints``)."""
+    return os.path.join(self._workdir, LATEST_DIR)
+
   def latest_step(self) -> Optional[int]:
     """Step of the newest checkpoint under ``checkpoints/`` (None if none)."""
     return self._latest.latest_step()

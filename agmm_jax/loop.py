@@ -107,12 +107,12 @@ class Reporting:
   ``name``: prefix of its log lines and errors ('' for stage 1);
   ``scalar_prefix``: of its training scalars (``train``); ``step_offset``:
   added to its steps in the summaries and in ``Preempted`` (a second stage
-  continues the first's step axis); ``checkpoint_dir``: named in errors.
+  continues the first's step axis); ``class_names``: of its evaluation
+  scalars.
   """
   name: str
   scalar_prefix: str
   step_offset: int
-  checkpoint_dir: str
   class_names: list[str]
 
 
@@ -159,7 +159,7 @@ def run(state: train_state_lib.TrainState,
           f'{prefix}loss {means["loss"]} / gradient norm {means["grad_norm"]} is not '
           f'finite in steps {since + 1}..{step}; stopping (last good '
           f'checkpoint: {checkpointer.latest_step()} in '
-          f'{reporting.checkpoint_dir})')
+          f'{checkpointer.latest_dir})')
     return means
 
   def check_unchecked() -> None:

@@ -422,8 +422,7 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
           int(config.global_batch_size), mesh),
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  stage2_dir = os.path.join(workdir, STAGE2_DIR)
-  checkpointer = checkpoint_lib.Checkpointer(stage2_dir,
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, STAGE2_DIR),
                                              keep=int(config.keep_checkpoints))
   if checkpointer.latest_step() is not None:
     state, _ = checkpointer.restore_latest(checkpoint_lib.abstract_like(state), train_iter)
@@ -443,7 +442,6 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str,
       global_batch_size=int(config.global_batch_size),
       reporting=loop.Reporting(
           name='SPML stage 2: ', scalar_prefix=STAGE2_DIR, step_offset=stage1_steps,
-          checkpoint_dir=os.path.join(stage2_dir, checkpoint_lib.LATEST_DIR),
           class_names=class_names))
   step = int(train_state_lib.host(state['step']))
   if not scores:

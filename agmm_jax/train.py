@@ -185,7 +185,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       schedule, checkpointer, writer, evaluate, sigterm,
       global_batch_size=int(config.global_batch_size),
       reporting=loop.Reporting(name='', scalar_prefix='train', step_offset=0,
-                               checkpoint_dir=os.path.join(workdir, checkpoint_lib.LATEST_DIR),
                                class_names=class_names),
       after_step=write_image_summaries)
   step = int(train_state_lib.host(state['step']))

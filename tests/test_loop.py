@@ -31,7 +31,7 @@ class Means:
 
 
 class RecordingCheckpointer:
-  checkpoint_dir = '/work/run/stage/checkpoints'
+  latest_dir = '/work/run/stage/checkpoints'
 
   def __init__(self):
     self.saved, self.best, self.closed = [], [], False
@@ -104,7 +104,6 @@ def run(train_step, schedule, *, start_step=0, sigterm=None, step_offset=10,
   state = {'step': jnp.asarray(start_step), 'params': jnp.zeros((3,)) + start_step}
   reporting = loop.Reporting(name='stage two: ', scalar_prefix='stage2',
                              step_offset=step_offset,
-                             checkpoint_dir=checkpointer.checkpoint_dir,
                              class_names=CLASS_NAMES)
   outcome = {'checkpointer': checkpointer, 'writer': writer, 'evaluated': evaluated}
   try:
