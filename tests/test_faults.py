@@ -79,6 +79,16 @@ def listing(path: str) -> list[str]:
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+def lines_around(log: str, needle: str, context: int = 40) -> str:
+  """The log's lines from ``context`` before to ``context`` after the first
+  line containing ``needle`` (all of the log's tail when none does), so that a
+  failure shows the traceback, not the log's first kilobytes."""
+  lines = log.splitlines()
+  hit = next((i for i, line in enumerate(lines) if needle in line),
+             len(lines))
+  return '\n'.join(lines[max(0, hit - context):hit + context])
+
+
 def running(pid: int) -> bool:
   """True while ``pid`` exists and is not a zombie."""
   try:
@@ -185,7 +195,8 @@ def test_sigterm_during_data_preparation_writes_nothing(runs):
   assert outcome['last_line'].startswith('stopped by SIGTERM while preparing ')
   assert outcome['last_line'].endswith('/data; nothing was written there; '
                                        'rerun the same command to prepare it')
-  assert 'Traceback' not in outcome['log']
+  assert 'Traceback' not in outcome['log'], lines_around(
+      outcome['log'], 'Traceback')
   # No dataset, no temporary folder.
   assert outcome['workdir'] == []
   assert outcome['workers_left'] == []
@@ -227,7 +238,8 @@ def test_failed_write_stops_with_one_line_and_keeps_the_last_step(runs):
   assert 'No space left on device' in outcome['last_line']
   assert 'the last complete checkpoint, step 6, is intact' in outcome[
       'last_line']
-  assert 'Traceback' not in outcome['log']
+  assert 'Traceback' not in outcome['log'], lines_around(
+      outcome['log'], 'Traceback')
   assert outcome['checkpoints'] == ['2', '3', '4', '6',
                                     '8.orbax-checkpoint-tmp']
 
@@ -237,12 +249,13 @@ def test_unreadable_checkpoints_are_set_aside_with_one_line_each(runs):
   assert outcome['status'] == 0, outcome['log'][-3000:]
   warnings = [line for line in outcome['log'].splitlines()
               if 'is unreadable' in line]
-  assert len(warnings) == 2
+  assert len(warnings) == 2, outcome['log'][-3000:]
   assert 'checkpoint 6 is unreadable' in warnings[0]
   assert 'checkpoint 4 is unreadable' in warnings[1]
   assert all(w.endswith('resuming from step 3') for w in warnings)
   # No "Event loop is closed" tracebacks of the failed restores.
-  assert 'Traceback' not in outcome['log']
+  assert 'Traceback' not in outcome['log'], lines_around(
+      outcome['log'], 'Traceback')
   assert outcome['unreadable'] == ['4', '6']
   assert outcome['checkpoints'] == ['2', '3', '4', '6', '8']
 
