@@ -81,8 +81,9 @@ def listing(path: str) -> list[str]:
 
 def lines_around(log: str, needle: str, context: int = 40) -> str:
   """The log's lines from ``context`` before to ``context`` after the first
-  line containing ``needle`` (all of the log's tail when none does), so that a
-  failure shows the traceback, not the log's first kilobytes."""
+  line containing ``needle`` (the log's last ``context`` lines when none
+  does), so that a failure shows the traceback, not the log's first
+  kilobytes."""
   lines = log.splitlines()
   hit = next((i for i, line in enumerate(lines) if needle in line),
              len(lines))
