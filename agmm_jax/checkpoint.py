@@ -29,6 +29,7 @@ import contextlib
 import logging as py_logging
 import os
 import sys
+import traceback
 from typing import Any, Iterator, Optional
 
 from absl import logging
@@ -66,14 +67,26 @@ def _is_failed_restore_leftover(unraisable: Any) -> bool:
   return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
 
 
+def _raised_in_orbax(error: Optional[BaseException]) -> bool:
+  """True when a frame of ``error``'s traceback is in Orbax's code."""
+  return error is not None and any(
+      f'{os.sep}orbax{os.sep}' in frame.filename
+      for frame in traceback.extract_tb(error.__traceback__))
+
+
 class _FailedRestoreTasks(py_logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" records of Orbax's
-  read tasks (the third form the leftovers of a failed restore take)."""
+  """Drops asyncio's "<Task or _GatheringFuture> exception was never
+  retrieved" records of Orbax's reads (the third form the leftovers of a
+  failed restore take): the record names Orbax's coroutine (a task) or its
+  exception was raised in Orbax's code (a gather of those tasks)."""
 
   def filter(self, record) -> bool:
     message = record.getMessage()
-    return not (message.startswith('Task exception was never retrieved')
-                and f'{os.sep}orbax{os.sep}' in message)
+    if 'exception was never retrieved' not in message.split('\n', 1)[0]:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (f'{os.sep}orbax{os.sep}' in message
+                or _raised_in_orbax(error))
 
 
 def _ignore_failed_restore_leftovers() -> None:
