@@ -37,8 +37,9 @@ from benchmarks.study.grid import (
 from benchmarks.study.pack import (
     PACK_FIGURES, PACK_FILE_LIMIT, PACK_JSON, pack_results, unpack_results)
 from benchmarks.study.plots import make_overlays
-from benchmarks.study.report import score_table, summarize, write_report
-from benchmarks.study.results import read_run, result_from_record
+from benchmarks.study.report import (
+    late_gain, schedule_check, score_table, summarize, write_report)
+from benchmarks.study.results import RunResult, read_run, result_from_record
 from benchmarks.study.runner import (
     machine_description, read_marker, run_plan, write_marker)
 from configs import camvid_clicks
@@ -473,6 +474,64 @@ def test_predicted_run_seconds_match_a_hand_computation():
   assert predicted_run_s(
       shape, measured, compiles=False) == pytest.approx(
           15.0 + (880 * 16 + 20 * 101 * 360 * 480 / 353**2 / 3) / 200.0)
+
+
+def _curve_result(method: str, seed: int, curve: Sequence[float]
+                  ) -> RunResult:
+  """A finished clicks:20 (or dense, method 'full') run evaluated every 100
+  steps with val mIoU `curve`."""
+  steps = 100 * np.arange(1, len(curve) + 1)
+  run = Run(Cell('clicks:20', method), seed, f'runs/{method}_{seed}', ())
+  return RunResult(run=run, miou_curve=(steps, np.array(curve, np.float64)),
+                   loss_curve=(np.zeros(0, np.int64), np.zeros(0)),
+                   per_class_iou={}, wall_s=None, wall_from_events=False,
+                   done=True, machine=None, load_averages=[])
+
+
+def test_late_gain_is_the_rise_over_the_last_quarter_of_the_steps():
+  # Steps 100..800: 3/4 of 800 is 600, whose value is 0.30.
+  result = _curve_result('pce_only', 0,
+                         [.1, .2, .25, .26, .28, .30, .33, .35])
+  assert late_gain(result) == pytest.approx(0.35 - 0.30)
+  assert np.isnan(late_gain(_curve_result('pce_only', 0, [.3])))
+
+
+@pytest.mark.parametrize('sparse, dense, verdict, spread_text', [
+    # Gain (0.05 + 0.03) / 2 >= 1 point: rising, and one seed per cell.
+    ([[.2, .30, .35]], [[.3, .40, .43]],
+     'still rising: the schedule is too short; the next task doubles it '
+     '(`--override=num_epochs=80`, a new `--root`); provisional: one seed '
+     'per cell, whose curve moves between evaluations too',
+     'not known yet (one seed per cell)'),
+    # Flat (gains 0.002, 0.004), one seed per cell.
+    ([[.2, .350, .352]], [[.3, .440, .444]],
+     'flat, but one seed per cell cannot tell the gap from noise',
+     'not known yet (one seed per cell)'),
+    # Flat; gap 0.02 against the larger spread, std(.45, .50) = 0.0354.
+    ([[.2, .450, .450], [.2, .500, .500]], [[.3, .490, .490], [.3, .500, .500]],
+     'flat, and dense labels do not beat clicks beyond the seed noise: a '
+     'longer schedule would not separate the methods', '3.54'),
+    # Flat; gap 0.10 against the spread std(.35, .36) = 0.0071.
+    ([[.2, .350, .350], [.2, .360, .360]], [[.3, .450, .450], [.3, .460, .460]],
+     'flat, and dense labels beat clicks: the schedule is long enough',
+     '0.71'),
+])
+def test_schedule_check_verdicts(sparse, dense, verdict, spread_text):
+  results = ([_curve_result('pce_only', s, c) for s, c in enumerate(sparse)]
+             + [_curve_result('full', s, c) for s, c in enumerate(dense)])
+  lines = schedule_check(results, 'clicks:20')
+  gap = np.mean([c[-1] for c in dense]) - np.mean([c[-1] for c in sparse])
+  expected = (f'- dense minus clicks: {100 * gap:+.2f} points; largest seed '
+              f'spread {spread_text}')
+  assert expected in lines
+  assert lines[-1] == f'- verdict: {verdict}'
+
+
+def test_schedule_check_waits_for_both_cells():
+  lines = schedule_check([_curve_result('pce_only', 0, [.2, .3])],
+                         'clicks:20')
+  assert lines == ['Not checked yet: needs finished `pce_only` (clicks:20) '
+                   'and `full` runs.']
 
 
 def _synthetic_runs(programs: str) -> list[Run]:

@@ -207,10 +207,14 @@ def schedule_check(results: Sequence[RunResult], labels_spec: str) -> list[str]:
            f'- gain over the last quarter: {100 * gain:+.2f} points (mean of '
            f'{len(gains)} runs)',
            f'- dense minus clicks: {100 * gap:+.2f} points; largest seed '
-           f'spread {100 * spread:.2f}']
+           'spread ' + ('not known yet (one seed per cell)' if np.isnan(spread)
+                        else f'{100 * spread:.2f}')]
   if np.isnan(gain) or gain >= PLATEAU_GAIN:
     verdict = ('still rising: the schedule is too short; the next task '
                'doubles it (`--override=num_epochs=80`, a new `--root`)')
+    if np.isnan(spread):
+      verdict += ('; provisional: one seed per cell, whose curve moves '
+                  'between evaluations too')
   elif np.isnan(spread):
     verdict = 'flat, but one seed per cell cannot tell the gap from noise'
   elif gap <= SEPARATION_SPREADS * spread:
