@@ -44,6 +44,8 @@ UNREADABLE_DIR = 'checkpoints_unreadable'
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
 BEST_METRIC = 'miou'
+# What marks a file of Orbax's package in a path.
+_ORBAX_DIR = f'{os.sep}orbax{os.sep}'
 
 
 class SaveError(OSError):
@@ -64,13 +66,13 @@ def _is_failed_restore_leftover(unraisable: Any) -> bool:
   if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
     return True
   code = getattr(source, 'cr_code', None)
-  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+  return code is not None and _ORBAX_DIR in code.co_filename
 
 
 def _raised_in_orbax(error: Optional[BaseException]) -> bool:
   """True when a frame of ``error``'s traceback is in Orbax's code."""
   return error is not None and any(
-      f'{os.sep}orbax{os.sep}' in frame.filename
+      _ORBAX_DIR in frame.filename
       for frame in traceback.extract_tb(error.__traceback__))
 
 
@@ -85,8 +87,7 @@ class _FailedRestoreTasks(py_logging.Filter):
     if 'exception was never retrieved' not in message.split('\n', 1)[0]:
       return True
     error = record.exc_info[1] if record.exc_info else None
-    return not (f'{os.sep}orbax{os.sep}' in message
-                or _raised_in_orbax(error))
+    return not (_ORBAX_DIR in message or _raised_in_orbax(error))
 
 
 def _ignore_failed_restore_leftovers() -> None:

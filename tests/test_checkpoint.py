@@ -1,8 +1,8 @@
 """agmm_jax.checkpoint: the best-by-mIoU manager while saves are in flight,
 and the fallback past unreadable checkpoints."""
 
-import errno
 import asyncio
+import errno
 import gc
 import importlib.util
 import logging
