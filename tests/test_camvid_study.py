@@ -4,6 +4,7 @@ events written with agmm_jax.summary under the tags agmm_jax/train.py uses).
 No training."""
 
 import dataclasses
+import datetime
 import json
 import os
 import shlex
@@ -41,7 +42,8 @@ from benchmarks.study.report import (
     late_gain, schedule_check, score_table, summarize, write_report)
 from benchmarks.study.results import RunResult, read_run, result_from_record
 from benchmarks.study.runner import (
-    machine_description, read_marker, run_plan, write_marker)
+    LOG_FILE, MARKER_FILE, machine_description, read_marker, run_plan,
+    write_marker)
 from configs import camvid_clicks
 
 CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree',
@@ -193,6 +195,34 @@ def test_run_passes_sigterm_to_the_trainer_and_stops(tmp_path):
   assert [s for _, s in statuses] == ['failed (exit 143)']
   assert time.monotonic() - start < 30
   assert not (tmp_path / never.workdir).exists()
+
+
+def test_run_records_its_attempt_first_and_completes_a_lost_one(tmp_path):
+  """The marker holds the attempt while the run goes; an attempt left open
+  by a study killed mid-run gets the wall time up to its log's last write."""
+  workdir = os.path.join('runs', 'watched')
+  script = (f'import shutil; shutil.copy({workdir!r} + "/{MARKER_FILE}", '
+            f'{workdir!r} + "/seen.json"); raise SystemExit(3)')
+  run = Run(Cell('clicks:20', 'watched'), 0, workdir,
+            (sys.executable, '-c', script))
+  seen = lambda: json.loads((tmp_path / workdir / 'seen.json').read_text())
+  run_plan([run], repo_root=str(tmp_path))
+  [open_attempt] = seen()['attempts']
+  assert not seen()['done'] and 'wall_s' not in open_attempt
+  # A SIGKILL of the study leaves its attempt open; its run logged until
+  # 125 s after the start.
+  marker = read_marker(str(tmp_path / workdir))
+  marker['attempts'].append({'start': '2026-12-02 00:00:00 UTC'})
+  write_marker(str(tmp_path / workdir), marker)
+  start = datetime.datetime(2026, 12, 2,
+                            tzinfo=datetime.timezone.utc).timestamp()
+  os.utime(tmp_path / workdir / LOG_FILE, (start + 125, start + 125))
+  run_plan([run], repo_root=str(tmp_path))
+  attempts = read_marker(str(tmp_path / workdir))['attempts']
+  assert [a['returncode'] for a in attempts] == [3, None, 3]
+  assert attempts[1]['wall_s'] == 125 and 'lost' in attempts[1]
+  assert [a.get('wall_s') for a in seen()['attempts']][:2] == [
+      attempts[0]['wall_s'], 125]
 
 
 @pytest.fixture(scope='module')

@@ -179,7 +179,8 @@ def result_from_record(run: Run, record: Mapping[str, Any], *,
   wall_s, loads = record['span_s'], []
   if own_marker:
     attempts = marker.get('attempts', [])
-    wall_s = float(sum(a['wall_s'] for a in attempts))
+    # The attempt of a run still going has no wall time yet.
+    wall_s = float(sum(a.get('wall_s', 0.0) for a in attempts))
     loads = [float(a['load_average']) for a in attempts
              if 'load_average' in a]
   return RunResult(run=run, miou_curve=miou_curve,

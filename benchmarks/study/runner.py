@@ -78,9 +78,33 @@ def machine_description() -> dict[str, Any]:
           'devices': devices, **versions}
 
 
+_UTC_FORMAT = '%Y-%m-%d %H:%M:%S UTC'
+
+
 def utc_now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).strftime(
-      '%Y-%m-%d %H:%M:%S UTC')
+  return datetime.datetime.now(datetime.timezone.utc).strftime(_UTC_FORMAT)
+
+
+def close_lost_attempts(attempts: Sequence[dict[str, Any]],
+                        log_path: str) -> None:
+  """Gives a wall time to the attempts whose study process died mid-run.
+
+  An attempt is written to the marker when its run starts and completed when
+  it ends; one still without `wall_s` at the next start lost its study
+  process (a SIGKILL, a lost machine) while the run was going. Its end is
+  taken as the last write to the run's log (the trainer logs every few
+  steps), its exit status as unknown (None), and it is marked `lost`.
+  """
+  for attempt in attempts:
+    if 'wall_s' in attempt:
+      continue
+    start = datetime.datetime.strptime(attempt['start'], _UTC_FORMAT).replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+    end = os.path.getmtime(log_path) if os.path.exists(log_path) else start
+    attempt.update(
+        wall_s=max(end - start, 0.0), returncode=None,
+        lost='the study process ended during the run; wall_s runs to the '
+        f'last write of {LOG_FILE}')
 
 
 def prepare_data(runs: Sequence[Run], overrides: Sequence[str] = (),
@@ -123,8 +147,9 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
   is not started (it and the rest are left for the next call), and a run
   still going at the deadline gets SIGTERM (it checkpoints and exits 143). A run's stdout and stderr are appended to
   `WORKDIR/study_stdout.log`; its marker `WORKDIR/study_run.json` records the
-  command, every attempt (start time, wall seconds, exit status, load
-  average) and `done`. A killed or preempted run is simply rerun: the trainer
+  command, every attempt (start time and load average when it starts, wall
+  seconds and exit status when it ends; close_lost_attempts completes one
+  whose study process died) and `done`. A killed or preempted run is simply rerun: the trainer
   resumes from its workdir; a SIGTERM or Ctrl-C of this process is passed on
   to the running trainer (which saves a checkpoint first). Stops at the first
   failure unless `keep_going`; always stops when a run was stopped by a signal
@@ -154,8 +179,17 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
     attempts = marker.get('attempts', []) if (
         marker.get('command') == run.command) else []
     log_path = os.path.join(workdir, LOG_FILE)
+    close_lost_attempts(attempts, log_path)
     print(f'{label}: {run.command}\n  log: {log_path}', flush=True)
     attempt = {'start': utc_now(), 'load_average': os.getloadavg()[0]}
+    attempts.append(attempt)
+    marker = {'command': run.command, 'cell': run.cell.name,
+              'labels': run.cell.labels, 'method': run.cell.method,
+              'seed': run.seed, 'done': False, 'attempts': attempts,
+              'machine': machine}
+    # Recorded before the run starts, so that a study killed mid-run leaves
+    # the attempt for close_lost_attempts to complete.
+    write_marker(workdir, marker)
     start = time.perf_counter()
     with open(log_path, 'a') as log:
       log.write(f'\n=== {attempt["start"]}: {run.command}\n')
@@ -181,12 +215,7 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
         if timer is not None:
           timer.cancel()
     attempt.update(wall_s=time.perf_counter() - start, returncode=returncode)
-    attempts.append(attempt)
-    write_marker(workdir, {
-        'command': run.command, 'cell': run.cell.name,
-        'labels': run.cell.labels, 'method': run.cell.method,
-        'seed': run.seed, 'done': returncode == 0, 'attempts': attempts,
-        'machine': machine})
+    write_marker(workdir, {**marker, 'done': returncode == 0})
     status = 'done' if returncode == 0 else f'failed (exit {returncode})'
     print(f'{label}: {status} in {attempt["wall_s"]:.0f} s', flush=True)
     if returncode == 0 and on_done:
