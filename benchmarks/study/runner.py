@@ -149,8 +149,8 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
   `WORKDIR/study_stdout.log`; its marker `WORKDIR/study_run.json` records the
   command, every attempt (start time and load average when it starts, wall
   seconds and exit status when it ends; close_lost_attempts completes one
-  whose study process died) and `done`. A killed or preempted run is simply rerun: the trainer
-  resumes from its workdir; a SIGTERM or Ctrl-C of this process is passed on
+  whose study process died) and `done`. A killed or preempted run is simply
+  rerun: the trainer resumes from its workdir; a SIGTERM or Ctrl-C of this process is passed on
   to the running trainer (which saves a checkpoint first). Stops at the first
   failure unless `keep_going`; always stops when a run was stopped by a signal
   (status >= 128 or < 0). `on_done(run)` follows every run that is done,
