@@ -37,11 +37,11 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from agmm_jax import compilation_cache
+from agmm_jax.runtime import compilation_cache
 from agmm_jax import errors
-from agmm_jax import inference
-from agmm_jax import loop
-from agmm_jax import train
+from agmm_jax.evaluation import modes
+from agmm_jax.train import loop
+from agmm_jax.train import trainer
 from data_prep import auto
 from data_prep import common as data_prep_common
 
@@ -121,14 +121,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   logging.info('persistent compilation cache: %s', cache_dir or 'off')
   config = resolve_data(config, workdir)
   if config.mode == 'train':
-    scores = train.train_and_evaluate(config, workdir)
+    scores = trainer.train_and_evaluate(config, workdir)
     # A train config that names images to segment (the demo) ends with them.
     if config.predict.input_dir and jax.process_count() == 1:
-      inference.predict(config, workdir)
+      modes.predict(config, workdir)
     return scores
   if config.mode == 'eval':
-    return inference.evaluate_checkpoint(config, workdir)
-  return inference.predict(config, workdir)
+    return modes.evaluate_checkpoint(config, workdir)
+  return modes.predict(config, workdir)
 
 
 class _QuietCheckpointInfo(py_logging.Filter):

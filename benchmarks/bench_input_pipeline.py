@@ -26,10 +26,10 @@ import types
 import numpy as np
 from PIL import Image
 
-from agmm_jax import augment
-from agmm_jax import input_pipeline
-from agmm_jax import labels
-from agmm_jax import tfrecord
+from agmm_jax.data import augment
+from agmm_jax.data import input_pipeline
+from agmm_jax.data import labels
+from agmm_jax.data import tfrecord
 from benchmarks.camvid_data import CAMVID_TRAIN
 
 CAMVID_VOID = 11

@@ -15,8 +15,8 @@ Usage (from the repository root):
    labeled in each crop, so both presets are timed again with
    ``--many_classes`` (default 10, a Cityscapes street scene) per crop.
 2. If torch is importable: the same for the PyTorch port of the official loss
-   (``tests/test_losses.py``), and the ratio.
-3. If ``agmm_jax.models`` exists: a forward + backward of DeepLabV3+ (output
+   (``tests/methods/test_agmm.py``), and the ratio.
+3. If ``agmm_jax.model.deeplab`` exists: a forward + backward of DeepLabV3+ (output
    stride 8) plus loss at batch 4 x 321, for ``pce_only`` and
    ``agmm_released``, and the share of the step the AGMM terms take. The
    compiled program's memory is printed first; a depth whose step would not fit
@@ -38,7 +38,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from agmm_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
+from agmm_jax.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
 from agmm_jax import methods  # pylint: disable=g-import-not-at-top
 from agmm_jax.methods import agmm  # pylint: disable=g-import-not-at-top
 from configs import presets  # pylint: disable=g-import-not-at-top
@@ -133,8 +133,7 @@ def bench_jax_losses(inputs, runs):
 
 def bench_torch(inputs, runs):
   import torch  # pylint: disable=g-import-not-at-top
-  # The PyTorch port of the official loss lives with the test that checks it.
-  from tests.test_losses import (  # pylint: disable=g-import-not-at-top
+  from references.torch_agmm_loss import (  # pylint: disable=g-import-not-at-top
       to_official_mask, torch_official_loss)
   num_classes = inputs.logits.shape[-1]
   logits = torch.from_numpy(np.asarray(inputs.logits).transpose(0, 3, 1, 2).copy())
@@ -161,10 +160,10 @@ def bench_torch(inputs, runs):
 def bench_model_step(inputs, depth, runs, max_memory_gb,
                      step_presets=('pce_only', 'agmm_released')):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from agmm_jax import models  # pylint: disable=g-import-not-at-top
+  from agmm_jax.model import deeplab  # pylint: disable=g-import-not-at-top
   batch, size = inputs.label.shape[:2]
   num_classes = inputs.logits.shape[-1]
-  model = models.DeepLabV3Plus(num_classes, depth=depth, output_stride=8,
+  model = deeplab.DeepLabV3Plus(num_classes, depth=depth, output_stride=8,
                                rngs=nnx.Rngs(0))
   model.train()
   images = jnp.asarray(np.random.default_rng(1).normal(size=(batch, size, size, 3)),
@@ -243,7 +242,7 @@ def main():
 
   if not args.skip_model:
     if not os.path.exists(os.path.join(REPO_ROOT, 'agmm_jax', 'models.py')):
-      print('  agmm_jax/models.py not found; train-step timing skipped')
+      print('  agmm_jax/model/deeplab.py not found; train-step timing skipped')
     else:
       step = bench_model_step(voc, args.model_depth, args.model_runs,
                               args.max_step_memory_gb)

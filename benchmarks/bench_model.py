@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agmm_jax import models
+from agmm_jax.model import deeplab
 
 
 def _train_step_fn(graphdef):
@@ -104,16 +104,16 @@ def main() -> None:
 
   device = jax.devices()[0]
   print(f'device: {device.platform} {device.device_kind} x{jax.device_count()}')
-  abstract = nnx.eval_shape(lambda: models.DeepLabV3Plus(
+  abstract = nnx.eval_shape(lambda: deeplab.DeepLabV3Plus(
       args.num_classes, depth=args.depth, stem=args.stem, rngs=nnx.Rngs(0)))
-  total = models.count_params(abstract)
-  backbone = models.count_params(abstract.backbone)
+  total = deeplab.count_params(abstract)
+  backbone = deeplab.count_params(abstract.backbone)
   print(f'params ResNet-{args.depth} {args.stem} stem, {args.num_classes} '
         f'classes: total {total / 1e6:.2f}M, backbone {backbone / 1e6:.2f}M, '
         f'head {(total - backbone) / 1e6:.2f}M')
 
   start = time.perf_counter()
-  model = nnx.jit(lambda: models.DeepLabV3Plus(
+  model = nnx.jit(lambda: deeplab.DeepLabV3Plus(
       args.num_classes, depth=args.depth, stem=args.stem,
       output_stride=args.output_stride, multi_grid=args.multi_grid,
       dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0)))()

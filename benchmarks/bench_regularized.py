@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from agmm_jax import augment
+from agmm_jax.data import augment
 from agmm_jax import methods
 from agmm_jax.methods import regularized
 from benchmarks.camvid_data import CAMVID_CLASSES, CAMVID_TRAIN

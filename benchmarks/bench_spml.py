@@ -43,8 +43,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 from skimage import segmentation  # pylint: disable=g-import-not-at-top
 
-from agmm_jax import augment  # pylint: disable=g-import-not-at-top
-from agmm_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
+from agmm_jax.data import augment  # pylint: disable=g-import-not-at-top
+from agmm_jax.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
 from agmm_jax import methods  # pylint: disable=g-import-not-at-top
 from agmm_jax.methods import spml  # pylint: disable=g-import-not-at-top
 from benchmarks import bench_losses  # pylint: disable=g-import-not-at-top

@@ -12,7 +12,7 @@ batch is synthetic (normal images, 2% labeled pixels). Each
 compiled step; the steps are timed alternately (so background load hits all
 alike) and the ratio to the first is printed. Prints the compile time, the
 median step time over ``--steps`` steps after one warm-up step, images/s, the
-step's FLOPs counted from the model's layer shapes (``agmm_jax.flops``: forward
+step's FLOPs counted from the model's layer shapes (``agmm_jax.model.flops``: forward
 x 3) and the achieved FLOP/s, and on GPU the peak device memory and the
 fraction of the device's dense bfloat16 peak.
 
@@ -35,12 +35,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agmm_jax import dilated_conv  # pylint: disable=g-import-not-at-top
-from agmm_jax import flops  # pylint: disable=g-import-not-at-top
+from agmm_jax.model import dilated_conv  # pylint: disable=g-import-not-at-top
+from agmm_jax.model import flops  # pylint: disable=g-import-not-at-top
 from agmm_jax import methods  # pylint: disable=g-import-not-at-top
-from agmm_jax import sharding  # pylint: disable=g-import-not-at-top
-from agmm_jax import steps  # pylint: disable=g-import-not-at-top
-from agmm_jax import train_state  # pylint: disable=g-import-not-at-top
+from agmm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+from agmm_jax.train import steps  # pylint: disable=g-import-not-at-top
+from agmm_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
 from configs import presets  # pylint: disable=g-import-not-at-top
 from configs import voc_point  # pylint: disable=g-import-not-at-top
 

@@ -42,12 +42,12 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
-from agmm_jax import augment  # pylint: disable=g-import-not-at-top
-from agmm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from agmm_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
-from agmm_jax import inference  # pylint: disable=g-import-not-at-top
+from agmm_jax.data import augment  # pylint: disable=g-import-not-at-top
+from agmm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+from agmm_jax.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
+from agmm_jax.evaluation import modes  # pylint: disable=g-import-not-at-top
 from agmm_jax import methods  # pylint: disable=g-import-not-at-top
-from agmm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+from agmm_jax.runtime import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from agmm_jax.methods import agmm  # pylint: disable=g-import-not-at-top
 
 COUNTS = ('pixels', 'covered', 'g_right', 'p_right', 'g_right_p_wrong',
@@ -63,7 +63,7 @@ def target_quality(response: np.ndarray, probs: np.ndarray, sparse: np.ndarray,
     response: ``[B, H, W, K]`` GMM response (0 for classes not labeled in the
       image).
     probs: ``[B, H, W, K]`` softmax prediction.
-    sparse: int ``[B, H, W]`` sparse labels (``agmm_jax.labels`` convention).
+    sparse: int ``[B, H, W]`` sparse labels (``agmm_jax.data.labels`` convention).
     dense: int ``[B, H, W]`` dense labels (void as ``UNLABELED``).
 
   Returns:
@@ -126,7 +126,7 @@ def diagnose(workdir: str, num_images: int, batch_size: int) -> dict[str, dict[s
   metadata = input_pipeline.read_metadata(config.data.dir)
   num_classes = int(metadata['num_classes'])
   mesh = sharding_lib.create_mesh(config.mesh)
-  state, model_defs, step = inference.restore_for_inference(
+  state, model_defs, step = modes.restore_for_inference(
       config, workdir, num_classes, mesh)
   images, sparse, dense = load_train_images(config.data.dir, num_images, num_classes)
 

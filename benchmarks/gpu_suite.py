@@ -8,7 +8,7 @@ a hang loses one stage, not the run), printing as they go; a stage that would
 not fit in what is left of ``--budget_s`` is skipped and says so:
 
 1. ``flops``: the train step's FLOPs from the model's layer shapes
-   (``agmm_jax.flops``), and PyTorch's ``FlopCounterMode`` count of the same
+   (``agmm_jax.model.flops``), and PyTorch's ``FlopCounterMode`` count of the same
    architecture (meta tensors) beside it.
 2. ``step``, bfloat16, ``pce_only``, both ``model.dilated_conv`` settings,
    timed alternately in one process with an empty persistent compilation
@@ -16,7 +16,7 @@ not fit in what is left of ``--budget_s`` is skipped and says so:
    the bf16 peak, XLA's ``memory_analysis`` and the device's peak memory
    after compiling and after the steps. The faster setting is used below.
 3. ``torch``: a PyTorch train step of the same architecture
-   (``benchmarks/torch_deeplab.py``, cross-entropy on the sparse labels = pCE,
+   (``references/torch_deeplab.py``, cross-entropy on the sparse labels = pCE,
    SGD momentum) in bfloat16 (autocast, channels_last) and float32, each
    with its peak memory.
 4. ``step`` for bfloat16 ``agmm_released``, float32 ``agmm_released`` and
@@ -82,7 +82,7 @@ def _memory_analysis(compiled: Any) -> dict[str, int]:
 
 def stage_step(args: dict[str, Any]) -> dict[str, Any]:
   """Compiles and times the train step of each ``dilated_conv`` setting."""
-  from agmm_jax import compilation_cache  # pylint: disable=g-import-not-at-top
+  from agmm_jax.runtime import compilation_cache  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train_step  # pylint: disable=g-import-not-at-top
   compilation_cache.enable(args['cache_dir'])
   depth, output_stride, crop, batch, num_steps = args['shape']
@@ -115,7 +115,7 @@ def stage_step(args: dict[str, Any]) -> dict[str, Any]:
 
 def stage_flops(args: dict[str, Any]) -> dict[str, Any]:
   """Train FLOPs per image: ours, and PyTorch's FlopCounterMode if present."""
-  from agmm_jax import flops  # pylint: disable=g-import-not-at-top
+  from agmm_jax.model import flops  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train_step  # pylint: disable=g-import-not-at-top
   depth, output_stride, crop, _, _ = args['shape']
   config = bench_train_step.bench_config(depth, output_stride, 2, 'float32',
@@ -130,7 +130,7 @@ def stage_flops(args: dict[str, Any]) -> dict[str, Any]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
-    from benchmarks import torch_deeplab  # pylint: disable=g-import-not-at-top
+    from references import torch_deeplab  # pylint: disable=g-import-not-at-top
   except ImportError:
     return result
   model = torch_deeplab.TorchDeepLabV3Plus(
@@ -151,7 +151,7 @@ def stage_torch(args: dict[str, Any]) -> dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train_step  # pylint: disable=g-import-not-at-top
-  from benchmarks import torch_deeplab  # pylint: disable=g-import-not-at-top
+  from references import torch_deeplab  # pylint: disable=g-import-not-at-top
   depth, output_stride, crop, batch, num_steps = args['shape']
   cuda = torch.cuda.is_available()
   device = torch.device('cuda' if cuda else 'cpu')
@@ -223,7 +223,7 @@ def stage_max_batch(args: dict[str, Any]) -> dict[str, Any]:
   ``shape[3]`` program's memory (linear in the batch), then tried, shrinking
   by 15% after each out-of-memory."""
   import jax  # pylint: disable=g-import-not-at-top
-  from agmm_jax import compilation_cache  # pylint: disable=g-import-not-at-top
+  from agmm_jax.runtime import compilation_cache  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train_step  # pylint: disable=g-import-not-at-top
   compilation_cache.enable(args['cache_dir'])
   depth, output_stride, crop, batch, _ = args['shape']

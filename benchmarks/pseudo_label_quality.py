@@ -28,15 +28,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from agmm_jax import checkpoint as checkpoint_lib
-from agmm_jax import input_pipeline
-from agmm_jax import labels
+from agmm_jax.storage import checkpoint as checkpoint_lib
+from agmm_jax.data import input_pipeline
+from agmm_jax.data import labels
 from agmm_jax import methods
-from agmm_jax import metrics
-from agmm_jax import sharding as sharding_lib
-from agmm_jax import spml_stage2
-from agmm_jax import tfrecord
-from agmm_jax import train_state as train_state_lib
+from agmm_jax.evaluation import metrics
+from agmm_jax.runtime import sharding as sharding_lib
+from agmm_jax.methods import spml_stage2
+from agmm_jax.data import tfrecord
+from agmm_jax.train import state as train_state_lib
 
 
 def confusion_of_pseudo_labels(folder: str) -> tuple[np.ndarray, int, int]:

@@ -6,8 +6,8 @@ schema is documented in docs/design.md.
 
 import ml_collections
 
-from agmm_jax import compilation_cache
-from agmm_jax import dilated_conv
+from agmm_jax.runtime import compilation_cache
+from agmm_jax.model import dilated_conv
 from agmm_jax.methods import spml
 from configs import presets
 
@@ -29,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.image_summary_every_steps = 500
   # Persistent compilation cache: 'user' ($XDG_CACHE_HOME/agmm_jax/jax),
-  # '' (off) or a folder; see agmm_jax/compilation_cache.py.
+  # '' (off) or a folder; see agmm_jax/runtime/compilation_cache.py.
   config.compilation_cache_dir = compilation_cache.USER_CACHE
 
   config.data = ml_collections.ConfigDict()
@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 1e-4
   config.optimizer.poly_power = 0.9
 
-  # SPML's second stage (agmm_jax/spml_stage2.py), run after the first when
+  # SPML's second stage (agmm_jax/methods/spml_stage2.py), run after the first when
   # the loss has the spml term: pseudo-labels of the training split by the
   # random walk, then the model's classifier trained on them with everything
   # else fixed. num_train_steps -1: the first stage's steps x 4000 / 30000

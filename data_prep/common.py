@@ -6,7 +6,7 @@ describes their label encodings; ``convert`` does the rest:
 1. every example is loaded and checked in worker processes (image decodes;
    label files exist, are single-channel, have the image's size and only
    declared values), label values are mapped to the stored convention (class
-   ids, 255 = unlabeled/void; ``agmm_jax.labels``), sparse labels are read or
+   ids, 255 = unlabeled/void; ``agmm_jax.data.labels``), sparse labels are read or
    generated, and the ``tf.train.Example`` is serialized;
 2. the main process writes the records, in the input order, into
    ``{split}-{i:05d}-of-{n:05d}.tfrecord`` shards and ``metadata.json`` inside a
@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image
 import tqdm
 
-from agmm_jax import labels as labels_lib
-from agmm_jax import tfrecord
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.data import tfrecord
 from data_prep import sparse_labels
 
 STORED_UNLABELED = labels_lib.STORED_UNLABELED

@@ -1,4 +1,4 @@
-"""Converts PyTorch ResNet / AGMM DeepLabV3+ weights for ``agmm_jax.models``.
+"""Converts PyTorch ResNet / AGMM DeepLabV3+ weights for ``agmm_jax.model.deeplab``.
 
 Usage::
 
@@ -25,9 +25,9 @@ the right shape: missing, unexpected and wrong-shape keys are all listed in one
 ``mean``, ``var``.
 
 Output folder: ``state/`` (Orbax ``StandardCheckpointer`` of the nested dict
-of float32 NumPy arrays keyed like ``agmm_jax.models.weight_variables``) and
+of float32 NumPy arrays keyed like ``agmm_jax.model.deeplab.weight_variables``) and
 ``metadata.json`` (format, kind, depth, stem, num_classes, source). Load with
-``agmm_jax.models.load_pretrained``.
+``agmm_jax.model.deeplab.load_pretrained``.
 
 PyTorch is imported lazily in ``load_torch_state_dict`` only.
 """
@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from agmm_jax import models
+from agmm_jax.model import deeplab
 
 FORMAT = 'agmm_jax.torch_weights/1'
 
@@ -134,11 +134,11 @@ def _infer_architecture(keys: Sequence[str], source: str) -> tuple[int, str]:
     blocks.append(max(indices) + 1 if indices else 0)
   kind = ('bottleneck' if any(k.startswith('backbone.layer1.0.conv3.')
                               for k in keys) else 'basic')
-  for depth, (block_kind, layers) in models.RESNET_LAYERS.items():
+  for depth, (block_kind, layers) in deeplab.RESNET_LAYERS.items():
     if block_kind == kind and tuple(layers) == tuple(blocks):
       return depth, stem
   raise ValueError(f'{source}: {kind} blocks per stage {tuple(blocks)} match no '
-                   f'ResNet depth in {sorted(models.RESNET_LAYERS)}')
+                   f'ResNet depth in {sorted(deeplab.RESNET_LAYERS)}')
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], *,
@@ -187,10 +187,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *,
       raise ValueError(f'{source}: --num_classes {num_classes} but '
                        f'classifier.weight has {found_classes} rows')
     num_classes = found_classes
-  abstract_model = nnx.eval_shape(lambda: models.DeepLabV3Plus(
+  abstract_model = nnx.eval_shape(lambda: deeplab.DeepLabV3Plus(
       num_classes or 1, depth=depth, stem=stem, rngs=nnx.Rngs(0)))
   expected = {k: tuple(v.get_value().shape)
-              for k, v in models.weight_variables(abstract_model).items()}
+              for k, v in deeplab.weight_variables(abstract_model).items()}
   if kind == 'backbone':
     expected = {k: s for k, s in expected.items() if k.startswith('backbone/')}
 
@@ -200,12 +200,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *,
     if value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     converted[flax_key] = value.astype(np.float32)
-  report = models.key_mismatch_report(
+  report = deeplab.key_mismatch_report(
       {flax_key_to_torch(k): _torch_shape(k, s) for k, s in expected.items()},
       {flax_key_to_torch(k): _torch_shape(k, v.shape)
        for k, v in converted.items()},
       f'{source} ({kind}, ResNet-{depth}, {stem} stem) does not match '
-      'agmm_jax.models (PyTorch names and shapes)')
+      'agmm_jax.model.deeplab (PyTorch names and shapes)')
   if report:
     raise ValueError(report)
   metadata = {'format': FORMAT, 'kind': kind, 'depth': depth, 'stem': stem,
@@ -241,10 +241,10 @@ def write_checkpoint(output_dir: str, weights: Mapping[str, np.ndarray],
   output_dir = os.path.abspath(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(output_dir, models.CHECKPOINT_STATE),
-                    models.unflatten_checkpoint(dict(weights)), force=True)
+  checkpointer.save(os.path.join(output_dir, deeplab.CHECKPOINT_STATE),
+                    deeplab.unflatten_checkpoint(dict(weights)), force=True)
   checkpointer.wait_until_finished()
-  with open(os.path.join(output_dir, models.CHECKPOINT_METADATA), 'w') as f:
+  with open(os.path.join(output_dir, deeplab.CHECKPOINT_METADATA), 'w') as f:
     json.dump(dict(metadata), f, indent=2)
 
 

@@ -50,8 +50,8 @@ from PIL import Image
 from scipy import ndimage
 import tqdm
 
-from agmm_jax import labels
-from agmm_jax import visualize
+from agmm_jax.data import labels
+from agmm_jax.evaluation import visualize
 
 STORED_UNLABELED = labels.STORED_UNLABELED
 _EIGHT_CONNECTED = np.ones((3, 3), bool)

@@ -1,4 +1,4 @@
-r"""Runs ``main.py`` with one injected fault (tests/test_faults.py's driver).
+r"""Runs ``main.py`` with one injected fault (tests/train/test_faults.py's driver).
 
   FAULT=KIND[:STEP] python tests/fault_runner.py [main.py flags ...]
 
@@ -61,10 +61,10 @@ def _install(kind: str, step: int) -> None:
   """Wraps the library function where ``kind`` strikes."""
   # pylint: disable=g-import-not-at-top
   import grain
-  from agmm_jax import checkpoint as checkpoint_lib
-  from agmm_jax import inference
-  from agmm_jax import steps
-  from agmm_jax import train_state as train_state_lib
+  from agmm_jax.storage import checkpoint as checkpoint_lib
+  from agmm_jax.evaluation import modes
+  from agmm_jax.train import steps
+  from agmm_jax.train import state as train_state_lib
   from data_prep import common as data_prep_common
 
   if kind in ('prep_kill', 'prep_term'):
@@ -95,7 +95,7 @@ def _install(kind: str, step: int) -> None:
     steps.make_train_step = faulty_make_train_step
 
   elif kind in ('eval_kill', 'eval_term'):
-    evaluate_dataset = inference.evaluate_dataset
+    evaluate_dataset = modes.evaluate_dataset
 
     def faulty_evaluate_dataset(eval_fn, state, *args, **kwargs):
       if int(train_state_lib.host(state['step'])) != step:
@@ -109,7 +109,7 @@ def _install(kind: str, step: int) -> None:
           _signal_self(signals.pop())
         return result
       return evaluate_dataset(faulty_eval_fn, state, *args, **kwargs)
-    inference.evaluate_dataset = faulty_evaluate_dataset
+    modes.evaluate_dataset = faulty_evaluate_dataset
 
   elif kind == 'save_kill':
     save = checkpoint_lib.Checkpointer.save

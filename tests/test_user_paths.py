@@ -20,7 +20,7 @@ from PIL import Image
 import pytest
 
 from agmm_jax import errors
-from agmm_jax import input_pipeline
+from agmm_jax.data import input_pipeline
 from configs import tiny
 from data_prep import auto
 import main

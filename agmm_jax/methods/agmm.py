@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agmm_jax import labels as labels_lib
-from agmm_jax import resample
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.model import resample
 from agmm_jax.methods import core
 from agmm_jax.methods import label_grid
 # The agmm group covers pce's terms, so they must be registered first.
@@ -123,7 +123,7 @@ def class_prototypes(
 
   Args:
     features: float ``[B, h, w, C]``.
-    label: int32 ``[B, H, W]`` (``agmm_jax.labels`` convention).
+    label: int32 ``[B, H, W]`` (``agmm_jax.data.labels`` convention).
     num_classes: K.
 
   Returns:

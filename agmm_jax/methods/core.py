@@ -31,7 +31,7 @@ the loss as ``LossInputs.state[name]``; a term that declares state returns
 the trainer builds the model and the pipeline from it, so a new method touches
 its own module, a config preset and its tests.
 
-Label semantics follow ``agmm_jax.labels``: labeled pixels (``label >= 0``)
+Label semantics follow ``agmm_jax.data.labels``: labeled pixels (``label >= 0``)
 drive the supervised parts, real pixels (``label != PADDING``, the valid-pixel
 mask) the self-supervised parts, and padding never contributes.
 """
@@ -45,12 +45,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from agmm_jax import labels as labels_lib
+from agmm_jax.data import labels as labels_lib
 
 # The epsilon of every log, division and normalization of the official AGMM
 # code; the other methods use it where they need a guard.
 EPSILON = 1e-6
-# ImageNet normalization of the input pipeline (agmm_jax.augment), for
+# ImageNet normalization of the input pipeline (agmm_jax.data.augment), for
 # LossInputs.rgb.
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -129,7 +129,7 @@ def term_state(inputs: LossInputs, term: str, name: str) -> Any:
 HeadFactory = Callable[..., Any]
 # ``make(example) -> np.ndarray``: one field of one augmented training example
 # (``example`` holds ``image`` float32 ``[c, c, 3]``, ``label`` int32
-# ``[c, c]`` and ``class_present`` of agmm_jax.input_pipeline), computed on the
+# ``[c, c]`` and ``class_present`` of agmm_jax.data.input_pipeline), computed on the
 # host by the input pipeline.
 FieldFactory = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 # ``init(batch_size, num_classes, **options) -> pytree``: a method's state for

@@ -2,7 +2,7 @@
 NIPS 2011) with Potts compatibilities, as ``pydensecrf``'s ``DenseCRF2D``
 with ``addPairwiseGaussian`` and ``addPairwiseBilateral`` at their default
 ``DIAG_KERNEL`` and ``NORMALIZE_SYMMETRIC``: the post-processing of SPML's
-pseudo-labels (:mod:`agmm_jax.spml_stage2`). Batched, jit-able, over the
+pseudo-labels (:mod:`agmm_jax.methods.spml_stage2`). Batched, jit-able, over the
 valid pixels only.
 
 With ``U`` the unary ``[N, K]`` (``-log p``), kernels ``k_m`` over the valid

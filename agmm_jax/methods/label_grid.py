@@ -14,7 +14,7 @@ a batch-sharded input stays data-parallel.
 softmax pass (:func:`prediction_pass`), a second loop for the labeled pixels'
 GMM cross-entropy and a hand-written gradient (``_label_grid_sums_bwd``). ``G``
 lives on the feature grid and is supplied by the caller (``agmm_jax.methods.
-agmm``); it is upsampled chunk by chunk (``agmm_jax.resample``).
+agmm``); it is upsampled chunk by chunk (``agmm_jax.model.resample``).
 """
 
 import functools
@@ -23,8 +23,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from agmm_jax import labels as labels_lib
-from agmm_jax import resample
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.model import resample
 from agmm_jax.methods import core
 from agmm_jax.methods.core import EPSILON
 

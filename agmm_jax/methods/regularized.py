@@ -102,9 +102,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from agmm_jax import augment
-from agmm_jax import labels as labels_lib
-from agmm_jax import resample
+from agmm_jax.data import augment
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.model import resample
 from agmm_jax.methods import bilateral
 from agmm_jax.methods import core
 

@@ -75,7 +75,7 @@ with a detached input that only scales its rate). Both forms are here:
   classifier then stays untrained in stage 1 (its evaluations mean nothing)
   and the second stage's classifier is the one evaluated.
 
-The second stage (``agmm_jax/spml_stage2.py``, run by the trainer after the
+The second stage (``agmm_jax/methods/spml_stage2.py``, run by the trainer after the
 first; its docstring maps it to SPML's scripts): :func:`pseudo_labels` walks
 the stage-1 classifier's probabilities on the embedding (:func:`random_walk`,
 ``beta`` 20, ``gamma`` 5, 6 squarings, on every ``WALK_STRIDE``-th label
@@ -97,10 +97,10 @@ import numpy as np
 from flax import nnx
 from skimage import segmentation
 
-from agmm_jax import augment
-from agmm_jax import labels as labels_lib
-from agmm_jax import models
-from agmm_jax import resample
+from agmm_jax.data import augment
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.model import deeplab
+from agmm_jax.model import resample
 from agmm_jax.methods import core
 from agmm_jax.methods import dense_crf
 from agmm_jax.methods import label_grid
@@ -178,7 +178,7 @@ class ClassifierHead(nnx.Module):
 
   def __init__(self, in_features: int, *, num_classes: int, dtype: Any, rngs: nnx.Rngs):
     del in_features  # It reads the embedding, not the decoder features.
-    self.hidden = models.ConvBNReLU(EMBEDDING_DIM, 2 * EMBEDDING_DIM, 3, dtype=dtype,
+    self.hidden = deeplab.ConvBNReLU(EMBEDDING_DIM, 2 * EMBEDDING_DIM, 3, dtype=dtype,
                                     rngs=rngs)
     self.dropout = nnx.Dropout(CLASSIFIER_DROPOUT, rngs=rngs)
     self.classifier = nnx.Conv(2 * EMBEDDING_DIM, num_classes, (1, 1), use_bias=True,

@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agmm_jax import labels as labels_lib
-from agmm_jax import models
-from agmm_jax import resample
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.model import deeplab
+from agmm_jax.model import resample
 from agmm_jax.methods import core
 from agmm_jax.methods import spanning_tree
 
@@ -58,7 +58,7 @@ EMBEDDING_CHANNELS = 256
 TREE_STRIDE = 4
 
 
-class EmbeddingHead(models.ConvBNReLU):
+class EmbeddingHead(deeplab.ConvBNReLU):
   """TEL's embedding layer: ``relu(bn(conv_1x1(f)))``, 256 channels."""
 
   def __init__(self, in_features: int, *, num_classes: int, dtype: Any, rngs: nnx.Rngs):

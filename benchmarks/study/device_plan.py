@@ -12,7 +12,7 @@ from benchmarks.study.grid import (
     FULL, Run, common_args_of, config_overrides, run_config)
 
 # Images of the CamVid splits (the shared copy; docs/results.md): training
-# steps per epoch are TRAIN_IMAGES // batch (agmm_jax/train.py).
+# steps per epoch are TRAIN_IMAGES // batch (agmm_jax/train/trainer.py).
 CAMVID_TRAIN_IMAGES = 367
 CAMVID_VAL_IMAGES = 101
 # Every CamVid image is 360x480 (before the config's prepare.downscale).
@@ -96,7 +96,7 @@ class RunShape:
 
 def run_shape(run: Run) -> RunShape:
   """`run`'s schedule from its config (steps per epoch: CAMVID_TRAIN_IMAGES
-  // batch, as agmm_jax/train.py counts them). An SPML run's steps include
+  // batch, as agmm_jax/train/trainer.py counts them). An SPML run's steps include
   its stage 2, whose evaluations are logged after stage 1's last step: the
   run is finished only at the final classifier's last evaluation."""
   config = run_config(run, config_overrides(run))
@@ -107,7 +107,8 @@ def run_shape(run: Run) -> RunShape:
   # Imported here, as run_config imports the configs: JAX is loaded only
   # by the actions that need a run's shape.
   # pylint: disable-next=g-import-not-at-top
-  from agmm_jax import spml_stage2, steps
+  from agmm_jax.methods import spml_stage2
+  from agmm_jax.train import steps
   if spml_stage2.is_enabled(config):
     total += spml_stage2.stage2_steps(config, total)
   eval_every, _ = steps.periods(config, steps_per_epoch, total)
@@ -349,12 +350,12 @@ def measure_train_gflop(size: str) -> float:
   # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   from flax import nnx
-  from agmm_jax import models
+  from agmm_jax.model import deeplab
   from benchmarks import bench_model
   from configs import camvid_clicks
   # pylint: enable=g-import-not-at-top
   config = camvid_clicks.get_config(f'size={size}')
-  model = models.build_model(config.model, 11, rngs=nnx.Rngs(0))
+  model = deeplab.build_model(config.model, 11, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   crop = int(config.data.crop_size)
   lowered = bench_model._train_step_fn(graphdef).lower(  # pylint: disable=protected-access

@@ -80,7 +80,7 @@ def make_overlays(summaries: Sequence[CellSummary], labels_spec: str,
       0, len(all_names) - 1, num_images).astype(int).tolist()))]
 
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from agmm_jax import visualize  # pylint: disable=g-import-not-at-top
+  from agmm_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
 
   def shrink(image, resample):
     return image.resize((image.width // factor, image.height // factor),

@@ -16,7 +16,7 @@ from benchmarks.study.evaluations import eval_command, read_evals
 from benchmarks.study.grid import CONFIG_FILE, REPO_ROOT, Cell, Run
 from benchmarks.study.runner import read_marker
 
-# Scalar tags written by agmm_jax/train.py.
+# Scalar tags written by agmm_jax/train/trainer.py.
 DEFAULT_MIOU_TAG = 'eval/miou'
 DEFAULT_LOSS_TAG = 'train/loss'
 DEFAULT_IOU_PREFIX = 'eval/iou/'

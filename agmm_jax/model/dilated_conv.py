@@ -1,0 +1,133 @@
+"""Dilated (atrous) convolution in two interchangeable forms.
+
+``config.model.dilated_conv`` picks how the model's dilated 3x3 convolutions
+(ResNet's dilated stages, the ASPP branches) are computed:
+
+* ``'xla'``: ``lax.conv_general_dilated`` with ``rhs_dilation`` (what XLA and
+  cuDNN make of it).
+* ``'space_to_batch'``: the atrous convolution as a dense one on interleaved
+  sub-grids. With rate ``r``, a kernel of odd size ``k`` and the PyTorch
+  padding ``p = r (k - 1) / 2`` on each side,
+
+      y[i, j] = sum_{a, b} w[a, b] x[i + r (a - c), j + r (b - c)],  c = (k-1)/2,
+
+  and writing ``i = r q + s`` (``0 <= s < r``) gives
+  ``y[r q + s, .] = sum_a w[a, .] x_s[q + a - c, .]`` with the sub-grid
+  ``x_s[q] = x[r q + s]``: a dense convolution with padding ``c`` of each of
+  the ``r * r`` sub-grids. The input is zero-padded at the end to a multiple
+  of ``r`` (so the sub-grids have equal sizes ``ceil(H / r)``; the added zeros
+  are exactly the zeros the dilated padding reads), the sub-grids are moved to
+  the batch axis, convolved densely, moved back and cropped to ``H x W``.
+  Values and gradients equal the dilated convolution's for any size, odd or
+  even, and any rate (tests/model/test_dilated_conv.py).
+
+The dense form exists because XLA computes the input gradient of a dilated
+convolution on GPU with slow "indexed" implicit-GEMM kernels (issue 17), while
+dense 3x3 convolutions and their gradients map to cuDNN's fast kernels. On
+CPU the transposes cost more than they save (docs/benchmarks.md).
+"""
+
+from typing import Any, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DILATED_CONV_IMPLEMENTATIONS = ('xla', 'space_to_batch')
+# XLA's own: on CPU the sub-grid form is slower (docs/benchmarks.md); on GPU
+# it is unmeasured so far (benchmarks/gpu_suite.py measures both).
+DEFAULT = 'xla'
+_NHWC_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _applies(lhs_shape: Sequence[int], kernel_shape: Sequence[int],
+             window_strides: Sequence[int],
+             padding: Any, lhs_dilation: Sequence[int] | None,
+             rhs_dilation: Sequence[int] | None, dimension_numbers: Any,
+             feature_group_count: int, batch_group_count: int) -> bool:
+  """True for the case the sub-grid form handles: a 2-D NHWC/HWIO conv with
+  stride 1, one rate ``r > 1`` on both axes, odd kernel sizes and the
+  symmetric padding ``r (k - 1) / 2``, no input dilation, no groups."""
+  if rhs_dilation is None or len(kernel_shape) != 4 or len(lhs_shape) != 4:
+    return False
+  rates = tuple(rhs_dilation)
+  if len(set(rates)) != 1 or rates[0] <= 1:
+    return False
+  rate = rates[0]
+  if isinstance(padding, str) or len(padding) != 2:
+    return False
+  if (lax.conv_dimension_numbers(lhs_shape, kernel_shape, dimension_numbers)
+      != lax.conv_dimension_numbers(lhs_shape, kernel_shape, _NHWC_DIMENSIONS)):
+    return False
+  return (tuple(window_strides) == (1, 1)
+          and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+          and feature_group_count == 1 and batch_group_count == 1
+          and all(size % 2 == 1 for size in kernel_shape[:2])
+          and all(tuple(pad) == (rate * (size - 1) // 2,) * 2
+                  for pad, size in zip(padding, kernel_shape[:2])))
+
+
+def space_to_batch_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                        padding: Any, lhs_dilation: Sequence[int] | None = None,
+                        rhs_dilation: Sequence[int] | None = None,
+                        dimension_numbers: Any = None,
+                        feature_group_count: int = 1,
+                        batch_group_count: int = 1, precision: Any = None,
+                        preferred_element_type: Any = None,
+                        out_sharding: Any = None) -> Array:
+  """``lax.conv_general_dilated`` with dilated convs done on sub-grids.
+
+  Same signature and result as ``lax.conv_general_dilated`` (a drop-in for
+  ``nnx.Conv(conv_general_dilated=...)``). The sub-grid form (module
+  docstring) is used for ``lhs [B, H, W, C]`` NHWC, ``rhs [k, k', C, O]``
+  HWIO, stride 1, rate ``r > 1`` on both axes and padding ``r (k - 1) / 2``
+  per side; any other convolution is passed to ``lax.conv_general_dilated``
+  unchanged. Output ``[B, H, W, O]``.
+  """
+  if out_sharding is not None or not _applies(
+      lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, feature_group_count, batch_group_count):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding)
+  rate = int(rhs_dilation[0])
+  batch, height, width, channels = lhs.shape
+  kernel_height, kernel_width = rhs.shape[:2]
+  rows, cols = -(-height // rate), -(-width // rate)
+  lhs = jnp.pad(lhs, ((0, 0), (0, rows * rate - height),
+                      (0, cols * rate - width), (0, 0)))
+  # [B, rows, r, cols, r, C] -> [r, r, B, rows, cols, C]: sub-grid (s, t)
+  # holds x[r q + s, r q' + t].
+  grids = lhs.reshape(batch, rows, rate, cols, rate, channels)
+  grids = grids.transpose(2, 4, 0, 1, 3, 5).reshape(
+      rate * rate * batch, rows, cols, channels)
+  out = lax.conv_general_dilated(
+      grids, rhs, (1, 1),
+      ((kernel_height // 2,) * 2, (kernel_width // 2,) * 2),
+      dimension_numbers=_NHWC_DIMENSIONS, precision=precision,
+      preferred_element_type=preferred_element_type)
+  features = out.shape[-1]
+  out = out.reshape(rate, rate, batch, rows, cols, features)
+  out = out.transpose(2, 3, 0, 4, 1, 5).reshape(
+      batch, rows * rate, cols * rate, features)
+  return out[:, :height, :width]
+
+
+def conv_function(implementation: str, dilation: int):
+  """The ``conv_general_dilated`` an ``nnx.Conv`` of ``dilation`` should use.
+
+  ``implementation`` is ``config.model.dilated_conv`` (one of
+  ``DILATED_CONV_IMPLEMENTATIONS``); undilated convs always use XLA's.
+  """
+  if implementation not in DILATED_CONV_IMPLEMENTATIONS:
+    raise ValueError(f'model.dilated_conv must be one of '
+                     f'{DILATED_CONV_IMPLEMENTATIONS}, got {implementation!r}')
+  if implementation == 'space_to_batch' and dilation > 1:
+    return space_to_batch_conv
+  return lax.conv_general_dilated

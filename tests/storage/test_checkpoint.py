@@ -1,0 +1,208 @@
+"""agmm_jax.storage.checkpoint: the best-by-mIoU manager while saves are in flight,
+and the fallback past unreadable checkpoints."""
+
+import asyncio
+import errno
+import gc
+import importlib.util
+import logging
+import os
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agmm_jax.storage import checkpoint
+from tests import fixtures
+
+
+def test_save_best_compares_with_a_save_still_in_flight(tmp_path):
+  checkpointer = checkpoint.Checkpointer(str(tmp_path))
+  state = {'weights': jnp.arange(4.0)}
+  assert checkpointer.save_best(2, state, 0.5)
+  # Read back at once, before the asynchronous save has finalized.
+  assert checkpointer.best_miou() == 0.5
+  assert not checkpointer.save_best(4, state, 0.4)
+  assert checkpointer.save_best(6, state, 0.7)
+  assert checkpointer.best_miou() == 0.7
+  checkpointer.wait_until_finished()
+  assert checkpointer.best_step() == 6
+  checkpointer.close()
+  reopened = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  assert reopened.best_step() == 6 and reopened.best_miou() == 0.7
+  reopened.close()
+
+
+# A saved state: NUM_ARRAYS arrays of ARRAY_SIZE floats (38 MB, like 16
+# 3x3x256x256 kernels), enough that TensorStore reads are still in flight when
+# a restore of a damaged step fails (smaller states fail before that).
+NUM_ARRAYS = 16
+ARRAY_SIZE = 3 * 3 * 256 * 256
+
+
+def _weights(step: int) -> list[jax.Array]:
+  return [step * jnp.arange(float(ARRAY_SIZE)) + i for i in range(NUM_ARRAYS)]
+
+
+def _saved_steps(workdir: str, steps: tuple[int, ...]) -> dict[int, tuple]:
+  """Saves step ``s`` as ``_weights(s)`` with the iterator ``s`` elements in;
+  returns ``{step: (stacked weights, next element)}``."""
+  checkpointer = checkpoint.Checkpointer(workdir, keep=len(steps))
+  iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+  expected = {}
+  for step in steps:
+    while next(iterator) < step - 1:
+      pass
+    weights = _weights(step)
+    checkpointer.save(step, {'weights': weights}, iterator)
+    expected[step] = (np.stack(weights), step)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  return expected
+
+
+def _restore(workdir: str, read_only: bool = False, size: int = ARRAY_SIZE):
+  checkpointer = checkpoint.Checkpointer(workdir, read_only=read_only)
+  iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+  target = {'weights': [jax.ShapeDtypeStruct((size,), jnp.float32)] *
+                        NUM_ARRAYS}
+  try:
+    state, step = checkpointer.restore_latest(target, iterator)
+    return np.stack(state['weights']), step, next(iterator), checkpointer
+  except Exception:
+    checkpointer.close()
+    raise
+
+
+def test_restore_falls_back_past_unreadable_steps(tmp_path, caplog,
+                                                  monkeypatch):
+  workdir = str(tmp_path)
+  expected = _saved_steps(workdir, (1, 2, 3))
+  latest = tmp_path / 'checkpoints'
+  fixtures.truncate_largest_file(str(latest / '3' / 'state'))
+  os.remove(latest / '2' / 'data' / 'process_0-of-1.json')
+  printed = []  # What Python would print as "Exception ignored in ...".
+  monkeypatch.setattr(sys, 'unraisablehook', printed.append)
+
+  with caplog.at_level(logging.WARNING):
+    weights, step, next_element, checkpointer = _restore(workdir)
+  # The failed restore's leftover reads finish within about a second.
+  time.sleep(2)
+  gc.collect()
+  assert printed == []
+  assert step == 1
+  np.testing.assert_array_equal(weights, expected[1][0])
+  assert next_element == expected[1][1]
+  warnings = [r.getMessage() for r in caplog.records
+              if 'unreadable' in r.getMessage()]
+  assert [w.split()[1] for w in warnings] == ['3', '2']
+  assert all('\n' not in w for w in warnings)
+  # Set aside, not deleted: the resumed run saves those steps afresh.
+  assert sorted(os.listdir(tmp_path / 'checkpoints_unreadable')) == ['2', '3']
+  assert checkpointer.latest_step() == 1
+  assert checkpointer.save(2, {'weights': _weights(0)},
+                           iter(grain.MapDataset.range(3).to_iter_dataset()))
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def _reader_module(root, package: str):
+  """A module at ``root/package/`` whose ``read`` coroutine raises."""
+  folder = root / package
+  folder.mkdir()
+  (folder / 'reader.py').write_text(
+      'async def read():\n  raise ValueError("damaged chunk")\n')
+  spec = importlib.util.spec_from_file_location(
+      f'{package}_reader', folder / 'reader.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _unretrieved_read_errors(reader) -> None:
+  """Leaves a gather and a task of ``reader.read`` failed and unretrieved,
+  as a failed restore leaves Orbax's reads, and collects them."""
+
+  async def start_reads():
+    # Referenced until they have failed, then dropped unretrieved.
+    reads = (asyncio.gather(reader.read()),
+             asyncio.ensure_future(reader.read()))
+    await asyncio.sleep(0.01)
+    del reads
+
+  loop = asyncio.new_event_loop()
+  loop.run_until_complete(start_reads())
+  loop.close()
+  gc.collect()
+
+
+def test_unretrieved_read_errors_are_dropped_only_when_raised_in_orbax(
+    tmp_path, caplog, monkeypatch):
+  """The third form of a failed restore's leftovers: asyncio's "Task /
+  _GatheringFuture exception was never retrieved" records, with a traceback;
+  the same records of any other code still reach the log."""
+  monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: None)
+  monkeypatch.setattr(logging.getLogger('asyncio'), 'filters', [])
+  checkpoint._ignore_failed_restore_leftovers()
+  unretrieved = lambda: [r.getMessage().split('\n')[0] for r in caplog.records
+                         if 'never retrieved' in r.getMessage()]
+
+  with caplog.at_level(logging.ERROR):
+    _unretrieved_read_errors(_reader_module(tmp_path, 'orbax'))
+    assert unretrieved() == []
+    _unretrieved_read_errors(_reader_module(tmp_path, 'elsewhere'))
+  assert sorted(unretrieved()) == [
+      'Task exception was never retrieved',
+      '_GatheringFuture exception was never retrieved']
+
+
+def test_read_only_restore_falls_back_and_moves_nothing(tmp_path):
+  expected = _saved_steps(str(tmp_path), (1, 2))
+  fixtures.truncate_largest_file(
+      str(tmp_path / 'checkpoints' / '2' / 'state'))
+  weights, step, _, checkpointer = _restore(str(tmp_path), read_only=True)
+  checkpointer.close()
+  assert step == 1
+  np.testing.assert_array_equal(weights, expected[1][0])
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  assert not os.path.exists(tmp_path / 'checkpoints_unreadable')
+
+
+def test_restore_of_another_shape_raises_and_moves_nothing(tmp_path):
+  """No step restores: a mismatch, not damage; every step stays in place."""
+  _saved_steps(str(tmp_path), (1, 2))
+  with pytest.raises(ValueError):
+    _restore(str(tmp_path), size=10)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  assert not os.path.exists(tmp_path / 'checkpoints_unreadable')
+
+
+def test_failed_write_raises_one_line_and_keeps_the_previous_step(
+    tmp_path, monkeypatch):
+  """ENOSPC from the writer of the iterator state, in Orbax's save thread."""
+  expected = _saved_steps(str(tmp_path), (1,))
+  handler_save = grain.checkpoint.CheckpointHandler.save
+
+  def full_disk(self, directory, *args, **kwargs):
+    del self, args, kwargs
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, 'save', full_disk)
+  checkpointer = checkpoint.Checkpointer(str(tmp_path))
+  iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+  with pytest.raises(checkpoint.SaveError) as raised:
+    checkpointer.save(2, {'weights': _weights(2)}, iterator)
+    checkpointer.close()
+  message = str(raised.value)
+  assert '\n' not in message
+  assert 'No space left on device' in message
+  assert 'the last complete checkpoint, step 1, is intact' in message
+
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, 'save', handler_save)
+  weights, step, next_element, checkpointer = _restore(str(tmp_path))
+  checkpointer.close()
+  assert step == 1 and next_element == expected[1][1]
+  np.testing.assert_array_equal(weights, expected[1][0])
