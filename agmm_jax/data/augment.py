@@ -40,6 +40,8 @@ from PIL import ImageFilter
 
 from agmm_jax.data import labels
 
+# The ImageNet normalization of every image the model sees (written once: the
+# losses and the visualizations undo it with these).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # (x / 255 - mean) / std == x * _NORM_SCALE + _NORM_OFFSET.

@@ -10,10 +10,9 @@ import os
 import numpy as np
 from PIL import Image
 
+from agmm_jax.data import augment
 from agmm_jax.data import labels
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # The 19 Cityscapes training classes in their official colours.
 CITYSCAPES_COLORS = np.array([
@@ -92,7 +91,7 @@ def denormalize(image: np.ndarray) -> np.ndarray:
 
   ``rgb = round(255 clip(x std + mean, 0, 1))``.
   """
-  rgb = np.asarray(image, np.float32) * IMAGENET_STD + IMAGENET_MEAN
+  rgb = np.asarray(image, np.float32) * augment.IMAGENET_STD + augment.IMAGENET_MEAN
   return np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 

@@ -45,21 +45,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from agmm_jax.data import augment
 from agmm_jax.data import labels as labels_lib
 
 # The epsilon of every log, division and normalization of the official AGMM
 # code; the other methods use it where they need a guard.
 EPSILON = 1e-6
-# ImageNet normalization of the input pipeline (agmm_jax.data.augment), for
-# LossInputs.rgb.
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
 
 def normalized_to_rgb(image: jax.Array) -> jax.Array:
   """float32 RGB in 0..255 (unclipped) of an ImageNet-normalized ``[..., 3]``
   image: ``255 (x std + mean)``."""
-  return 255.0 * (image.astype(jnp.float32) * _IMAGENET_STD + _IMAGENET_MEAN)
+  return 255.0 * (image.astype(jnp.float32) * augment.IMAGENET_STD + augment.IMAGENET_MEAN)
 
 
 class LossInputs(NamedTuple):

@@ -5,6 +5,7 @@ from PIL import Image
 import pytest
 
 from agmm_jax.data import labels
+from agmm_jax.data import augment
 from agmm_jax.evaluation import visualize
 
 
@@ -63,7 +64,7 @@ def test_colorize_and_overlay():
 
 def test_denormalize_inverts_imagenet_normalization():
   rgb = np.array([[[0, 128, 255], [10, 20, 30]]], np.uint8)
-  normalized = (rgb / 255.0 - visualize.IMAGENET_MEAN) / visualize.IMAGENET_STD
+  normalized = (rgb / 255.0 - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
   np.testing.assert_array_equal(visualize.denormalize(normalized), rgb)
 
 
