@@ -46,6 +46,14 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     'spml_scribble': lambda: {'weights': {'pce': 1.0, 'spml': 1.0}, 'spml': {
         'cooccurrence_concentration': 12.0, 'annotation_weight': 1.0,
         'cooccurrence_weight': 0.5}},
+    # Soft self-labeling (Zhang and Boykov, CVPR 2025;
+    # agmm_jax/methods/soft_self_labeling.py): pCE on the seeds + the
+    # network's collision cross-entropy toward soft pseudo-labels solved for
+    # the collision-divergence Potts relaxation on the 4-neighbour grid (the
+    # term's defaults; variants: --config.loss.soft_self_labeling.ce=,
+    # .potts=, .neighbourhood=).
+    'soft_self_labeling': lambda: {'weights': {
+        'pce': 1.0, 'soft_self_labeling': 1.0}},
 }
 PRESETS = tuple(_PRESETS)
 

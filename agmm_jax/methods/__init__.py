@@ -11,7 +11,8 @@ absent-class), ``agmm`` (GMM and prototype terms), ``spanning_tree`` (MST,
 tree filter and affinity propagation kernels), ``tel`` (tree energy loss),
 ``apro`` (affinity propagation), ``bilateral`` (the dense bilateral product,
 exact and by a bilateral grid), ``regularized`` (dense CRF, normalized cut,
-gated CRF and entropy terms) and ``spml`` (pixel-to-segment contrastive
+gated CRF and entropy terms), ``soft_self_labeling`` (soft pseudo-labels
+solved for a Potts relaxation) and ``spml`` (pixel-to-segment contrastive
 learning with its memory bank).
 """
 
@@ -19,6 +20,7 @@ from agmm_jax.methods import agmm
 from agmm_jax.methods import apro
 from agmm_jax.methods import pce
 from agmm_jax.methods import regularized
+from agmm_jax.methods import soft_self_labeling
 from agmm_jax.methods import spml
 from agmm_jax.methods import tel
 from agmm_jax.methods.core import build_loss
