@@ -12,7 +12,7 @@ training photos with a smoothed label softmax (11 classes), rloss defaults.
 Usage::
 
   python -m benchmarks.bench_regularized [--batch 4] [--size 321]
-      [--classes 21] [--repeats 3] [--camvid]
+      [--classes 21] [--repeats 3] [--only SUBSTRING] [--camvid]
 """
 
 import argparse
@@ -39,6 +39,14 @@ CASES = (
     ('gatedcrf (stride 4)', {'gatedcrf': 0.1}, {}),
     ('entropy', {'entropy': 1.0}, {}),
     ('pce (for scale)', {'pce': 1.0}, {}),
+    # Soft self-labeling: the solver's 20 steps (each one energy + gradient
+    # of the relaxation) and the network term; pCE is not included.
+    ('soft_self_labeling (default)', {'soft_self_labeling': 1.0}, {}),
+    ('soft_self_labeling grid8', {'soft_self_labeling': 1.0},
+     {'soft_self_labeling': {'neighbourhood': 'grid8'}}),
+    ('soft_self_labeling dense', {'soft_self_labeling': 1.0},
+     {'soft_self_labeling': {'neighbourhood': 'dense', 'potts': 'quadratic',
+                             'sigma_xy': 50.0}}),
 )
 
 
@@ -119,6 +127,8 @@ def main():
   parser.add_argument('--size', type=int, default=321)
   parser.add_argument('--classes', type=int, default=21)
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--only', default='',
+                      help='run the cases whose label contains this')
   parser.add_argument('--camvid', action='store_true')
   args = parser.parse_args()
   if args.camvid:
@@ -128,6 +138,8 @@ def main():
   print(f'batch {args.batch}, {args.classes} classes, {args.size}x{args.size}; '
         f'{jax.devices()[0].device_kind}', flush=True)
   for label, weights, overrides in CASES:
+    if args.only not in label:
+      continue
     loss = methods.build_loss(methods.loss_config(weights, **overrides))
     fn = jax.jit(jax.value_and_grad(
         lambda logits, loss=loss: loss(inputs._replace(logits=logits))[0]))
