@@ -393,8 +393,9 @@ def test_eval_spec_from_config_casts_once_and_freezes_the_data():
   config.eval.mode = 'multi_scale'
   config.eval.scales = (1, 1.5)
   spec = evaluator.EvalSpec.from_config(config, ['road', 'car'])
-  assert (spec.mode, spec.crop_size, spec.flip, spec.batch_size, spec.split) == (
-      'multi_scale', config.data.crop_size, True, 8, config.data.eval_split)
+  assert (spec.mode, spec.crop_size, spec.flip, spec.batch_size,
+          spec.split) == ('multi_scale', config.data.crop_size, True, 8,
+                          config.data.eval_split)
   assert spec.scales == (1.0, 1.5)
   assert all(isinstance(scale, float) for scale in spec.scales)
   assert spec.class_names == ('road', 'car') and spec.num_classes == 2
