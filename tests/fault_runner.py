@@ -62,7 +62,7 @@ def _install(kind: str, step: int) -> None:
   # pylint: disable=g-import-not-at-top
   import grain
   from agmm_jax.storage import checkpoint as checkpoint_lib
-  from agmm_jax.evaluation import modes
+  from agmm_jax.evaluation import evaluator
   from agmm_jax.train import steps
   from agmm_jax.train import state as train_state_lib
   from data_prep import common as data_prep_common
@@ -95,7 +95,7 @@ def _install(kind: str, step: int) -> None:
     steps.make_train_step = faulty_make_train_step
 
   elif kind in ('eval_kill', 'eval_term'):
-    evaluate_dataset = modes.evaluate_dataset
+    evaluate_dataset = evaluator.evaluate_dataset
 
     def faulty_evaluate_dataset(eval_fn, state, *args, **kwargs):
       if int(train_state_lib.host(state['step'])) != step:
@@ -109,7 +109,7 @@ def _install(kind: str, step: int) -> None:
           _signal_self(signals.pop())
         return result
       return evaluate_dataset(faulty_eval_fn, state, *args, **kwargs)
-    modes.evaluate_dataset = faulty_evaluate_dataset
+    evaluator.evaluate_dataset = faulty_evaluate_dataset
 
   elif kind == 'save_kill':
     save = checkpoint_lib.Checkpointer.save

@@ -1,4 +1,16 @@
-"""Inference modes for evaluation and prediction on fixed-size canvases.
+"""The one evaluator: training, eval mode and every stage evaluate through it.
+
+* :class:`EvalSpec`: what an evaluation does (mode, crop, scales, flip,
+  batch, split, data, classes), read from the config and cast once
+  (:meth:`EvalSpec.from_config`), then passed instead of the config.
+* :func:`make_evaluator` ``(model_defs, spec, mesh) -> evaluate(state) ->
+  scores``: the split's batches through one jitted step, the confusion
+  summed on the device, scored once on the host (``metrics``).
+* :func:`print_scores` (the per-class IoU table) and :func:`eval_scalars`
+  (the TensorBoard scalars of an evaluation).
+* The prediction modes below, on arrays: :func:`make_predict_fn` (class
+  ids) and :func:`make_eval_step` (confusion of one batch), with
+  :func:`eval_apply_fn` the model's ``apply_fn``.
 
 Evaluation images arrive padded to one canvas ``[B, Hc, Wc, 3]`` with their
 true sizes ``height, width: int32 [B]`` (pixels ``y >= height`` or
@@ -50,21 +62,189 @@ stale parameters into its compiled code; for a Flax NNX model::
   apply_fn = lambda state, images: nnx.merge(graphdef, state)(images)[1]
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 import math
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
+from agmm_jax.data import input_pipeline
 from agmm_jax.data import labels
 from agmm_jax.evaluation import metrics
 from agmm_jax.model import resample
+from agmm_jax.runtime import sharding as sharding_lib
 
 EVAL_MODES = ('whole', 'center_crop', 'sliding_window', 'multi_scale')
 SLIDING_WINDOW_OVERLAP = 2 / 3
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
+Scores = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """What one evaluation does; build it with :meth:`from_config`.
+
+  ``mode``: one of ``EVAL_MODES``; ``crop_size``: the window of
+  ``center_crop`` and ``sliding_window``; ``scales`` and ``flip``: of
+  ``multi_scale``; ``batch_size``: the global eval batch (rounded up to
+  whole devices); ``split`` of ``data`` (the config's data block, frozen:
+  ``dir``, ``eval_canvas``, ...); ``class_names``: the classes scored, in
+  the order of the label ids.
+  """
+  mode: str
+  crop_size: int
+  scales: tuple[float, ...]
+  flip: bool
+  batch_size: int
+  split: str
+  data: ml_collections.FrozenConfigDict
+  class_names: tuple[str, ...]
+
+  def __post_init__(self):
+    # Named by their config fields: a spec comes from the config.
+    if self.mode not in EVAL_MODES:
+      raise ValueError(f'config.eval.mode={self.mode!r} is not one of '
+                       f'{EVAL_MODES}')
+    if self.mode in ('center_crop', 'sliding_window') and self.crop_size <= 0:
+      raise ValueError(f'config.eval.mode={self.mode!r} needs '
+                       f'config.data.crop_size > 0, got {self.crop_size}')
+    if self.mode == 'multi_scale' and (not self.scales
+                                       or min(self.scales) <= 0):
+      raise ValueError('config.eval.scales must be positive for '
+                       f'config.eval.mode=multi_scale, got {self.scales}')
+    if self.batch_size <= 0:
+      raise ValueError(f'config.eval.batch_size={self.batch_size} must be '
+                       'positive')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  class_names: Sequence[str],
+                  split: str | None = None) -> 'EvalSpec':
+    """The evaluation of ``config`` (``config.eval.*``, ``config.data``) on
+    ``split`` (default ``config.data.eval_split``); one-line ValueError
+    naming the field of a bad value."""
+    return cls(mode=str(config.eval.mode),
+               crop_size=int(config.data.crop_size),
+               scales=tuple(float(scale) for scale in config.eval.scales),
+               flip=bool(config.eval.flip),
+               batch_size=int(config.eval.batch_size),
+               split=str(split or config.data.eval_split),
+               data=ml_collections.FrozenConfigDict(config.data),
+               class_names=tuple(str(name) for name in class_names))
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def mode_options(self) -> dict[str, Any]:
+    """The keyword arguments of :func:`make_predict_fn` and
+    :func:`make_eval_step` for this spec."""
+    return dict(mode=self.mode, num_classes=self.num_classes,
+                crop_size=self.crop_size, scales=self.scales, flip=self.flip)
+
+  def check(self, mesh: jax.sharding.Mesh) -> None:
+    """Raises the one-line ValueError of what the mesh or the data
+    contradict (call it before training starts): an eval batch that does not
+    split over the processes, a missing split, an image larger than
+    ``data.eval_canvas``."""
+    sharding_lib.eval_batch_size_per_process(self.batch_size, mesh)
+    input_pipeline.eval_canvas(self.data, self.split)
+
+
+def make_evaluator(model_defs: Any, spec: EvalSpec, mesh: jax.sharding.Mesh
+                   ) -> Callable[[Mapping[str, Any]], Scores]:
+  """``evaluate(state) -> scores`` of ``spec`` over its split.
+
+  ``model_defs``: a ``train.state.ModelDefs`` (its ``eval`` graph is used);
+  ``state``: a train state (its ``params`` and ``model_state``). ``scores``:
+  those of ``metrics.segmentation_scores`` (``miou``, ``per_class_iou``,
+  ``pixel_accuracy``, ``mean_class_accuracy``) plus ``confusion`` (NumPy
+  int ``[K, K]``, rows: truth). The step compiles once, on the first call.
+  """
+  eval_fn = make_eval_fn(model_defs, spec, mesh)
+
+  def evaluate(state: Mapping[str, Any]) -> Scores:
+    return evaluate_dataset(eval_fn, state, spec, mesh)
+
+  return evaluate
+
+
+def make_eval_fn(model_defs: Any, spec: EvalSpec, mesh: jax.sharding.Mesh
+                 ) -> Callable[..., jax.Array]:
+  """Jitted ``(params, model_state, batch) -> confusion int32 [K, K]`` of one
+  global batch (sharded on ``data``), replicated."""
+  replicated = sharding_lib.replicated_sharding(mesh)
+  data = sharding_lib.data_sharding(mesh)
+  eval_step = make_eval_step(eval_apply_fn(model_defs), jit=False,
+                             **spec.mode_options())
+
+  def eval_fn(params, model_state, batch):
+    return eval_step((params, model_state), batch)
+
+  return jax.jit(eval_fn, in_shardings=(replicated, replicated, data),
+                 out_shardings=replicated)
+
+
+def evaluate_dataset(eval_fn: Callable[..., jax.Array],
+                     state: Mapping[str, Any], spec: EvalSpec,
+                     mesh: jax.sharding.Mesh) -> Scores:
+  """The scores of ``state`` (:func:`make_evaluator`) with the eval step
+  ``eval_fn`` of :func:`make_eval_fn`."""
+  iterator = input_pipeline.create_eval_iterator(
+      spec.data, spec.split,
+      batch_size_per_process=sharding_lib.eval_batch_size_per_process(
+          spec.batch_size, mesh),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  confusion = None
+  for local_batch in iterator:
+    counts = eval_fn(state['params'], state['model_state'],
+                     sharding_lib.global_batch(local_batch, mesh))
+    confusion = counts if confusion is None else confusion + counts
+  if confusion is None:
+    raise ValueError(f'{spec.data.dir}: split {spec.split!r} has no examples')
+  # Replicated: every process holds the whole sum.
+  confusion = np.asarray(confusion.addressable_data(0))
+  scores = metrics.segmentation_scores(confusion)
+  scores['confusion'] = confusion
+  return scores
+
+
+def print_scores(spec: EvalSpec, step: int, scores: Mapping[str, Any]) -> None:
+  """Prints the per-class IoU table of an evaluation (process 0 only) under
+  the line ``SPLIT at step N (MODE):`` (the study's report parses it)."""
+  if jax.process_index() == 0:
+    print(f'{spec.split} at step {step} ({spec.mode}):')
+    print(metrics.format_iou_table(
+        scores['per_class_iou'], spec.class_names, scores['miou'],
+        scores['pixel_accuracy']))
+
+
+def eval_scalars(scores: Mapping[str, Any],
+                 class_names: Sequence[str]) -> dict[str, float]:
+  """The scalars of an evaluation: ``eval/miou``, ``eval/pixel_accuracy`` and
+  ``eval/iou/<class>`` of ``metrics.segmentation_scores``' ``scores``."""
+  return {'eval/miou': float(scores['miou']),
+          'eval/pixel_accuracy': float(scores['pixel_accuracy']),
+          **{f'eval/iou/{name}': float(iou)
+             for name, iou in zip(class_names, scores['per_class_iou'])}}
+
+
+def eval_apply_fn(model_defs: Any) -> ApplyFn:
+  """``apply_fn(variables, images) -> logits`` of the prediction modes with
+  ``variables = (params, model_state)`` and ``model_defs.eval``, the
+  eval-mode model (BatchNorm running statistics)."""
+
+  def apply_fn(variables, images):
+    params, model_state = variables
+    return nnx.merge(model_defs.eval, params, model_state)(images)[1]
+
+  return apply_fn
 
 
 def sliding_window_stride(window: int) -> int:

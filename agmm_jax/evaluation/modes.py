@@ -1,5 +1,5 @@
-"""Inference from a run's checkpoints: evaluation and prediction modes, and
-the evaluation of a train state over a dataset split (shared with training).
+"""Inference from a run's checkpoints: the eval and predict modes (both
+through ``agmm_jax.evaluation.evaluator``).
 """
 
 import json
@@ -16,10 +16,8 @@ from agmm_jax.storage import checkpoint as checkpoint_lib
 from agmm_jax.evaluation import evaluator
 from agmm_jax.data import input_pipeline
 from agmm_jax import methods
-from agmm_jax.evaluation import metrics as metrics_lib
 from agmm_jax.runtime import sharding as sharding_lib
 from agmm_jax.methods import spml_stage2
-from agmm_jax.train import steps
 from agmm_jax.train import state as train_state_lib
 from agmm_jax.evaluation import visualize
 
@@ -70,42 +68,6 @@ def record_classes(workdir: str, class_names: list[str]) -> None:
     os.replace(path + '.tmp', path)
 
 
-def evaluate_dataset(eval_fn, state: train_state_lib.TrainState,
-                     config: ml_collections.ConfigDict,
-                     mesh: jax.sharding.Mesh,
-                     num_classes: int) -> dict[str, Any]:
-  """Runs ``eval_fn`` over ``config.data.eval_split``; returns the scores of
-  ``metrics.segmentation_scores`` plus ``confusion`` (NumPy ``[K, K]``)."""
-  batch_per_process = sharding_lib.eval_batch_size_per_process(
-      int(config.eval.batch_size), mesh)
-  iterator = input_pipeline.create_eval_iterator(
-      config.data, config.data.eval_split,
-      batch_size_per_process=batch_per_process,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  confusion = None
-  for local_batch in iterator:
-    batch = sharding_lib.global_batch(local_batch, mesh)
-    confusion = steps.merge(
-        confusion, eval_fn(state['params'], state['model_state'], batch))
-  if confusion is None:
-    raise ValueError(f'{config.data.dir}: split {config.data.eval_split!r} '
-                     'has no examples')
-  confusion = train_state_lib.host(confusion.compute())
-  scores = metrics_lib.segmentation_scores(confusion)
-  scores['confusion'] = confusion
-  return scores
-
-
-def print_scores(config: ml_collections.ConfigDict, step: int,
-                 scores: dict[str, Any], class_names: list[str]) -> None:
-  """Prints the per-class IoU table of an evaluation (process 0 only)."""
-  if jax.process_index() == 0:
-    print(f'{config.data.eval_split} at step {step} ({config.eval.mode}):')
-    print(metrics_lib.format_iou_table(
-        scores['per_class_iou'], class_names, scores['miou'],
-        scores['pixel_accuracy']))
-
-
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                            num_classes: int, mesh: jax.sharding.Mesh):
   """Model defs and the best (or latest) checkpointed state of ``workdir``:
@@ -144,15 +106,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   """Evaluates the best (``config.eval.checkpoint``) checkpoint of ``workdir``
   and prints the per-class IoU table (process 0)."""
   mesh = sharding_lib.create_mesh(config.mesh)
-  sharding_lib.eval_batch_size_per_process(int(config.eval.batch_size), mesh)
   class_names = input_pipeline.class_names(input_pipeline.checked_metadata(config.data))
   check_classes(workdir, class_names, config.data.dir)
-  input_pipeline.eval_canvas(config.data, config.data.eval_split)
+  spec = evaluator.EvalSpec.from_config(config, class_names)
+  spec.check(mesh)
   state, model_defs, step = restore_for_inference(
-      config, workdir, len(class_names), mesh)
-  eval_fn = steps.make_eval_fn(model_defs, config, len(class_names), mesh)
-  scores = evaluate_dataset(eval_fn, state, config, mesh, len(class_names))
-  print_scores(config, step, scores, class_names)
+      config, workdir, spec.num_classes, mesh)
+  scores = evaluator.make_evaluator(model_defs, spec, mesh)(state)
+  evaluator.print_scores(spec, step, scores)
   scores['step'] = step
   return scores
 
@@ -247,9 +208,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
                                                len(class_names), mesh)
   variables = (state['params'], state['model_state'])
   predict_fn = evaluator.make_predict_fn(
-      steps.eval_apply_fn(model_defs), mode=config.eval.mode,
-      num_classes=len(class_names), crop_size=int(config.data.crop_size),
-      scales=tuple(config.eval.scales), flip=bool(config.eval.flip))
+      evaluator.eval_apply_fn(model_defs),
+      **evaluator.EvalSpec.from_config(config, class_names).mode_options())
   output_dir = config.predict.output_dir or os.path.join(workdir, 'predictions')
   os.makedirs(output_dir, exist_ok=True)
   skipped = sorted(set(names) - set(readable))

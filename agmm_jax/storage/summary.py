@@ -224,15 +224,6 @@ class MultiWriter(MetricWriter):
       writer.close()
 
 
-def eval_scalars(scores: Mapping[str, Any], class_names: Sequence[str]) -> dict[str, float]:
-  """The scalars of an evaluation: ``eval/miou``, ``eval/pixel_accuracy`` and
-  ``eval/iou/<class>`` of ``metrics.segmentation_scores``' ``scores``."""
-  return {'eval/miou': float(scores['miou']),
-          'eval/pixel_accuracy': float(scores['pixel_accuracy']),
-          **{f'eval/iou/{name}': float(iou)
-             for name, iou in zip(class_names, scores['per_class_iou'])}}
-
-
 def create_default_writer(logdir: str | None = None, *,
                           just_logging: bool = False,
                           collection: str | None = None) -> MultiWriter:

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from agmm_jax.evaluation import evaluator
 from agmm_jax.storage import checkpoint as checkpoint_lib
 from agmm_jax.runtime import sharding as sharding_lib
 from agmm_jax.train import steps
@@ -212,7 +213,7 @@ def run(state: train_state_lib.TrainState,
           check_unchecked()
           scores = evaluate(state)
           writer.write_scalars(offset + step,
-                               summary.eval_scalars(scores, reporting.class_names))
+                               evaluator.eval_scalars(scores, reporting.class_names))
           logging.info('%sstep %d: eval mIoU %.2f%%, pixel accuracy %.2f%%', prefix,
                        step, 100 * scores['miou'], 100 * scores['pixel_accuracy'])
           if np.isfinite(scores['miou']):

@@ -1,4 +1,5 @@
-"""The jitted functions of a run: train step, summary maps, evaluation step.
+"""The jitted functions of a run: train step and summary maps (the
+evaluation step is ``agmm_jax.evaluation.evaluator``'s).
 
 One train step is ONE ``jax.jit``-compiled function of ``(state, batch)`` with
 the state replicated and donated and the batch split over the ``data`` axis;
@@ -16,11 +17,9 @@ from clu import metrics as clu_metrics
 import jax
 import jax.numpy as jnp
 import ml_collections
-import flax
 import optax
 from flax import nnx
 
-from agmm_jax.evaluation import evaluator
 from agmm_jax import methods
 from agmm_jax.runtime import sharding as sharding_lib
 from agmm_jax.train import state as train_state_lib
@@ -130,47 +129,6 @@ def make_summary_fn(model_defs: ModelDefs, mesh: jax.sharding.Mesh,
     return prediction, response[0, ..., jnp.argmax(labeled)]
 
   return jax.jit(summary_fn, in_shardings=(state_sharding, data),
-                 out_shardings=replicated)
-
-
-def eval_apply_fn(model_defs: ModelDefs):
-  """``apply_fn(variables, images) -> logits`` of ``evaluate`` with
-  ``variables = (params, model_state)`` and the eval-mode model."""
-
-  def apply_fn(variables, images):
-    params, model_state = variables
-    return nnx.merge(model_defs.eval, params, model_state)(images)[1]
-
-  return apply_fn
-
-
-@flax.struct.dataclass
-class Confusion(clu_metrics.Metric):
-  """Confusion counts ``[K, K]`` (rows: truth, columns: prediction) summed
-  over evaluation batches; ``compute()`` returns the counts."""
-  counts: jax.Array
-
-  def merge(self, other: 'Confusion') -> 'Confusion':
-    return Confusion(self.counts + other.counts)
-
-  def compute(self) -> jax.Array:
-    return self.counts
-
-
-def make_eval_fn(model_defs: ModelDefs, config: ml_collections.ConfigDict,
-                 num_classes: int, mesh: jax.sharding.Mesh):
-  """Jitted ``(params, model_state, batch) -> Confusion`` of one batch."""
-  replicated = sharding_lib.replicated_sharding(mesh)
-  data = sharding_lib.data_sharding(mesh)
-  eval_step = evaluator.make_eval_step(
-      eval_apply_fn(model_defs), mode=config.eval.mode,
-      num_classes=num_classes, crop_size=int(config.data.crop_size),
-      scales=tuple(config.eval.scales), flip=bool(config.eval.flip), jit=False)
-
-  def eval_fn(params, model_state, batch):
-    return Confusion(eval_step((params, model_state), batch))
-
-  return jax.jit(eval_fn, in_shardings=(replicated, replicated, data),
                  out_shardings=replicated)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from agmm_jax.storage import checkpoint as checkpoint_lib
+from agmm_jax.evaluation import evaluator
 from agmm_jax.evaluation import modes
 from agmm_jax.data import input_pipeline
 from agmm_jax.train import loop
@@ -116,7 +117,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding_lib.create_mesh(config.mesh)
   batch_per_process = sharding_lib.per_process_batch_size(
       int(config.global_batch_size), mesh)
-  sharding_lib.eval_batch_size_per_process(int(config.eval.batch_size), mesh)
   metadata = input_pipeline.checked_metadata(config.data)
   class_names = input_pipeline.class_names(metadata)
   num_classes = len(class_names)
@@ -126,7 +126,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_train = input_pipeline.num_examples(metadata, config.data.train_split,
                                           config.data.dir)
   input_pipeline.check_crop_size(config.data)
-  input_pipeline.eval_canvas(config.data, config.data.eval_split)
+  eval_spec = evaluator.EvalSpec.from_config(config, class_names)
+  eval_spec.check(mesh)
   steps_per_epoch = max(num_train // int(config.global_batch_size), 1)
   total_steps = (int(config.num_train_steps) if config.num_train_steps > 0
                  else int(config.num_epochs) * steps_per_epoch)
@@ -159,7 +160,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       model_defs, loss, tx, mesh, lr_schedule=lr_schedule,
       head_lr_multiplier=float(config.optimizer.head_lr_multiplier))
   summary_fn = steps.make_summary_fn(model_defs, mesh, loss)
-  eval_fn = steps.make_eval_fn(model_defs, config, num_classes, mesh)
+  evaluate = evaluator.make_evaluator(model_defs, eval_spec, mesh)
   writer = summary.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if step == 0:
@@ -176,9 +177,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'train/{k}': v for k, v in _image_summaries(
                 local_batch, train_state_lib.host(prediction),
                 train_state_lib.host(response), loss.summary_name).items()})
-
-  def evaluate(state: Any) -> dict[str, Any]:
-    return modes.evaluate_dataset(eval_fn, state, config, mesh, num_classes)
 
   state, scores = loop.run(
       state, train_step, train_iter, mesh,
@@ -197,6 +195,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # state's scores all the same.
     logging.info('%s: already trained to step %d', workdir, step)
     scores = evaluate(state)
-  modes.print_scores(config, step, scores, class_names)
+  evaluator.print_scores(eval_spec, step, scores)
   scores['step'] = step
   return scores

@@ -40,7 +40,7 @@ def eval_command(run: Run, data_dir: str) -> str:
 def parse_eval_output(text: str) -> dict[str, Any]:
   """The last IoU table of main.py's eval mode output.
 
-  The table is agmm_jax.evaluation.modes.print_scores': a line 'SPLIT at step N
+  The table is agmm_jax.evaluation.evaluator.print_scores': a line 'SPLIT at step N
   (MODE):', a header 'class  IoU (%)', one 'NAME  VALUE' line per class
   (VALUE in %, or 'n/a'), then 'mIoU  VALUE' and 'pixel accuracy  VALUE'.
   Returns `{'split', 'step', 'eval_mode', 'per_class': {name: IoU},

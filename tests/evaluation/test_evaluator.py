@@ -1,21 +1,33 @@
-"""Tests of agmm_jax.evaluation.evaluator against NumPy re-implementations of the official
-AGMM evaluation loops (util/utils.py: ``pre_slide``, ``ms_test``, ``evaluate``)
-run per image at its true size, without any canvas."""
+"""Tests of agmm_jax.evaluation.evaluator: the prediction modes against NumPy
+re-implementations of the official AGMM evaluation loops (util/utils.py:
+``pre_slide``, ``ms_test``, ``evaluate``) run per image at its true size,
+without any canvas; the evaluator of a split (EvalSpec, make_evaluator)
+against a per-image loop over the split's records; scores' printing and
+scalars."""
 
+import dataclasses
 import functools
 import math
 import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from agmm_jax.evaluation import evaluator
+from agmm_jax.data import augment
+from agmm_jax.data import input_pipeline
 from agmm_jax.data import labels
 from agmm_jax.model import resample
+from agmm_jax.runtime import sharding as sharding_lib
+from agmm_jax.train import state as train_state_lib
+from configs import tiny
+from tests import conftest
 
 NUM_CLASSES = 4
 CANVAS = (20, 24)
@@ -370,3 +382,171 @@ def test_eval_step_on_two_devices_equals_one_device(tmp_path):
   for sharded, single in zip(confusions[0::2], confusions[1::2]):
     np.testing.assert_array_equal(sharded, single)
     assert sharded.sum() > 0
+
+
+# The evaluator of a split.
+
+
+def test_eval_spec_from_config_casts_once_and_freezes_the_data():
+  config = tiny.get_config()
+  config.data.dir = '/data/a'
+  config.eval.mode = 'multi_scale'
+  config.eval.scales = (1, 1.5)
+  spec = evaluator.EvalSpec.from_config(config, ['road', 'car'])
+  assert (spec.mode, spec.crop_size, spec.flip, spec.batch_size,
+          spec.split) == ('multi_scale', config.data.crop_size, True, 8,
+                          config.data.eval_split)
+  assert spec.scales == (1.0, 1.5)
+  assert all(isinstance(scale, float) for scale in spec.scales)
+  assert spec.class_names == ('road', 'car') and spec.num_classes == 2
+  assert spec.mode_options() == dict(
+      mode='multi_scale', num_classes=2, crop_size=config.data.crop_size,
+      scales=(1.0, 1.5), flip=True)
+  # The spec keeps the data block as it was: later edits of the config and
+  # writes to the spec do not reach it.
+  config.data.dir = '/data/b'
+  assert spec.data.dir == '/data/a'
+  assert isinstance(spec.data, ml_collections.FrozenConfigDict)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.mode = 'whole'
+  assert evaluator.EvalSpec.from_config(config, ['a'], split='test').split == (
+      'test')
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('eval.mode', 'tiles', "config.eval.mode='tiles' is not one of"),
+    ('eval.batch_size', 0, 'config.eval.batch_size=0 must be positive'),
+    ('eval.scales', (1.0, 0.0), 'config.eval.scales must be positive'),
+])
+def test_eval_spec_names_the_config_field_of_a_bad_value(field, value, message):
+  config = tiny.get_config()
+  config.eval.mode = 'multi_scale'
+  group, name = field.split('.')
+  setattr(config[group], name, value)
+  with pytest.raises(ValueError, match=message):
+    evaluator.EvalSpec.from_config(config, ['a', 'b'])
+
+
+def test_eval_spec_needs_a_crop_for_the_window_modes():
+  config = tiny.get_config()
+  config.data.crop_size = 0
+  config.eval.mode = 'sliding_window'
+  with pytest.raises(ValueError, match='config.data.crop_size > 0, got 0'):
+    evaluator.EvalSpec.from_config(config, ['a'])
+  config.eval.mode = 'whole'
+  assert evaluator.EvalSpec.from_config(config, ['a']).crop_size == 0
+
+
+# Python calls of PixelModel (each one is a trace of the jitted eval step).
+PIXEL_MODEL_CALLS = []
+
+
+class PixelModel(nnx.Module):
+  """Per-pixel logits ``image @ weight`` written as a product and a sum over
+  the 3 channels, so a pixel's logits are the same bits whatever the batch
+  or canvas (padding cannot leak in) and the evaluator's predictions equal a
+  per-image loop's exactly. Returns ``(features, logits)`` like the model."""
+
+  def __init__(self, num_classes: int, seed: int):
+    weight = np.random.default_rng(seed).normal(size=(3, num_classes))
+    self.weight = nnx.Param(jnp.asarray(weight, jnp.float32))
+    self.scale = nnx.BatchStat(jnp.ones((), jnp.float32))
+
+  def __call__(self, images):
+    PIXEL_MODEL_CALLS.append(images.shape)
+    logits = (images[..., :, None] * self.weight[...]).sum(axis=-2)
+    return images, logits * self.scale[...]
+
+
+def split_model(model):
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  return (train_state_lib.ModelDefs(graphdef, graphdef),
+          {'params': params, 'model_state': model_state})
+
+
+def reference_split_confusion(model, data_dir, split, num_classes):
+  """Confusion of ``model`` over ``split``, one record at a time at its own
+  size, counted pixel by pixel in a Python loop."""
+  metadata = input_pipeline.read_metadata(data_dir)
+  source = input_pipeline.TFRecordSource(
+      [os.path.join(data_dir, shard)
+       for shard in metadata['splits'][split]['shards']])
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for index in range(len(source)):
+    image, label, _ = input_pipeline.decode_record(
+        source[index], num_classes=num_classes,
+        label_key=input_pipeline.LABEL_KEYS['dense'])
+    pixels = jnp.asarray(augment.normalize(np.asarray(image))[None])
+    prediction = np.asarray(jnp.argmax(model(pixels)[1], axis=-1))[0]
+    for truth, predicted in zip(label.reshape(-1), prediction.reshape(-1)):
+      if 0 <= truth < num_classes:
+        confusion[truth, predicted] += 1
+  return confusion, len(source)
+
+
+def test_make_evaluator_matches_a_per_image_loop_over_the_split(tiny_data_dir):
+  num_classes = conftest.TINY_NUM_CLASSES
+  config = tiny.get_config()
+  config.data.dir = tiny_data_dir
+  config.data.eval_canvas = (48, 64)  # Beyond the 40x56 images: padding.
+  config.eval.batch_size = 2  # 3 images: the second batch has a filler.
+  class_names = [f'class_{k}' for k in range(num_classes)]
+  spec = evaluator.EvalSpec.from_config(config, class_names)
+  mesh = sharding_lib.create_mesh(config.mesh)
+  spec.check(mesh)
+  model = PixelModel(num_classes, seed=0)
+  model_defs, state = split_model(model)
+  PIXEL_MODEL_CALLS.clear()
+  evaluate = evaluator.make_evaluator(model_defs, spec, mesh)
+  scores = evaluate(state)
+  # Another state through the same evaluator: its own scores, no new trace.
+  other_model = PixelModel(num_classes, seed=1)
+  other = evaluate(split_model(other_model)[1])
+  assert len(PIXEL_MODEL_CALLS) == 1  # One trace for all batches and states.
+  expected, num_images = reference_split_confusion(
+      model, tiny_data_dir, spec.split, num_classes)
+  assert num_images == 3
+  np.testing.assert_array_equal(scores['confusion'], expected)
+  iou = [expected[k, k] / (expected[k].sum() + expected[:, k].sum()
+                           - expected[k, k]) for k in range(num_classes)]
+  np.testing.assert_allclose(scores['per_class_iou'], iou)
+  assert scores['miou'] == pytest.approx(np.mean(iou))
+  assert scores['pixel_accuracy'] == pytest.approx(
+      np.trace(expected) / expected.sum())
+  other_expected, _ = reference_split_confusion(
+      other_model, tiny_data_dir, spec.split, num_classes)
+  np.testing.assert_array_equal(other['confusion'], other_expected)
+  assert not np.array_equal(other_expected, expected)
+
+
+def test_eval_spec_check_names_a_canvas_smaller_than_the_images(tiny_data_dir):
+  config = tiny.get_config()
+  config.data.dir = tiny_data_dir
+  config.data.eval_canvas = (32, 64)
+  spec = evaluator.EvalSpec.from_config(config, ['a'])
+  with pytest.raises(ValueError, match='config.data.eval_canvas=.*smaller'):
+    spec.check(sharding_lib.create_mesh(config.mesh))
+
+
+def test_print_scores_prints_the_header_and_every_class(capsys):
+  config = tiny.get_config()
+  spec = evaluator.EvalSpec.from_config(config, ['road', 'car'], split='test')
+  evaluator.print_scores(spec, 7, {'per_class_iou': np.array([0.5, np.nan]),
+                                   'miou': 0.5, 'pixel_accuracy': 0.25})
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == 'test at step 7 (whole):'
+  assert lines[2].split() == ['road', '50.00']
+  assert lines[3].split() == ['car', 'n/a']
+  assert lines[-2].split() == ['mIoU', '50.00']
+
+
+def test_eval_scalars_name_every_class():
+  scalars = evaluator.eval_scalars(
+      {'miou': np.float64(0.5), 'pixel_accuracy': 0.75,
+       'per_class_iou': np.array([0.25, 0.75, np.nan])}, ['road', 'car', 'sky'])
+  assert sorted(scalars) == ['eval/iou/car', 'eval/iou/road', 'eval/iou/sky',
+                             'eval/miou', 'eval/pixel_accuracy']
+  assert scalars['eval/miou'] == 0.5 and scalars['eval/pixel_accuracy'] == 0.75
+  assert (scalars['eval/iou/road'], scalars['eval/iou/car']) == (0.25, 0.75)
+  assert np.isnan(scalars['eval/iou/sky'])
+  assert all(type(value) is float for value in scalars.values())
