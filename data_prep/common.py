@@ -40,6 +40,7 @@ import tqdm
 
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.data import tfrecord
+from agmm_jax.data import weak_labels
 from data_prep import sparse_labels
 
 STORED_UNLABELED = labels_lib.STORED_UNLABELED
@@ -133,6 +134,8 @@ class SourceExample:
   image_path: str
   dense_path: str | None = None
   sparse_path: str | None = None
+  # Tags and boxes read by SplitOptions.annotation_reader (VOC's XML).
+  annotation_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +154,12 @@ class SplitOptions:
       sparse labels are generated.
     jpeg_quality: 0 keeps JPEG/PNG image bytes as they are; otherwise images
       are re-encoded as JPEG of this quality.
+    annotation_reader: ``read(path, height=, width=, num_classes=) -> (tags,
+      boxes)`` of an example's ``annotation_path`` (a module-level function:
+      workers get it by name), used instead of the tags and boxes a weak
+      ``sparse_spec`` derives from the dense labels.
+    box_background: the class that gets no box when boxes are derived from
+      dense labels (VOC's background), or None.
   """
   dense_decoder: LabelDecoder | None = None
   store_dense: bool = True
@@ -159,10 +168,17 @@ class SplitOptions:
   seed: int = 0
   downscale: int = 1
   jpeg_quality: int = 0
+  annotation_reader: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None
+  box_background: int | None = None
 
   @property
   def has_sparse(self) -> bool:
     return self.sparse_decoder is not None or self.sparse_spec is not None
+
+  @property
+  def has_weak_labels(self) -> bool:
+    """The records hold tags and boxes (``weak_labels``)."""
+    return self.sparse_spec is not None and self.sparse_spec.weak
 
 
 @dataclasses.dataclass
@@ -182,6 +198,7 @@ class _Result:
   record: bytes | None = None
   problems: list[str] = dataclasses.field(default_factory=list)
   sparse_stats: sparse_labels.SparseStats | None = None
+  num_boxes: int = 0
   unlabeled_values_found: list[int] = dataclasses.field(default_factory=list)
   overlay_png: bytes | None = None
 
@@ -314,6 +331,12 @@ def process_example(example: SourceExample, options: SplitOptions,
     sparse = sparse_labels.generate(dense, options.sparse_spec,
                                     seed=options.seed,
                                     image_id=example.image_id)
+  if options.has_weak_labels and not result.problems:
+    try:
+      features.update(_weak_features(example, options, dense, num_classes,
+                                     source_size, result))
+    except ValueError as e:
+      result.problems.append(str(e))
   if result.problems:
     return result
   if sparse is not None:
@@ -325,6 +348,28 @@ def process_example(example: SourceExample, options: SplitOptions,
           sparse_labels.overlay(rgb, sparse))
   result.record = tfrecord.encode_example(features)
   return result
+
+
+def _weak_features(example: SourceExample, options: SplitOptions,
+                   dense: np.ndarray | None, num_classes: int,
+                   source_size: tuple[int, int], result: _Result) -> dict:
+  """The record features of the example's tags and boxes: read from its
+  annotation file, or derived from its dense labels."""
+  if options.annotation_reader is not None:
+    tags, boxes = options.annotation_reader(
+        example.annotation_path, height=source_size[0], width=source_size[1],
+        num_classes=num_classes)
+    if options.sparse_spec.kind == 'tags':
+      boxes = boxes[:0]
+    if options.downscale > 1:
+      boxes = weak_labels.downscale_boxes(boxes, options.downscale,
+                                           *source_size)
+  else:
+    tags, boxes = sparse_labels.weak_labels(
+        dense, options.sparse_spec, num_classes=num_classes,
+        background=options.box_background)
+  result.num_boxes = len(boxes)
+  return weak_labels.record_features(tags, boxes)
 
 
 def _process_star(args) -> _Result:
@@ -520,7 +565,7 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
   problems = []
   sparse_stats = sparse_labels.SparseStats(num_classes)
   unlabeled_found = set()
-  written = 0
+  written = num_boxes = 0
   max_height = max_width = 0
   writers = []
   try:
@@ -542,6 +587,7 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
       max_width = max(max_width, result.width)
       if result.sparse_stats is not None:
         sparse_stats.merge(result.sparse_stats)
+      num_boxes += result.num_boxes
       unlabeled_found.update(result.unlabeled_values_found)
       if result.overlay_png is not None:
         overlay_dir = os.path.join(directory, 'overlays', split)
@@ -557,6 +603,7 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
       'shards': names,
       'has_sparse': options.has_sparse,
       'has_dense': options.dense_decoder is not None and options.store_dense,
+      'has_weak_labels': options.has_weak_labels,
       # The largest image of the split (the eval canvas is sized from it).
       'max_height': max_height,
       'max_width': max_width,
@@ -572,6 +619,11 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
     if options.sparse_spec is not None:
       sparse_metadata.update(options.sparse_spec.to_dict())
       sparse_metadata['seed'] = options.seed
+    if options.has_weak_labels:
+      sparse_metadata['weak_source'] = (
+          'annotations' if options.annotation_reader is not None
+          else 'dense labels')
+      sparse_metadata['boxes_per_image'] = num_boxes / max(written, 1)
     if options.sparse_decoder is not None:
       sparse_metadata['unlabeled_values_found'] = sorted(unlabeled_found)
   return split_metadata, sparse_metadata, problems

@@ -25,6 +25,14 @@ Spec strings (``parse_spec``):
   thickened by ``W // 2`` steps of 3x3 dilation inside the region (``W``
   default 1: one pixel wide).
 
+* ``boxes[:min_area=A]``: weak labels, no labeled pixel (the sparse map is
+  all 255): one box per 8-connected region of each class with at least
+  ``A`` (default 1) pixels, the region's bounding box, and the image's tags;
+  a converter may name a background class, which gets no box
+  (``weak_labels``).
+* ``tags``: weak labels, no labeled pixel: the image's tags (the classes with
+  at least one pixel), no box.
+
 Randomness comes from ``image_rng(seed, image_id)``, a generator seeded by
 ``(seed, sha256(image_id))``, so labels do not depend on worker order.
 
@@ -55,7 +63,9 @@ from agmm_jax.evaluation import visualize
 
 STORED_UNLABELED = labels.STORED_UNLABELED
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
-_KINDS = ('points', 'clicks', 'scribbles')
+_KINDS = ('points', 'clicks', 'scribbles', 'boxes', 'tags')
+# Kinds that label no pixel: their labels are the record's tags and boxes.
+WEAK_KINDS = ('boxes', 'tags')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +79,18 @@ class SparseSpec:
   min_area: int = 1       # points / scribbles: smallest region considered
   width: int = 1          # scribbles: thickness in pixels
 
+  @property
+  def weak(self) -> bool:
+    """Tags and boxes instead of labeled pixels."""
+    return self.kind in WEAK_KINDS
+
   def to_dict(self) -> dict:
     settings = {'kind': self.kind, 'spec': str(self)}
-    if self.kind == 'points':
+    if self.kind == 'tags':
+      return settings
+    if self.kind == 'boxes':
+      settings.update(min_area=self.min_area)
+    elif self.kind == 'points':
       settings.update(count=self.count, margin=self.margin,
                       min_area=self.min_area)
     elif self.kind == 'clicks':
@@ -87,6 +106,10 @@ class SparseSpec:
               f'min_area={self.min_area}')
     if self.kind == 'clicks':
       return f'clicks:{self.count}'
+    if self.kind == 'boxes':
+      return f'boxes:min_area={self.min_area}'
+    if self.kind == 'tags':
+      return 'tags'
     return (f'scribbles:{self.fraction:g}:erode={self.erode}:'
             f'min_area={self.min_area}:width={self.width}')
 
@@ -102,9 +125,12 @@ def parse_spec(spec: str) -> SparseSpec:
   if kind not in _KINDS:
     raise ValueError(f'sparse spec {spec!r}: kind must be one of {_KINDS}')
   allowed = {'points': {'margin', 'min_area'}, 'clicks': set(),
-             'scribbles': {'erode', 'min_area', 'width'}}[kind]
+             'scribbles': {'erode', 'min_area', 'width'},
+             'boxes': {'min_area'}, 'tags': set()}[kind]
   values = {}
   positional = [p for p in parts[1:] if '=' not in p]
+  if positional and kind in WEAK_KINDS:
+    raise ValueError(f'sparse spec {spec!r}: {kind} takes no positional value')
   if len(positional) > 1:
     raise ValueError(f'sparse spec {spec!r}: at most one positional value')
   try:
@@ -270,7 +296,49 @@ def _scribbles(dense: np.ndarray, spec: SparseSpec,
   return sparse
 
 
-_GENERATORS = {'points': _points, 'clicks': _clicks, 'scribbles': _scribbles}
+def _no_pixels(dense: np.ndarray, spec: SparseSpec,
+               rng: np.random.Generator) -> np.ndarray:
+  """Weak kinds: no labeled pixel (their labels are ``weak_labels``)."""
+  del spec, rng
+  return np.full_like(dense, STORED_UNLABELED)
+
+
+_GENERATORS = {'points': _points, 'clicks': _clicks, 'scribbles': _scribbles,
+               'boxes': _no_pixels, 'tags': _no_pixels}
+
+
+def image_tags(dense: np.ndarray, num_classes: int) -> np.ndarray:
+  """float32 ``[K]``: 1 for each class with at least one pixel."""
+  counts = np.bincount(dense[dense != STORED_UNLABELED].ravel(),
+                       minlength=num_classes)
+  return (counts[:num_classes] > 0).astype(np.float32)
+
+
+def region_boxes(dense: np.ndarray, min_area: int,
+                 background: int | None = None) -> np.ndarray:
+  """int32 ``[n, 5]`` ``(class, y0, x0, y1, x1)``, half open: the bounding
+  box of each 8-connected region of each class (``background`` excepted)
+  with at least ``min_area`` pixels, by class, then in ``ndimage.label``'s
+  order (raster order of each region's first pixel)."""
+  boxes = [(class_id, s[0].start, s[1].start, s[0].stop, s[1].stop)
+           for class_id, s, _ in _regions(dense, min_area)
+           if class_id != background]
+  return np.asarray(boxes, np.int32).reshape(-1, 5)
+
+
+def weak_labels(dense: np.ndarray, spec: SparseSpec | str, *,
+                num_classes: int, background: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """``(tags [K], boxes [n, 5])`` of a weak spec from stored dense labels
+  (no randomness: the regions decide); ``tags`` has no box."""
+  if isinstance(spec, str):
+    spec = parse_spec(spec)
+  if not spec.weak:
+    raise ValueError(f'sparse spec {spec}: not a weak kind {WEAK_KINDS}')
+  dense = np.asarray(dense, np.uint8)
+  boxes = (region_boxes(dense, spec.min_area, background)
+           if spec.kind == 'boxes' else np.zeros((0, 5), np.int32))
+  return image_tags(dense, num_classes), boxes
 
 
 def generate(dense: np.ndarray, spec: SparseSpec | str, *, seed: int,

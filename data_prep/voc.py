@@ -22,13 +22,27 @@ accepts only ``V``. They are stored as 255.
 
   python -m data_prep.voc --root=VOCdevkit/VOC2012 --sparse_dir=point \
       --output=data/voc_point
+
+Tags and boxes (``--sparse=boxes`` or ``--sparse=tags``): read from
+``Annotations/NAME.xml`` when the root has that folder (VOC's own boxes,
+one per object, ``difficult`` ones included; the tags are the objects'
+classes plus background, which every VOC image shows), otherwise derived
+from the dense labels by the generator (background gets no box). XML
+corners are 1-based and inclusive; they are stored 0-based, half open.
+
+  python -m data_prep.voc --root=VOCdevkit/VOC2012 --sparse=boxes \
+      --output=data/voc_boxes
 """
 
 import argparse
 import os
 import sys
 from typing import Any
+import xml.etree.ElementTree as ElementTree
 
+import numpy as np
+
+from agmm_jax.data import weak_labels
 from data_prep import common
 from data_prep import sparse_labels
 
@@ -39,6 +53,56 @@ VOC_CLASSES = (
 VOC_VOID = 255
 # Official AGMM sub-folders for --sparse_dir=point / scribble.
 OFFICIAL_SPARSE_DIRS = {'point': 'point/segcls', 'scribble': 'scribble/seginst'}
+ANNOTATIONS_DIR = 'Annotations'
+BACKGROUND = VOC_CLASSES.index('background')
+
+
+def _xml_number(node: ElementTree.Element, tag: str, path: str) -> int:
+  text = node.findtext(tag)
+  try:
+    return int(round(float(text)))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{path}: <{tag}> is {text!r}, not a number') from e
+
+
+def read_voc_xml(path: str, *, height: int, width: int,
+                 num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(tags [K], boxes [n, 5])`` of a VOC annotation file: one box per
+  ``<object>`` (its own ``<bndbox>``, not its parts'), tags = the objects'
+  classes + background. One-line ValueErrors name ``path``: missing or
+  unparsable file, a size that is not the image's, an unknown class, a box
+  outside the image or empty."""
+  if not os.path.exists(path):
+    raise ValueError(f'{path}: missing annotation file')
+  try:
+    root = ElementTree.parse(path).getroot()
+  except ElementTree.ParseError as e:
+    raise ValueError(f'{path}: not valid XML ({e})') from e
+  size = root.find('size')
+  if size is not None:
+    xml_size = (_xml_number(size, 'height', path), _xml_number(size, 'width', path))
+    if xml_size != (height, width):
+      raise ValueError(f'{path}: <size> {xml_size[1]}x{xml_size[0]} differs '
+                       f'from the image\'s {width}x{height}')
+  boxes = []
+  for obj in root.findall('object'):
+    name = (obj.findtext('name') or '').strip()
+    if name not in VOC_CLASSES[:num_classes]:
+      raise ValueError(f'{path}: object class {name!r} is not a VOC class')
+    box = obj.find('bndbox')
+    if box is None:
+      raise ValueError(f'{path}: object {name!r} has no <bndbox>')
+    boxes.append((VOC_CLASSES.index(name),
+                  _xml_number(box, 'ymin', path) - 1,
+                  _xml_number(box, 'xmin', path) - 1,
+                  _xml_number(box, 'ymax', path),
+                  _xml_number(box, 'xmax', path)))
+  boxes = weak_labels.check_boxes(np.asarray(boxes, np.int64), height=height,
+                                  width=width, num_classes=num_classes,
+                                  where=path)
+  tags = weak_labels.tags_from_boxes(boxes, num_classes)
+  tags[BACKGROUND] = 1.0
+  return tags, boxes
 
 
 def resolve_sparse_dir(root: str, sparse_dir: str) -> str:
@@ -98,6 +162,8 @@ def convert_voc(root: str, output: str, *,
   except ValueError as e:
     raise common.ConversionError([str(e)]) from e
   sparse_path = resolve_sparse_dir(root, sparse_dir) if sparse_dir else ''
+  annotations = os.path.join(root, ANNOTATIONS_DIR)
+  read_xml = spec is not None and spec.weak and os.path.isdir(annotations)
   split_files = split_files or {}
   sources = {}
   for split in splits:
@@ -114,18 +180,24 @@ def convert_voc(root: str, output: str, *,
             image_path=os.path.join(root, 'JPEGImages', image_id + '.jpg'),
             dense_path=os.path.join(root, dense_dir, image_id + '.png'),
             sparse_path=(os.path.join(sparse_path, image_id + '.png')
-                         if is_sparse and sparse_dir else None))
+                         if is_sparse and sparse_dir else None),
+            annotation_path=(os.path.join(annotations, image_id + '.xml')
+                             if is_sparse and read_xml else None))
         for image_id in read_ids(list_path)]
     options = common.SplitOptions(
         dense_decoder=dense_decoder,
         store_dense=train_dense or not is_sparse,
         sparse_decoder=sparse_decoder if is_sparse else None,
         sparse_spec=spec if is_sparse else None, seed=seed,
-        jpeg_quality=jpeg_quality)
+        jpeg_quality=jpeg_quality,
+        annotation_reader=read_voc_xml if is_sparse and read_xml else None,
+        box_background=BACKGROUND)
     settings = {}
     if is_sparse and sparse_dir:
       settings = {'sparse_dir': sparse_path,
                   'unlabeled_values_accepted': unlabeled_values}
+    if is_sparse and read_xml:
+      settings = {'annotations_dir': annotations}
     sources[split] = common.SplitSource(examples, options, [], settings)
   return common.convert(
       name='voc2012', classes=VOC_CLASSES, splits=sources, output=output,

@@ -169,10 +169,24 @@ def rescale_pad_crop(image: Image.Image, label: np.ndarray | None,
   resized = image.resize((valid_width, valid_height), Image.BILINEAR, box=box)
   image_out[:valid_height, :valid_width] = np.asarray(resized)
   if label is not None:
-    rows = nearest_source_indices(scaled_height, in_height, y, valid_height)
-    cols = nearest_source_indices(scaled_width, in_width, x, valid_width)
+    rows, cols = label_sources((in_height, in_width), scaled_size, offset,
+                               crop_size)
     label_out[:valid_height, :valid_width] = label[rows[:, None], cols[None, :]]
   return image_out, label_out
+
+
+def label_sources(source_size: tuple[int, int], scaled_size: tuple[int, int],
+                  offset: tuple[int, int], crop_size: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """The source rows and columns the label crop of ``rescale_pad_crop``
+  reads, for the part of the crop inside the rescaled image (boxes follow
+  the label through them, ``weak_labels.crop_boxes``)."""
+  (in_height, in_width), (scaled_height, scaled_width) = source_size, scaled_size
+  y, x = offset
+  valid_height = max(0, min(crop_size, scaled_height - y))
+  valid_width = max(0, min(crop_size, scaled_width - x))
+  return (nearest_source_indices(scaled_height, in_height, y, valid_height),
+          nearest_source_indices(scaled_width, in_width, x, valid_width))
 
 
 def _adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
@@ -243,6 +257,23 @@ def photometric_voc(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return result
 
 
+class Geometry(NamedTuple):
+  """The random geometry of one training crop (steps 1, 3 and 4)."""
+  scaled_size: tuple[int, int]  # rescaled (h, w)
+  offset: tuple[int, int]       # crop top-left (y, x) in the padded image
+  flip: bool                    # left-right flip of the crop
+
+
+def sample_geometry(height: int, width: int, *, crop_size: int,
+                    scale_range: Sequence[float],
+                    rng: np.random.Generator) -> Geometry:
+  """Draws the rescaled size, the crop offset and the flip, in that order
+  (the order ``augment_train`` has always drawn them)."""
+  scaled_size = sample_scaled_size(height, width, scale_range, rng)
+  offset = sample_crop_offset(*scaled_size, crop_size, rng)
+  return Geometry(scaled_size, offset, bool(rng.random() < 0.5))
+
+
 class TrainExample(NamedTuple):
   """One augmented training example (NumPy)."""
   image: np.ndarray  # float32 [c, c, 3], normalized
@@ -252,7 +283,8 @@ class TrainExample(NamedTuple):
 
 def augment_train(image: Image.Image, label: np.ndarray, *, num_classes: int,
                   crop_size: int, scale_range: Sequence[float], augment: str,
-                  rng: np.random.Generator) -> TrainExample:
+                  rng: np.random.Generator,
+                  geometry: Geometry | None = None) -> TrainExample:
   """The full training transform of one example (see the module docstring).
 
   Args:
@@ -264,6 +296,8 @@ def augment_train(image: Image.Image, label: np.ndarray, *, num_classes: int,
     scale_range: ``(lo, hi)`` rescale factors of the long side.
     augment: ``'voc'`` (with the photometric transforms) or ``'basic'``.
     rng: the random generator.
+    geometry: the crop geometry, drawn from ``rng`` by ``sample_geometry``
+      (the caller's draw when given, so that it can move boxes with it).
 
   Returns:
     ``TrainExample`` with ``class_present`` computed on the whole label map.
@@ -275,11 +309,12 @@ def augment_train(image: Image.Image, label: np.ndarray, *, num_classes: int,
     raise ValueError(f'label shape {label.shape} != image shape '
                      f'{(height, width)}')
   class_present = class_presence(label, num_classes)
-  scaled_size = sample_scaled_size(height, width, scale_range, rng)
-  offset = sample_crop_offset(*scaled_size, crop_size, rng)
-  image_crop, label_crop = rescale_pad_crop(image, label, scaled_size, offset,
-                                            crop_size)
-  if rng.random() < 0.5:
+  if geometry is None:
+    geometry = sample_geometry(height, width, crop_size=crop_size,
+                               scale_range=scale_range, rng=rng)
+  image_crop, label_crop = rescale_pad_crop(
+      image, label, geometry.scaled_size, geometry.offset, crop_size)
+  if geometry.flip:
     image_crop = image_crop[:, ::-1]
     label_crop = label_crop[:, ::-1]
   if augment == 'voc':

@@ -39,6 +39,7 @@ from PIL import Image
 from agmm_jax.data import augment
 from agmm_jax.data import labels
 from agmm_jax.data import tfrecord
+from agmm_jax.data import weak_labels
 
 METADATA_FILE = 'metadata.json'
 IMAGE_KEY = 'image/encoded'
@@ -350,16 +351,48 @@ class TrainTransform:
   # (name, make) of the fields a loss method declares (Needs.batch_fields):
   # make(example) -> array, computed from the augmented example.
   batch_fields: tuple[tuple[str, Callable[..., np.ndarray]], ...] = ()
+  # The records hold tags and boxes (the split's has_weak_labels).
+  weak_labels: bool = False
 
   def __call__(self, record: RawRecord,
                rng: np.random.Generator) -> dict[str, np.ndarray]:
     image, label, _ = decode_record(record, num_classes=self.num_classes,
                                     label_key=self.label_key)
+    geometry = augment.sample_geometry(
+        image.height, image.width, crop_size=self.crop_size,
+        scale_range=self.scale_range, rng=rng)
     example = augment.augment_train(
         image, label, num_classes=self.num_classes, crop_size=self.crop_size,
-        scale_range=self.scale_range, augment=self.augment, rng=rng)._asdict()
-    fields = {name: np.asarray(make(example)) for name, make in self.batch_fields}
+        scale_range=self.scale_range, augment=self.augment, rng=rng,
+        geometry=geometry)._asdict()
+    weak = (self._weak_labels(record, image.height, image.width, geometry)
+            if self.weak_labels else {})
+    if weak:
+      # The weak labels name the classes present: sparse maps of the weak
+      # kinds label no pixel.
+      example['class_present'] = weak['tags']
+    # The factories also see the weak labels (variable-size boxes); the batch
+    # holds only what they make of them.
+    seen = {**example, **weak}
+    fields = {name: np.asarray(make(seen)) for name, make in self.batch_fields}
     return {**example, **fields}
+
+  def _weak_labels(self, record: RawRecord, height: int, width: int,
+                   geometry: augment.Geometry) -> dict[str, np.ndarray]:
+    """``tags`` float32 ``[K]`` and ``boxes`` int32 ``[m, 5]`` in crop pixels
+    (weak_labels.crop_boxes), moved with the label by ``geometry``."""
+    weak = weak_labels.from_record(
+        tfrecord.decode_example(record.data), num_classes=self.num_classes,
+        height=height, width=width, where=record.where)
+    if weak is None:
+      raise ValueError(f'{record.where}: no {weak_labels.TAGS_KEY} although '
+                       'the split has weak labels')
+    tags, boxes = weak
+    rows, cols = augment.label_sources((height, width), geometry.scaled_size,
+                                       geometry.offset, self.crop_size)
+    return {'tags': tags, 'boxes': weak_labels.crop_boxes(
+        boxes, row_sources=rows, col_sources=cols, crop_size=self.crop_size,
+        flip=geometry.flip)}
 
 
 def _data_config_value(data_config, name: str):
@@ -410,8 +443,9 @@ def create_train_iterator(data_config, *, batch_size_per_process: int,
     process_count: ``jax.process_count()``.
     num_classes: ``K``; defaults to ``metadata['num_classes']``.
     batch_fields: extra fields by name, ``make(example) -> array`` of one
-      augmented example (``image``, ``label``, ``class_present``): the loss's
-      ``Needs.batch_fields``.
+      augmented example (``image``, ``label``, ``class_present``, and where
+      the split has weak labels ``tags`` and ``boxes`` of
+      ``weak_labels.crop_boxes``): the loss's ``Needs.batch_fields``.
 
   Returns:
     A Grain ``DatasetIterator`` (``get_state()`` / ``set_state()``) of dicts:
@@ -440,7 +474,8 @@ def create_train_iterator(data_config, *, batch_size_per_process: int,
       num_classes=num_classes, label_key=LABEL_KEYS[label_kind],
       crop_size=int(_data_config_value(data_config, 'crop_size')),
       scale_range=scale_range, augment=augment_name,
-      batch_fields=_checked_batch_fields(batch_fields))
+      batch_fields=_checked_batch_fields(batch_fields),
+      weak_labels=bool(metadata['splits'][split].get('has_weak_labels')))
   dataset = (grain.MapDataset.source(source).seed(int(seed)).shuffle()
              .repeat(None).random_map(transform))
   dataset = dataset[process_index::process_count]
