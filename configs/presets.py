@@ -54,6 +54,20 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # .potts=, .neighbourhood=).
     'soft_self_labeling': lambda: {'weights': {
         'pce': 1.0, 'soft_self_labeling': 1.0}},
+    # Boxes (methods/boxes.py): the partial-label cross-entropy over the
+    # classes whose boxes contain a pixel, and 'outside every box of class
+    # k, not k'; the dataset's background class, if any, is
+    # --config.loss.background_class (VOC: 0; default -1: none, MSRC).
+    'box_pce': lambda: {'weights': {'box_pce': 1.0, 'box_outside': 1.0}},
+    # The same with the gated CRF pairwise colour term at its reference
+    # weight.
+    'box_pce_gatedcrf': lambda: {'weights': {
+        'box_pce': 1.0, 'box_outside': 1.0, 'gatedcrf': 0.1}},
+    # BoxInst's two terms in semantic form: the box projection term and a
+    # pairwise colour term (the gated CRF at its reference weight), with the
+    # outside-the-boxes constraint.
+    'boxinst': lambda: {'weights': {
+        'box_projection': 1.0, 'box_outside': 1.0, 'gatedcrf': 0.1}},
 }
 PRESETS = tuple(_PRESETS)
 
