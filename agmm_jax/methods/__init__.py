@@ -13,13 +13,15 @@ tree filter and affinity propagation kernels), ``tel`` (tree energy loss),
 exact and by a bilateral grid), ``regularized`` (dense CRF, normalized cut,
 gated CRF and entropy terms), ``soft_self_labeling`` (soft pseudo-labels
 solved for a Potts relaxation), ``spml`` (pixel-to-segment contrastive
-learning with its memory bank) and ``boxes`` (box supervision: partial-label
-cross-entropy, outside-the-boxes and BoxInst's projection term).
+learning with its memory bank), ``boxes`` (box supervision: partial-label
+cross-entropy, outside-the-boxes and BoxInst's projection term) and ``cam``
+(class activation maps: the classification head, its BCE over tags, seeds).
 """
 
 from agmm_jax.methods import agmm
 from agmm_jax.methods import apro
 from agmm_jax.methods import boxes
+from agmm_jax.methods import cam
 from agmm_jax.methods import pce
 from agmm_jax.methods import regularized
 from agmm_jax.methods import soft_self_labeling
