@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-METHODS = presets.PRESETS
+METHODS = presets.PRESETS + presets.BOX_PRESETS
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:

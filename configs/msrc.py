@@ -27,13 +27,14 @@ import ml_collections
 
 from agmm_jax.methods import boxes
 from configs import common
+from configs import presets
 from data_prep import sparse_labels
 
 _DEFAULTS = {'labels': 'boxes', 'method': '', 'size': 'cpu', 'lseed': '0'}
 SIZES = ('cpu',)
 # Regions smaller than this get no box (0.15% of a 320x213 image).
 BOX_MIN_AREA = 100
-BOX_METHODS = ('box_pce', 'box_pce_gatedcrf', 'boxinst')
+BOX_METHODS = presets.BOX_PRESETS
 
 
 def _labels_spec(labels: str) -> str:

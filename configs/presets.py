@@ -54,6 +54,12 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # .potts=, .neighbourhood=).
     'soft_self_labeling': lambda: {'weights': {
         'pce': 1.0, 'soft_self_labeling': 1.0}},
+}
+# The presets of pixel labels (points, clicks, scribbles, dense): the
+# methods the label studies compare.
+PRESETS = tuple(_PRESETS)
+
+_BOX_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # Boxes (methods/boxes.py): the partial-label cross-entropy over the
     # classes whose boxes contain a pixel, and 'outside every box of class
     # k, not k'; the dataset's background class, if any, is
@@ -69,11 +75,15 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     'boxinst': lambda: {'weights': {
         'box_projection': 1.0, 'box_outside': 1.0, 'gatedcrf': 0.1}},
 }
-PRESETS = tuple(_PRESETS)
+# The presets of box labels (configs/msrc.py:labels=boxes).
+BOX_PRESETS = tuple(_BOX_PRESETS)
+_PRESETS.update(_BOX_PRESETS)
 
 
 def preset(name: str) -> ml_collections.ConfigDict:
-  """The loss config of the preset ``name`` (one of ``PRESETS``)."""
+  """The loss config of the preset ``name`` (one of ``PRESETS`` or
+  ``BOX_PRESETS``)."""
   if name not in _PRESETS:
-    raise ValueError(f'unknown loss preset {name!r}; choose one of {PRESETS}')
+    raise ValueError(f'unknown loss preset {name!r}; choose one of '
+                     f'{PRESETS + BOX_PRESETS}')
   return methods.loss_config(**_PRESETS[name]())

@@ -474,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                       help='write this many overlay PNGs to OUTPUT/overlays')
   args = parser.parse_args(argv)
   spec = parse_spec(args.spec)
+  if spec.weak:
+    parser.error(f'--spec={args.spec}: tags and boxes are not label maps; the '
+                 'converters store them in the records (e.g. python -m '
+                 'data_prep.folder --sparse=boxes)')
   names = sorted(n for n in os.listdir(args.dense_dir) if n.endswith('.png'))
   if not names:
     print(f'{args.dense_dir}: no .png files', file=sys.stderr)

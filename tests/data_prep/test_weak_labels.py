@@ -256,3 +256,10 @@ def test_voc_annotation_size_must_be_the_image_size(tmp_path):
   with pytest.raises(common.ConversionError, match='differs from the image'):
     voc.convert_voc(root, str(tmp_path / 'voc'), sparse='boxes',
                     progress=False)
+
+
+def test_sparse_label_cli_rejects_weak_kinds(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    sparse_labels.main([f'--dense_dir={tmp_path}', '--num_classes=3',
+                        '--spec=boxes', f'--output_dir={tmp_path / "out"}'])
+  assert 'not label maps' in capsys.readouterr().err
