@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                       'folder of sparse PNGs (relative to --root or absolute)')
   parser.add_argument('--sparse', default='',
                       help='instead of --sparse_dir: generate from the dense '
-                      "labels with this spec, e.g. 'points:1'")
+                      "labels with this spec, e.g. 'points:1'; 'boxes' or "
+                      "'tags' read Annotations/*.xml when present")
   parser.add_argument('--unlabeled_value', default='auto',
                       help="unlabeled value of the sparse PNGs: 'auto' (255 "
                       'and 21 both accepted) or an integer')

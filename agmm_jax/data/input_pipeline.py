@@ -352,7 +352,7 @@ class TrainTransform:
   # make(example) -> array, computed from the augmented example.
   batch_fields: tuple[tuple[str, Callable[..., np.ndarray]], ...] = ()
   # The records hold tags and boxes (the split's has_weak_labels).
-  weak_labels: bool = False
+  has_weak_labels: bool = False
 
   def __call__(self, record: RawRecord,
                rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -365,9 +365,12 @@ class TrainTransform:
         image, label, num_classes=self.num_classes, crop_size=self.crop_size,
         scale_range=self.scale_range, augment=self.augment, rng=rng,
         geometry=geometry)._asdict()
-    weak = (self._weak_labels(record, image.height, image.width, geometry)
-            if self.weak_labels else {})
-    if weak:
+    weak = {}
+    if self.has_weak_labels:
+      weak = weak_labels.train_weak_labels(
+          tfrecord.decode_example(record.data), num_classes=self.num_classes,
+          source_size=(image.height, image.width), geometry=geometry,
+          crop_size=self.crop_size, where=record.where)
       # The weak labels name the classes present: sparse maps of the weak
       # kinds label no pixel.
       example['class_present'] = weak['tags']
@@ -376,23 +379,6 @@ class TrainTransform:
     seen = {**example, **weak}
     fields = {name: np.asarray(make(seen)) for name, make in self.batch_fields}
     return {**example, **fields}
-
-  def _weak_labels(self, record: RawRecord, height: int, width: int,
-                   geometry: augment.Geometry) -> dict[str, np.ndarray]:
-    """``tags`` float32 ``[K]`` and ``boxes`` int32 ``[m, 5]`` in crop pixels
-    (weak_labels.crop_boxes), moved with the label by ``geometry``."""
-    weak = weak_labels.from_record(
-        tfrecord.decode_example(record.data), num_classes=self.num_classes,
-        height=height, width=width, where=record.where)
-    if weak is None:
-      raise ValueError(f'{record.where}: no {weak_labels.TAGS_KEY} although '
-                       'the split has weak labels')
-    tags, boxes = weak
-    rows, cols = augment.label_sources((height, width), geometry.scaled_size,
-                                       geometry.offset, self.crop_size)
-    return {'tags': tags, 'boxes': weak_labels.crop_boxes(
-        boxes, row_sources=rows, col_sources=cols, crop_size=self.crop_size,
-        flip=geometry.flip)}
 
 
 def _data_config_value(data_config, name: str):
@@ -475,7 +461,7 @@ def create_train_iterator(data_config, *, batch_size_per_process: int,
       crop_size=int(_data_config_value(data_config, 'crop_size')),
       scale_range=scale_range, augment=augment_name,
       batch_fields=_checked_batch_fields(batch_fields),
-      weak_labels=bool(metadata['splits'][split].get('has_weak_labels')))
+      has_weak_labels=bool(metadata['splits'][split].get('has_weak_labels')))
   dataset = (grain.MapDataset.source(source).seed(int(seed)).shuffle()
              .repeat(None).random_map(transform))
   dataset = dataset[process_index::process_count]

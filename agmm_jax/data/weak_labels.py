@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from agmm_jax.data import augment
+
 TAGS_KEY = 'label/tags'
 BOXES_KEY = 'label/boxes'
 BOX_COUNT_KEY = 'label/boxes/count'
@@ -123,6 +125,27 @@ def crop_boxes(boxes: np.ndarray, *, row_sources: np.ndarray,
       left, right = crop_size - right, crop_size - left
     kept.append((class_id, top, left, bottom, right))
   return np.asarray(kept, np.int32).reshape(-1, BOX_COLUMNS)
+
+
+def train_weak_labels(example: Mapping[str, Any], *, num_classes: int,
+                      source_size: tuple[int, int],
+                      geometry: augment.Geometry, crop_size: int,
+                      where: str) -> dict[str, np.ndarray]:
+  """``tags`` float32 ``[K]`` and ``boxes`` int32 ``[m, 5]`` in crop pixels
+  of a decoded training record, the boxes moved with its label by
+  ``geometry`` (:func:`crop_boxes`); a one-line ValueError naming ``where``
+  when the record has none or bad ones."""
+  weak = from_record(example, num_classes=num_classes, height=source_size[0],
+                     width=source_size[1], where=where)
+  if weak is None:
+    raise ValueError(f'{where}: no {TAGS_KEY} although the split has weak '
+                     'labels')
+  tags, boxes = weak
+  rows, cols = augment.label_sources(source_size, geometry.scaled_size,
+                                     geometry.offset, crop_size)
+  return {'tags': tags, 'boxes': crop_boxes(
+      boxes, row_sources=rows, col_sources=cols, crop_size=crop_size,
+      flip=geometry.flip)}
 
 
 def downscale_boxes(boxes: np.ndarray, factor: int, height: int,

@@ -125,8 +125,9 @@ def term_state(inputs: LossInputs, term: str, name: str) -> Any:
 HeadFactory = Callable[..., Any]
 # ``make(example) -> np.ndarray``: one field of one augmented training example
 # (``example`` holds ``image`` float32 ``[c, c, 3]``, ``label`` int32
-# ``[c, c]`` and ``class_present`` of agmm_jax.data.input_pipeline), computed on the
-# host by the input pipeline.
+# ``[c, c]`` and ``class_present`` of agmm_jax.data.input_pipeline, and where
+# the records hold weak labels ``tags`` and ``boxes``,
+# agmm_jax.data.weak_labels), computed on the host by the input pipeline.
 FieldFactory = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 # ``init(batch_size, num_classes, **options) -> pytree``: a method's state for
 # a global batch of ``batch_size``, every leaf ``[batch_size, ...]``.

@@ -263,3 +263,33 @@ def test_sparse_label_cli_rejects_weak_kinds(tmp_path, capsys):
     sparse_labels.main([f'--dense_dir={tmp_path}', '--num_classes=3',
                         '--spec=boxes', f'--output_dir={tmp_path / "out"}'])
   assert 'not label maps' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('example, words', [
+    ({weak_labels.TAGS_KEY: [1, 0]}, 'must be 3 values of 0 or 1'),
+    ({weak_labels.TAGS_KEY: [1, 0, 2]}, 'must be 3 values of 0 or 1'),
+    ({weak_labels.TAGS_KEY: [1, 0, 1], weak_labels.BOX_COUNT_KEY: [2],
+      weak_labels.BOXES_KEY: [0, 0, 0, 1, 1]}, '5 values for 2 boxes'),
+    ({weak_labels.TAGS_KEY: [1, 0, 1], weak_labels.BOX_COUNT_KEY: [1],
+      weak_labels.BOXES_KEY: [0, 0, 0, 9, 1]}, 'outside the 4x4 image')])
+def test_bad_weak_labels_in_a_record_are_one_line(example, words):
+  with pytest.raises(ValueError, match=words) as error:
+    weak_labels.from_record(example, num_classes=3, height=4, width=4,
+                            where='train-00000 record 7')
+  assert str(error.value).startswith('train-00000 record 7: ')
+  assert '\n' not in str(error.value)
+
+
+def test_record_round_trip_of_tags_and_boxes():
+  boxes = np.array([[2, 0, 1, 3, 4], [0, 1, 1, 2, 2]], np.int32)
+  tags = np.array([1, 0, 1], np.float32)
+  example = tfrecord.decode_example(tfrecord.encode_example(
+      weak_labels.record_features(tags, boxes)))
+  got_tags, got_boxes = weak_labels.from_record(
+      example, num_classes=3, height=4, width=4, where='x')
+  np.testing.assert_array_equal(got_tags, tags)
+  np.testing.assert_array_equal(got_boxes, boxes)
+  example = tfrecord.decode_example(tfrecord.encode_example(
+      weak_labels.record_features(tags, boxes[:0])))
+  assert weak_labels.from_record(example, num_classes=3, height=4, width=4,
+                                 where='x')[1].shape == (0, 5)
