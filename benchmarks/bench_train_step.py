@@ -3,7 +3,7 @@ r"""Times one jitted train step (forward, losses, backward, SGD update).
   python benchmarks/bench_train_step.py --shape=cpu   # ResNet-50 OS8, 161x161, batch 2
   python benchmarks/bench_train_step.py --shape=voc   # ResNet-101 OS8, 321x321, batch 16
   python benchmarks/bench_train_step.py --shape=voc --compute_dtype=bfloat16
-  python benchmarks/bench_train_step.py --dilated_conv=xla,space_to_batch
+  python benchmarks/bench_train_step.py --dilated_conv=auto,xla,taps
 
 The model and losses come from configs/voc_point.py (deep stem, ASPP 6/12/18,
 ``agmm_released`` losses) with the shape's depth, crop and global batch; the
@@ -16,8 +16,8 @@ step's FLOPs counted from the model's layer shapes (``agmm_jax.model.flops``: fo
 x 3) and the achieved FLOP/s, and on GPU the peak device memory and the
 fraction of the device's dense bfloat16 peak.
 
-Reference: the official PyTorch step (ResNet-50 OS8, 161x161, batch 2) takes
-0.94 s on the 2-core CPU machine this project is developed on.
+The PyTorch step of the same shape, timed alternately with agmm_jax's, and
+the profiles of both: benchmarks/profile_cpu_step.py.
 """
 
 import dataclasses
@@ -60,7 +60,7 @@ _LOSS = flags.DEFINE_enum('loss', 'agmm_released', list(presets.PRESETS),
                           'Loss preset (pce_only isolates the model cost).')
 _DILATED_CONV = flags.DEFINE_list(
     'dilated_conv', [dilated_conv.DEFAULT],
-    f'config.model.dilated_conv settings to time, each of '
+    f'config.model.dilated_conv settings to time, each auto or one of '
     f'{dilated_conv.DILATED_CONV_IMPLEMENTATIONS}.')
 
 

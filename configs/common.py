@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.multi_grid = False
   config.model.aspp_rates = (6, 12, 18)
   config.model.compute_dtype = 'float32'
-  # 'xla' | 'space_to_batch': how dilated convs are computed (same values).
+  # 'auto' (the backend's fastest: 'taps' on CPU, 'xla' elsewhere) | 'xla' |
+  # 'taps' | 'space_to_batch': how dilated convs are computed (same values).
   config.model.dilated_conv = dilated_conv.DEFAULT
   config.model.pretrained = ''
 

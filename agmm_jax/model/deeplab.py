@@ -33,6 +33,7 @@ The official head sizes its ASPP as ``2048 // 8`` channels and reads 256
 and reads the 64 ``layer1`` channels the backbone actually has.
 """
 
+import functools
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -80,14 +81,22 @@ def _torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
   return init
 
 
+# Builds one conv of the model: ``conv(in_features, out_features,
+# kernel_size, *, stride=1, dilation=1, use_bias=False, kernel_init=...,
+# bias_init=..., dtype, rngs) -> nnx.Conv``; see ``conv_factory``.
+ConvFactory = Callable[..., nnx.Conv]
+
+
 def _conv(in_features: int, out_features: int, kernel_size: int, *,
-          stride: int = 1, dilation: int = 1, use_bias: bool = False,
-          kernel_init=_backbone_kernel_init, bias_init=nnx.initializers.zeros,
-          dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+          implementation: str, stride: int = 1, dilation: int = 1,
+          use_bias: bool = False, kernel_init=_backbone_kernel_init,
+          bias_init=nnx.initializers.zeros, dtype: Any,
+          rngs: nnx.Rngs) -> nnx.Conv:
   """Conv with PyTorch padding ``dilation * (kernel_size - 1) // 2`` per side.
 
-  ``dilated_conv`` (``config.model.dilated_conv``) picks the implementation
-  of dilated convs (``agmm_jax.model.dilated_conv``); the parameters are the same.
+  ``implementation`` (a resolved ``config.model.dilated_conv``) picks how
+  dilated convs are computed (``agmm_jax.model.dilated_conv``); the
+  parameters are the same.
   """
   pad = dilation * (kernel_size - 1) // 2
   return nnx.Conv(
@@ -96,8 +105,20 @@ def _conv(in_features: int, out_features: int, kernel_size: int, *,
       kernel_dilation=(dilation, dilation), use_bias=use_bias,
       kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
       param_dtype=jnp.float32,
-      conv_general_dilated=dilated_conv_lib.conv_function(dilated_conv, dilation),
+      conv_general_dilated=dilated_conv_lib.conv_function(implementation,
+                                                          dilation),
       rngs=rngs)
+
+
+def conv_factory(dilated_conv: str = dilated_conv_lib.DEFAULT) -> ConvFactory:
+  """The conv constructor every module of the model builds its convs with.
+
+  ``dilated_conv`` is ``config.model.dilated_conv``, resolved by the backend
+  (``agmm_jax.model.dilated_conv.resolve``: ``'auto'`` picks the fastest
+  measured form; a form known to be slow here warns).
+  """
+  return functools.partial(_conv,
+                           implementation=dilated_conv_lib.resolve(dilated_conv))
 
 
 class BatchNorm(nnx.Module):
@@ -148,14 +169,16 @@ class BatchNorm(nnx.Module):
 
 
 class ConvBNReLU(nnx.Module):
-  """``relu(bn(conv(x)))``: conv without bias (PyTorch-init), BatchNorm."""
+  """``relu(bn(conv(x)))``: conv without bias (PyTorch-init), BatchNorm.
+
+  ``conv`` builds the conv (``conv_factory()`` if None)."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
-               dilation: int = 1, dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any,
-               rngs: nnx.Rngs):
-    self.conv = _conv(in_features, out_features, kernel_size, dilation=dilation,
-                      kernel_init=_head_kernel_init, dilated_conv=dilated_conv,
-                      dtype=dtype, rngs=rngs)
+               dilation: int = 1, conv: ConvFactory | None = None,
+               dtype: Any, rngs: nnx.Rngs):
+    conv = conv or conv_factory()
+    self.conv = conv(in_features, out_features, kernel_size, dilation=dilation,
+                     kernel_init=_head_kernel_init, dtype=dtype, rngs=rngs)
     self.bn = BatchNorm(out_features, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
@@ -166,9 +189,9 @@ class Downsample(nnx.Module):
   """Shortcut projection: 1x1 conv with stride, then BatchNorm."""
 
   def __init__(self, in_features: int, out_features: int, stride: int, *,
-               dtype: Any, rngs: nnx.Rngs):
-    self.conv = _conv(in_features, out_features, 1, stride=stride, dtype=dtype,
-                      rngs=rngs)
+               conv: ConvFactory, dtype: Any, rngs: nnx.Rngs):
+    self.conv = conv(in_features, out_features, 1, stride=stride, dtype=dtype,
+                     rngs=rngs)
     self.bn = BatchNorm(out_features, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
@@ -186,12 +209,12 @@ class BasicBlock(nnx.Module):
 
   def __init__(self, in_features: int, planes: int, *, stride: int,
                dilation: int, downsample: Downsample | None,
-               dilated_conv: str, dtype: Any, rngs: nnx.Rngs):
-    self.conv1 = _conv(in_features, planes, 3, stride=stride, dilation=dilation,
-                       dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
+               conv: ConvFactory, dtype: Any, rngs: nnx.Rngs):
+    self.conv1 = conv(in_features, planes, 3, stride=stride, dilation=dilation,
+                      dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(planes, dtype=dtype)
-    self.conv2 = _conv(planes, planes, 3, dilation=dilation,
-                       dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
+    self.conv2 = conv(planes, planes, 3, dilation=dilation, dtype=dtype,
+                      rngs=rngs)
     self.bn2 = BatchNorm(planes, dtype=dtype)
     self.downsample = downsample
 
@@ -209,14 +232,14 @@ class Bottleneck(nnx.Module):
 
   def __init__(self, in_features: int, planes: int, *, stride: int,
                dilation: int, downsample: Downsample | None,
-               dilated_conv: str, dtype: Any, rngs: nnx.Rngs):
-    self.conv1 = _conv(in_features, planes, 1, dtype=dtype, rngs=rngs)
+               conv: ConvFactory, dtype: Any, rngs: nnx.Rngs):
+    self.conv1 = conv(in_features, planes, 1, dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(planes, dtype=dtype)
-    self.conv2 = _conv(planes, planes, 3, stride=stride, dilation=dilation,
-                       dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
+    self.conv2 = conv(planes, planes, 3, stride=stride, dilation=dilation,
+                      dtype=dtype, rngs=rngs)
     self.bn2 = BatchNorm(planes, dtype=dtype)
-    self.conv3 = _conv(planes, planes * self.expansion, 1, dtype=dtype,
-                       rngs=rngs)
+    self.conv3 = conv(planes, planes * self.expansion, 1, dtype=dtype,
+                      rngs=rngs)
     self.bn3 = BatchNorm(planes * self.expansion, dtype=dtype)
     self.downsample = downsample
 
@@ -235,12 +258,12 @@ class DeepStem(nnx.Module):
   official code (its ``conv1`` Sequential ends with the conv).
   """
 
-  def __init__(self, *, dtype: Any, rngs: nnx.Rngs):
-    self.conv1 = _conv(3, 64, 3, stride=2, dtype=dtype, rngs=rngs)
+  def __init__(self, *, conv: ConvFactory, dtype: Any, rngs: nnx.Rngs):
+    self.conv1 = conv(3, 64, 3, stride=2, dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(64, dtype=dtype)
-    self.conv2 = _conv(64, 64, 3, dtype=dtype, rngs=rngs)
+    self.conv2 = conv(64, 64, 3, dtype=dtype, rngs=rngs)
     self.bn2 = BatchNorm(64, dtype=dtype)
-    self.conv3 = _conv(64, 128, 3, dtype=dtype, rngs=rngs)
+    self.conv3 = conv(64, 128, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     x = nnx.relu(self.bn1(self.conv1(x)))
@@ -264,33 +287,35 @@ class ResNet(nnx.Module):
   ``[B, H/4, W/4, 64 e]``, ``c2`` ``[.., H/8, .., 128 e]``, ``c3`` and ``c4``
   at ``H / min(16, s)`` and ``H / s`` with ``256 e`` and ``512 e`` channels
   (``e`` = block expansion, sizes rounded up as by the strided convs).
+  ``conv`` builds every conv (``conv_factory()`` if None).
   """
 
   def __init__(self, depth: int = 101, *, stem: str = 'deep',
                output_stride: int = 8, multi_grid: bool = False,
-               dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any = jnp.float32,
+               conv: ConvFactory | None = None, dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     if depth not in RESNET_LAYERS:
       raise ValueError(f'depth must be one of {sorted(RESNET_LAYERS)}, got {depth}')
     if stem not in STEMS:
       raise ValueError(f'stem must be one of {STEMS}, got {stem!r}')
     block_kind, layers = RESNET_LAYERS[depth]
+    conv = conv or conv_factory()
     block_cls = BasicBlock if block_kind == 'basic' else Bottleneck
     self.depth = depth
     self.stem = stem
     self.expansion = block_cls.expansion
     if stem == 'torchvision':
-      self.conv1 = _conv(3, 64, 7, stride=2, dtype=dtype, rngs=rngs)
+      self.conv1 = conv(3, 64, 7, stride=2, dtype=dtype, rngs=rngs)
       stem_features = 64
     else:
-      self.conv1 = DeepStem(dtype=dtype, rngs=rngs)
+      self.conv1 = DeepStem(conv=conv, dtype=dtype, rngs=rngs)
       stem_features = 128
     self.bn1 = BatchNorm(stem_features, dtype=dtype)
 
     dilate = output_stride_to_dilation(output_stride)
     self._in_features = stem_features
     self._dilation = 1
-    self._dilated_conv = dilated_conv
+    self._conv = conv
     self.layer1 = self._make_layer(block_cls, 64, layers[0], stride=1,
                                    dilate=False, grids=None, dtype=dtype,
                                    rngs=rngs)
@@ -305,7 +330,7 @@ class ResNet(nnx.Module):
                                    grids=MULTI_GRID if multi_grid else None,
                                    dtype=dtype, rngs=rngs)
     self.out_features = self._in_features
-    del self._in_features, self._dilation, self._dilated_conv
+    del self._in_features, self._dilation, self._conv
 
   def _make_layer(self, block_cls, planes: int, blocks: int, *, stride: int,
                   dilate: bool, grids: Sequence[int] | None, dtype: Any,
@@ -319,21 +344,20 @@ class ResNet(nnx.Module):
     downsample = None
     if stride != 1 or self._in_features != out_features:
       downsample = Downsample(self._in_features, out_features, stride,
-                              dtype=dtype, rngs=rngs)
+                              conv=self._conv, dtype=dtype, rngs=rngs)
     grids = tuple(grids) if grids is not None else (1,) * blocks
     if len(grids) < blocks:
       raise ValueError(f'multi-grid {grids} has fewer entries than {blocks} blocks')
     stage = [block_cls(self._in_features, planes, stride=stride,
                        dilation=previous_dilation * grids[0],
                        downsample=downsample,
-                       dilated_conv=self._dilated_conv, dtype=dtype, rngs=rngs)]
+                       conv=self._conv, dtype=dtype, rngs=rngs)]
     self._in_features = out_features
     for index in range(1, blocks):
       stage.append(block_cls(out_features, planes, stride=1,
                              dilation=self._dilation * grids[index],
                              downsample=None,
-                             dilated_conv=self._dilated_conv, dtype=dtype,
-                             rngs=rngs))
+                             conv=self._conv, dtype=dtype, rngs=rngs))
     return nnx.List(stage)
 
   def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
@@ -354,10 +378,10 @@ class ASPPPooling(nnx.Module):
   exactly a broadcast.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, dtype: Any,
-               rngs: nnx.Rngs):
-    self.conv = _conv(in_features, out_features, 1,
-                      kernel_init=_head_kernel_init, dtype=dtype, rngs=rngs)
+  def __init__(self, in_features: int, out_features: int, *,
+               conv: ConvFactory, dtype: Any, rngs: nnx.Rngs):
+    self.conv = conv(in_features, out_features, 1,
+                     kernel_init=_head_kernel_init, dtype=dtype, rngs=rngs)
     self.bn = BatchNorm(out_features, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
@@ -370,27 +394,31 @@ class ASPP(nnx.Module):
   """ASPP: b0 1x1, b1..b3 3x3 atrous, b4 image pooling; concat; 1x1 project.
 
   ``[B, h, w, C_in] -> [B, h, w, 256]``; channel dropout (Dropout2d, p=0.5)
-  after the projection in train mode.
+  after the projection in train mode. ``conv`` builds the convs
+  (``conv_factory()`` if None).
   """
 
   def __init__(self, in_features: int, atrous_rates: Sequence[int], *,
-               out_features: int = ASPP_CHANNELS, dilated_conv: str = dilated_conv_lib.DEFAULT,
-               dtype: Any, rngs: nnx.Rngs):
+               out_features: int = ASPP_CHANNELS,
+               conv: ConvFactory | None = None, dtype: Any, rngs: nnx.Rngs):
     if len(atrous_rates) != 3:
       raise ValueError(f'aspp_rates must have 3 entries, got {atrous_rates}')
-    self.b0 = ConvBNReLU(in_features, out_features, 1, dtype=dtype, rngs=rngs)
+    conv = conv or conv_factory()
+    self.b0 = ConvBNReLU(in_features, out_features, 1, conv=conv, dtype=dtype,
+                         rngs=rngs)
     self.b1 = ConvBNReLU(in_features, out_features, 3,
-                         dilation=int(atrous_rates[0]),
-                         dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
+                         dilation=int(atrous_rates[0]), conv=conv, dtype=dtype,
+                         rngs=rngs)
     self.b2 = ConvBNReLU(in_features, out_features, 3,
-                         dilation=int(atrous_rates[1]),
-                         dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
+                         dilation=int(atrous_rates[1]), conv=conv, dtype=dtype,
+                         rngs=rngs)
     self.b3 = ConvBNReLU(in_features, out_features, 3,
-                         dilation=int(atrous_rates[2]),
-                         dilated_conv=dilated_conv, dtype=dtype, rngs=rngs)
-    self.b4 = ASPPPooling(in_features, out_features, dtype=dtype, rngs=rngs)
-    self.project = ConvBNReLU(5 * out_features, out_features, 1, dtype=dtype,
-                              rngs=rngs)
+                         dilation=int(atrous_rates[2]), conv=conv, dtype=dtype,
+                         rngs=rngs)
+    self.b4 = ASPPPooling(in_features, out_features, conv=conv, dtype=dtype,
+                          rngs=rngs)
+    self.project = ConvBNReLU(5 * out_features, out_features, 1, conv=conv,
+                              dtype=dtype, rngs=rngs)
     # Dropout2d: one keep/drop decision per (sample, channel).
     self.dropout = nnx.Dropout(PROJECT_DROPOUT, broadcast_dims=(1, 2), rngs=rngs)
 
@@ -403,34 +431,36 @@ class DeepLabV3Plus(nnx.Module):
   """DeepLabV3+ with a ResNet backbone (see the module docstring).
 
   Attributes ``backbone`` (the ResNet; gets the backbone learning rate),
-  ``head`` (ASPP), ``reduce``, ``fuse`` and ``classifier``.
+  ``head`` (ASPP), ``reduce``, ``fuse`` and ``classifier``. ``conv`` builds
+  every conv (``conv_factory()`` if None).
   """
 
   def __init__(self, num_classes: int, *, depth: int = 101, stem: str = 'deep',
                output_stride: int = 8, multi_grid: bool = False,
                aspp_rates: Sequence[int] = (6, 12, 18),
                extra_heads: Mapping[str, Callable[..., nnx.Module]] | None = None,
-               dilated_conv: str = dilated_conv_lib.DEFAULT, dtype: Any = jnp.float32,
+               conv: ConvFactory | None = None, dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     if num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {num_classes}')
     self.num_classes = num_classes
+    conv = conv or conv_factory()
     self.backbone = ResNet(depth, stem=stem, output_stride=output_stride,
-                           multi_grid=multi_grid, dilated_conv=dilated_conv,
-                           dtype=dtype, rngs=rngs)
+                           multi_grid=multi_grid, conv=conv, dtype=dtype,
+                           rngs=rngs)
     high_features = self.backbone.out_features
     low_features = 64 * self.backbone.expansion
-    self.head = ASPP(high_features, aspp_rates, dilated_conv=dilated_conv,
-                     dtype=dtype, rngs=rngs)
-    self.reduce = ConvBNReLU(low_features, REDUCED_LOW_CHANNELS, 1, dtype=dtype,
-                             rngs=rngs)
+    self.head = ASPP(high_features, aspp_rates, conv=conv, dtype=dtype,
+                     rngs=rngs)
+    self.reduce = ConvBNReLU(low_features, REDUCED_LOW_CHANNELS, 1, conv=conv,
+                             dtype=dtype, rngs=rngs)
     self.fuse = nnx.List([
         ConvBNReLU(ASPP_CHANNELS + REDUCED_LOW_CHANNELS, DECODER_CHANNELS, 3,
+                   conv=conv, dtype=dtype, rngs=rngs),
+        ConvBNReLU(DECODER_CHANNELS, DECODER_CHANNELS, 3, conv=conv,
                    dtype=dtype, rngs=rngs),
-        ConvBNReLU(DECODER_CHANNELS, DECODER_CHANNELS, 3, dtype=dtype,
-                   rngs=rngs),
     ])
-    self.classifier = _conv(
+    self.classifier = conv(
         DECODER_CHANNELS, num_classes, 1, use_bias=True,
         kernel_init=_head_kernel_init,
         bias_init=_torch_default_bias_init(DECODER_CHANNELS), dtype=dtype,
@@ -479,7 +509,8 @@ def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs,
   """Builds ``DeepLabV3Plus`` from ``config.model`` (see docs/design.md).
 
   Reads ``depth``, ``stem``, ``output_stride``, ``multi_grid``, ``aspp_rates``,
-  ``dilated_conv`` ('xla' | 'space_to_batch', ``agmm_jax.model.dilated_conv``) and
+  ``dilated_conv`` ('auto' | 'xla' | 'taps' | 'space_to_batch',
+  ``agmm_jax.model.dilated_conv``; 'auto' is resolved by the backend) and
   ``compute_dtype`` ('float32' | 'bfloat16' | 'float16'); every field is
   required (configs/common.py holds the defaults). ``extra_heads`` are the
   loss's declared heads (``build_loss(config.loss).needs.heads``). Pretrained
@@ -498,7 +529,7 @@ def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs,
       multi_grid=bool(model_config.multi_grid),
       aspp_rates=tuple(int(r) for r in model_config.aspp_rates),
       extra_heads=extra_heads,
-      dilated_conv=str(model_config.dilated_conv),
+      conv=conv_factory(str(model_config.dilated_conv)),
       dtype=jnp.dtype(compute_dtype),
       rngs=rngs)
 

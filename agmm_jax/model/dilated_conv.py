@@ -1,10 +1,17 @@
-"""Dilated (atrous) convolution in two interchangeable forms.
+"""Dilated (atrous) convolution in three interchangeable forms.
 
 ``config.model.dilated_conv`` picks how the model's dilated 3x3 convolutions
-(ResNet's dilated stages, the ASPP branches) are computed:
+(ResNet's dilated stages, the ASPP branches) are computed; all give the same
+values and gradients (tests/model/test_dilated_conv.py):
 
 * ``'xla'``: ``lax.conv_general_dilated`` with ``rhs_dilation`` (what XLA and
   cuDNN make of it).
+* ``'taps'``: one matmul per kernel tap on the part of the grid where the
+  tap reads inside the image (``tap_sum_conv``). The padding a large rate
+  adds is never multiplied, in the forward or in either gradient: on CPU
+  this form is faster than XLA's dilated conv at every rate the configs use,
+  up to 5x for ASPP's rate 18 on a 21x21 grid, and ASPP's rates 12 and 18 on
+  an 11x11 grid reduce to their centre tap (docs/benchmarks.md, issue 32).
 * ``'space_to_batch'``: the atrous convolution as a dense one on interleaved
   sub-grids. With rate ``r``, a kernel of odd size ``k`` and the PyTorch
   padding ``p = r (k - 1) / 2`` on each side,
@@ -18,28 +25,56 @@
   of ``r`` (so the sub-grids have equal sizes ``ceil(H / r)``; the added zeros
   are exactly the zeros the dilated padding reads), the sub-grids are moved to
   the batch axis, convolved densely, moved back and cropped to ``H x W``.
-  Values and gradients equal the dilated convolution's for any size, odd or
-  even, and any rate (tests/model/test_dilated_conv.py).
 
-The dense form exists because XLA computes the input gradient of a dilated
+The sub-grid form exists because XLA computes the input gradient of a dilated
 convolution on GPU with slow "indexed" implicit-GEMM kernels (issue 17), while
 dense 3x3 convolutions and their gradients map to cuDNN's fast kernels. On
-CPU the transposes cost more than they save (docs/benchmarks.md).
+CPU it is 17x slower than XLA's (docs/benchmarks.md), and ``resolve`` warns
+when a config forces it there.
+
+``'auto'`` (the default) is resolved by the backend (``resolve``): ``'taps'``
+on CPU, ``'xla'`` on GPU and TPU, where the taps form is unmeasured so far.
 """
 
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
 
 Array = jax.Array
 
-DILATED_CONV_IMPLEMENTATIONS = ('xla', 'space_to_batch')
-# XLA's own: on CPU the sub-grid form is slower (docs/benchmarks.md); on GPU
-# it is unmeasured so far (benchmarks/gpu_suite.py measures both).
-DEFAULT = 'xla'
+DILATED_CONV_IMPLEMENTATIONS = ('xla', 'taps', 'space_to_batch')
+DEFAULT = 'auto'
+# Backend -> the form 'auto' resolves to (docs/benchmarks.md); other
+# backends get 'xla'.
+_AUTO = {'cpu': 'taps'}
+# Backend -> forms measured to be much slower there than the 'auto' one.
+_SLOW = {'cpu': ('space_to_batch',)}
 _NHWC_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def resolve(setting: str, platform: str | None = None) -> str:
+  """The implementation ``config.model.dilated_conv = setting`` means here.
+
+  ``platform`` is the JAX backend (``jax.default_backend()`` if None).
+  ``'auto'`` becomes the backend's fastest measured form; a form known to be
+  slow on this backend is kept (the config asked for it) with a one-line
+  warning. Raises ValueError for an unknown setting.
+  """
+  if setting != 'auto' and setting not in DILATED_CONV_IMPLEMENTATIONS:
+    raise ValueError(f'model.dilated_conv must be auto or one of '
+                     f'{DILATED_CONV_IMPLEMENTATIONS}, got {setting!r}')
+  platform = platform or jax.default_backend()
+  if setting == 'auto':
+    return _AUTO.get(platform, 'xla')
+  if setting in _SLOW.get(platform, ()):
+    logging.warning(
+        "model.dilated_conv=%r is much slower than %r on %s (docs/"
+        "benchmarks.md); set it to 'auto' unless you are measuring it",
+        setting, _AUTO.get(platform, 'xla'), platform)
+  return setting
 
 
 def _applies(lhs_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -119,15 +154,77 @@ def space_to_batch_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
   return out[:, :height, :width]
 
 
+def _tap_range(size: int, offset: int) -> tuple[int, int]:
+  """Output positions ``[start, stop)`` whose input ``i + offset`` is inside."""
+  return max(0, -offset), min(size, size - offset)
+
+
+def tap_sum_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                 padding: Any, lhs_dilation: Sequence[int] | None = None,
+                 rhs_dilation: Sequence[int] | None = None,
+                 dimension_numbers: Any = None, feature_group_count: int = 1,
+                 batch_group_count: int = 1, precision: Any = None,
+                 preferred_element_type: Any = None,
+                 out_sharding: Any = None) -> Array:
+  """``lax.conv_general_dilated`` with dilated convs as one matmul per tap.
+
+  Same signature and result as ``lax.conv_general_dilated``. For the case
+  ``space_to_batch_conv`` handles (NHWC/HWIO, stride 1, rate ``r > 1``,
+  padding ``r (k - 1) / 2``), tap ``(a, b)`` reads the input shifted by
+  ``(r (a - c), r (b - c))``; its product ``x_shifted @ w[a, b]`` is
+  computed only on the output rows and columns whose shifted input lies
+  inside the image (outside it the padding is zero) and zero-padded back,
+  and the taps are summed. A tap that lies wholly in the padding (offset >=
+  the grid size: ASPP's rates 12 and 18 on an 11x11 grid) is skipped. The
+  gradients (autodiff of slices, dots and pads) are likewise restricted to
+  the in-image parts, which is where the saving over XLA's dilated conv and
+  its gradients lies when the rate is large against the grid. Any other
+  convolution is passed to ``lax.conv_general_dilated`` unchanged.
+  """
+  if out_sharding is not None or not _applies(
+      lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, feature_group_count, batch_group_count):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+  rate = int(rhs_dilation[0])
+  _, height, width, _ = lhs.shape
+  kernel_height, kernel_width = rhs.shape[:2]
+  out = None
+  for a in range(kernel_height):
+    row_offset = rate * (a - kernel_height // 2)
+    row_start, row_stop = _tap_range(height, row_offset)
+    for b in range(kernel_width):
+      col_offset = rate * (b - kernel_width // 2)
+      col_start, col_stop = _tap_range(width, col_offset)
+      if row_start >= row_stop or col_start >= col_stop:
+        continue  # The tap reads only padding.
+      window = lhs[:, row_start + row_offset:row_stop + row_offset,
+                   col_start + col_offset:col_stop + col_offset]
+      product = jnp.einsum('nhwc,co->nhwo', window, rhs[a, b],
+                           precision=precision,
+                           preferred_element_type=preferred_element_type)
+      product = lax.pad(product, jnp.zeros((), product.dtype),
+                        ((0, 0, 0), (row_start, height - row_stop, 0),
+                         (col_start, width - col_stop, 0), (0, 0, 0)))
+      out = product if out is None else out + product
+  return out
+
+
 def conv_function(implementation: str, dilation: int):
   """The ``conv_general_dilated`` an ``nnx.Conv`` of ``dilation`` should use.
 
-  ``implementation`` is ``config.model.dilated_conv`` (one of
-  ``DILATED_CONV_IMPLEMENTATIONS``); undilated convs always use XLA's.
+  ``implementation`` is a resolved ``config.model.dilated_conv`` (one of
+  ``DILATED_CONV_IMPLEMENTATIONS``, see ``resolve``); undilated convs always
+  use XLA's.
   """
-  if implementation not in DILATED_CONV_IMPLEMENTATIONS:
+  forms = {'xla': lax.conv_general_dilated, 'taps': tap_sum_conv,
+           'space_to_batch': space_to_batch_conv}
+  if implementation not in forms:
     raise ValueError(f'model.dilated_conv must be one of '
-                     f'{DILATED_CONV_IMPLEMENTATIONS}, got {implementation!r}')
-  if implementation == 'space_to_batch' and dilation > 1:
-    return space_to_batch_conv
-  return lax.conv_general_dilated
+                     f'{DILATED_CONV_IMPLEMENTATIONS} once resolved, got '
+                     f'{implementation!r}')
+  return forms[implementation] if dilation > 1 else lax.conv_general_dilated

@@ -23,7 +23,8 @@ convolution (the images need none): its figure is ``3 F - first_conv``.
 
 The count is of the architecture: ``model_forward_flops`` traces the model as
 built (``config.model.dilated_conv = 'space_to_batch'`` pads the sub-grids to
-multiples of the rate and so counts more); ``architecture_forward_flops``
+multiples of the rate and so counts more; ``'taps'``, the CPU default, skips
+the padding and counts less); ``architecture_forward_flops``
 always counts the plain dilated convolutions.
 """
 

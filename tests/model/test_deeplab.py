@@ -224,6 +224,13 @@ def test_build_model_reads_config():
   with pytest.raises(ValueError, match='compute_dtype'):
     deeplab.build_model(config, 7, rngs=nnx.Rngs(0))
   config.compute_dtype = 'float32'
+  config.dilated_conv = 'auto'  # The backend's form; the tests run on CPU.
+  model = nnx.eval_shape(lambda: deeplab.build_model(config, 7,
+                                                    rngs=nnx.Rngs(0)))
+  assert model.head.b2.conv.conv_general_dilated is dilated_conv.tap_sum_conv
+  assert (model.backbone.layer4[1].conv1.conv_general_dilated
+          is dilated_conv.tap_sum_conv)
+  assert model.head.b0.conv.conv_general_dilated is jax.lax.conv_general_dilated
   config.dilated_conv = 'fft'
   with pytest.raises(ValueError, match='dilated_conv'):
     deeplab.build_model(config, 7, rngs=nnx.Rngs(0))

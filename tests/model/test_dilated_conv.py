@@ -1,4 +1,5 @@
-"""agmm_jax.model.dilated_conv: the sub-grid form equals XLA's dilated convolution.
+"""agmm_jax.model.dilated_conv: the sub-grid and per-tap forms equal XLA's
+dilated convolution; 'auto' is resolved by the backend, a forced slow form warns.
 
 Rates: every dilation the configs give a 3x3 conv. ResNet OS8: layer3 2,
 layer4 2 then 4; OS16: layer4 2 (the first block keeps the previous one);
@@ -29,12 +30,19 @@ def _reference(x, kernel, rate):
       precision=jax.lax.Precision.HIGHEST)
 
 
-def _sub_grid(x, kernel, rate):
-  pad = rate * (kernel.shape[0] - 1) // 2
-  return dilated_conv.space_to_batch_conv(
-      x, kernel, (1, 1), ((pad, pad), (pad, pad)), rhs_dilation=(rate, rate),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      precision=jax.lax.Precision.HIGHEST)
+def _form(conv_fn):
+  """``(x, kernel, rate) -> y`` of a ``conv_general_dilated`` drop-in."""
+  def conv(x, kernel, rate):
+    pad = rate * (kernel.shape[0] - 1) // 2
+    return conv_fn(
+        x, kernel, (1, 1), ((pad, pad), (pad, pad)), rhs_dilation=(rate, rate),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=jax.lax.Precision.HIGHEST)
+  return conv
+
+
+FORMS = {'space_to_batch': dilated_conv.space_to_batch_conv,
+         'taps': dilated_conv.tap_sum_conv}
 
 
 def _naive_dilated_conv(x, kernel, rate):
@@ -62,14 +70,15 @@ def _values_and_grads(conv):
   return jax.jit(run)
 
 
+@pytest.mark.parametrize('form', sorted(FORMS))
 @pytest.mark.parametrize('height,width', SIZES)
-def test_values_and_gradients_equal_xla(height, width):
+def test_values_and_gradients_equal_xla(height, width, form):
   rng = np.random.default_rng(height * 100 + width)
   x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
   kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
   cotangent = rng.normal(size=(2, height, width, 4)).astype(np.float32)
   expected = _values_and_grads(_reference)(x, kernel, cotangent)
-  actual = _values_and_grads(_sub_grid)(x, kernel, cotangent)
+  actual = _values_and_grads(_form(FORMS[form]))(x, kernel, cotangent)
   for rate, (value, dx, dw), (expected_value, expected_dx, expected_dw) in zip(
       CONFIG_RATES, actual, expected):
     np.testing.assert_allclose(value, expected_value, rtol=1e-5, atol=1e-5,
@@ -84,7 +93,8 @@ def test_values_and_gradients_equal_xla(height, width):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_other_convs_fall_through_to_xla():
+@pytest.mark.parametrize('form', sorted(FORMS))
+def test_other_convs_fall_through_to_xla(form):
   """Stride 2, rate 1, 1x1 and other paddings are XLA's own convs."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, 9, 8, 3)), jnp.float32)
@@ -94,26 +104,76 @@ def test_other_convs_fall_through_to_xla():
            ((1, 1), 'SAME', (2, 2)),
            ((1, 1), ((1, 1), (1, 1)), (1, 1))]
   for strides, padding, rates in cases:
-    jaxpr = jax.make_jaxpr(lambda a, w: dilated_conv.space_to_batch_conv(
+    jaxpr = jax.make_jaxpr(lambda a, w: FORMS[form](
         a, w, strides, padding, rhs_dilation=rates,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, kernel)
     primitives = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
     assert primitives == ['conv_general_dilated'], (strides, padding, rates)
 
 
+def test_taps_in_the_padding_are_skipped():
+  """At rate >= the grid only the centre tap reads the image: one matmul, and
+  its gradients are matmuls too (no convolution left)."""
+  x = jnp.ones((1, 11, 11, 3), jnp.float32)
+  kernel = jnp.ones((3, 3, 3, 2), jnp.float32)
+  conv = _form(dilated_conv.tap_sum_conv)
+  jaxpr = jax.make_jaxpr(jax.grad(
+      lambda a, w: jnp.sum(conv(a, w, 12)), argnums=(0, 1)))(x, kernel)
+  primitives = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+  assert 'conv_general_dilated' not in primitives
+  assert primitives.count('dot_general') == 3  # Forward, input and weight grads.
+  # Rate 6 on 11 rows: every tap reads some of the image.
+  jaxpr = jax.make_jaxpr(lambda a, w: conv(a, w, 6))(x, kernel)
+  assert [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns].count('dot_general') == 9
+
+
+def test_auto_is_resolved_by_the_backend():
+  assert dilated_conv.resolve('auto', 'cpu') == 'taps'
+  assert dilated_conv.resolve('auto', 'gpu') == 'xla'
+  assert dilated_conv.resolve('auto', 'tpu') == 'xla'
+  assert dilated_conv.resolve('xla', 'cpu') == 'xla'
+  assert dilated_conv.resolve('auto') == dilated_conv.resolve(
+      'auto', jax.default_backend())
+  with pytest.raises(ValueError, match='dilated_conv'):
+    dilated_conv.resolve('fft', 'cpu')
+
+
+def test_a_forced_slow_choice_warns(caplog):
+  """space_to_batch on CPU (17x slower) warns once, in one line; the same
+  choice on GPU, or a fast one on CPU, does not."""
+  with caplog.at_level('WARNING'):
+    assert dilated_conv.resolve('space_to_batch', 'cpu') == 'space_to_batch'
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 1 and '\n' not in warnings[0]
+  assert 'space_to_batch' in warnings[0] and 'slower' in warnings[0]
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    dilated_conv.resolve('space_to_batch', 'gpu')
+    dilated_conv.resolve('taps', 'cpu')
+    dilated_conv.resolve('xla', 'cpu')
+    dilated_conv.resolve('auto', 'cpu')
+  assert not [r for r in caplog.records if r.levelname == 'WARNING']
+
+
 def test_model_forms_agree():
   """ASPP and a dilated residual block of the model give the same outputs and
-  gradients (input and parameters) with either form and the same parameters;
-  the model passes the option to them (test_models.test_build_model_reads_config)."""
+  gradients (input and parameters) with every form and the same parameters;
+  the model passes the option to them (test_deeplab.test_build_model_reads_config)."""
   def build(form):
     rngs = nnx.Rngs(0)
+    conv = deeplab.conv_factory(form)
     return nnx.List([
         deeplab.BasicBlock(8, 8, stride=1, dilation=2, downsample=None,
-                          dilated_conv=form, dtype=jnp.float32, rngs=rngs),
-        deeplab.ASPP(8, (2, 3, 5), out_features=4, dilated_conv=form,
+                          conv=conv, dtype=jnp.float32, rngs=rngs),
+        deeplab.ASPP(8, (2, 3, 5), out_features=4, conv=conv,
                     dtype=jnp.float32, rngs=rngs)])
-  xla_layers, sub_grid_layers = build('xla'), build('space_to_batch')
-  nnx.update(sub_grid_layers, nnx.state(xla_layers))
+  xla_layers = build('xla')
+  for form in sorted(FORMS):
+    _assert_layers_agree(xla_layers, build(form))
+
+
+def _assert_layers_agree(xla_layers, layers):
+  nnx.update(layers, nnx.state(xla_layers))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 11, 8, 8)),
                   jnp.float32)
 
@@ -126,7 +186,7 @@ def test_model_forms_agree():
     return nnx.grad(loss, argnums=(0, 1), has_aux=True)(layers, x)
 
   xla_grads, xla_y = outputs_and_grads(xla_layers, x)
-  grads, y = outputs_and_grads(sub_grid_layers, x)
+  grads, y = outputs_and_grads(layers, x)
   np.testing.assert_allclose(y, xla_y, rtol=1e-5, atol=1e-5)
   for expected, actual in zip(jax.tree_util.tree_leaves(xla_grads),
                               jax.tree_util.tree_leaves(grads)):
