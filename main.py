@@ -17,9 +17,11 @@ JAX_PROCESS_ID), or pass ``--distributed`` to let JAX detect a cluster
 Exit status: 0 done; 1 bad input (an unknown ``--config.X`` or bad value,
 missing or unprepared data, shapes that do not fit the data, a class list
 other than the checkpoint's, batch size not divisible by the devices, NaN/inf
-loss, a failed checkpoint write: one ``error:`` line on stderr saying what to
-do, the last good checkpoint kept; a failed data conversion lists its bad
-files first); 143 stopped by SIGTERM after saving a checkpoint, or during data
+loss, a failed checkpoint write, a work directory in use by another training
+run (its lock, agmm_jax/storage/lock.py) or holding checkpoints of a run with
+other settings (agmm_jax/storage/run_identity.py): one ``error:`` line on
+stderr saying what to do, the last good checkpoint kept; a failed data
+conversion lists its bad files first); 143 stopped by SIGTERM after saving a checkpoint, or during data
 preparation with nothing written (rerun to resume).
 """
 
@@ -40,8 +42,11 @@ import numpy as np
 from agmm_jax.runtime import compilation_cache
 from agmm_jax import errors
 from agmm_jax.evaluation import modes
+from agmm_jax.storage import lock as lock_lib
+from agmm_jax.storage import run_identity
 from agmm_jax.train import loop
 from agmm_jax.train import trainer
+from configs import common as config_common
 from data_prep import auto
 from data_prep import common as data_prep_common
 
@@ -79,6 +84,25 @@ def initialize_distributed() -> None:
 MODES = ('train', 'eval', 'predict')
 
 
+def _on_process_0(check, what: str) -> Any:
+  """``check()`` on process 0, its failure raised on every process (left at
+  a barrier, the others would wait for the coordination timeout); returns
+  its result on process 0, None elsewhere."""
+  error, result = None, None
+  if jax.process_index() == 0:
+    try:
+      result = check()
+    except Exception as check_error:  # pylint: disable=broad-exception-caught
+      error = check_error
+  if jax.process_count() > 1:
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      raise ValueError(f'{what} failed on process 0 (its log has the reason)')
+  if error is not None:
+    raise error
+  return result
+
+
 def resolve_data(config: ml_collections.ConfigDict,
                  workdir: str) -> ml_collections.ConfigDict:
   """A copy of ``config`` whose ``data.dir`` holds a prepared dataset.
@@ -89,33 +113,64 @@ def resolve_data(config: ml_collections.ConfigDict,
   process 0 converts what is missing, the others wait.
   """
   config = auto.resolved_paths(config, workdir)
-  error = None
-  if jax.process_index() == 0:
-    try:
-      os.makedirs(workdir, exist_ok=True)
-      auto.prepare_missing(config)
-    except Exception as prepare_error:  # pylint: disable=broad-exception-caught
-      # Raised below, once the other processes know: left at a barrier they
-      # would wait for the coordination timeout.
-      error = prepare_error
-  if jax.process_count() > 1:
-    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
-    if failed and error is None:
-      raise ValueError(f'data preparation of config.data.dir={config.data.dir!r} '
-                       'failed on process 0 (its log has the reason)')
-  if error is not None:
-    raise error
+
+  def prepare() -> None:
+    os.makedirs(workdir, exist_ok=True)
+    auto.prepare_missing(config)
+  _on_process_0(prepare, 'data preparation of '
+                f'config.data.dir={config.data.dir!r}')
   return config
+
+
+def check_workdir(workdir: str) -> None:
+  """One line for a ``--workdir`` that cannot be a work directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FileExistsError(
+        f'--workdir={workdir} is a file, not a folder: give a new folder (it '
+        'is created) or the folder of an earlier run to resume it')
+
+
+def claim_workdir(config: ml_collections.ConfigDict,
+                  workdir: str) -> lock_lib.WorkdirLock | None:
+  """The training run's lock of ``workdir`` (process 0; None elsewhere),
+  taken before anything is written there, and the check that a resumed run
+  keeps the checkpointed run's identity (``storage/run_identity.py``), made
+  under the lock, before config.json is rewritten."""
+  def claim() -> lock_lib.WorkdirLock:
+    workdir_lock = lock_lib.WorkdirLock(workdir).acquire()
+    try:
+      run_identity.check_resumable(auto.resolved_paths(config, workdir),
+                                   workdir)
+    except BaseException:
+      workdir_lock.release()
+      raise
+    return workdir_lock
+  return _on_process_0(claim, f'locking --workdir={workdir}')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Dispatches on ``config.mode``: train | eval | predict.
 
-  In train mode with ``config.predict.input_dir`` set (single process), the
-  trained model then segments those images as in predict mode.
+  A training run holds ``workdir``'s lock until it returns (eval and predict
+  only read checkpoints and take none). In train mode with
+  ``config.predict.input_dir`` set (single process), the trained model then
+  segments those images as in predict mode.
   """
   if config.mode not in MODES:
     raise ValueError(f'config.mode must be one of {MODES}, got {config.mode!r}')
+  config_common.check_values(config)
+  check_workdir(workdir)
+  workdir_lock = (claim_workdir(config, workdir) if config.mode == 'train'
+                  else None)
+  try:
+    return _run_mode(config, workdir)
+  finally:
+    if workdir_lock is not None:
+      workdir_lock.release()
+
+
+def _run_mode(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The body of ``run`` (checks passed, lock held in train mode)."""
   # Before anything compiles: a rerun or a resumed run loads the programs.
   cache_dir = compilation_cache.enable(config.compilation_cache_dir)
   logging.info('persistent compilation cache: %s', cache_dir or 'off')

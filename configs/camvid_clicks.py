@@ -53,11 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200
   config.log_every_steps = 20
 
-  if args['method'] == 'full':
-    config.data.train_labels = 'dense'
-    common.set_method(config, 'pce_only')
-  else:
-    common.set_method(config, args['method'])
+  common.set_method(config, args['method'])
 
   if args['size'] == 'cpu':
     config.model.depth = 18

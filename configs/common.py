@@ -121,14 +121,20 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-METHODS = presets.PRESETS + presets.BOX_PRESETS
+# 'full': the fully supervised reference (dense training labels, pCE).
+FULL = 'full'
+METHODS = presets.PRESETS + presets.BOX_PRESETS + (FULL,)
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:
-  """Sets `config.loss` to the preset `method` (one of METHODS)."""
+  """Sets `config.loss` to the preset `method` (one of METHODS); `full`
+  trains pCE on the dense labels."""
   if method not in METHODS:
     raise ValueError(f'config argument method={method!r}: expected one of '
                      f'{METHODS}')
+  if method == FULL:
+    config.data.train_labels = 'dense'
+    method = 'pce_only'
   config.loss = presets.preset(method)
 
 
@@ -146,3 +152,32 @@ def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
           f'{sorted(defaults)}')
     values[key] = value
   return values
+
+
+def _check_at_least(config: ml_collections.ConfigDict, field: str,
+                    minimum: int, also: tuple[int, ...] = (),
+                    meaning: str = '') -> None:
+  value = config[field]
+  if isinstance(value, bool) or not isinstance(value, int) or (
+      value < minimum and value not in also):
+    allowed = ' or '.join([str(v) for v in also] + [f'>= {minimum}'])
+    raise ValueError(f'config.{field} must be an integer {allowed}'
+                     f'{meaning}, got {value!r}')
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError for a run-length or period value the
+  training loop would misread (checked at start-up, before anything is
+  written). The meanings are those of train/loop.py and train/steps.py."""
+  _check_at_least(config, 'num_train_steps', 1, also=(-1,),
+                  meaning=' (-1: num_epochs epochs)')
+  if config.num_train_steps == -1:
+    _check_at_least(config, 'num_epochs', 1,
+                    meaning=' when num_train_steps is -1')
+  _check_at_least(config, 'log_every_steps', 1)
+  _check_at_least(config, 'eval_every_steps', 0, also=(-1,),
+                  meaning=' (-1: once per epoch, 0: at the end only)')
+  _check_at_least(config, 'checkpoint_every_steps', 0,
+                  meaning=' (0: at the end only)')
+  _check_at_least(config, 'image_summary_every_steps', 0, meaning=' (0: off)')
+  _check_at_least(config, 'keep_checkpoints', 1)

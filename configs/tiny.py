@@ -7,6 +7,10 @@ CamVid subset shrunk 4x (45x60 images, 10 clicks per training image) into
 WORKDIR/data; or point ``data.dir`` at any prepared folder (the tests do):
 
   python main.py --config=configs/tiny.py --workdir=/tmp/agmm_tiny
+
+The argument after the colon is that of the other configs:
+``method=NAME`` (default agmm_released; configs/common.py METHODS), e.g.
+``--config=configs/tiny.py:method=pce_only``.
 """
 
 import ml_collections
@@ -14,8 +18,10 @@ import ml_collections
 from configs import common
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {'method': 'agmm_released'})
   config = common.base_config()
+  common.set_method(config, args['method'])
   config.global_batch_size = 8
   config.num_train_steps = 4
   config.log_every_steps = 1

@@ -1,0 +1,26 @@
+"""What a test compares to show that a refused run changed nothing in a work
+directory: every file's path, size, modification time and content digest."""
+
+import hashlib
+import os
+
+
+def snapshot(workdir: str, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+  """``{relative path: (size, mtime_ns, sha1)}`` of the files under
+  ``workdir`` (folders as ``(None, None, None)``), less the relative paths
+  in ``ignore``."""
+  files = {}
+  for directory, subdirs, names in os.walk(workdir):
+    for name in subdirs + names:
+      path = os.path.join(directory, name)
+      relative = os.path.relpath(path, workdir)
+      if relative in ignore:
+        continue
+      if os.path.isdir(path):
+        files[relative] = (None, None, None)
+        continue
+      with open(path, 'rb') as f:
+        digest = hashlib.sha1(f.read()).hexdigest()
+      stat = os.stat(path)
+      files[relative] = (stat.st_size, stat.st_mtime_ns, digest)
+  return files
