@@ -52,6 +52,17 @@ class SaveError(OSError):
   """Writing a checkpoint failed; the earlier complete steps are intact."""
 
 
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint does not restore (damaged files, or another model's)."""
+
+
+def _first_line(error: BaseException) -> str:
+  """The first line of ``error``'s message (Orbax's can run to 100s)."""
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  # TensorStore appends a dump of its spec to the reason.
+  return line.split(' See full TensorStore details')[0][:300]
+
+
 def _is_failed_restore_leftover(unraisable: Any) -> bool:
   """True for the "unraisable" errors a failed Orbax restore leaves behind.
 
@@ -122,6 +133,9 @@ class Checkpointer:
     workdir = os.path.abspath(workdir)
     self._workdir = workdir
     self._read_only = read_only
+    # A failed save leaves the same leftovers as a failed restore (dozens of
+    # "Event loop is closed" tracebacks after a full disk).
+    _ignore_failed_restore_leftovers()
     # cleanup_tmp_directories: the temporary folders of saves a killed run
     # left unfinished are deleted when a run opens the work directory.
     self._latest = ocp.CheckpointManager(
@@ -156,12 +170,14 @@ class Checkpointer:
       # Orbax drops a failed step from its list; reread the folder to name
       # the newest complete one.
       self._latest.reload()
-      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-      raise SaveError(
-          f'writing a checkpoint in {self._workdir} failed: {reason}; the last '
-          f'complete checkpoint, step {self._latest.latest_step()}, is intact: '
-          'fix the cause (e.g. free disk space) and rerun the same command to '
-          'resume') from error
+      last = self._latest.latest_step()
+      kept = (f'the last complete checkpoint, step {last}, is intact: fix the '
+              'cause (e.g. free disk space) and rerun the same command to '
+              'resume' if last is not None else
+              'there is no complete checkpoint yet: fix the cause (e.g. free '
+              'disk space) and rerun the same command (it starts from step 0)')
+      raise SaveError(f'writing a checkpoint in {self._workdir} failed: '
+                      f'{_first_line(error)}; {kept}') from error
 
   @property
   def latest_dir(self) -> str:
@@ -181,9 +197,10 @@ class Checkpointer:
     if self._saved_best_miou is not None:
       return self._saved_best_miou
     step = self._best.best_step()
-    if step is None:
-      return None
-    return float(self._best.metrics(step)[BEST_METRIC])
+    metrics = self._best.metrics(step) if step is not None else None
+    if not metrics or BEST_METRIC not in metrics:
+      return None  # No best checkpoint, or one without its metrics file.
+    return float(metrics[BEST_METRIC])
 
   def save(self, step: int, state: Any, data_iterator: Any) -> bool:
     """Saves ``state`` and the iterator state as step ``step``.
@@ -228,11 +245,14 @@ class Checkpointer:
     one succeeds is unreadable (truncated or deleted files): a one-line
     warning names it, and unless read-only it is moved to
     ``WORKDIR/checkpoints_unreadable/`` so that the resumed run saves that step
-    afresh. When no step restores (say, a checkpoint of another model) the
-    newest step's error is raised and nothing is moved.
+    afresh. When no step restores (say, a checkpoint of another model)
+    nothing is moved.
 
     Raises:
       FileNotFoundError: when there is no checkpoint.
+      UnreadableCheckpoint: when no step restores (one line naming the newest
+        step's folder and the newest's error, offering the best checkpoint
+        when read-only).
     """
     steps = sorted(self._latest.all_steps(), reverse=True)
     if not steps:
@@ -258,14 +278,32 @@ class Checkpointer:
       for bad_step, error in unreadable:
         self._set_aside(bad_step, error, step)
       return restored[STATE_ITEM], step
-    raise unreadable[0][1]
+    raise self._none_restores(unreadable)
+
+  def _none_restores(self, unreadable: list[tuple[int, Exception]]
+                     ) -> UnreadableCheckpoint:
+    """The one-line error when no step of ``checkpoints/`` restores."""
+    newest, error = unreadable[0]
+    older = [str(step) for step, _ in unreadable[1:]]
+    older = f' (nor do the older steps {", ".join(older)})' if older else ''
+    if self._read_only:
+      best = self.best_step()
+      other = (f'--config.eval.checkpoint=best uses the best one, step {best}'
+               if best is not None else 'there is no best checkpoint either')
+    else:
+      other = (f'set {self.latest_dir} aside to train from step 0, or use a '
+               'new --workdir')
+    return UnreadableCheckpoint(
+        f'checkpoint {newest} ({os.path.join(self.latest_dir, str(newest))}) '
+        f'does not restore{older}: {_first_line(error)}; its files are '
+        f'damaged or it holds another model: {other}')
 
   def _set_aside(self, step: int, error: Exception, fallback: int) -> None:
     """Warns that ``step`` is unreadable; moves it out of ``checkpoints/``."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = _first_line(error)
     if self._read_only:
       logging.warning('checkpoint %d in %s is unreadable (%s); using step %d',
-                      step, self._latest.directory, reason[:200], fallback)
+                      step, self._latest.directory, reason, fallback)
       return
     target = os.path.join(self._workdir, UNREADABLE_DIR, str(step))
     if jax.process_index() == 0:
@@ -279,21 +317,34 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
     self._latest.reload()
     logging.warning('checkpoint %d is unreadable (%s); moved to %s, resuming '
-                    'from step %d', step, reason[:200], target, fallback)
+                    'from step %d', step, reason, target, fallback)
 
   def restore_best(self, abstract_state: Any) -> tuple[Any, int]:
     """Restores the best-mIoU checkpoint.
 
     Raises:
       FileNotFoundError: when no evaluated checkpoint was saved.
+      UnreadableCheckpoint: when it does not restore (one line naming its
+        folder and offering the latest checkpoint).
     """
     step = self._best.best_step()
     if step is None:
       raise FileNotFoundError(f'no best checkpoint in {self._best.directory}')
     _ignore_failed_restore_leftovers()  # As in restore_latest.
-    restored = self._best.restore(
-        step, args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    try:
+      restored = self._best.restore(
+          step, args=ocp.args.Composite(
+              **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      latest = self.latest_step()
+      other = (f'--config.eval.checkpoint=latest uses the latest one, step '
+               f'{latest}' if latest is not None else
+               'there is no latest checkpoint either')
+      raise UnreadableCheckpoint(
+          f'the best checkpoint, step {step} '
+          f'({os.path.join(str(self._best.directory), str(step))}), does not '
+          f'restore: {_first_line(error)}; its files are damaged or it holds '
+          f'another model: {other}') from None
     return restored[STATE_ITEM], step
 
   def wait_until_finished(self) -> None:

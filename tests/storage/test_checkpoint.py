@@ -7,6 +7,7 @@ import gc
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -206,3 +207,71 @@ def test_failed_write_raises_one_line_and_keeps_the_previous_step(
   checkpointer.close()
   assert step == 1 and next_element == expected[1][1]
   np.testing.assert_array_equal(weights, expected[1][0])
+
+
+def _saved_best(workdir: str, step: int) -> None:
+  checkpointer = checkpoint.Checkpointer(workdir)
+  checkpointer.save_best(step, {'weights': _weights(step)}, 0.5)
+  checkpointer.close()
+
+
+def test_unreadable_best_is_one_line_naming_it_and_offering_latest(tmp_path):
+  _saved_steps(str(tmp_path), (1, 2))
+  _saved_best(str(tmp_path), 2)
+  best = tmp_path / 'checkpoints_best' / '2'
+  fixtures.truncate_largest_file(str(best / 'state'))
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  target = {'weights': [jax.ShapeDtypeStruct((ARRAY_SIZE,), jnp.float32)] *
+                        NUM_ARRAYS}
+  with pytest.raises(checkpoint.UnreadableCheckpoint) as raised:
+    checkpointer.restore_best(target)
+  checkpointer.close()
+  message = str(raised.value)
+  assert '\n' not in message
+  assert message.startswith(f'the best checkpoint, step 2 ({best}), does not '
+                            'restore: ')
+  assert message.endswith('--config.eval.checkpoint=latest uses the latest '
+                          'one, step 2')
+
+
+def test_no_readable_latest_is_one_line_naming_it_and_offering_best(tmp_path):
+  _saved_steps(str(tmp_path), (1, 2))
+  _saved_best(str(tmp_path), 2)
+  for step in ('1', '2'):
+    os.remove(tmp_path / 'checkpoints' / step / 'data' / 'process_0-of-1.json')
+  with pytest.raises(checkpoint.UnreadableCheckpoint) as raised:
+    _restore(str(tmp_path), read_only=True)
+  message = str(raised.value)
+  assert '\n' not in message
+  assert message.startswith(
+      f'checkpoint 2 ({tmp_path / "checkpoints" / "2"}) does not restore (nor '
+      'do the older steps 1): ')
+  assert message.endswith('--config.eval.checkpoint=best uses the best one, '
+                          'step 2')
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+
+
+def test_failed_first_write_says_there_is_no_complete_checkpoint(
+    tmp_path, monkeypatch):
+  def full_disk(self, directory, *args, **kwargs):
+    del self, args, kwargs
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, 'save', full_disk)
+  checkpointer = checkpoint.Checkpointer(str(tmp_path))
+  iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+  with pytest.raises(checkpoint.SaveError) as raised:
+    checkpointer.save(1, {'weights': _weights(1)}, iterator)
+    checkpointer.close()
+  message = str(raised.value)
+  assert '\n' not in message and 'None' not in message
+  assert message.endswith('there is no complete checkpoint yet: fix the cause '
+                          '(e.g. free disk space) and rerun the same command '
+                          '(it starts from step 0)')
+
+
+def test_best_without_its_metrics_has_no_miou(tmp_path):
+  _saved_best(str(tmp_path), 2)
+  shutil.rmtree(tmp_path / 'checkpoints_best' / '2' / 'metrics')
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  assert checkpointer.best_miou() is None
+  checkpointer.close()
