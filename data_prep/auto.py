@@ -236,11 +236,18 @@ def prepare_if_missing(prepare: ml_collections.ConfigDict,
   data_dir = os.path.abspath(data_dir)
   if os.path.isdir(data_dir) and not os.listdir(data_dir):
     os.rmdir(data_dir)  # An empty folder is filled like a new one.
+  if os.path.isfile(data_dir):
+    raise FileExistsError(
+        f'config.data.dir={data_dir!r} is a file: point it at a prepared '
+        'dataset or a new folder (or leave it empty for WORKDIR/data)')
   if os.path.exists(data_dir):
     raise FileExistsError(
-        f'config.data.dir={data_dir!r} holds files but no metadata.json; '
-        'point it at a new or empty folder (or leave it empty for '
-        'WORKDIR/data)')
+        f'config.data.dir={data_dir!r} holds files but no metadata.json, so '
+        'it is not a prepared dataset; config.data.dir is where the prepared '
+        'data go: to train on a raw folder of images and labels, pass it as '
+        '--config.data.prepare.root (and leave config.data.dir empty for '
+        'WORKDIR/data), or convert it first with '
+        f'`{convert_command(data_dir, prepare, data_dir + "_prepared")}`')
   parent = os.path.dirname(data_dir)
   if not os.path.isdir(parent):
     raise FileNotFoundError(

@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import numpy as np
+from absl import logging
 from PIL import Image
 import tqdm
 
@@ -487,6 +488,7 @@ def convert(*, name: str, classes: Sequence[str],
       shutil.rmtree(trash)
     else:
       os.rename(temporary, output)
+    _remove_leftovers_of_killed_runs(output)
   except BaseException:
     # An interruption between the two renames must not lose both datasets.
     if os.path.exists(trash) and not os.path.exists(output):
@@ -494,6 +496,34 @@ def convert(*, name: str, classes: Sequence[str],
     shutil.rmtree(temporary, ignore_errors=True)
     raise
   return metadata
+
+
+def _remove_leftovers_of_killed_runs(output: str) -> None:
+  """Deletes the ``.NAME.incomplete-PID`` folders (and their ``.old``
+  siblings) that killed conversions into ``output`` left next to it, now that
+  ``output`` replaces them. A folder whose PID is alive on this host is kept:
+  it may be another conversion in progress."""
+  parent, name = os.path.split(output)
+  prefix = f'.{name}.incomplete-'
+  for entry in os.listdir(parent):
+    if not entry.startswith(prefix):
+      continue
+    pid = entry[len(prefix):].split('.', 1)[0]
+    if not pid.isdigit() or _process_alive(int(pid)):
+      continue
+    logging.info('removing %s, left by a killed conversion',
+                 os.path.join(parent, entry))
+    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's live process.
+  return True
 
 
 def _convert_into(directory: str, *, name, classes, splits, num_shards,

@@ -72,8 +72,7 @@ def test_camvid_full_supervision_uses_dense_labels_and_pce():
   assert config.data.prepare.sparse == 'points:1'
 
 
-@pytest.mark.parametrize('name', ['voc_point', 'voc_scribble',
-                                  'cityscapes_clicks', 'demo', 'camvid_clicks'])
+@pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_method_argument_selects_the_loss_preset(name):
   module = importlib.import_module(f'configs.{name}')
   paper = module.get_config('method=agmm_paper')
@@ -82,5 +81,41 @@ def test_method_argument_selects_the_loss_preset(name):
   assert dict(baseline.loss.weights) == {'pce': 1.0}
   for method in ('tel', 'apro'):
     assert dict(module.get_config(f'method={method}').loss.weights) == {'pce': 1.0, method: 0.4}
-  with pytest.raises(ValueError, match='method'):
+  full = module.get_config('method=full')
+  assert (full.data.train_labels, dict(full.loss.weights)) == (
+      'dense', {'pce': 1.0})
+  with pytest.raises(ValueError, match='method') as raised:
     module.get_config('method=crf')
+  assert "'pce_only'" in str(raised.value) and "'full'" in str(raised.value)
+
+
+def _tiny_with(**values):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.update(values)
+  return config
+
+
+@pytest.mark.parametrize('values', [
+    {}, {'num_train_steps': -1}, {'num_train_steps': 1},
+    {'num_train_steps': 5, 'num_epochs': -1}, {'eval_every_steps': -1},
+    {'eval_every_steps': 0, 'checkpoint_every_steps': 0,
+     'image_summary_every_steps': 0}])
+def test_start_up_values_accepted(values):
+  common.check_values(_tiny_with(**values))
+
+
+@pytest.mark.parametrize('values, field', [
+    ({'num_train_steps': 0}, 'num_train_steps'),
+    ({'num_train_steps': -5}, 'num_train_steps'),
+    ({'num_train_steps': -1, 'num_epochs': 0}, 'num_epochs'),
+    ({'log_every_steps': 0}, 'log_every_steps'),
+    ({'eval_every_steps': -2}, 'eval_every_steps'),
+    ({'checkpoint_every_steps': -1}, 'checkpoint_every_steps'),
+    ({'image_summary_every_steps': -3}, 'image_summary_every_steps'),
+    ({'keep_checkpoints': 0}, 'keep_checkpoints')])
+def test_start_up_values_refused_naming_the_field(values, field):
+  with pytest.raises(ValueError) as raised:
+    common.check_values(_tiny_with(**values))
+  assert str(raised.value).startswith(f'config.{field} must be an integer ')
+  assert f'got {values[field]}' in str(raised.value)

@@ -4,6 +4,9 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -477,3 +480,23 @@ def test_skip_bad_is_suggested_only_for_bad_examples(folder_root, tmp_path,
   assert folder.main(argv) == 1
   err = capsys.readouterr().err
   assert f'{bad}: cannot decode image' in err and '--skip_bad' in err
+
+
+def test_rerun_removes_the_leftovers_of_killed_conversions(folder_root,
+                                                          tmp_path):
+  root, _ = folder_root
+  killed = subprocess.Popen([sys.executable, '-c', 'import time; '  # pylint: disable=consider-using-with
+                             'time.sleep(60)'])
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  leftovers = [f'.out.incomplete-{killed.pid}',
+               f'.out.incomplete-{killed.pid}.old']
+  # A live process's folder may be a conversion in progress.
+  in_progress = f'.out.incomplete-{os.getppid()}'
+  for name in [*leftovers, in_progress, '.other.incomplete-1']:
+    os.makedirs(tmp_path / name / 'train')
+    (tmp_path / name / 'train' / 'part.tfrecord').write_bytes(b'x' * 10)
+  folder.convert_folder(root, str(tmp_path / 'out'), void_values=(4,),
+                        sparse='clicks:3', progress=False)
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      ['.other.incomplete-1', in_progress, 'out'])
