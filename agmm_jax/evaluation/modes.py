@@ -170,6 +170,21 @@ def _readable_images(input_dir: str, names: list[str],
   return readable
 
 
+def _image_files(input_dir: str, skip_dir: str) -> list[str]:
+  """The image files under ``input_dir``, subfolders included, as sorted
+  relative paths (hidden folders and ``skip_dir``, the output folder when it
+  lies inside, are not walked)."""
+  skip_dir = os.path.realpath(skip_dir)
+  names = []
+  for directory, subdirs, files in os.walk(input_dir):
+    subdirs[:] = [d for d in subdirs if not d.startswith('.') and
+                  os.path.realpath(os.path.join(directory, d)) != skip_dir]
+    relative = os.path.relpath(directory, input_dir)
+    names.extend(os.path.normpath(os.path.join(relative, n)) for n in files
+                 if n.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(names)
+
+
 def _data_canvas(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """``data.eval_canvas``, sized from the eval split when empty and the data
   are at hand; ``()`` otherwise (each image then gets its own canvas)."""
@@ -180,10 +195,12 @@ def _data_canvas(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Segments every image of ``config.predict.input_dir``.
+  """Segments every image of ``config.predict.input_dir`` and its
+  subfolders, as viewers show it (EXIF orientation applied, any bit depth).
 
   Writes ``NAME.png`` (palette PNG of class ids) and ``NAME_overlay.jpg`` to
-  ``config.predict.output_dir`` (default ``workdir/predictions``) and returns
+  ``config.predict.output_dir`` (default ``workdir/predictions``; the
+  subfolders mirror the input's) and returns
   the written label paths. Files that do not decode as images are skipped and
   listed (log and ``unreadable.txt`` of the output folder), or fail the whole
   run before anything is written (``config.predict.on_unreadable``). The
@@ -194,11 +211,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if not input_dir or not os.path.isdir(input_dir):
     raise FileNotFoundError(
         f'config.predict.input_dir={input_dir!r}: no such directory')
-  names = sorted(n for n in os.listdir(input_dir)
-                 if n.lower().endswith(IMAGE_EXTENSIONS))
+  output_dir = config.predict.output_dir or os.path.join(workdir, 'predictions')
+  names = _image_files(input_dir, output_dir)
   if not names:
     raise FileNotFoundError(
-        f'{input_dir}: no {"/".join(IMAGE_EXTENSIONS)} files')
+        f'{input_dir}: no {"/".join(IMAGE_EXTENSIONS)} files (subfolders '
+        'included)')
   readable = _readable_images(input_dir, names, config.predict.on_unreadable)
   class_names = checkpoint_classes(workdir) or input_pipeline.class_names(
       input_pipeline.checked_metadata(config.data))
@@ -210,7 +228,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   predict_fn = evaluator.make_predict_fn(
       evaluator.eval_apply_fn(model_defs),
       **evaluator.EvalSpec.from_config(config, class_names).mode_options())
-  output_dir = config.predict.output_dir or os.path.join(workdir, 'predictions')
   os.makedirs(output_dir, exist_ok=True)
   skipped = sorted(set(names) - set(readable))
   unreadable_path = os.path.join(output_dir, UNREADABLE_FILE)
@@ -232,6 +249,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         np.array([width], np.int32)))[0, :height, :width]
     stem = os.path.splitext(name)[0]
     label_path = os.path.join(output_dir, stem + '.png')
+    os.makedirs(os.path.dirname(label_path), exist_ok=True)
     visualize.save_palette_png(label_path, prediction)
     overlay = visualize.overlay(visualize.denormalize(image), prediction)
     Image.fromarray(overlay).save(
