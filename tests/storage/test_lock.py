@@ -33,17 +33,17 @@ def run_main(args: list[str]) -> subprocess.CompletedProcess:
 def test_second_training_on_a_locked_workdir_refuses_in_one_line(
     tiny_trained_run, tiny_data_dir):
   workdir = tiny_trained_run[0]
-  before = workdir_snapshot.snapshot(workdir)
   with lock_lib.WorkdirLock(workdir):
+    before = workdir_snapshot.snapshot(workdir)  # .lock names this process.
     result = run_main(['--config=configs/tiny.py', f'--workdir={workdir}',
                        f'--config.data.dir={tiny_data_dir}'])
+    assert workdir_snapshot.snapshot(workdir) == before
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: {os.path.abspath(workdir)} is in use by another run (PID '
       f'{os.getpid()} on host {socket.gethostname()}); wait for it to end or '
       'stop it, or use another --workdir')
   assert 'Traceback' not in result.stderr
-  assert workdir_snapshot.snapshot(workdir) == before
 
 
 def test_the_lock_of_a_killed_process_is_released(tmp_path):
@@ -51,7 +51,7 @@ def test_the_lock_of_a_killed_process_is_released(tmp_path):
       [sys.executable, '-c',
        'import sys, time\n'
        'from agmm_jax.storage import lock\n'
-       f'lock.WorkdirLock({str(tmp_path)!r}).acquire()\n'
+       f'held = lock.WorkdirLock({str(tmp_path)!r}).acquire()\n'
        'print("locked", flush=True)\n'
        'time.sleep(600)\n'], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
   try:

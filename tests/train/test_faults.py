@@ -198,8 +198,8 @@ def test_sigterm_during_data_preparation_writes_nothing(runs):
                                        'rerun the same command to prepare it')
   assert 'Traceback' not in outcome['log'], lines_around(
       outcome['log'], 'Traceback')
-  # No dataset, no temporary folder.
-  assert outcome['workdir'] == []
+  # No dataset, no temporary folder: only the run's lock file.
+  assert outcome['workdir'] == ['.lock']
   assert outcome['workers_left'] == []
 
 
