@@ -14,7 +14,7 @@ import pytest
 
 from agmm_jax.data import input_pipeline
 from tests import fixtures
-from tests.storage import workdir_snapshot
+from tests.storage import workdir_helpers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -81,7 +81,7 @@ def test_damaged_files_and_bad_values_end_with_one_line(
   Image.new('RGB', (8, 8)).save(photos / 'a.jpg')
   a_file = tmp_path / 'a_file'
   a_file.write_text('x')
-  before = {w: workdir_snapshot.snapshot(w)
+  before = {w: workdir_helpers.snapshot(w)
             for w in (best_damaged, latest_damaged)}
   if small_disk:  # The real thing; otherwise an injected ENOSPC.
     first_run = os.path.join(small_disk, 'run')
@@ -145,7 +145,7 @@ def _check_outcomes(cases, before, first_save, first_run: str) -> None:
     assert line.startswith(start_of_line), (workdir, line)
     assert line.endswith(tuple(end_of_line) or ''), (workdir, line)
     if workdir in before:
-      assert workdir_snapshot.snapshot(workdir) == before[workdir], workdir
+      assert workdir_helpers.snapshot(workdir) == before[workdir], workdir
     elif os.path.isdir(workdir):  # Refused after locking it: nothing else.
       assert os.listdir(workdir) == ['.lock'], workdir
   line = finish(first_save)

@@ -16,28 +16,20 @@ import pytest
 from agmm_jax.storage import lock as lock_lib
 from configs import tiny
 import main
-from tests.storage import workdir_snapshot
+from tests.storage import workdir_helpers
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
-
-def run_main(args: list[str]) -> subprocess.CompletedProcess:
-  """``main.py ARGS`` in a subprocess (CPU), its output captured."""
-  return subprocess.run(
-      [sys.executable, 'main.py', *args], cwd=REPO_ROOT, check=False,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=300)
+REPO_ROOT = workdir_helpers.REPO_ROOT
 
 
 def test_second_training_on_a_locked_workdir_refuses_in_one_line(
     tiny_trained_run, tiny_data_dir):
   workdir = tiny_trained_run[0]
   with lock_lib.WorkdirLock(workdir):
-    before = workdir_snapshot.snapshot(workdir)  # .lock names this process.
-    result = run_main(['--config=configs/tiny.py', f'--workdir={workdir}',
-                       f'--config.data.dir={tiny_data_dir}'])
-    assert workdir_snapshot.snapshot(workdir) == before
+    before = workdir_helpers.snapshot(workdir)  # .lock names this process.
+    result = workdir_helpers.run_main([
+        '--config=configs/tiny.py', f'--workdir={workdir}',
+        f'--config.data.dir={tiny_data_dir}'])
+    assert workdir_helpers.snapshot(workdir) == before
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: {os.path.abspath(workdir)} is in use by another run (PID '

@@ -15,8 +15,7 @@ from agmm_jax.storage import run_identity
 from configs import tiny
 from data_prep import auto
 import main
-from tests.storage import test_lock
-from tests.storage import workdir_snapshot
+from tests.storage import workdir_helpers
 
 
 def tiny_config(data_dir: str):
@@ -50,7 +49,7 @@ def checkpointed_workdir(tmp_path, data_dir: str, with_checkpoint=True) -> str:
 def test_a_changed_identity_field_is_refused_before_anything_is_written(
     tmp_path, tiny_data_dir, override, old, new):
   workdir = checkpointed_workdir(tmp_path, tiny_data_dir)
-  before = workdir_snapshot.snapshot(workdir)
+  before = workdir_helpers.snapshot(workdir)
   config = tiny_config(tiny_data_dir)
   parent, _, field = override.rpartition('.')
   node = config[parent] if parent else config
@@ -63,14 +62,14 @@ def test_a_changed_identity_field_is_refused_before_anything_is_written(
   assert f'{override} {json.dumps(old)} -> {json.dumps(new)}' in message
   assert 'use a new --workdir' in message
   # The lock file is the only one the refused run created.
-  assert workdir_snapshot.snapshot(workdir, ignore=('.lock',)) == before
+  assert workdir_helpers.snapshot(workdir, ignore=('.lock',)) == before
 
 
 def test_every_changed_identity_field_is_named_in_one_line(tmp_path,
                                                             tiny_data_dir):
   workdir = checkpointed_workdir(tmp_path, tiny_data_dir)
-  before = workdir_snapshot.snapshot(workdir)
-  result = test_lock.run_main([
+  before = workdir_helpers.snapshot(workdir)
+  result = workdir_helpers.run_main([
       '--config=configs/tiny.py', f'--workdir={workdir}',
       f'--config.data.dir={tiny_data_dir}', '--config.model.depth=34',
       '--config.data.crop_size=41', '--config.num_train_steps=9'])
@@ -81,7 +80,7 @@ def test_every_changed_identity_field_is_named_in_one_line(tmp_path,
       lines[-1])
   assert 'num_train_steps' not in lines[-1]  # Allowed to change.
   assert 'Traceback' not in result.stderr
-  assert workdir_snapshot.snapshot(workdir, ignore=('.lock',)) == before
+  assert workdir_helpers.snapshot(workdir, ignore=('.lock',)) == before
 
 
 def test_allowed_changes_pass_and_are_logged(tmp_path, tiny_data_dir, caplog):
@@ -112,11 +111,11 @@ def test_a_damaged_config_json_is_one_line_naming_it(tmp_path, tiny_data_dir):
   path = os.path.join(workdir, 'config.json')
   with open(path, 'r+', encoding='utf-8') as f:
     f.truncate(40)
-  before = workdir_snapshot.snapshot(workdir)
+  before = workdir_helpers.snapshot(workdir)
   with pytest.raises(ValueError, match=f'^{path} is damaged') as raised:
     main.run(tiny_config(tiny_data_dir), workdir)
   assert '\n' not in str(raised.value)
-  assert workdir_snapshot.snapshot(workdir, ignore=('.lock',)) == before
+  assert workdir_helpers.snapshot(workdir, ignore=('.lock',)) == before
   # The refused run released its lock.
   lock_lib.WorkdirLock(workdir).acquire().release()
 

@@ -1,8 +1,22 @@
-"""What a test compares to show that a refused run changed nothing in a work
-directory: every file's path, size, modification time and content digest."""
+"""Helpers of the work-directory tests: ``main.py`` in a subprocess, and what
+a test compares to show that a refused run changed nothing in a work
+directory (every file's path, size, modification time and content digest)."""
 
 import hashlib
 import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+def run_main(args: list[str]) -> subprocess.CompletedProcess:
+  """``main.py ARGS`` in a subprocess (CPU), its output captured."""
+  return subprocess.run(
+      [sys.executable, 'main.py', *args], cwd=REPO_ROOT, check=False,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
 
 
 def snapshot(workdir: str, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
