@@ -575,26 +575,18 @@ def create_eval_iterator(data_config, split: str, *,
 
 
 def _as_rgb8(image: Image.Image) -> np.ndarray:
-  """uint8 ``[H, W, 3]`` of any PIL mode. Pillow's own ``convert('RGB')``
-  clips 16- and 32-bit integer images at 255 (a 16-bit PNG turns white):
-  those are scaled from their range (16-bit grey: 0..65535; ``F``: 0..1 when
-  its values fit, else 0..255) to 0..255 first."""
-  if image.mode.startswith('I') or image.mode == 'F':
-    values = np.asarray(image, np.float64)
-    if image.mode == 'F':
-      top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
-    else:
-      top = 65535.0  # I;16, I;16B, and I (how Pillow opens 16-bit PNGs).
-    grey = np.clip(np.nan_to_num(values) * (255.0 / top), 0, 255)
-    return np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=-1)
+  """uint8 ``[H, W, 3]`` of any PIL mode: 16-bit grey (``I;16``, ``I``: how
+  Pillow opens a 16-bit PNG) scaled from 0..65535, which Pillow's own
+  ``convert('RGB')`` clips at 255 (a white image)."""
+  if image.mode.startswith('I'):
+    grey = np.clip(np.round(np.asarray(image, np.float64) * 255 / 65535), 0, 255)
+    return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
   return np.asarray(image.convert('RGB'))
 
 
 def load_image_for_predict(path: str | os.PathLike[str]) -> np.ndarray:
-  """Reads an image file as a normalized float32 ``[H, W, 3]`` array, as
-  viewers show it: EXIF orientation applied, any mode (grey, palette,
-  16-bit, CMYK, with alpha: dropped) converted to 8-bit RGB.
-
+  """Reads an image file as a normalized float32 ``[H, W, 3]`` array as
+  viewers show it (EXIF orientation applied, any mode as 8-bit RGB).
   Raises:
     ValueError: naming the file, if it cannot be read as an image.
   """
