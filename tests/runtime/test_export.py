@@ -1,0 +1,245 @@
+"""TPU and GPU readiness without either: every preset's programs exported for
+TPU and CUDA on a mesh of 8 fake CPU devices (agmm_jax/runtime/export.py).
+
+One worker process (``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
+which must be set before JAX starts) exports, for every preset of
+``configs/presets.PRESETS`` in float32 and bfloat16 compute, the train step,
+the summary maps, the evaluation step and the predict function of
+configs/tiny.py (all four eval modes for the first preset; the eval programs
+once per set of extra heads, as they do not depend on the loss otherwise) and,
+for SPML, its second stage; and the production shapes of configs/voc_point.py
+(ResNet-101 OS8, crop 321, global batch 16) for its default preset. The tests
+read its record, one test per preset.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agmm_jax import methods
+from agmm_jax.evaluation import evaluator
+from agmm_jax.runtime import export
+from configs import presets
+from configs import voc_point
+
+DEVICES = 8
+DTYPES = ('float32', 'bfloat16')
+# configs/tiny.py's data: the demo's CamVid subset (11 classes) shrunk 4x to
+# 45 x 60 images, its eval canvas.
+TINY_NUM_CLASSES = 11
+TINY_CANVAS = (45, 60)
+# PASCAL VOC: 21 classes, images up to 500 x 500 (the eval canvas).
+VOC_NUM_CLASSES = 21
+VOC_CANVAS = (500, 500)
+VOC = 'voc_point (production shapes)'
+
+
+def _record(program: export.Program, exported: jax.export.Exported,
+            mesh: jax.sharding.Mesh, seconds: float) -> dict:
+  """What the tests check of an exported program: its platforms, device
+  count, whether it computes in bfloat16, and each input (by its path in the
+  arguments) as ``[aval, partition spec]``."""
+  paths = [jax.tree_util.keystr(path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(program.args)[0]]
+  specs = [str(sharding.spec) if sharding is not None else None
+           for sharding in exported.in_shardings_jax(mesh)]
+  return {'platforms': list(exported.platforms), 'nr_devices': exported.nr_devices,
+          'inputs': {path: [str(aval), spec] for path, aval, spec in zip(
+              paths, exported.in_avals, specs, strict=True)},
+          'bf16': 'bf16' in exported.mlir_module(), 'seconds': round(seconds, 1)}
+
+
+def _export_all(programs, what: str, mesh: jax.sharding.Mesh) -> dict:
+  records = {}
+  for program in programs:
+    start = time.perf_counter()
+    try:
+      exported = export.export_program(program, what=what)
+    except export.ExportError as error:
+      records[program.name] = {'error': str(error)}
+      continue
+    records[program.name] = _record(program, exported, mesh,
+                                    time.perf_counter() - start)
+  return records
+
+
+def worker(output: str) -> None:
+  """Exports every preset's programs and the production shapes; writes the
+  records ``{what: {dtype: {program: record}}}`` to ``output`` (JSON)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from agmm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from configs import common, tiny  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == DEVICES, jax.devices()
+  mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': -1}))
+  records = {}
+  for dtype in DTYPES:
+    exported_heads = {}
+    for preset in presets.PRESETS:
+      config = tiny.get_config()
+      common.set_method(config, preset)
+      config.model.compute_dtype = dtype
+      heads = tuple(sorted(methods.build_loss(config.loss).needs.heads))
+      parts = ('train', 'stage2') + (() if heads in exported_heads else ('eval',))
+      programs = export.run_programs(
+          config, TINY_NUM_CLASSES, mesh, TINY_CANVAS, parts=parts,
+          eval_modes=evaluator.EVAL_MODES if preset == presets.PRESETS[0] else None)
+      records.setdefault(preset, {})[dtype] = _export_all(programs, preset, mesh)
+      records[preset][dtype]['eval_as'] = exported_heads.setdefault(heads, preset)
+  config = voc_point.get_config()
+  records[VOC] = {config.model.compute_dtype: _export_all(export.run_programs(
+      config, VOC_NUM_CLASSES, mesh, VOC_CANVAS, parts=('train', 'eval')), VOC, mesh)}
+  with open(output, 'w', encoding='utf-8') as f:
+    json.dump(records, f)
+
+
+@pytest.fixture(scope='module')
+def records(tmp_path_factory) -> dict:
+  """The worker's records (one run for the module's tests)."""
+  output = str(tmp_path_factory.mktemp('export') / 'exports.json')
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  environment = dict(os.environ, JAX_PLATFORMS='cpu',
+                     XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}',
+                     PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
+  subprocess.run([sys.executable, '-c',
+                  f'from tests.runtime import test_export; test_export.worker({output!r})'],
+                 check=True, env=environment, timeout=1200, cwd=repo)
+  with open(output, encoding='utf-8') as f:
+    return json.load(f)
+
+
+DATA = "P('data',)"
+REPLICATED = 'P()'
+SPML_STAGE2 = ('spml_pseudo_labels', 'spml_pseudo_labels[flip,crf]', 'spml_stage2_step')
+
+
+def _programs(records: dict, what: str, dtype: str) -> dict:
+  """The exported programs of ``what`` in ``dtype``; fails with every error
+  (each names the preset, the program and the offending primitives)."""
+  programs = {name: record for name, record in records[what][dtype].items()
+              if name != 'eval_as'}
+  errors = [record['error'] for record in programs.values() if 'error' in record]
+  assert not errors, '\n'.join(errors)
+  for name, record in programs.items():
+    assert record['platforms'] == ['tpu', 'cuda'], (what, name)
+    assert record['nr_devices'] == (1 if name.startswith('predict') else DEVICES), (what, name)
+    assert record['bf16'] == (dtype == 'bfloat16'), (what, dtype, name)
+  return programs
+
+
+def _check_train_step_placement(inputs: dict, batch: dict[str, str],
+                                batch_size: int) -> None:
+  """The batch and the method state split over ``data``, the rest of the
+  state replicated; ``batch``: the expected aval of each batch field. A
+  field the loss does not read (pCE alone: ``class_present``) is dropped
+  from the program, its placement left unspecified."""
+  assert len([path for path in inputs if path.startswith('[1]')]) == len(batch)
+  for name, aval in batch.items():
+    assert inputs[f"[1]['{name}']"][0] == aval, name
+  for path, (aval, spec) in inputs.items():
+    split = path.startswith(('[1]', "[0]['method_state']"))
+    if spec is None:
+      assert path.startswith('[1]') and path not in ("[1]['image']", "[1]['label']"), path
+      continue
+    assert spec == (DATA if split else REPLICATED), path
+    if split:
+      assert aval.split('[')[1].startswith(f'{batch_size},'), path
+
+
+@pytest.mark.parametrize('preset', presets.PRESETS)
+def test_preset_exports_for_tpu_and_cuda(records, preset):
+  """Train step, summaries, evaluation, predict and later stages of the
+  preset, in float32 and bfloat16, on 8 devices."""
+  assert set(records) == {*presets.PRESETS, VOC}
+  loss_config = presets.preset(preset)
+  fields = methods.build_loss(loss_config).needs.batch_fields
+  for dtype in DTYPES:
+    programs = _programs(records, preset, dtype)
+    expected = {'train_step', 'summary'}
+    if records[preset][dtype]['eval_as'] == preset:
+      expected |= {'eval_step[whole]', 'predict[whole]'}
+    if loss_config.weights.get('spml', 0.0):
+      expected |= set(SPML_STAGE2)
+    assert expected <= set(programs), (dtype, sorted(programs))
+    batch = {'image': 'float32[8,33,33,3]', 'label': 'int32[8,33,33]',
+             'class_present': f'float32[8,{TINY_NUM_CLASSES}]'}
+    inputs = programs['train_step']['inputs']
+    # A method's batch field: [B, ...] of whatever shape its factory makes.
+    batch.update({name: inputs[f"[1]['{name}']"][0] for name in fields})
+    _check_train_step_placement(inputs, batch, batch_size=8)
+
+
+def test_eval_programs_cover_every_mode_and_every_set_of_heads(records):
+  """All four eval modes (first preset); the eval programs of a preset are
+  exported once per set of extra heads, and every preset's set is covered."""
+  first = presets.PRESETS[0]
+  height, width = TINY_CANVAS
+  for dtype in DTYPES:
+    programs = _programs(records, first, dtype)
+    for mode in evaluator.EVAL_MODES:
+      inputs = programs[f'eval_step[{mode}]']['inputs']
+      assert inputs["[2]['image']"] == [f'float32[8,{height},{width},3]', DATA]
+      assert inputs["[2]['height']"] == ['int32[8]', DATA]
+      assert programs[f'predict[{mode}]']['inputs']['[1]'][0] == (
+          f'float32[1,{height},{width},3]')
+    for preset in presets.PRESETS:
+      eval_as = records[preset][dtype]['eval_as']
+      assert (sorted(methods.build_loss(presets.preset(preset)).needs.heads)
+              == sorted(methods.build_loss(presets.preset(eval_as)).needs.heads))
+      assert 'eval_step[whole]' in records[eval_as][dtype]
+
+
+def test_voc_point_production_shapes_lower(records):
+  """configs/voc_point.py as it ships: ResNet-101 OS8 (59.47M parameters, the
+  official model's count with 21 classes), crop 321, global batch 16."""
+  config = voc_point.get_config()
+  programs = _programs(records, VOC, config.model.compute_dtype)
+  inputs = programs['train_step']['inputs']
+  _check_train_step_placement(inputs, {
+      'image': 'float32[16,321,321,3]', 'label': 'int32[16,321,321]',
+      'class_present': 'float32[16,21]'}, batch_size=16)
+  sizes = [np.prod([int(n) for n in aval.split('[')[1].rstrip(']').split(',')])
+           for path, (aval, _) in inputs.items() if path.startswith("[0]['params']")]
+  assert round(sum(sizes) / 1e6, 2) == 59.47
+  assert programs['eval_step[whole]']['inputs']["[2]['image']"] == [
+      f'float32[8,{VOC_CANVAS[0]},{VOC_CANVAS[1]},3]', DATA]
+
+
+def _host_doubled(x):
+  return np.asarray(x) * 2
+
+
+def _callback_then_eig(x):
+  y = jnp.sin(x) @ x
+  z = jax.pure_callback(_host_doubled, jax.ShapeDtypeStruct(x.shape, x.dtype), y)
+
+  def row(total, r):
+    return total + jnp.linalg.eig(jnp.outer(r, r))[0].real.sum(), None
+
+  return jax.lax.scan(row, 0.0, z)[0]
+
+
+def test_a_failure_names_the_preset_program_and_offending_primitives():
+  """A host callback (no TPU/CUDA lowering from this machine) and eig (no
+  TPU lowering), the latter inside a scan: both named with their source
+  lines, the primitives that do lower not."""
+  program = export.Program('toy_step', jax.jit(_callback_then_eig),
+                           (jax.ShapeDtypeStruct((4, 4), jnp.float32),))
+  with pytest.raises(export.ExportError) as raised:
+    export.export_program(program, what='toy_preset')
+  message = str(raised.value)
+  assert message.startswith('toy_preset: toy_step does not export for tpu/cuda')
+  assert '\n' not in message
+  offenders = message.split('offending primitive(s) ')[1]
+  assert 'pure_callback (' in offenders and 'eig (' in offenders
+  assert offenders.count('test_export.py:') == 2
+  for fine in ('sin', 'dot_general', 'scan', 'add'):
+    assert f'{fine} (' not in offenders
+  assert export.offending_primitives(
+      export.Program('fine', jax.jit(lambda x: jnp.sin(x) @ x), program.args)) == []
