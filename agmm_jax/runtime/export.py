@@ -29,7 +29,6 @@ import jax.extend as jex
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from PIL import Image
 
@@ -179,6 +178,20 @@ def _eval_programs(config: ml_collections.ConfigDict, num_classes: int,
                   (_eval_variables(state, None), image, size, size))
 
 
+def abstract_stage2_state(config: ml_collections.ConfigDict, state: Any,
+                          mesh: jax.sharding.Mesh, total_steps: int = 1):
+  """``(state, tx)`` as ``spml_stage2.initial_state`` returns them for the
+  abstract stage-1 ``state``: stage 1's model, the optimizer of the
+  classifier alone, no method state; replicated."""
+  replicated = sharding_lib.replicated_sharding(mesh)
+  tx = train_state_lib.create_optimizer(config.optimizer, total_steps)
+  stage2_state = {
+      'params': state['params'], 'model_state': state['model_state'],
+      'opt_state': jax.eval_shape(tx.init, state['params']['classifier']),
+      'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  return _placed(stage2_state, replicated), tx
+
+
 def _spml_stage2_programs(config: ml_collections.ConfigDict, num_classes: int,
                           mesh: jax.sharding.Mesh, loss: methods.Loss, state: Any,
                           model_defs: train_state_lib.ModelDefs,
@@ -198,13 +211,7 @@ def _spml_stage2_programs(config: ml_collections.ConfigDict, num_classes: int,
   yield Program('spml_pseudo_labels[flip,crf]',
                 spml_stage2.make_pseudo_label_fn(model_defs, loss, mesh, opt_in),
                 pass_args)
-  # The state of spml_stage2.initial_state: stage 1's model, the optimizer
-  # of the classifier alone, no method state.
-  tx = train_state_lib.create_optimizer(config.optimizer, 1)
-  stage2_state = {'params': params, 'model_state': model_state,
-                  'opt_state': _placed(jax.eval_shape(
-                      tx.init, state['params']['classifier']), replicated),
-                  'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+  stage2_state, tx = abstract_stage2_state(config, state, mesh)
   stage2_batch = abstract_train_batch(
       config, num_classes, mesh, methods.build_loss(methods.loss_config({'pce': 1.0})))
   yield Program('spml_stage2_step', spml_stage2.make_stage2_step(

@@ -24,10 +24,18 @@ import numpy as np
 import pytest
 
 from agmm_jax import methods
+from agmm_jax.data import input_pipeline
 from agmm_jax.evaluation import evaluator
+from agmm_jax.methods import spml_stage2
 from agmm_jax.runtime import export
+from agmm_jax.runtime import sharding
+from agmm_jax.storage import checkpoint
+from agmm_jax.train import state as train_state
+from configs import common
 from configs import presets
+from configs import tiny
 from configs import voc_point
+from tests import conftest
 
 DEVICES = 8
 DTYPES = ('float32', 'bfloat16')
@@ -73,11 +81,8 @@ def _export_all(programs, what: str, mesh: jax.sharding.Mesh) -> dict:
 def worker(output: str) -> None:
   """Exports every preset's programs and the production shapes; writes the
   records ``{what: {dtype: {program: record}}}`` to ``output`` (JSON)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from agmm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
-  from configs import common, tiny  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == DEVICES, jax.devices()
-  mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': -1}))
+  mesh = sharding.create_mesh(tiny.get_config().mesh)
   records = {}
   for dtype in DTYPES:
     exported_heads = {}
@@ -243,3 +248,45 @@ def test_a_failure_names_the_preset_program_and_offending_primitives():
     assert f'{fine} (' not in offenders
   assert export.offending_primitives(
       export.Program('fine', jax.jit(lambda x: jnp.sin(x) @ x), program.args)) == []
+
+
+def _described(tree) -> list[tuple[str, tuple[int, ...], str, str]]:
+  """``(path, shape, dtype, partition spec)`` of every leaf."""
+  return [(jax.tree_util.keystr(path), tuple(leaf.shape), str(leaf.dtype),
+           str(leaf.sharding.spec))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_abstract_states_and_batches_are_what_the_trainer_builds(tiny_data_dir):
+  """SPML (extra head, batch field, method state, second stage) on this
+  process's devices: the abstract train state is ``create_train_state``'s,
+  the stage-2 state ``spml_stage2.initial_state``'s, and the batches those
+  of the input pipeline, leaf by leaf with their placements."""
+  config = tiny.get_config()
+  common.set_method(config, 'spml')
+  config.data.dir = tiny_data_dir
+  num_classes = conftest.TINY_NUM_CLASSES
+  mesh = sharding.create_mesh(config.mesh)
+  loss = methods.build_loss(config.loss)
+  state, _, _ = train_state.create_train_state(
+      config, num_classes, mesh, total_steps=4, extra_heads=loss.needs.heads,
+      method_state=loss.init_state(config.global_batch_size, num_classes),
+      load_pretrained=False)
+  abstract, _, _ = export.abstract_train_state(config, num_classes, mesh, loss)
+  assert 'method_state' in abstract
+  assert _described(abstract) == _described(checkpoint.abstract_like(state))
+  stage2, _ = spml_stage2.initial_state(config, state, mesh, total_steps=4)
+  assert (_described(export.abstract_stage2_state(config, abstract, mesh)[0])
+          == _described(checkpoint.abstract_like(stage2)))
+
+  train_batch = sharding.global_batch(next(input_pipeline.create_train_iterator(
+      config.data, batch_size_per_process=config.global_batch_size, seed=0,
+      batch_fields=loss.needs.batch_fields)), mesh)
+  assert _described(export.abstract_train_batch(config, num_classes, mesh, loss)) == (
+      _described(train_batch))
+  eval_batch = sharding.global_batch(next(iter(input_pipeline.create_eval_iterator(
+      config.data, config.data.eval_split, batch_size_per_process=(
+          sharding.eval_batch_size_per_process(config.eval.batch_size, mesh))))), mesh)
+  canvas = input_pipeline.eval_canvas(config.data, config.data.eval_split)
+  assert _described(export.abstract_eval_batch(config, canvas, mesh)) == (
+      _described(eval_batch))
