@@ -156,24 +156,23 @@ def _eval_programs(config: ml_collections.ConfigDict, num_classes: int,
                    model_defs: train_state_lib.ModelDefs,
                    canvas: Sequence[int], eval_modes: Sequence[str]
                    ) -> Iterator[Program]:
-  """The evaluation step (``steps.make_eval_fn``, the batch split over
+  """The evaluation step (``evaluator.make_eval_fn``, the batch split over
   ``data``) and predict mode's function (one image, unsharded, as
   ``evaluation.modes.predict`` calls it) of each mode of ``eval_modes``."""
   replicated = sharding_lib.replicated_sharding(mesh)
   eval_batch = abstract_eval_batch(config, canvas, mesh)
   image = jax.ShapeDtypeStruct((1, *eval_batch['image'].shape[1:]), jnp.float32)
   size = jax.ShapeDtypeStruct((1,), jnp.int32)
+  class_names = [f'class {index}' for index in range(num_classes)]
   for mode in eval_modes:
     mode_config = config.copy_and_resolve_references()
     mode_config.eval.mode = mode
+    spec = evaluator.EvalSpec.from_config(mode_config, class_names)
     params, model_state = _eval_variables(state, replicated)
-    yield Program(f'eval_step[{mode}]',
-                  steps.make_eval_fn(model_defs, mode_config, num_classes, mesh),
+    yield Program(f'eval_step[{mode}]', evaluator.make_eval_fn(model_defs, spec, mesh),
                   (params, model_state, eval_batch))
-    predict = evaluator.make_predict_fn(
-        steps.eval_apply_fn(model_defs), mode=mode, num_classes=num_classes,
-        crop_size=int(config.data.crop_size), scales=tuple(config.eval.scales),
-        flip=bool(config.eval.flip))
+    predict = evaluator.make_predict_fn(evaluator.eval_apply_fn(model_defs),
+                                        **spec.mode_options())
     yield Program(f'predict[{mode}]', predict,
                   (_eval_variables(state, None), image, size, size))
 
