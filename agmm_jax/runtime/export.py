@@ -35,6 +35,7 @@ from PIL import Image
 from agmm_jax import methods
 from agmm_jax.data import augment
 from agmm_jax.data import labels as labels_lib
+from agmm_jax.data import weak_labels
 from agmm_jax.evaluation import evaluator
 from agmm_jax.methods import spml_stage2
 from agmm_jax.model import deeplab
@@ -102,7 +103,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
 def train_example(config: ml_collections.ConfigDict, num_classes: int,
                   loss: methods.Loss) -> dict[str, np.ndarray]:
   """One training example as the input pipeline makes it (the augmentation
-  of ``config.data`` on a blank crop, then the loss's batch fields)."""
+  of ``config.data`` on a blank crop, then the loss's batch fields, which
+  see the weak labels too: ``input_pipeline.TrainTransform``)."""
   crop = int(config.data.crop_size)
   example = augment.augment_train(
       Image.new('RGB', (crop, crop)),
@@ -110,7 +112,11 @@ def train_example(config: ml_collections.ConfigDict, num_classes: int,
       num_classes=num_classes, crop_size=crop,
       scale_range=tuple(config.data.scale_range), augment=str(config.data.augment),
       rng=np.random.default_rng(0))._asdict()
-  fields = {name: np.asarray(make(example))
+  # The factories see the weak labels too (here none: no tag, no box), the
+  # batch holds only what they make of them.
+  seen = {**example, 'tags': np.zeros(num_classes, np.float32),
+          'boxes': np.zeros((0, weak_labels.BOX_COLUMNS), np.int32)}
+  fields = {name: np.asarray(make(seen))
             for name, make in loss.needs.batch_fields.items()}
   return {**example, **fields}
 

@@ -3,13 +3,14 @@ TPU and CUDA on a mesh of 8 fake CPU devices (agmm_jax/runtime/export.py).
 
 One worker process (``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
 which must be set before JAX starts) exports, for every preset of
-``configs/presets.PRESETS`` in float32 and bfloat16 compute, the train step,
-the summary maps, the evaluation step and the predict function of
-configs/tiny.py (all four eval modes for the first preset; the eval programs
-once per set of extra heads, as they do not depend on the loss otherwise) and,
-for SPML, its second stage; and the production shapes of configs/voc_point.py
-(ResNet-101 OS8, crop 321, global batch 16) for its default preset. The tests
-read its record, one test per preset.
+``configs/presets.py`` (``configs/common.METHODS``: the pixel-label and the
+box presets) in float32 and bfloat16 compute, the train step, the summary
+maps, the evaluation step and the predict function of configs/tiny.py (all
+four eval modes for the first preset; the eval programs once per set of
+extra heads, as they do not depend on the loss otherwise) and, for SPML, its
+second stage; and the production shapes of configs/voc_point.py (ResNet-101
+OS8, crop 321, global batch 16) for its default preset. The tests read its
+record, one test per preset.
 """
 
 import json
@@ -86,7 +87,7 @@ def worker(output: str) -> None:
   records = {}
   for dtype in DTYPES:
     exported_heads = {}
-    for preset in presets.PRESETS:
+    for preset in common.METHODS:
       config = tiny.get_config()
       common.set_method(config, preset)
       config.model.compute_dtype = dtype
@@ -94,7 +95,7 @@ def worker(output: str) -> None:
       parts = ('train', 'stage2') + (() if heads in exported_heads else ('eval',))
       programs = export.run_programs(
           config, TINY_NUM_CLASSES, mesh, TINY_CANVAS, parts=parts,
-          eval_modes=evaluator.EVAL_MODES if preset == presets.PRESETS[0] else None)
+          eval_modes=evaluator.EVAL_MODES if preset == common.METHODS[0] else None)
       records.setdefault(preset, {})[dtype] = _export_all(programs, preset, mesh)
       records[preset][dtype]['eval_as'] = exported_heads.setdefault(heads, preset)
   config = voc_point.get_config()
@@ -157,11 +158,11 @@ def _check_train_step_placement(inputs: dict, batch: dict[str, str],
       assert aval.split('[')[1].startswith(f'{batch_size},'), path
 
 
-@pytest.mark.parametrize('preset', presets.PRESETS)
+@pytest.mark.parametrize('preset', common.METHODS)
 def test_preset_exports_for_tpu_and_cuda(records, preset):
   """Train step, summaries, evaluation, predict and later stages of the
   preset, in float32 and bfloat16, on 8 devices."""
-  assert set(records) == {*presets.PRESETS, VOC}
+  assert set(records) == {*common.METHODS, VOC}
   loss_config = presets.preset(preset)
   fields = methods.build_loss(loss_config).needs.batch_fields
   for dtype in DTYPES:
@@ -183,7 +184,7 @@ def test_preset_exports_for_tpu_and_cuda(records, preset):
 def test_eval_programs_cover_every_mode_and_every_set_of_heads(records):
   """All four eval modes (first preset); the eval programs of a preset are
   exported once per set of extra heads, and every preset's set is covered."""
-  first = presets.PRESETS[0]
+  first = common.METHODS[0]
   height, width = TINY_CANVAS
   for dtype in DTYPES:
     programs = _programs(records, first, dtype)
@@ -193,7 +194,7 @@ def test_eval_programs_cover_every_mode_and_every_set_of_heads(records):
       assert inputs["[2]['height']"] == ['int32[8]', DATA]
       assert programs[f'predict[{mode}]']['inputs']['[1]'][0] == (
           f'float32[1,{height},{width},3]')
-    for preset in presets.PRESETS:
+    for preset in common.METHODS:
       eval_as = records[preset][dtype]['eval_as']
       assert (sorted(methods.build_loss(presets.preset(preset)).needs.heads)
               == sorted(methods.build_loss(presets.preset(eval_as)).needs.heads))
