@@ -90,7 +90,7 @@ def write_exports(config, out: str) -> dict:
   num_classes, canvas = _num_classes_and_canvas(config)
   mesh = sharding.create_mesh(config.mesh)
   programs = export.run_programs(config, num_classes, mesh, canvas,
-                                 parts=tuple(_PARTS.value))
+                                 parts=tuple(_PARTS.value), platforms=_PLATFORMS.value)
   os.makedirs(out, exist_ok=True)
   manifest = {'jax': jax.__version__, 'platforms': list(_PLATFORMS.value),
               'devices': mesh.devices.size, 'num_classes': num_classes,

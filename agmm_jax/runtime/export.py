@@ -39,6 +39,7 @@ from agmm_jax.data import weak_labels
 from agmm_jax.evaluation import evaluator
 from agmm_jax.methods import spml_stage2
 from agmm_jax.model import deeplab
+from agmm_jax.model import dilated_conv
 from agmm_jax.runtime import sharding as sharding_lib
 from agmm_jax.train import state as train_state_lib
 from agmm_jax.train import steps
@@ -65,13 +66,35 @@ def _placed(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+# jax.export's platform names -> the JAX backends that run them.
+_BACKENDS = {'cuda': 'gpu', 'rocm': 'gpu'}
+
+
+def target_dilated_conv(setting: str, platforms: Sequence[str]) -> str:
+  """The form ``config.model.dilated_conv = setting`` takes on the target
+  ``platforms`` (``'auto'`` is resolved by backend, which here is the CPU);
+  a one-line ExportError when it differs between them."""
+  forms = {platform: dilated_conv.resolve(setting, _BACKENDS.get(platform, platform))
+           for platform in platforms}
+  if len(set(forms.values())) > 1:
+    raise ExportError(
+        f'model.dilated_conv={setting!r} means {forms} on these platforms; '
+        'export them separately or set --config.model.dilated_conv')
+  return forms[platforms[0]]
+
+
 def abstract_model(config: ml_collections.ConfigDict, num_classes: int,
-                   extra_heads: Mapping[str, Any] | None
+                   extra_heads: Mapping[str, Any] | None,
+                   platforms: Sequence[str] = PLATFORMS
                    ) -> tuple[train_state_lib.ModelDefs, Any, Any]:
-  """``(model defs, params, model_state)`` of ``config.model`` as
-  ``train.state.create_train_state`` splits it, with abstract leaves."""
+  """``(model defs, params, model_state)`` of ``config.model`` on
+  ``platforms`` as ``train.state.create_train_state`` splits it, with
+  abstract leaves."""
+  model_config = config.model.copy_and_resolve_references()
+  model_config.dilated_conv = target_dilated_conv(str(config.model.dilated_conv),
+                                                  platforms)
   model = nnx.eval_shape(lambda: deeplab.build_model(
-      config.model, num_classes, rngs=nnx.Rngs(int(config.seed)),
+      model_config, num_classes, rngs=nnx.Rngs(int(config.seed)),
       extra_heads=extra_heads))
   model.eval()
   eval_def = nnx.graphdef(model)
@@ -82,11 +105,13 @@ def abstract_model(config: ml_collections.ConfigDict, num_classes: int,
 
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
                          mesh: jax.sharding.Mesh, loss: methods.Loss,
-                         total_steps: int = 1):
-  """``(state, model defs, tx)`` as ``create_train_state`` returns them, the
-  state's leaves ``ShapeDtypeStruct``s placed as the trainer places them."""
-  model_defs, params, model_state = abstract_model(config, num_classes,
-                                                   loss.needs.heads)
+                         total_steps: int = 1,
+                         platforms: Sequence[str] = PLATFORMS):
+  """``(state, model defs, tx)`` as ``create_train_state`` returns them (the
+  model as built on ``platforms``), the state's leaves ``ShapeDtypeStruct``s
+  placed as the trainer places them."""
+  model_defs, params, model_state = abstract_model(
+      config, num_classes, loss.needs.heads, platforms)
   tx = train_state_lib.create_optimizer(config.optimizer, total_steps)
   state = {'params': params, 'model_state': model_state,
            'opt_state': jax.eval_shape(tx.init, params),
@@ -229,15 +254,17 @@ def _spml_stage2_programs(config: ml_collections.ConfigDict, num_classes: int,
 def run_programs(config: ml_collections.ConfigDict, num_classes: int,
                  mesh: jax.sharding.Mesh, canvas: Sequence[int], *,
                  eval_modes: Sequence[str] | None = None,
-                 parts: Sequence[str] = ('train', 'eval', 'stage2')
-                 ) -> list[Program]:
+                 parts: Sequence[str] = ('train', 'eval', 'stage2'),
+                 platforms: Sequence[str] = PLATFORMS) -> list[Program]:
   """The jitted programs of a training run of ``config`` with abstract
   arguments: ``train`` (train step, summary maps), ``eval`` (evaluation
   step and predict function of each of ``eval_modes``, default
   ``config.eval.mode``, on the eval ``canvas`` ``(Hc, Wc)``) and, for a
-  loss with SPML's term, ``stage2`` (its second stage)."""
+  loss with SPML's term, ``stage2`` (its second stage). The model is the
+  one the ``platforms`` run (``target_dilated_conv``)."""
   loss = methods.build_loss(config.loss)
-  state, model_defs, tx = abstract_train_state(config, num_classes, mesh, loss)
+  state, model_defs, tx = abstract_train_state(config, num_classes, mesh, loss,
+                                               platforms=platforms)
   programs = []
   if 'train' in parts:
     batch = abstract_train_batch(config, num_classes, mesh, loss)

@@ -24,6 +24,8 @@ def test_exported_programs_deserialize_and_compile(tmp_path):
   out = str(tmp_path / 'tiny')
   written = _run('--config=configs/tiny.py', '--devices=2', '--num_classes=4',
                  '--canvas=45,60', '--parts=eval', '--platforms=cpu,tpu,cuda',
+                 # 'auto' would differ: the taps form on CPU, XLA's on TPU/CUDA.
+                 '--config.model.dilated_conv=xla',
                  f'--out={out}')
   assert written.returncode == 0, written.stderr[-3000:]
   with open(os.path.join(out, 'manifest.json'), encoding='utf-8') as f:

@@ -53,16 +53,19 @@ VOC = 'voc_point (production shapes)'
 def _record(program: export.Program, exported: jax.export.Exported,
             mesh: jax.sharding.Mesh, seconds: float) -> dict:
   """What the tests check of an exported program: its platforms, device
-  count, whether it computes in bfloat16, and each input (by its path in the
+  count, whether it computes in bfloat16 and has dilated convolutions (XLA's
+  form, which TPU and CUDA run), and each input (by its path in the
   arguments) as ``[aval, partition spec]``."""
   paths = [jax.tree_util.keystr(path)
            for path, _ in jax.tree_util.tree_flatten_with_path(program.args)[0]]
+  text = exported.mlir_module()
   specs = [str(sharding.spec) if sharding is not None else None
            for sharding in exported.in_shardings_jax(mesh)]
   return {'platforms': list(exported.platforms), 'nr_devices': exported.nr_devices,
           'inputs': {path: [str(aval), spec] for path, aval, spec in zip(
               paths, exported.in_avals, specs, strict=True)},
-          'bf16': 'bf16' in exported.mlir_module(), 'seconds': round(seconds, 1)}
+          'bf16': 'bf16' in text, 'dilated_convolution': 'rhs_dilate' in text,
+          'seconds': round(seconds, 1)}
 
 
 def _export_all(programs, what: str, mesh: jax.sharding.Mesh) -> dict:
@@ -175,6 +178,9 @@ def test_preset_exports_for_tpu_and_cuda(records, preset):
     assert expected <= set(programs), (dtype, sorted(programs))
     batch = {'image': 'float32[8,33,33,3]', 'label': 'int32[8,33,33]',
              'class_present': f'float32[8,{TINY_NUM_CLASSES}]'}
+    # configs/tiny.py's OS16 ResNet and ASPP rates (1, 2, 3) dilate: XLA's
+    # form on TPU and CUDA, not the CPU's taps ('auto').
+    assert programs['train_step']['dilated_convolution'], dtype
     inputs = programs['train_step']['inputs']
     # A method's batch field: [B, ...] of whatever shape its factory makes.
     batch.update({name: inputs[f"[1]['{name}']"][0] for name in fields})
@@ -291,3 +297,12 @@ def test_abstract_states_and_batches_are_what_the_trainer_builds(tiny_data_dir):
   canvas = input_pipeline.eval_canvas(config.data, config.data.eval_split)
   assert _described(export.abstract_eval_batch(config, canvas, mesh)) == (
       _described(eval_batch))
+
+
+def test_auto_dilated_conv_is_resolved_for_the_target_platforms():
+  assert export.target_dilated_conv('auto', ('tpu', 'cuda')) == 'xla'
+  assert export.target_dilated_conv('taps', ('tpu', 'cuda')) == 'taps'
+  with pytest.raises(export.ExportError, match=(
+      r"model.dilated_conv='auto' means \{'cpu': 'taps', 'tpu': 'xla'\} on these "
+      'platforms; export them separately or set --config.model.dilated_conv')):
+    export.target_dilated_conv('auto', ('cpu', 'tpu'))
