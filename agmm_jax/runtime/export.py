@@ -6,10 +6,12 @@ have (``platforms=('tpu', 'cuda')``) from ``jax.ShapeDtypeStruct``s that
 carry their shardings: no array is allocated and nothing is compiled. What
 would fail on the device fails here: a host callback, a primitive with no
 lowering for a platform (``jnp.linalg.eig`` on TPU), a custom call without a
-compatibility guarantee (CPU-only LAPACK routines), a sharding that does not
-partition. :func:`export_program` then names the program and the primitives
-that do not lower (:func:`offending_primitives`, each equation of the traced
-program exported on its own, with its source line).
+compatibility guarantee (CPU-only LAPACK routines). :func:`export_program`
+then names the program and the primitives that do not lower
+(:func:`offending_primitives`, each equation of the traced program exported
+on its own, with its source line). Not checked here: XLA's SPMD partitioning
+and the device compilers, which run when the program is compiled on the
+target (``benchmarks/export_modules.py --check``).
 
 :func:`run_programs` builds every jitted program a training run executes,
 with the library's own builders and the config's shapes: the train step
