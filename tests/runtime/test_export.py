@@ -2,15 +2,15 @@
 TPU and CUDA on a mesh of 8 fake CPU devices (agmm_jax/runtime/export.py).
 
 One worker process (``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
-which must be set before JAX starts) exports, for every preset of
-``configs/presets.py`` (``configs/common.METHODS``: the pixel-label and the
-box presets) in float32 and bfloat16 compute, the train step, the summary
-maps, the evaluation step and the predict function of configs/tiny.py (all
-four eval modes for the first preset; the eval programs once per set of
-extra heads, as they do not depend on the loss otherwise) and, for SPML, its
-second stage; and the production shapes of configs/voc_point.py (ResNet-101
-OS8, crop 321, global batch 16) for its default preset. The tests read its
-record, one test per preset.
+which must be set before JAX starts) exports, for every method a config can
+name (``configs/common.METHODS``: the presets of ``configs/presets.py``, pixel
+labels and boxes, and ``full``) in float32 and bfloat16 compute, the train
+step, the summary maps, the evaluation step and the predict function of
+configs/tiny.py (all four eval modes for the first preset; the eval programs
+once per set of extra heads, as they do not depend on the loss otherwise)
+and, for SPML, its second stage; and the production shapes of
+configs/voc_point.py (ResNet-101 OS8, crop 321, global batch 16) for its
+default preset. The tests read its record, one test per preset.
 """
 
 import json
@@ -33,7 +33,6 @@ from agmm_jax.runtime import sharding
 from agmm_jax.storage import checkpoint
 from agmm_jax.train import state as train_state
 from configs import common
-from configs import presets
 from configs import tiny
 from configs import voc_point
 from tests import conftest
@@ -161,12 +160,19 @@ def _check_train_step_placement(inputs: dict, batch: dict[str, str],
       assert aval.split('[')[1].startswith(f'{batch_size},'), path
 
 
+def _loss_config(method: str):
+  """``config.loss`` of a config argument ``method=`` (``common.set_method``)."""
+  config = tiny.get_config()
+  common.set_method(config, method)
+  return config.loss
+
+
 @pytest.mark.parametrize('preset', common.METHODS)
 def test_preset_exports_for_tpu_and_cuda(records, preset):
   """Train step, summaries, evaluation, predict and later stages of the
   preset, in float32 and bfloat16, on 8 devices."""
   assert set(records) == {*common.METHODS, VOC}
-  loss_config = presets.preset(preset)
+  loss_config = _loss_config(preset)
   fields = methods.build_loss(loss_config).needs.batch_fields
   for dtype in DTYPES:
     programs = _programs(records, preset, dtype)
@@ -202,8 +208,8 @@ def test_eval_programs_cover_every_mode_and_every_set_of_heads(records):
           f'float32[1,{height},{width},3]')
     for preset in common.METHODS:
       eval_as = records[preset][dtype]['eval_as']
-      assert (sorted(methods.build_loss(presets.preset(preset)).needs.heads)
-              == sorted(methods.build_loss(presets.preset(eval_as)).needs.heads))
+      assert (sorted(methods.build_loss(_loss_config(preset)).needs.heads)
+              == sorted(methods.build_loss(_loss_config(eval_as)).needs.heads))
       assert 'eval_step[whole]' in records[eval_as][dtype]
 
 
