@@ -41,15 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.prepare.sparse = args['labels']
   config.data.prepare.void_value = 11
   config.data.prepare.seed = int(args['lseed'])
-  config.data.prepare.dense_train = True
   config.data.prepare.downscale = 2 if args['size'] == 'cpu' else 1
   config.data.augment = 'basic'
-  config.model.pretrained = ''
-  config.model.stem = 'deep'
-  config.model.aspp_rates = (6, 12, 18)
   config.optimizer.lr = 1e-2
   config.optimizer.head_lr_multiplier = 1.0
-  config.eval.mode = 'whole'
   config.checkpoint_every_steps = 200
   config.log_every_steps = 20
 
@@ -62,7 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.crop_size = 161
     config.global_batch_size = 8
     config.num_epochs = 40
-    config.eval.batch_size = 8
   elif args['size'] == 'gpu_r18':
     config.model.depth = 18
     config.model.stem = 'torchvision'

@@ -30,12 +30,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 80
   config.image_summary_every_steps = 80
 
-  config.data.dir = ''
   config.data.prepare.converter = 'folder'
   config.data.prepare.root = 'demo_data/camvid_mini'
   config.data.prepare.sparse = 'clicks:50'
   config.data.prepare.void_value = 11
-  config.data.prepare.seed = 0
   config.data.crop_size = 129
   config.data.augment = 'basic'
   config.data.num_threads = 2
@@ -43,11 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.depth = 18
   config.model.stem = 'torchvision'
   config.model.output_stride = 16
-  config.model.pretrained = ''
 
   config.optimizer.lr = 1e-2
   config.optimizer.head_lr_multiplier = 1.0
 
-  config.eval.batch_size = 8
   config.predict.input_dir = 'demo_data/camvid_mini/val/images'
   return config
