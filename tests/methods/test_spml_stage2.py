@@ -21,9 +21,9 @@ from agmm_jax.train import loop
 from agmm_jax import methods
 from agmm_jax.model import deeplab
 from agmm_jax.methods import spml_stage2
+from agmm_jax.data import pseudo_labels
 from agmm_jax.data import tfrecord
 from agmm_jax.methods import spml
-from benchmarks import pseudo_label_quality
 import main
 from tests.conftest import TINY_NUM_CLASSES
 from tests.methods.test_spml import spml_tiny_config
@@ -373,12 +373,13 @@ def test_default_stage2_steps_scale_as_spml_scripts():
 
 
 def test_pseudo_label_quality_counts_every_pixel(tmp_path):
-  """benchmarks/pseudo_label_quality on a prepared folder whose sparse
+  """The pseudo-label quality (agmm_jax.data.pseudo_labels, which
+  benchmarks/pseudo_label_quality prints) on a prepared folder whose sparse
   labels (points, a subset of the dense ones) stand for pseudo-labels: the
   confusion is diagonal and its counts equal a per-pixel count of the PNGs."""
   data_dir = fixtures.make_folder_dataset_tfrecords(tmp_path, num_shards=1)
   confusion, pseudo_labeled, dense_labeled = (
-      pseudo_label_quality.confusion_of_pseudo_labels(data_dir))
+      pseudo_labels.confusion_with_dense(data_dir))
   expected = np.zeros_like(confusion)
   expected_dense = 0
   for data in tfrecord.read_all_records(

@@ -17,6 +17,7 @@ import pytest
 
 from agmm_jax.evaluation import modes
 from agmm_jax.train import loop
+from agmm_jax.storage import workdir as workdir_lib
 from agmm_jax.train import trainer
 from agmm_jax.train import state as train_state
 from configs import tiny
@@ -118,12 +119,12 @@ def test_rerun_of_a_finished_run_trains_no_further(trained, data_dir):
 def test_config_dump_keeps_every_config_of_the_workdir(tmp_path):
   config = tiny_config('unused')
   workdir = str(tmp_path)
-  path = trainer.write_config(config, workdir)
+  path = workdir_lib.write_config(config, workdir)
   first = open(path).read()
-  trainer.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   assert sorted(os.listdir(workdir)) == ['config.json']
   config.num_train_steps = 8
-  trainer.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   assert sorted(os.listdir(workdir)) == ['config.1.json', 'config.json']
   assert open(os.path.join(workdir, 'config.1.json')).read() == first
   assert json.loads(open(path).read())['num_train_steps'] == 8
