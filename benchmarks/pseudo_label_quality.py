@@ -26,7 +26,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from agmm_jax.storage import checkpoint as checkpoint_lib
 from agmm_jax.data import input_pipeline
@@ -90,7 +89,8 @@ def regenerate(workdir: str, out: str, *, flip: bool, crf_iterations: int, limit
     checkpointer.close()
   print(f'{workdir}: stage-1 step {step}, flip {flip}, CRF iterations {crf_iterations}')
   return spml_stage2.write_pseudo_labels(
-      config, os.path.join(out, spml_stage2.PSEUDO_LABEL_DIR), state, model_defs, loss, mesh)
+      config, os.path.join(out, spml_stage2.PSEUDO_LABEL_DIR), state, model_defs, loss, mesh,
+      int(config.eval.batch_size))
 
 
 def machine() -> str:

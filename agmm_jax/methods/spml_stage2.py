@@ -25,7 +25,9 @@ train_spml_point.sh`` and ``train_spml_scribble.sh``, identical there):
 3. ``pyscripts/inference/inference_softmax.py``: that classifier on the val
    split (with CRF) is SPML's reported result.
 
-Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
+Here, for ``spml`` losses (:func:`is_enabled`), SPML's stage plan
+(:func:`stages`, registered by ``methods/spml.py``; run by
+``agmm_jax.train.stages``) follows stage 1 with two stages:
 
 * :func:`write_pseudo_labels`: the pass over the training split (records in
   order, padded to the split's largest image, ``config.eval.batch_size`` at a
@@ -46,12 +48,12 @@ Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
   full-resolution embedding and logits (here the stride-4 grid and the
   label-resolution softmax sampled every 8th pixel) and its
   ``cv2.resize`` (half-pixel) where this resizes with aligned corners.
-  Written as a prepared dataset (the training records
-  with the pseudo-label as their sparse label, ``metadata.json`` with the
-  training split only) into ``WORKDIR/spml_pseudo_labels.tmp`` and renamed to
-  ``WORKDIR/spml_pseudo_labels`` when complete: a killed pass leaves no
-  ``spml_pseudo_labels`` and the rerun redoes it; a complete one is reused.
-* :func:`train_stage2`: the final classifier is the model's own classifier
+  Written by the pseudo-label facility (:mod:`agmm_jax.data.pseudo_labels`:
+  the training records with the pseudo-label as their sparse label,
+  ``metadata.json`` with the training split only) into
+  ``WORKDIR/spml_pseudo_labels`` (beside, renamed when complete; a killed
+  pass resumes at its first incomplete shard); a complete one is reused.
+* the training stage ``spml_stage2``: the final classifier is the model's own classifier
   (1x1 conv on the 256-channel decoder features, which the embedding is a
   projection of), trained on the fixed eval-mode network (its gradient stops
   at the decoder features) by cross-entropy on the pseudo-labels with
@@ -59,7 +61,8 @@ Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
   classifier gets the head rate) over ``config.spml_stage2.num_train_steps``
   (-1: stage 1's steps x 4000 / 30000). The usual augmentation, no
   grayscale or blur. Checkpoints (state and data iterator) under
-  ``WORKDIR/spml_stage2/``, resumable like stage 1; scalars and evaluations
+  ``WORKDIR/spml_stage2/`` (:func:`make_stage2_step`), resumable like
+  stage 1; scalars and evaluations
   in WORKDIR's events at steps ``stage-1 steps + s``, so the workdir's last
   ``eval/miou`` is the final model's.
 """
@@ -267,10 +270,11 @@ def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Lo
 def write_pseudo_labels(config: ml_collections.ConfigDict, target: str,
                         state: train_state_lib.TrainState,
                         model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
-                        mesh: jax.sharding.Mesh, stop: Callable[[], None] = lambda: None
-                        ) -> str:
+                        mesh: jax.sharding.Mesh, batch_size: int,
+                        stop: Callable[[], None] = lambda: None) -> str:
   """Writes (or finds complete) the pseudo-label dataset ``target`` of the
-  training split by the stage-1 ``state`` (module docstring), through
+  training split by the stage-1 ``state`` (module docstring), ``batch_size``
+  images at a time, through
   :func:`agmm_jax.data.pseudo_labels.write` (atomic, resumable;
   ``stop()`` after every batch); returns its path. One process only
   (:func:`check_config`)."""
@@ -284,7 +288,7 @@ def write_pseudo_labels(config: ml_collections.ConfigDict, target: str,
   pseudo_labels.write(target, data_dir=str(config.data.dir),
                       split=str(config.data.train_split),
                       label_kind=str(config.data.train_labels),
-                      batch_size=int(config.eval.batch_size), label_batch=label_batch,
+                      batch_size=batch_size, label_batch=label_batch,
                       stop=stop)
   logging.info('%s: pseudo-labels of the training split written', target)
   return target
@@ -341,7 +345,7 @@ def _write_pass(context: stages_lib.Context, target: str, stop: Callable[[], Non
   spec = context.run
   stage1 = context.results[stages_lib.TRAIN_STAGE]
   write_pseudo_labels(spec.config, target, stage1.state, stage1.model_defs, spec.loss,
-                      spec.mesh, stop)
+                      spec.mesh, spec.eval.batch_size, stop)
 
 
 def _stage2_init(context: stages_lib.Context, total_steps: int,

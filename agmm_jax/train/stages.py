@@ -33,7 +33,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from agmm_jax import methods
 from agmm_jax.data import input_pipeline
 from agmm_jax.evaluation import evaluator
 from agmm_jax.evaluation import visualize
