@@ -72,6 +72,16 @@ class Context:
   run: run_spec_lib.RunSpec
   sigterm: loop.SigtermFlag
   results: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Evaluations by the model definitions they run (stages that share a
+  # network share its compiled evaluation).
+  _evaluators: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+  def evaluator(self, model_defs: train_state_lib.ModelDefs
+                ) -> Callable[[Any], dict[str, Any]]:
+    """``evaluate(state) -> scores`` of the run's eval spec for ``model_defs``."""
+    if id(model_defs) not in self._evaluators:
+      self._evaluators[id(model_defs)] = (model_defs, make_evaluate(self.run, model_defs))
+    return self._evaluators[id(model_defs)][1]
 
   def last_trained(self) -> Trained:
     """The result of the latest training stage."""
@@ -293,7 +303,7 @@ def _run_training(stage: TrainingStage, context: Context, offset: int) -> Traine
   if offset == 0 and step == 0:
     writer.write_hparams({k: str(v) for k, v in spec.config.to_dict().items()
                           if not isinstance(v, dict)})
-  evaluate = make_evaluate(spec, initial.model_defs)
+  evaluate = context.evaluator(initial.model_defs)
   log_every, eval_every, checkpoint_every = spec.periods.steps(epoch, total)
   state, scores = loop.run(
       state, stage.make_step(context, initial, total), train_iter, spec.mesh,

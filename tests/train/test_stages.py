@@ -16,7 +16,6 @@ This file is also the toy method's command line (the subprocesses run it):
 import dataclasses
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -207,6 +206,7 @@ def test_resumed_run_equals_uninterrupted_run(runs):
 
 
 if __name__ == '__main__':
+  import main  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
   methods_core.register_stages('toy_two_stage', toy_stages)
-  sys.argv = [os.path.join(REPO_ROOT, 'main.py')] + sys.argv[1:]
-  runpy.run_path(sys.argv[0], run_name='__main__')
+  app.run(main.main, flags_parser=main.parse_flags)

@@ -17,7 +17,6 @@ import pytest
 
 from agmm_jax.evaluation import modes
 from agmm_jax.train import loop
-from agmm_jax.storage import workdir as workdir_lib
 from agmm_jax.train import trainer
 from agmm_jax.train import state as train_state
 from configs import tiny
@@ -114,20 +113,6 @@ def test_rerun_of_a_finished_run_trains_no_further(trained, data_dir):
   assert result['step'] == 4
   assert result['miou'] == pytest.approx(train_scores['miou'])
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
-
-
-def test_config_dump_keeps_every_config_of_the_workdir(tmp_path):
-  config = tiny_config('unused')
-  workdir = str(tmp_path)
-  path = workdir_lib.write_config(config, workdir)
-  first = open(path).read()
-  workdir_lib.write_config(config, workdir)
-  assert sorted(os.listdir(workdir)) == ['config.json']
-  config.num_train_steps = 8
-  workdir_lib.write_config(config, workdir)
-  assert sorted(os.listdir(workdir)) == ['config.1.json', 'config.json']
-  assert open(os.path.join(workdir, 'config.1.json')).read() == first
-  assert json.loads(open(path).read())['num_train_steps'] == 8
 
 
 def test_eval_mode_matches_training_eval_and_prints_table(trained, data_dir,
