@@ -17,7 +17,6 @@ from agmm_jax.evaluation import evaluator
 from agmm_jax.data import input_pipeline
 from agmm_jax.runtime import sharding as sharding_lib
 from agmm_jax.train import stages
-from agmm_jax.train import state as train_state_lib
 from agmm_jax.evaluation import visualize
 
 
