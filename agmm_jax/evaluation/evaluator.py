@@ -505,4 +505,3 @@ def _pad_to_at_least(images: jax.Array, size: int) -> jax.Array:
   if pad_h or pad_w:
     images = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
   return images
-
