@@ -276,9 +276,20 @@ def stage_config(data_dir, enabled):
 
 def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path)
-  # Stage 1 only, as a run stopped before its second stage.
-  first = main.run(stage_config(tiny_data_dir, False), workdir)
-  assert first['step'] == 2
+  # Stage 1, then SIGTERM as the pass starts: a run stopped between its
+  # stages (the workdir keeps one config: stage 2 is part of the run).
+  write_pseudo_labels = spml_stage2.write_pseudo_labels
+
+  def stopped_at_the_start(*args, **kwargs):
+    monkeypatch.setattr(spml_stage2, 'write_pseudo_labels', write_pseudo_labels)
+    os.kill(os.getpid(), signal.SIGTERM)
+    kwargs.get('stop', args[-1])()
+
+  monkeypatch.setattr(spml_stage2, 'write_pseudo_labels', stopped_at_the_start)
+  with pytest.raises(loop.Preempted) as between:
+    main.run(stage_config(tiny_data_dir, True), workdir)
+  assert between.value.step == 2
+  assert read_event_tags(workdir)['eval/miou'] == [2]
   assert not os.path.exists(os.path.join(workdir, spml_stage2.PSEUDO_LABEL_DIR))
   stage1_files = sorted(glob.glob(os.path.join(workdir, 'checkpoints', '*')))
   # A half-written pass left by a kill is redone.
