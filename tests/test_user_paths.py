@@ -91,7 +91,7 @@ def test_command_line_mistakes_end_with_one_line(trained, tiny_data_dir,
       'damaged classes.json': (
           start_main('configs/tiny.py', [f'--workdir={damaged}',
                                          f'--config.data.dir={tiny_data_dir}']),
-          f'{damaged}/classes.json: damaged'),
+          f'{damaged}/classes.json is damaged'),
   }
   for name, (process, expected) in cases.items():
     _, stderr = process.communicate(timeout=600)

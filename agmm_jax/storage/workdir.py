@@ -17,8 +17,9 @@ from absl import logging
 
 from agmm_jax.data import input_pipeline
 from agmm_jax.storage import checkpoint as checkpoint_lib
+from agmm_jax.storage import run_identity
 
-CONFIG_FILE = 'config.json'
+CONFIG_FILE = run_identity.CONFIG_FILE
 # The class names a run's checkpoints were trained on, next to config.json.
 CLASSES_FILE = 'classes.json'
 
@@ -62,20 +63,21 @@ def _read_json(path: str, what: str) -> Any:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
   except (ValueError, UnicodeDecodeError) as error:
-    raise ValueError(f'{path}: damaged ({what} is not readable JSON: {error}); '
+    raise ValueError(f'{path} is damaged ({what} is not readable JSON: {error}); '
                      'restore it or delete it') from None
 
 
 def recorded_data_dir(workdir: str) -> str | None:
-  """``data.dir`` of ``WORKDIR/config.json``, or None without that file."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  """``data.dir`` of ``WORKDIR/config.json``, or None without that file
+  (read by ``run_identity.recorded_config``: one line for a damaged file)."""
+  config = run_identity.recorded_config(workdir)
+  if config is None:
     return None
-  config = _read_json(path, 'the run\'s config')
   try:
     return str(config['data']['dir'])
   except (KeyError, TypeError):
-    raise ValueError(f'{path}: damaged (no data.dir); restore it or delete it') from None
+    raise ValueError(f'{os.path.join(workdir, CONFIG_FILE)} is damaged (no data.dir); '
+                     'restore it or use a new --workdir') from None
 
 
 def checkpoint_classes(workdir: str) -> list[str] | None:
@@ -89,7 +91,7 @@ def checkpoint_classes(workdir: str) -> list[str] | None:
   if os.path.exists(path):
     names = _read_json(path, 'the class list')
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-      raise ValueError(f'{path}: damaged (not a list of class names); restore it '
+      raise ValueError(f'{path} is damaged (not a list of class names); restore it '
                        'or delete it')
     return names
   data_dir = recorded_data_dir(workdir)

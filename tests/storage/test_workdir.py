@@ -67,7 +67,7 @@ def test_a_damaged_record_is_one_line_naming_the_file(tmp_path, name, text):
   with pytest.raises(ValueError) as error:
     workdir_lib.checkpoint_classes(str(tmp_path))
   message = str(error.value)
-  assert message.startswith(f'{path}: damaged') and '\n' not in message
+  assert message.startswith(f'{path} is damaged') and '\n' not in message
 
 
 def test_has_checkpoint_looks_for_the_stage_folders_latest_checkpoints(tmp_path):
