@@ -26,11 +26,10 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from agmm_jax.storage import checkpoint as checkpoint_lib
 from agmm_jax.data import input_pipeline
-from agmm_jax.data import labels
+from agmm_jax.data import pseudo_labels
 from agmm_jax import methods
 from agmm_jax.evaluation import metrics
 from agmm_jax.runtime import sharding as sharding_lib
@@ -39,28 +38,8 @@ from agmm_jax.data import tfrecord
 from agmm_jax.train import state as train_state_lib
 
 
-def confusion_of_pseudo_labels(folder: str) -> tuple[np.ndarray, int, int]:
-  """`(confusion [K, K] (true, pseudo), pseudo-labeled pixels, dense-labeled
-  pixels)` over every training record of the pseudo-label dataset
-  `folder`."""
-  metadata = input_pipeline.read_metadata(folder)
-  num_classes = int(metadata['num_classes'])
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  pseudo_labeled = dense_labeled = 0
-  for shard in metadata['splits']['train']['shards']:
-    for data in tfrecord.read_all_records(os.path.join(folder, shard)):
-      example = tfrecord.decode_example(data)
-      dense, pseudo = (input_pipeline.decode_label_png(
-          example[f'label/{kind}/encoded'], num_classes)
-                       for kind in ('dense', 'sparse'))
-      truth = dense != labels.UNLABELED
-      both = truth & (pseudo != labels.UNLABELED)
-      dense_labeled += int(truth.sum())
-      pseudo_labeled += int(both.sum())
-      confusion += np.bincount(
-          dense[both] * num_classes + pseudo[both],
-          minlength=num_classes**2).reshape(num_classes, num_classes)
-  return confusion, pseudo_labeled, dense_labeled
+# The measure lives in the library (the pseudo-label facility's).
+confusion_of_pseudo_labels = pseudo_labels.confusion_with_dense
 
 
 def first_records(data_dir: str, split: str, limit: int, out_dir: str) -> str:
@@ -110,8 +89,8 @@ def regenerate(workdir: str, out: str, *, flip: bool, crf_iterations: int, limit
     checkpointer.close()
   print(f'{workdir}: stage-1 step {step}, flip {flip}, CRF iterations {crf_iterations}')
   return spml_stage2.write_pseudo_labels(
-      config, out, state, model_defs, loss, mesh, num_classes, lambda: False,
-      lambda: RuntimeError('not stopped'))
+      config, os.path.join(out, spml_stage2.PSEUDO_LABEL_DIR), state, model_defs, loss, mesh,
+      int(config.eval.batch_size))
 
 
 def machine() -> str:

@@ -204,17 +204,10 @@ class _Result:
   overlay_png: bytes | None = None
 
 
-def encode_png(label: np.ndarray) -> bytes:
-  """PNG bytes of a uint8 ``[H, W]`` label map (mode L)."""
-  buffer = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(label, np.uint8), mode='L').save(
-      buffer, format='PNG')
-  return buffer.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-  """Inverse of ``encode_png``: uint8 ``[H, W]``."""
-  return np.asarray(Image.open(io.BytesIO(data)))
+# The label PNG codec of prepared datasets lives in the library (the
+# pseudo-label writer stores labels the same way).
+encode_png = labels_lib.encode_png
+decode_png = labels_lib.decode_png
 
 
 def _load_image(path: str, options: SplitOptions

@@ -59,6 +59,9 @@ def test_command_line_mistakes_end_with_one_line(trained, tiny_data_dir,
   shutil.copytree(raw_root, no_class_list)
   os.remove(os.path.join(no_class_list, 'classes.txt'))
   missing_parent = str(tmp_path / 'missing_parent')
+  damaged = tmp_path / 'damaged'
+  damaged.mkdir()
+  (damaged / 'classes.json').write_text('["class_0", ')
   cases = {
       'unknown override': (
           start_main('configs/tiny.py', [f'--workdir={tmp_path}/a',
@@ -85,6 +88,10 @@ def test_command_line_mistakes_end_with_one_line(trained, tiny_data_dir,
               f'--workdir={trained}', '--config.mode=eval',
               f'--config.eval.data_dir={no_class_list}']),
           'config.eval.data_dir='),
+      'damaged classes.json': (
+          start_main('configs/tiny.py', [f'--workdir={damaged}',
+                                         f'--config.data.dir={tiny_data_dir}']),
+          f'{damaged}/classes.json is damaged'),
   }
   for name, (process, expected) in cases.items():
     _, stderr = process.communicate(timeout=600)

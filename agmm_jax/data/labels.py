@@ -18,9 +18,11 @@ the input pipeline creates it. ``from_stored`` maps the stored encoding to the
 in-memory one.
 """
 
+import io
 from typing import Final
 
 import numpy as np
+from PIL import Image
 
 UNLABELED: Final[int] = -1
 PADDING: Final[int] = -2
@@ -50,3 +52,23 @@ def from_stored(stored: np.ndarray, num_classes: int) -> np.ndarray:
         f'neither class ids < {num_classes} nor {STORED_UNLABELED}')
   label[label == STORED_UNLABELED] = UNLABELED
   return label
+
+
+def to_stored(label: np.ndarray) -> np.ndarray:
+  """uint8 label map of an int32 one: class ids, ``STORED_UNLABELED`` for
+  every pixel without a class."""
+  return np.where(label >= 0, label, STORED_UNLABELED).astype(np.uint8)
+
+
+def encode_png(label: np.ndarray) -> bytes:
+  """PNG bytes of a uint8 ``[H, W]`` label map (mode L): how a prepared
+  dataset stores labels (the converters and the pseudo-label writer)."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(label, np.uint8), mode='L').save(
+      buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+  """Inverse of ``encode_png``: uint8 ``[H, W]``."""
+  return np.asarray(Image.open(io.BytesIO(data)))

@@ -2,7 +2,6 @@
 through ``agmm_jax.evaluation.evaluator``).
 """
 
-import json
 import os
 from typing import Any
 
@@ -13,91 +12,44 @@ from absl import logging
 from PIL import Image
 
 from agmm_jax.storage import checkpoint as checkpoint_lib
+from agmm_jax.storage import workdir as workdir_lib
 from agmm_jax.evaluation import evaluator
 from agmm_jax.data import input_pipeline
-from agmm_jax import methods
 from agmm_jax.runtime import sharding as sharding_lib
-from agmm_jax.methods import spml_stage2
-from agmm_jax.train import state as train_state_lib
+from agmm_jax.train import stages
 from agmm_jax.evaluation import visualize
 
 
-# The class names a run's checkpoints were trained on, next to config.json.
-CLASSES_FILE = 'classes.json'
-
-
-def checkpoint_classes(workdir: str) -> list[str] | None:
-  """The class names of ``workdir``'s checkpoints, or None when unknown.
-
-  From ``WORKDIR/classes.json`` (written by training), or for runs older than
-  that file from the metadata of the ``data.dir`` recorded in
-  ``WORKDIR/config.json``.
-  """
-  path = os.path.join(workdir, CLASSES_FILE)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      return [str(name) for name in json.load(f)]
-  try:
-    with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
-      data_dir = json.load(f)['data']['dir']
-    return input_pipeline.class_names(input_pipeline.read_metadata(data_dir))
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
-def check_classes(workdir: str, class_names: list[str], data_dir: str) -> None:
-  """Raises a one-line ValueError naming both class lists when the data's
-  differ from those ``workdir``'s checkpoints were trained on."""
-  trained = checkpoint_classes(workdir)
-  if trained is not None and trained != list(class_names):
-    raise ValueError(
-        f'the checkpoints of {workdir} were trained on {len(trained)} classes '
-        f'{trained} but {data_dir} has {len(class_names)} classes '
-        f'{list(class_names)}; use data with the checkpoint\'s classes (same '
-        'names, same order in classes.txt)')
-
-
-def record_classes(workdir: str, class_names: list[str]) -> None:
-  """Writes ``WORKDIR/classes.json`` (process 0), the list
-  ``checkpoint_classes`` reads."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CLASSES_FILE)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      json.dump(list(class_names), f)
-    os.replace(path + '.tmp', path)
+# What the workdir records (agmm_jax.storage.workdir), under the names
+# callers of this module used.
+CLASSES_FILE = workdir_lib.CLASSES_FILE
+checkpoint_classes = workdir_lib.checkpoint_classes
+check_classes = workdir_lib.check_classes
+record_classes = workdir_lib.record_classes
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                           num_classes: int, mesh: jax.sharding.Mesh):
-  """Model defs and the best (or latest) checkpointed state of ``workdir``:
-  of SPML's final model (``WORKDIR/spml_stage2``) once its second stage has
-  a checkpoint, the step then being the second stage's."""
-  # The training loss's heads and method state give the checkpoint's structure.
-  loss = methods.build_loss(config.loss)
-  state, model_defs, _ = train_state_lib.create_train_state(
-      config, num_classes, mesh, total_steps=1, extra_heads=loss.needs.heads,
-      method_state=loss.init_state(int(config.global_batch_size), num_classes),
-      load_pretrained=False)
-  if spml_stage2.is_enabled(config) and spml_stage2.has_checkpoint(workdir):
-    state, _ = spml_stage2.initial_state(config, state, mesh, total_steps=1)
-    workdir = os.path.join(workdir, spml_stage2.STAGE2_DIR)
+                          num_classes: int, mesh: jax.sharding.Mesh):
+  """Model defs and the best (or latest, ``config.eval.checkpoint``)
+  checkpointed state of ``workdir``'s final model: of the last stage of the
+  run's plan that has a checkpoint (``agmm_jax.train.stages.
+  inference_state``), its step being that stage's."""
+  which = config.eval.checkpoint
+  if which not in ('best', 'latest'):
+    raise ValueError(f"config.eval.checkpoint must be 'best' or 'latest', got {which!r}")
+  # Only the count shapes the state.
+  class_names = [f'class_{i}' for i in range(num_classes)]
+  state, model_defs, folder = stages.inference_state(config, workdir, class_names, mesh)
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, keep=int(config.keep_checkpoints), read_only=True)
+      folder, keep=int(config.keep_checkpoints), read_only=True)
   try:
-    which = config.eval.checkpoint
     if which == 'best' and checkpointer.best_step() is not None:
-      state, step = checkpointer.restore_best(
-          checkpoint_lib.abstract_like(state))
-    elif which in ('best', 'latest'):
-      state, step = checkpointer.restore_latest(
-          checkpoint_lib.abstract_like(state))
+      state, step = checkpointer.restore_best(checkpoint_lib.abstract_like(state))
     else:
-      raise ValueError(f"config.eval.checkpoint must be 'best' or 'latest', "
-                       f'got {which!r}')
+      state, step = checkpointer.restore_latest(checkpoint_lib.abstract_like(state))
   finally:
     checkpointer.close()
-  logging.info('restored step %d from %s', step, workdir)
+  logging.info('restored step %d from %s', step, folder)
   return state, model_defs, step
 
 

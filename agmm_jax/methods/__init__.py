@@ -13,9 +13,11 @@ tree filter and affinity propagation kernels), ``tel`` (tree energy loss),
 exact and by a bilateral grid), ``regularized`` (dense CRF, normalized cut,
 gated CRF and entropy terms), ``soft_self_labeling`` (soft pseudo-labels
 solved for a Potts relaxation), ``spml`` (pixel-to-segment contrastive
-learning with its memory bank), ``boxes`` (box supervision: partial-label
-cross-entropy, outside-the-boxes and BoxInst's projection term) and ``cam``
-(class activation maps: the classification head, its BCE over tags, seeds).
+learning with its memory bank; its second stage, pseudo-labels and the final
+classifier, in ``spml_stage2``, registered as the method's stage plan),
+``boxes`` (box supervision: partial-label cross-entropy, outside-the-boxes
+and BoxInst's projection term) and ``cam`` (class activation maps: the
+classification head, its BCE over tags, seeds).
 """
 
 from agmm_jax.methods import agmm
@@ -34,6 +36,8 @@ from agmm_jax.methods.core import loss_config
 from agmm_jax.methods.core import LossInputs
 from agmm_jax.methods.core import Needs
 from agmm_jax.methods.core import register_group
+from agmm_jax.methods.core import register_stages
 from agmm_jax.methods.core import register_term
 from agmm_jax.methods.core import registered_terms
+from agmm_jax.methods.core import stages_of
 from agmm_jax.methods.core import TrainShape

@@ -37,6 +37,7 @@ mask) the self-supervised parts, and padding never contributes.
 """
 
 import dataclasses
+import importlib
 import inspect
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -476,6 +477,40 @@ def build_loss(loss_config: ml_collections.ConfigDict,
   return Loss(loss_fn, needs, tuple(term.name for term, _, _ in active),
               summary_fn if shown else None,
               f'{shown[0].name}_response' if shown else None, init_state)
+
+
+# Stage plans of multi-stage methods, by method name: ``plan(config, loss)
+# -> [stage, ...]`` (``agmm_jax.train.stages``: the whole run, first stage
+# included) or None / [] when the run does not use the method. Registered as
+# 'module:function' and imported when the trainer asks: a stage module
+# imports the training package, which imports this one.
+_STAGE_PLANS: dict[str, str | Callable[..., Any]] = {}
+
+
+def register_stages(name: str, plan: str | Callable[..., Any]) -> None:
+  """Registers the stage plan of method ``name`` (a ``'module:function'``
+  path or the function); see ``agmm_jax.train.stages``."""
+  if name in _STAGE_PLANS:
+    raise ValueError(f'stage plan {name!r} is already registered')
+  _STAGE_PLANS[name] = plan
+
+
+def stages_of(config: ml_collections.ConfigDict, loss: 'Loss') -> list[Any] | None:
+  """The stages of the one registered plan that answers for ``config`` (with
+  its built ``loss``), or None when none does; a one-line ValueError when
+  several do."""
+  answers = []
+  for name, plan in list(_STAGE_PLANS.items()):
+    if isinstance(plan, str):
+      module, _, function = plan.partition(':')
+      plan = _STAGE_PLANS[name] = getattr(importlib.import_module(module), function)
+    stages = plan(config, loss)
+    if stages:
+      answers.append((name, list(stages)))
+  if len(answers) > 1:
+    raise ValueError(f'the config selects the stages of several methods '
+                     f'({", ".join(name for name, _ in answers)}); keep one')
+  return answers[0][1] if answers else None
 
 
 def upcast(x: jax.Array) -> jax.Array:

@@ -662,3 +662,8 @@ def pseudo_labels(embedding: jax.Array, probabilities: jax.Array, label: jax.Arr
   return jnp.where(labels_lib.real_mask(label),
                    jnp.where(has_labels, classes, labels_lib.UNLABELED),
                    labels_lib.PADDING).astype(jnp.int32)
+
+
+# SPML's second stage (pseudo-labels, then the final classifier) follows the
+# embedding's training: the method's stage plan.
+core.register_stages('spml', 'agmm_jax.methods.spml_stage2:stages')

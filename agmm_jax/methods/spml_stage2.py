@@ -25,7 +25,9 @@ train_spml_point.sh`` and ``train_spml_scribble.sh``, identical there):
 3. ``pyscripts/inference/inference_softmax.py``: that classifier on the val
    split (with CRF) is SPML's reported result.
 
-Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
+Here, for ``spml`` losses (:func:`is_enabled`), SPML's stage plan
+(:func:`stages`, registered by ``methods/spml.py``; run by
+``agmm_jax.train.stages``) follows stage 1 with two stages:
 
 * :func:`write_pseudo_labels`: the pass over the training split (records in
   order, padded to the split's largest image, ``config.eval.batch_size`` at a
@@ -46,12 +48,12 @@ Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
   full-resolution embedding and logits (here the stride-4 grid and the
   label-resolution softmax sampled every 8th pixel) and its
   ``cv2.resize`` (half-pixel) where this resizes with aligned corners.
-  Written as a prepared dataset (the training records
-  with the pseudo-label as their sparse label, ``metadata.json`` with the
-  training split only) into ``WORKDIR/spml_pseudo_labels.tmp`` and renamed to
-  ``WORKDIR/spml_pseudo_labels`` when complete: a killed pass leaves no
-  ``spml_pseudo_labels`` and the rerun redoes it; a complete one is reused.
-* :func:`train_stage2`: the final classifier is the model's own classifier
+  Written by the pseudo-label facility (:mod:`agmm_jax.data.pseudo_labels`:
+  the training records with the pseudo-label as their sparse label,
+  ``metadata.json`` with the training split only) into
+  ``WORKDIR/spml_pseudo_labels`` (beside, renamed when complete; a killed
+  pass resumes at its first incomplete shard); a complete one is reused.
+* the training stage ``spml_stage2``: the final classifier is the model's own classifier
   (1x1 conv on the 256-channel decoder features, which the embedding is a
   projection of), trained on the fixed eval-mode network (its gradient stops
   at the decoder features) by cross-entropy on the pseudo-labels with
@@ -59,15 +61,12 @@ Here, for ``spml`` losses (:func:`is_enabled`), after stage 1:
   classifier gets the head rate) over ``config.spml_stage2.num_train_steps``
   (-1: stage 1's steps x 4000 / 30000). The usual augmentation, no
   grayscale or blur. Checkpoints (state and data iterator) under
-  ``WORKDIR/spml_stage2/``, resumable like stage 1; scalars and evaluations
+  ``WORKDIR/spml_stage2/`` (:func:`make_stage2_step`), resumable like
+  stage 1; scalars and evaluations
   in WORKDIR's events at steps ``stage-1 steps + s``, so the workdir's last
   ``eval/miou`` is the final model's.
 """
 
-import io
-import json
-import os
-import shutil
 from typing import Any, Callable
 
 from absl import logging
@@ -77,21 +76,17 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from PIL import Image
 
-from agmm_jax.data import augment
-from agmm_jax.storage import checkpoint as checkpoint_lib
-from agmm_jax.evaluation import evaluator
+from agmm_jax import methods
 from agmm_jax.data import input_pipeline
 from agmm_jax.data import labels as labels_lib
-from agmm_jax.train import loop
-from agmm_jax import methods
+from agmm_jax.data import pseudo_labels
+from agmm_jax.evaluation import evaluator
 from agmm_jax.model import resample
 from agmm_jax.runtime import sharding as sharding_lib
-from agmm_jax.train import steps
-from agmm_jax.storage import summary
-from agmm_jax.data import tfrecord
+from agmm_jax.train import stages as stages_lib
 from agmm_jax.train import state as train_state_lib
+from agmm_jax.train import steps
 from agmm_jax.methods import bilateral
 from agmm_jax.methods import core
 from agmm_jax.methods import spml
@@ -143,11 +138,6 @@ def stage2_steps(config: ml_collections.ConfigDict, stage1_steps: int) -> int:
   if steps_wanted > 0:
     return steps_wanted
   return max(1, round(stage1_steps * SPML_STAGE2_ITERATIONS / SPML_STAGE1_ITERATIONS))
-
-
-def has_checkpoint(workdir: str) -> bool:
-  """True when ``WORKDIR/spml_stage2`` holds a checkpoint folder."""
-  return os.path.isdir(os.path.join(workdir, STAGE2_DIR, checkpoint_lib.LATEST_DIR))
 
 
 def initial_state(config: ml_collections.ConfigDict, stage1_state: train_state_lib.TrainState,
@@ -277,72 +267,30 @@ def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Lo
                  out_shardings=replicated)
 
 
-def _encode_png(label: np.ndarray) -> bytes:
-  """uint8 PNG of an int32 label map (``UNLABELED`` stored as 255)."""
-  stored = np.where(label >= 0, label, labels_lib.STORED_UNLABELED).astype(np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(stored, mode='L').save(buffer, format='PNG')
-  return buffer.getvalue()
-
-
-def write_pseudo_labels(config: ml_collections.ConfigDict, workdir: str,
+def write_pseudo_labels(config: ml_collections.ConfigDict, target: str,
                         state: train_state_lib.TrainState,
                         model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
-                        mesh: jax.sharding.Mesh, num_classes: int,
-                        stop_requested: Callable[[], bool],
-                        stopped: Callable[[], Exception]) -> str:
-  """Writes (or finds complete) ``WORKDIR/spml_pseudo_labels`` (module
-  docstring); returns its path. ``stop_requested()`` is polled after every
-  batch: ``stopped()`` is raised, the partial folder left to be redone.
-
-  One process only (:func:`check_config`).
-  """
-  target = os.path.join(workdir, PSEUDO_LABEL_DIR)
-  if os.path.exists(os.path.join(target, input_pipeline.METADATA_FILE)):
-    logging.info('%s: pseudo-labels already written', target)
-    return target
-  data_dir = str(config.data.dir)
-  metadata = input_pipeline.read_metadata(data_dir)
-  split = str(config.data.train_split)
-  label_key = input_pipeline.LABEL_KEYS[str(config.data.train_labels)]
-  shards = [os.path.join(data_dir, name) for name in metadata['splits'][split]['shards']]
-  source = input_pipeline.TFRecordSource(shards)
-  canvas = input_pipeline.split_image_size(data_dir, metadata, split)
-  batch_size = int(config.eval.batch_size)
+                        mesh: jax.sharding.Mesh, batch_size: int,
+                        stop: Callable[[], None] = lambda: None) -> str:
+  """Writes (or finds complete) the pseudo-label dataset ``target`` of the
+  training split by the stage-1 ``state`` (module docstring), ``batch_size``
+  images at a time, through
+  :func:`agmm_jax.data.pseudo_labels.write` (atomic, resumable;
+  ``stop()`` after every batch); returns its path. One process only
+  (:func:`check_config`)."""
   pseudo_label_fn = make_pseudo_label_fn(model_defs, loss, mesh, config)
-  partial = f'{target}.tmp'
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
-  shard_name = f'{split}-00000-of-00001.tfrecord'
-  with tfrecord.TFRecordWriter(os.path.join(partial, shard_name)) as writer:
-    for start in range(0, len(source), batch_size):
-      records = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-      images = np.zeros((batch_size, *canvas, 3), np.float32)
-      label_batch = np.full((batch_size, *canvas), labels_lib.PADDING, np.int32)
-      sizes = []
-      for row, record in enumerate(records):
-        image, label, _ = input_pipeline.decode_record(
-            record, num_classes=num_classes, label_key=label_key)
-        images[row], label_batch[row] = augment.pad_to_canvas(
-            augment.normalize(np.asarray(image)), label, canvas)
-        sizes.append(label.shape)
-      batch = sharding_lib.global_batch({'image': images, 'label': label_batch}, mesh)
-      pseudo = train_state_lib.host(pseudo_label_fn(
-          state['params'], state['model_state'], batch['image'], batch['label']))
-      for row, (record, (height, width)) in enumerate(zip(records, sizes)):
-        features = tfrecord.decode_example(record.data)
-        features[input_pipeline.LABEL_KEYS['sparse']] = _encode_png(
-            pseudo[row, :height, :width])
-        writer.write(tfrecord.encode_example(features))
-      if stop_requested():
-        raise stopped()
-  split_info = dict(metadata['splits'][split], shards=[shard_name],
-                    num_examples=len(source), has_sparse=True)
-  pseudo_metadata = dict(metadata, splits={split: split_info})
-  with open(os.path.join(partial, input_pipeline.METADATA_FILE), 'w', encoding='utf-8') as f:
-    json.dump(pseudo_metadata, f, indent=2)
-  os.replace(partial, target)
-  logging.info('%s: pseudo-labels of %d training images written', target, len(source))
+
+  def label_batch(images: np.ndarray, label: np.ndarray) -> np.ndarray:
+    batch = sharding_lib.global_batch({'image': images, 'label': label}, mesh)
+    return train_state_lib.host(pseudo_label_fn(
+        state['params'], state['model_state'], batch['image'], batch['label']))
+
+  pseudo_labels.write(target, data_dir=str(config.data.dir),
+                      split=str(config.data.train_split),
+                      label_kind=str(config.data.train_labels),
+                      batch_size=batch_size, label_batch=label_batch,
+                      stop=stop)
+  logging.info('%s: pseudo-labels of the training split written', target)
   return target
 
 
@@ -392,60 +340,53 @@ def make_stage2_step(model_defs: train_state_lib.ModelDefs, tx: optax.GradientTr
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
-def train_stage2(config: ml_collections.ConfigDict, workdir: str,
-                 stage1_state: train_state_lib.TrainState,
-                 model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
-                 mesh: jax.sharding.Mesh, class_names: list[str], stage1_steps: int,
-                 evaluate: Callable[[train_state_lib.TrainState], dict[str, Any]],
-                 sigterm: loop.SigtermFlag) -> dict[str, Any]:
-  """Pseudo-labels (:func:`write_pseudo_labels`), then the final classifier's
-  training in stage 1's loop (:func:`agmm_jax.train.loop.run`: logged means,
-  evaluations, checkpoints, NaN checks, SIGTERM); resumes from
-  ``WORKDIR/spml_stage2``. Returns the final evaluation's scores with
-  ``step`` = ``stage1_steps`` + stage-2 steps.
+def _write_pass(context: stages_lib.Context, target: str, stop: Callable[[], None]) -> None:
+  """The pseudo-label pass of the stage-1 model (:func:`write_pseudo_labels`)."""
+  spec = context.run
+  stage1 = context.results[stages_lib.TRAIN_STAGE]
+  write_pseudo_labels(spec.config, target, stage1.state, stage1.model_defs, spec.loss,
+                      spec.mesh, spec.eval.batch_size, stop)
 
-  ``evaluate(state)``: the scores of a state on the eval split (the
-  trainer's ``inference.evaluate_dataset``). SIGTERM during the pass leaves
-  it to be redone and raises ``loop.Preempted(stage1_steps)``; during
-  training, as in stage 1, with the step counted after stage 1's.
-  """
-  pseudo_dir = write_pseudo_labels(config, workdir, stage1_state, model_defs, loss, mesh,
-                                   len(class_names), sigterm.any_process,
-                                   lambda: loop.Preempted(stage1_steps))
-  total_steps = stage2_steps(config, stage1_steps)
-  state, tx = initial_state(config, stage1_state, mesh, total_steps)
-  data_config = config.data.copy_and_resolve_references()
-  data_config.dir = pseudo_dir
-  data_config.train_labels = 'sparse'
-  train_iter = input_pipeline.create_train_iterator(
-      data_config, batch_size_per_process=sharding_lib.per_process_batch_size(
-          int(config.global_batch_size), mesh),
-      seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, STAGE2_DIR),
-                                             keep=int(config.keep_checkpoints))
-  if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore_latest(checkpoint_lib.abstract_like(state), train_iter)
-  train_step = make_stage2_step(
-      model_defs, tx, mesh,
-      lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, total_steps),
-      head_lr_multiplier=float(config.optimizer.head_lr_multiplier))
-  writer = summary.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  # As stage 1's: -1 once per epoch (of the pseudo-labeled split), 0 only at the end.
-  steps_per_epoch = max(input_pipeline.num_examples(
-      input_pipeline.read_metadata(pseudo_dir), str(config.data.train_split), pseudo_dir)
-                        // int(config.global_batch_size), 1)
-  state, scores = loop.run(
-      state, train_step, train_iter, mesh,
-      loop.Schedule.from_config(config, steps_per_epoch, total_steps),
-      checkpointer, writer, evaluate, sigterm,
-      global_batch_size=int(config.global_batch_size),
-      reporting=loop.Reporting(
-          name='SPML stage 2: ', scalar_prefix=STAGE2_DIR, step_offset=stage1_steps,
-          class_names=class_names))
-  step = int(train_state_lib.host(state['step']))
-  if not scores:
-    logging.info('%s: SPML stage 2 already trained to step %d', workdir, step)
-    scores = evaluate(state)
-  scores['step'] = stage1_steps + step
-  return scores
+
+def _stage2_init(context: stages_lib.Context, total_steps: int,
+                 load_pretrained: bool) -> stages_lib.Initial:
+  """Stage 1's final network with a new optimizer state of its classifier."""
+  del load_pretrained
+  stage1 = context.results[stages_lib.TRAIN_STAGE]
+  state, tx = initial_state(context.run.config, stage1.state, context.run.mesh, total_steps)
+  return stages_lib.Initial(state, stage1.model_defs, tx)
+
+
+def _stage2_step(context: stages_lib.Context, initial: stages_lib.Initial,
+                 total_steps: int) -> Callable[..., Any]:
+  """:func:`make_stage2_step` with ``config.optimizer``'s rates."""
+  optimizer = context.run.config.optimizer
+  return make_stage2_step(
+      initial.model_defs, initial.tx, context.run.mesh,
+      lr_schedule=train_state_lib.learning_rate_schedule(optimizer, total_steps),
+      head_lr_multiplier=float(optimizer.head_lr_multiplier))
+
+
+def stages(config: ml_collections.ConfigDict, loss: methods.Loss
+           ) -> list[stages_lib.Stage] | None:
+  """SPML's stage plan (``methods.core.register_stages``) when
+  :func:`is_enabled`: the embedding's training (the loss's stage), the
+  pseudo-label pass into ``WORKDIR/spml_pseudo_labels``, the final
+  classifier's training (checkpoints in ``WORKDIR/spml_stage2``, scalars
+  ``spml_stage2/*`` at steps after stage 1's). The config is checked here
+  (:func:`check_config`), before any stage runs."""
+  del loss
+  if not is_enabled(config):
+    return None
+  check_config(config)
+  return [
+      stages_lib.loss_training_stage(),
+      stages_lib.PassStage(name=PSEUDO_LABEL_DIR, folder=PSEUDO_LABEL_DIR,
+                           write=_write_pass),
+      stages_lib.TrainingStage(
+          name=STAGE2_DIR, folder=STAGE2_DIR, scalar_prefix=STAGE2_DIR,
+          data=stages_lib.prepared_data(PSEUDO_LABEL_DIR),
+          total_steps=lambda context, _: stage2_steps(
+              config, context.results[stages_lib.TRAIN_STAGE].total_steps),
+          init=_stage2_init, make_step=_stage2_step),
+  ]

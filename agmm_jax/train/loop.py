@@ -1,7 +1,6 @@
-"""The training loop of stage 1 (``agmm_jax.train.trainer``) and of SPML's stage 2
-(``agmm_jax.methods.spml_stage2``): steps, logged means, evaluations, checkpoints,
-NaN checks and SIGTERM, written once so that both stages follow one set of
-rules.
+"""The training loop of every training stage (``agmm_jax.train.stages``): steps,
+logged means, evaluations, checkpoints, NaN checks and SIGTERM, written once
+so that every stage follows one set of rules.
 
 * Scalars of the steps are merged on the device (``clu.metrics`` collections)
   and written as their means over each logging period (``log_every``) and
@@ -27,7 +26,6 @@ from typing import Any, Callable
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 
 from agmm_jax.evaluation import evaluator
@@ -86,19 +84,13 @@ class SigtermFlag:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """When the loop logs, evaluates and saves, in steps of one stage."""
+  """When the loop logs, evaluates and saves, in steps of one stage
+  (``run_spec.Periods.steps``)."""
   total_steps: int
   log_every: int
   eval_every: int
   checkpoint_every: int
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int,
-                  total_steps: int) -> 'Schedule':
-    """``config.log_every_steps`` and the periods of :func:`steps.periods`."""
-    eval_every, checkpoint_every = steps.periods(config, steps_per_epoch, total_steps)
-    return cls(total_steps=total_steps, log_every=max(int(config.log_every_steps), 1),
-               eval_every=eval_every, checkpoint_every=checkpoint_every)
 
 
 @dataclasses.dataclass(frozen=True)

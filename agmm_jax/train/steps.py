@@ -16,7 +16,6 @@ from typing import Any, Callable
 from clu import metrics as clu_metrics
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
@@ -132,17 +131,6 @@ def make_summary_fn(model_defs: ModelDefs, mesh: jax.sharding.Mesh,
                  out_shardings=replicated)
 
 
-def periods(config: ml_collections.ConfigDict, steps_per_epoch: int,
-            total_steps: int) -> tuple[int, int]:
-  """``(eval_every, checkpoint_every)`` in steps of a run of ``total_steps``:
-  ``config.eval_every_steps`` (-1: once per epoch) and
-  ``config.checkpoint_every_steps``; a period of 0 (or below, other than
-  eval's -1) means only at the end."""
-  eval_every = (steps_per_epoch if config.eval_every_steps == -1
-                else int(config.eval_every_steps))
-  checkpoint_every = int(config.checkpoint_every_steps)
-  return (eval_every if eval_every > 0 else total_steps,
-          checkpoint_every if checkpoint_every > 0 else total_steps)
 
 
 def merge(accumulated: Any, new: Any) -> Any:

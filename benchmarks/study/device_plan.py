@@ -108,10 +108,10 @@ def run_shape(run: Run) -> RunShape:
   # by the actions that need a run's shape.
   # pylint: disable-next=g-import-not-at-top
   from agmm_jax.methods import spml_stage2
-  from agmm_jax.train import steps
+  from agmm_jax.train import run_spec
   if spml_stage2.is_enabled(config):
     total += spml_stage2.stage2_steps(config, total)
-  eval_every, _ = steps.periods(config, steps_per_epoch, total)
+  _, eval_every, _ = run_spec.Periods.from_config(config).steps(steps_per_epoch, total)
   size = common_args_of(run)['size']
   # An empty eval canvas is sized from the data: the (downscaled) image size.
   height, width = config.data.eval_canvas or tuple(

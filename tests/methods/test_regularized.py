@@ -15,6 +15,7 @@ import pytest
 from agmm_jax.data import augment
 from agmm_jax.data import labels as labels_lib
 from agmm_jax import methods
+from agmm_jax.train import run_spec
 from agmm_jax.train import trainer
 from agmm_jax.methods import regularized
 from configs import presets
@@ -314,7 +315,7 @@ def test_a_grid_over_the_memory_limit_fails_at_start_up_with_one_line(
   config.loss = methods.loss_config({term: 1.0})
   config.data.crop_size = 2000
   with pytest.raises(ValueError) as error:
-    trainer.training_loss(config, NUM_CLASSES)
+    run_spec.training_loss(config, NUM_CLASSES)
   message = str(error.value)
   assert '\n' not in message
   for field in (f'loss_config.{term}.sigma_xy=100.0', 'config.data.crop_size=2000',
@@ -331,13 +332,13 @@ def test_a_grid_over_the_memory_limit_fails_at_start_up_with_one_line(
   # (50 x 0.5 scaled pixels) and 0..255 in cells of cell_rgb * sigma_rgb.
   assert cells >= (1000 // 25) ** 2 * (255 // 12) ** 3
   config.loss[term].max_grid_mib = need / 2 ** 20
-  trainer.training_loss(config, NUM_CLASSES)
+  run_spec.training_loss(config, NUM_CLASSES)
   config.loss[term].max_grid_mib = 2048.0
   config.loss[term].approx = 'exact'
-  trainer.training_loss(config, NUM_CLASSES)
+  run_spec.training_loss(config, NUM_CLASSES)
   config.loss[term].approx = 'grid'
   config.data.crop_size = 321
-  trainer.training_loss(config, NUM_CLASSES)
+  run_spec.training_loss(config, NUM_CLASSES)
 
 
 def test_presets_and_the_method_argument():

@@ -3,7 +3,6 @@ NumPy random walk, the detached stage-1 classifier's gradient, and both
 stages through the trainer, stopped between them and resumed."""
 
 import glob
-import io
 import os
 import signal
 
@@ -12,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
 from agmm_jax.evaluation import evaluator
 from agmm_jax.data import input_pipeline
@@ -23,11 +21,9 @@ from agmm_jax.model import deeplab
 from agmm_jax.methods import spml_stage2
 from agmm_jax.data import tfrecord
 from agmm_jax.methods import spml
-from benchmarks import pseudo_label_quality
 import main
 from tests.conftest import TINY_NUM_CLASSES
 from tests.methods.test_spml import spml_tiny_config
-from tests import fixtures
 from tests.methods import test_dense_crf
 from tests.train.test_trainer import read_event_tags
 
@@ -280,9 +276,20 @@ def stage_config(data_dir, enabled):
 
 def test_two_stages_stop_between_them_resume_and_finish(tiny_data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path)
-  # Stage 1 only, as a run stopped before its second stage.
-  first = main.run(stage_config(tiny_data_dir, False), workdir)
-  assert first['step'] == 2
+  # Stage 1, then SIGTERM as the pass starts: a run stopped between its
+  # stages (the workdir keeps one config: stage 2 is part of the run).
+  write_pseudo_labels = spml_stage2.write_pseudo_labels
+
+  def stopped_at_the_start(*args, **kwargs):
+    monkeypatch.setattr(spml_stage2, 'write_pseudo_labels', write_pseudo_labels)
+    os.kill(os.getpid(), signal.SIGTERM)
+    kwargs.get('stop', args[-1])()
+
+  monkeypatch.setattr(spml_stage2, 'write_pseudo_labels', stopped_at_the_start)
+  with pytest.raises(loop.Preempted) as between:
+    main.run(stage_config(tiny_data_dir, True), workdir)
+  assert between.value.step == 2
+  assert read_event_tags(workdir)['eval/miou'] == [2]
   assert not os.path.exists(os.path.join(workdir, spml_stage2.PSEUDO_LABEL_DIR))
   stage1_files = sorted(glob.glob(os.path.join(workdir, 'checkpoints', '*')))
   # A half-written pass left by a kill is redone.
@@ -370,27 +377,3 @@ def test_default_stage2_steps_scale_as_spml_scripts():
   assert spml_stage2.stage2_steps(config, 2) == 1
   config.spml_stage2.num_train_steps = 7
   assert spml_stage2.stage2_steps(config, 1800) == 7
-
-
-def test_pseudo_label_quality_counts_every_pixel(tmp_path):
-  """benchmarks/pseudo_label_quality on a prepared folder whose sparse
-  labels (points, a subset of the dense ones) stand for pseudo-labels: the
-  confusion is diagonal and its counts equal a per-pixel count of the PNGs."""
-  data_dir = fixtures.make_folder_dataset_tfrecords(tmp_path, num_shards=1)
-  confusion, pseudo_labeled, dense_labeled = (
-      pseudo_label_quality.confusion_of_pseudo_labels(data_dir))
-  expected = np.zeros_like(confusion)
-  expected_dense = 0
-  for data in tfrecord.read_all_records(
-      os.path.join(data_dir, 'train-00000-of-00001.tfrecord')):
-    example = tfrecord.decode_example(data)
-    dense, sparse = (np.asarray(Image.open(io.BytesIO(example[
-        f'label/{kind}/encoded']))) for kind in ('dense', 'sparse'))
-    for true_class, pseudo_class in zip(dense.ravel(), sparse.ravel()):
-      expected_dense += int(true_class != 255)
-      if true_class != 255 and pseudo_class != 255:
-        expected[true_class, pseudo_class] += 1
-  np.testing.assert_array_equal(confusion, expected)
-  assert pseudo_labeled == expected.sum() > 0
-  assert np.count_nonzero(confusion - np.diag(np.diag(confusion))) == 0
-  assert dense_labeled == expected_dense > pseudo_labeled

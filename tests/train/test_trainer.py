@@ -115,20 +115,6 @@ def test_rerun_of_a_finished_run_trains_no_further(trained, data_dir):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
 
 
-def test_config_dump_keeps_every_config_of_the_workdir(tmp_path):
-  config = tiny_config('unused')
-  workdir = str(tmp_path)
-  path = trainer.write_config(config, workdir)
-  first = open(path).read()
-  trainer.write_config(config, workdir)
-  assert sorted(os.listdir(workdir)) == ['config.json']
-  config.num_train_steps = 8
-  trainer.write_config(config, workdir)
-  assert sorted(os.listdir(workdir)) == ['config.1.json', 'config.json']
-  assert open(os.path.join(workdir, 'config.1.json')).read() == first
-  assert json.loads(open(path).read())['num_train_steps'] == 8
-
-
 def test_eval_mode_matches_training_eval_and_prints_table(trained, data_dir,
                                                           capsys):
   workdir, train_scores = trained

@@ -1,0 +1,276 @@
+r"""A toy two-stage method, defined here alone, through ``main.py`` (CPU,
+subprocesses): stage 1 trains the loss, a pass writes pseudo-labels of the
+training split with the pseudo-label facility (the stage-1 model's argmax on
+every real pixel), stage 2 trains a new model on them.
+
+Run A goes through uninterrupted. Run B is SIGKILLed right after stage 2's
+third step (its step-2 checkpoint saved) and rerun: stage 1 and the pass are
+not redone, and B's final state equals A's.
+
+This file is also the toy method's command line (the subprocesses run it):
+
+  TOY_KILL_AFTER_STAGE2_STEP=N python tests/train/test_stages.py \
+      --config=configs/tiny.py --workdir=DIR [--config.X=...]
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def test_the_plan_is_the_one_answering_method_or_the_loss_stage(monkeypatch):
+  """The registry of stage plans (methods.core.register_stages): no plan
+  answers -> the loss's one stage; one answers -> its stages, its
+  'module:function' imported on demand; two answer -> one line naming them."""
+  spec = type('Spec', (), {'config': 'CONFIG', 'loss': 'LOSS'})()
+  asked = []
+
+  def toy(config, loss):
+    asked.append((config, loss))
+    return toy_stages(config, loss)
+
+  monkeypatch.setattr(methods_core, '_STAGE_PLANS', {'silent': lambda c, l: None})
+  (only,) = stages.plan(spec)
+  assert (only.name, only.folder, only.scalar_prefix) == (stages.TRAIN_STAGE, '', 'train')
+  methods_core.register_stages('toy', toy)
+  with pytest.raises(ValueError, match="stage plan 'toy' is already registered"):
+    methods_core.register_stages('toy', toy)
+  assert [s.name for s in stages.plan(spec)] == [stages.TRAIN_STAGE, PASS, STAGE2]
+  assert asked == [('CONFIG', 'LOSS')]
+  methods_core.register_stages('lazy', 'tests.train.test_stages:toy_stages')
+  with pytest.raises(ValueError) as error:
+    stages.plan(spec)
+  assert str(error.value) == ('the config selects the stages of several methods '
+                              '(toy, lazy); keep one')
+  assert methods_core._STAGE_PLANS['lazy'] is toy_stages  # pylint: disable=protected-access
+  monkeypatch.setattr(methods_core, '_STAGE_PLANS', {
+      'twice': lambda c, l: [stages.loss_training_stage(), stages.loss_training_stage()]})
+  with pytest.raises(ValueError, match='must be distinct'):
+    stages.plan(spec)
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, REPO_ROOT)
+
+# pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.data import pseudo_labels
+from agmm_jax.data import tfrecord
+from agmm_jax.methods import core as methods_core
+from agmm_jax.train import stages
+from agmm_jax.train import state as train_state_lib
+from tests import fixtures
+from tests.train import test_trainer
+
+PASS = 'toy_pseudo_labels'
+STAGE2 = 'toy_stage2'
+TOTAL_STEPS = 4   # per training stage
+KILL_AT = 3       # stage 2's step after which run B is killed
+KILL_ENV = 'TOY_KILL_AFTER_STAGE2_STEP'
+
+
+def toy_write(context: stages.Context, target: str, stop) -> None:
+  """Pseudo-labels: stage 1's argmax on every real pixel."""
+  stage1 = context.results[stages.TRAIN_STAGE]
+  model_defs, state = stage1.model_defs, stage1.state
+
+  @jax.jit
+  def label_batch(params, model_state, images, label):
+    logits = nnx.merge(model_defs.eval, params, model_state)(images)[1]
+    predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.where(labels_lib.real_mask(label), predicted, labels_lib.PADDING)
+
+  spec = context.run
+  pseudo_labels.write(
+      target, data_dir=spec.config.data.dir, split=spec.config.data.train_split,
+      label_kind='sparse', batch_size=spec.eval.batch_size, stop=stop,
+      label_batch=lambda images, label: np.asarray(label_batch(
+          state['params'], state['model_state'], images, label)))
+
+
+def _wait_for_saves_in_flight(folder: str) -> None:
+  while any('.orbax-checkpoint-tmp' in name for name in os.listdir(folder)):
+    time.sleep(0.01)
+
+
+def toy_stage2_step(context, initial, total_steps):
+  """The loss's step; SIGKILLs the process after step ``$KILL_ENV``."""
+  step_fn = stages.loss_training_stage().make_step(context, initial, total_steps)
+  kill_at = int(os.environ.get(KILL_ENV, '0'))
+
+  def maybe_killed(state, batch):
+    state, metrics = step_fn(state, batch)
+    if kill_at and int(train_state_lib.host(state['step'])) == kill_at:
+      _wait_for_saves_in_flight(os.path.join(context.run.workdir, STAGE2, 'checkpoints'))
+      os.kill(os.getpid(), signal.SIGKILL)
+    return state, metrics
+
+  return maybe_killed
+
+
+def toy_stages(config, loss):
+  """The toy method's plan: train, pseudo-label, train on the pseudo-labels."""
+  del config, loss
+  second = stages.loss_training_stage(STAGE2, STAGE2, STAGE2,
+                                      data=stages.prepared_data(PASS))
+  return [stages.loss_training_stage(),
+          stages.PassStage(name=PASS, folder=PASS, write=toy_write),
+          dataclasses.replace(second, make_step=toy_stage2_step)]
+
+
+def start(workdir, data_dir, cache_dir, log_path, kill_at=0):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **{KILL_ENV: str(kill_at)},
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.pop('XLA_FLAGS', None)
+  with open(log_path, 'a', encoding='utf-8') as log:
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), '--config=configs/tiny.py',
+         f'--workdir={workdir}', '--alsologtostderr',
+         f'--config.compilation_cache_dir={cache_dir}', f'--config.data.dir={data_dir}',
+         f'--config.num_train_steps={TOTAL_STEPS}', '--config.checkpoint_every_steps=2',
+         '--config.keep_checkpoints=10', '--config.eval_every_steps=0',
+         '--config.image_summary_every_steps=0'],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def checkpoint_steps(folder):
+  path = os.path.join(folder, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def modification_times(folder):
+  return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+          for root, _, names in os.walk(folder) for name in names}
+
+
+def load_step(folder, step):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, 'checkpoints', str(step))
+  state = ocp.StandardCheckpointer().restore(os.path.join(path, 'state'))
+  with open(os.path.join(path, 'data', 'process_0-of-1.json'), encoding='utf-8') as f:
+    return state, json.load(f)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('stages')
+  data_dir = fixtures.make_folder_dataset_tfrecords(tmp / 'data', num_train=6,
+                                                    num_val=2, num_classes=4)
+  cache = str(tmp / 'jax_cache')
+  work_a, work_b = str(tmp / 'a'), str(tmp / 'b')
+  logs = {name: str(tmp / f'{name}.log') for name in ('a', 'b1', 'b2')}
+  run_a = start(work_a, data_dir, cache, logs['a'])
+  run_b = start(work_b, data_dir, cache, logs['b1'], kill_at=KILL_AT)
+  killed_status = run_b.wait(timeout=600)
+  killed = dict(status=killed_status, stage1=checkpoint_steps(work_b),
+                stage2=checkpoint_steps(os.path.join(work_b, STAGE2)),
+                stage1_files=modification_times(os.path.join(work_b, 'checkpoints')),
+                pass_files=modification_times(os.path.join(work_b, PASS)))
+  run_b = start(work_b, data_dir, cache, logs['b2'])
+  assert run_b.wait(timeout=600) == 0, open(logs['b2'], encoding='utf-8').read()[-3000:]
+  assert run_a.wait(timeout=600) == 0, open(logs['a'], encoding='utf-8').read()[-3000:]
+  return dict(work_a=work_a, work_b=work_b, killed=killed,
+              resumed_log=open(logs['b2'], encoding='utf-8').read())
+
+
+def test_the_kill_lands_in_stage_2(runs):
+  killed = runs['killed']
+  assert killed['status'] == -signal.SIGKILL
+  assert killed['stage1'] == [2, 4]
+  assert killed['stage2'] == [2]
+  assert killed['pass_files'], 'the pass had not written its folder'
+
+
+def test_stage_1_and_the_pass_are_not_redone(runs):
+  work_b, killed = runs['work_b'], runs['killed']
+  assert modification_times(os.path.join(work_b, 'checkpoints')) == killed['stage1_files']
+  assert modification_times(os.path.join(work_b, PASS)) == killed['pass_files']
+  log = runs['resumed_log']
+  assert 'train: already trained to step 4' in log
+  assert f'{PASS}: {os.path.join(work_b, PASS)} already written' in log
+  assert f'{STAGE2}: resumed from' in log
+  assert 'step 1/4:' not in log   # stage 1 logged no step
+  tags = test_trainer.read_event_tags(work_b)
+  assert sorted(tags['train/loss']) == [1, 2, 3, 4]   # each stage-1 step once
+  assert max(tags[f'{STAGE2}/loss']) == 2 * TOTAL_STEPS
+
+
+def test_both_runs_wrote_the_same_pseudo_labels(runs):
+  """Both runs wrote the same pseudo-labels, a class on every pixel."""
+  records = {}
+  for name in ('work_a', 'work_b'):
+    folder = os.path.join(runs[name], PASS)
+    (shard,) = [n for n in os.listdir(folder) if n.endswith('.tfrecord')]
+    # Decoded: protobuf orders an Example's features per process.
+    records[name] = [tfrecord.decode_example(data) for data in
+                     tfrecord.read_all_records(os.path.join(folder, shard))]
+  assert records['work_a'] == records['work_b'] and len(records['work_a']) == 6
+  for example in records['work_a']:
+    label = labels_lib.decode_png(example['label/sparse/encoded'])
+    assert np.all(label < 4)
+
+
+def test_resumed_run_equals_uninterrupted_run(runs):
+  state_a, data_a = load_step(os.path.join(runs['work_a'], STAGE2), TOTAL_STEPS)
+  state_b, data_b = load_step(os.path.join(runs['work_b'], STAGE2), TOTAL_STEPS)
+  assert data_a == data_b
+  assert int(state_a['step']) == int(state_b['step']) == TOTAL_STEPS
+  leaves_a = jax.tree_util.tree_flatten_with_path(state_a)[0]
+  leaves_b = dict(jax.tree_util.tree_flatten_with_path(state_b)[0])
+  assert len(leaves_a) == len(leaves_b) > 10
+  for path, leaf in leaves_a:
+    np.testing.assert_allclose(fixtures.host_array(leaves_b[path]), fixtures.host_array(leaf),
+                               rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  # Guards the comparison: stage 2 moved the parameters after the resume.
+  resumed_from, _ = load_step(os.path.join(runs['work_b'], STAGE2), 2)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(resumed_from['params']),
+                                                   jax.tree.leaves(state_b['params'])))
+
+
+def test_the_plan_is_the_one_answering_method_or_the_loss_stage(monkeypatch):
+  """The registry of stage plans (methods.core.register_stages): no plan
+  answers -> the loss's one stage; one answers -> its stages, its
+  'module:function' imported on demand; two answer -> one line naming them."""
+  spec = type('Spec', (), {'config': 'CONFIG', 'loss': 'LOSS'})()
+  asked = []
+
+  def toy(config, loss):
+    asked.append((config, loss))
+    return toy_stages(config, loss)
+
+  monkeypatch.setattr(methods_core, '_STAGE_PLANS', {'silent': lambda c, l: None})
+  (only,) = stages.plan(spec)
+  assert (only.name, only.folder, only.scalar_prefix) == (stages.TRAIN_STAGE, '', 'train')
+  methods_core.register_stages('toy', toy)
+  with pytest.raises(ValueError, match="stage plan 'toy' is already registered"):
+    methods_core.register_stages('toy', toy)
+  assert [s.name for s in stages.plan(spec)] == [stages.TRAIN_STAGE, PASS, STAGE2]
+  assert asked == [('CONFIG', 'LOSS')]
+  methods_core.register_stages('lazy', 'tests.train.test_stages:toy_stages')
+  with pytest.raises(ValueError) as error:
+    stages.plan(spec)
+  assert str(error.value) == ('the config selects the stages of several methods '
+                              '(toy, lazy); keep one')
+  assert methods_core._STAGE_PLANS['lazy'] is toy_stages  # pylint: disable=protected-access
+  monkeypatch.setattr(methods_core, '_STAGE_PLANS', {
+      'twice': lambda c, l: [stages.loss_training_stage(), stages.loss_training_stage()]})
+  with pytest.raises(ValueError, match='must be distinct'):
+    stages.plan(spec)
+
+
+if __name__ == '__main__':
+  import main  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  methods_core.register_stages('toy_two_stage', toy_stages)
+  app.run(main.main, flags_parser=main.parse_flags)
