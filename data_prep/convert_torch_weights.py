@@ -25,9 +25,9 @@ the right shape: missing, unexpected and wrong-shape keys are all listed in one
 ``mean``, ``var``.
 
 Output folder: ``state/`` (Orbax ``StandardCheckpointer`` of the nested dict
-of float32 NumPy arrays keyed like ``agmm_jax.model.deeplab.weight_variables``) and
+of float32 NumPy arrays keyed like ``agmm_jax.model.pretrained.weight_variables``) and
 ``metadata.json`` (format, kind, depth, stem, num_classes, source). Load with
-``agmm_jax.model.deeplab.load_pretrained``.
+``agmm_jax.model.pretrained.load_pretrained``.
 
 PyTorch is imported lazily in ``load_torch_state_dict`` only.
 """
@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from agmm_jax.model import deeplab
+from agmm_jax.model import pretrained
 
 FORMAT = 'agmm_jax.torch_weights/1'
 
@@ -190,7 +191,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *,
   abstract_model = nnx.eval_shape(lambda: deeplab.DeepLabV3Plus(
       num_classes or 1, depth=depth, stem=stem, rngs=nnx.Rngs(0)))
   expected = {k: tuple(v.get_value().shape)
-              for k, v in deeplab.weight_variables(abstract_model).items()}
+              for k, v in pretrained.weight_variables(abstract_model).items()}
   if kind == 'backbone':
     expected = {k: s for k, s in expected.items() if k.startswith('backbone/')}
 
@@ -200,7 +201,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *,
     if value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     converted[flax_key] = value.astype(np.float32)
-  report = deeplab.key_mismatch_report(
+  report = pretrained.key_mismatch_report(
       {flax_key_to_torch(k): _torch_shape(k, s) for k, s in expected.items()},
       {flax_key_to_torch(k): _torch_shape(k, v.shape)
        for k, v in converted.items()},
@@ -241,10 +242,10 @@ def write_checkpoint(output_dir: str, weights: Mapping[str, np.ndarray],
   output_dir = os.path.abspath(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(output_dir, deeplab.CHECKPOINT_STATE),
-                    deeplab.unflatten_checkpoint(dict(weights)), force=True)
+  checkpointer.save(os.path.join(output_dir, pretrained.CHECKPOINT_STATE),
+                    pretrained.unflatten_checkpoint(dict(weights)), force=True)
   checkpointer.wait_until_finished()
-  with open(os.path.join(output_dir, deeplab.CHECKPOINT_METADATA), 'w') as f:
+  with open(os.path.join(output_dir, pretrained.CHECKPOINT_METADATA), 'w') as f:
     json.dump(dict(metadata), f, indent=2)
 
 

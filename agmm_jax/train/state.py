@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 from agmm_jax.model import deeplab
+from agmm_jax.model import pretrained
 from agmm_jax.runtime import sharding as sharding_lib
 
 TrainState = dict[str, Any]
@@ -145,7 +146,7 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
     if not os.path.isdir(config.model.pretrained):
       raise FileNotFoundError(
           f'config.model.pretrained={config.model.pretrained}: no such folder')
-    deeplab.load_pretrained(model, config.model.pretrained)
+    pretrained.load_pretrained(model, config.model.pretrained)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   model.train()

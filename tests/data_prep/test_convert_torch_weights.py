@@ -19,6 +19,7 @@ torch = pytest.importorskip('torch')
 tnn = torch.nn
 
 from agmm_jax.model import deeplab  # pylint: disable=g-import-not-at-top
+from agmm_jax.model import pretrained  # pylint: disable=g-import-not-at-top
 from references.torch_deeplab import TORCH_DEPTHS, TorchDeepLabV3Plus, TorchResNet  # pylint: disable=g-import-not-at-top
 from data_prep import convert_torch_weights  # pylint: disable=g-import-not-at-top
 
@@ -103,7 +104,7 @@ def test_full_model_matches_torch(tmp_path, depth, stem, output_stride,
   model = nnx.eval_shape(lambda: deeplab.DeepLabV3Plus(
       num_classes, depth=depth, stem=stem, output_stride=output_stride,
       multi_grid=multi_grid, rngs=nnx.Rngs(1)))
-  deeplab.load_pretrained(model, out_dir)
+  pretrained.load_pretrained(model, out_dir)
   model.eval()
   features, logits = model(jnp.asarray(images.transpose(0, 2, 3, 1)))
   assert features.shape == _to_nhwc(feat).shape
@@ -130,7 +131,7 @@ def test_backbone_only_import_matches_torch(tmp_path, depth, deep_stem):
                                stem='deep' if deep_stem else 'torchvision',
                                output_stride=32, rngs=nnx.Rngs(2))
   head_kernel = np.asarray(model.classifier.kernel[...])
-  deeplab.load_pretrained(model, out_dir)
+  pretrained.load_pretrained(model, out_dir)
   np.testing.assert_array_equal(model.classifier.kernel[...], head_kernel)
   model.eval()
   images = np.random.default_rng(1).normal(size=(1, 3, 40, 36)).astype(np.float32)
@@ -212,7 +213,7 @@ def test_load_pretrained_rejects_other_architecture(tmp_path,
   model = nnx.eval_shape(lambda: deeplab.DeepLabV3Plus(
       4, depth=34, stem='torchvision', rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r'missing: backbone/layer1/2/conv1/kernel'):
-    deeplab.load_pretrained(model, out_dir)
+    pretrained.load_pretrained(model, out_dir)
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):
