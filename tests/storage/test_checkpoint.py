@@ -182,16 +182,19 @@ def test_restore_of_another_shape_raises_and_moves_nothing(tmp_path):
   assert not os.path.exists(tmp_path / 'checkpoints_unreadable')
 
 
+def _full_disk(self, directory, *args, **kwargs):
+  """A checkpoint writer that finds the disk full."""
+  del self, args, kwargs
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+
 def test_failed_write_raises_one_line_and_keeps_the_previous_step(
     tmp_path, monkeypatch):
   """ENOSPC from the writer of the iterator state, in Orbax's save thread."""
   expected = _saved_steps(str(tmp_path), (1,))
   handler_save = grain.checkpoint.CheckpointHandler.save
 
-  def full_disk(self, directory, *args, **kwargs):
-    del self, args, kwargs
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, 'save', full_disk)
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, 'save', _full_disk)
   checkpointer = checkpoint.Checkpointer(str(tmp_path))
   iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
   with pytest.raises(checkpoint.SaveError) as raised:
@@ -253,10 +256,7 @@ def test_no_readable_latest_is_one_line_naming_it_and_offering_best(tmp_path):
 
 def test_failed_first_write_says_there_is_no_complete_checkpoint(
     tmp_path, monkeypatch):
-  def full_disk(self, directory, *args, **kwargs):
-    del self, args, kwargs
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, 'save', full_disk)
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, 'save', _full_disk)
   checkpointer = checkpoint.Checkpointer(str(tmp_path))
   iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
   with pytest.raises(checkpoint.SaveError) as raised:

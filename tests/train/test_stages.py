@@ -22,36 +22,6 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-def test_the_plan_is_the_one_answering_method_or_the_loss_stage(monkeypatch):
-  """The registry of stage plans (methods.core.register_stages): no plan
-  answers -> the loss's one stage; one answers -> its stages, its
-  'module:function' imported on demand; two answer -> one line naming them."""
-  spec = type('Spec', (), {'config': 'CONFIG', 'loss': 'LOSS'})()
-  asked = []
-
-  def toy(config, loss):
-    asked.append((config, loss))
-    return toy_stages(config, loss)
-
-  monkeypatch.setattr(methods_core, '_STAGE_PLANS', {'silent': lambda c, l: None})
-  (only,) = stages.plan(spec)
-  assert (only.name, only.folder, only.scalar_prefix) == (stages.TRAIN_STAGE, '', 'train')
-  methods_core.register_stages('toy', toy)
-  with pytest.raises(ValueError, match="stage plan 'toy' is already registered"):
-    methods_core.register_stages('toy', toy)
-  assert [s.name for s in stages.plan(spec)] == [stages.TRAIN_STAGE, PASS, STAGE2]
-  assert asked == [('CONFIG', 'LOSS')]
-  methods_core.register_stages('lazy', 'tests.train.test_stages:toy_stages')
-  with pytest.raises(ValueError) as error:
-    stages.plan(spec)
-  assert str(error.value) == ('the config selects the stages of several methods '
-                              '(toy, lazy); keep one')
-  assert methods_core._STAGE_PLANS['lazy'] is toy_stages  # pylint: disable=protected-access
-  monkeypatch.setattr(methods_core, '_STAGE_PLANS', {
-      'twice': lambda c, l: [stages.loss_training_stage(), stages.loss_training_stage()]})
-  with pytest.raises(ValueError, match='must be distinct'):
-    stages.plan(spec)
-
 
 if __name__ == '__main__':
   sys.path.insert(0, REPO_ROOT)
