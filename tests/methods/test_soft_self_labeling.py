@@ -16,6 +16,7 @@ from agmm_jax import methods
 from agmm_jax.data import augment
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.methods import soft_self_labeling as ssl
+from agmm_jax.train import run_spec
 from agmm_jax.train import trainer
 from configs import camvid_clicks
 from configs import presets
@@ -301,13 +302,13 @@ def test_the_preset_and_the_camvid_config_accept_it():
       'labels=clicks:20,method=soft_self_labeling,size=cpu')
   assert methods.build_loss(camvid.loss).needs.image
   # The trainer's start-up check at the training shape, both neighbourhoods.
-  trainer.training_loss(camvid, 11)
+  run_spec.training_loss(camvid, 11)
   camvid.loss.soft_self_labeling.neighbourhood = 'dense'
   camvid.loss.soft_self_labeling.potts = 'quadratic'
-  trainer.training_loss(camvid, 11)
+  run_spec.training_loss(camvid, 11)
   camvid.loss.soft_self_labeling.max_grid_mib = 1.0
   with pytest.raises(ValueError, match='soft_self_labeling.max_grid_mib'):
-    trainer.training_loss(camvid, 11)
+    run_spec.training_loss(camvid, 11)
 
 
 def test_the_preset_trains_two_steps_and_records_its_terms(tiny_data_dir, tmp_path):
