@@ -104,6 +104,19 @@ def _applies(lhs_shape: Sequence[int], kernel_shape: Sequence[int],
                   for pad, size in zip(padding, kernel_shape[:2])))
 
 
+def _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+              dimension_numbers, feature_group_count, batch_group_count,
+              precision, preferred_element_type, out_sharding) -> Array:
+  """``lax.conv_general_dilated`` unchanged: the convolutions the sub-grid and
+  tap forms do not rewrite (``out_sharding`` passed on, as given)."""
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
 def space_to_batch_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
                         padding: Any, lhs_dilation: Sequence[int] | None = None,
                         rhs_dilation: Sequence[int] | None = None,
@@ -124,13 +137,9 @@ def space_to_batch_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
   if out_sharding is not None or not _applies(
       lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count):
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision,
-        preferred_element_type=preferred_element_type,
-        out_sharding=out_sharding)
+    return _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count, batch_group_count,
+                     precision, preferred_element_type, out_sharding)
   rate = int(rhs_dilation[0])
   batch, height, width, channels = lhs.shape
   kernel_height, kernel_width = rhs.shape[:2]
@@ -184,12 +193,9 @@ def tap_sum_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
   if out_sharding is not None or not _applies(
       lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count):
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
+    return _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count, batch_group_count,
+                     precision, preferred_element_type, out_sharding)
   rate = int(rhs_dilation[0])
   _, height, width, _ = lhs.shape
   kernel_height, kernel_width = rhs.shape[:2]
