@@ -15,6 +15,7 @@ from data_prep import folder
 from data_prep import sparse_labels
 from data_prep import voc
 from tests import fixtures
+from tests.data_prep import test_data_prep
 
 VOID = sparse_labels.STORED_UNLABELED
 
@@ -121,14 +122,10 @@ def test_pad_boxes_keeps_the_largest_in_order():
 
 
 def read_examples(data_dir, split):
+  """``(metadata, {image id: decoded example})`` of a prepared split."""
   with open(os.path.join(data_dir, 'metadata.json')) as f:
     metadata = json.load(f)
-  examples = {}
-  for shard in metadata['splits'][split]['shards']:
-    for record in tfrecord.read_all_records(os.path.join(data_dir, shard)):
-      example = tfrecord.decode_example(record)
-      examples[example['image/id'].decode()] = example
-  return metadata, examples
+  return metadata, test_data_prep.read_split(data_dir, split)
 
 
 def test_folder_converter_stores_generated_tags_and_boxes(tmp_path):

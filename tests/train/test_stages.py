@@ -14,7 +14,6 @@ This file is also the toy method's command line (the subprocesses run it):
 """
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -41,6 +40,8 @@ from agmm_jax.train import stages
 from agmm_jax.train import state as train_state_lib
 from tests import fixtures
 from tests.train import test_trainer
+from tests.train.test_resume import checkpoint_steps
+from tests.train.test_resume import load_step
 
 PASS = 'toy_pseudo_labels'
 STAGE2 = 'toy_stage2'
@@ -114,22 +115,9 @@ def start(workdir, data_dir, cache_dir, log_path, kill_at=0):
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def checkpoint_steps(folder):
-  path = os.path.join(folder, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
-
-
 def modification_times(folder):
   return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
           for root, _, names in os.walk(folder) for name in names}
-
-
-def load_step(folder, step):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(folder, 'checkpoints', str(step))
-  state = ocp.StandardCheckpointer().restore(os.path.join(path, 'state'))
-  with open(os.path.join(path, 'data', 'process_0-of-1.json'), encoding='utf-8') as f:
-    return state, json.load(f)
 
 
 @pytest.fixture(scope='module')
