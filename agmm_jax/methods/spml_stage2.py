@@ -303,9 +303,6 @@ def make_stage2_step(model_defs: train_state_lib.ModelDefs, tx: optax.GradientTr
   eval-mode model; only ``params['classifier']`` changes, ``opt_state`` is
   ``tx``'s state of those parameters. ``metrics`` as the train step's
   (``lr_backbone`` 0: the backbone is fixed)."""
-  replicated = sharding_lib.replicated_sharding(mesh)
-  data = sharding_lib.data_sharding(mesh)
-  state_sharding = train_state_lib.state_shardings(mesh, False)
   loss = methods.build_loss(methods.loss_config({'pce': 1.0}))
   metrics_class = steps.train_metrics_class(loss)
 
@@ -327,17 +324,13 @@ def make_stage2_step(model_defs: train_state_lib.ModelDefs, tx: optax.GradientTr
     updates, opt_state = tx.update(grads, state['opt_state'], classifier_params)
     params = nnx.State({**state['params'],
                         'classifier': optax.apply_updates(classifier_params, updates)})
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    metrics = metrics_class.single_from_model_output(
-        loss=total, **terms, grad_norm=grad_norm, lr_backbone=jnp.zeros(()),
-        lr_head=head_lr_multiplier * lr_schedule(state['step']),
-        finite=finite.astype(jnp.float32))
+    metrics = steps.step_metrics(
+        metrics_class, total, terms, grads, lr_backbone=jnp.zeros(()),
+        lr_head=head_lr_multiplier * lr_schedule(state['step']))
     return {'params': params, 'model_state': state['model_state'],
             'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
-  return jax.jit(step_fn, in_shardings=(state_sharding, data),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+  return steps.jit_train_step(step_fn, mesh, with_method_state=False)
 
 
 def _write_pass(context: stages_lib.Context, target: str, stop: Callable[[], None]) -> None:

@@ -67,9 +67,6 @@ def make_train_step(model_defs: ModelDefs, loss: methods.Loss,
   are all finite), replicated. A method's state (``state['method_state']``)
   is passed to the loss and replaced by the state it returns.
   """
-  replicated = sharding_lib.replicated_sharding(mesh)
-  data = sharding_lib.data_sharding(mesh)
-  state_sharding = train_state_lib.state_shardings(mesh, bool(loss.needs.state))
   metrics_class = train_metrics_class(loss)
 
   def step_fn(state, batch):
@@ -85,18 +82,40 @@ def make_train_step(model_defs: ModelDefs, loss: methods.Loss,
         compute_loss, has_aux=True)(state['params'], state['model_state'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    grad_norm = optax.tree.norm(grads)
     lr = lr_schedule(state['step'])
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    metrics = metrics_class.single_from_model_output(
-        loss=total, **terms, grad_norm=grad_norm, lr_backbone=lr,
-        lr_head=head_lr_multiplier * lr, finite=finite.astype(jnp.float32))
+    metrics = step_metrics(metrics_class, total, terms, grads, lr_backbone=lr,
+                           lr_head=head_lr_multiplier * lr)
     new_state = {'params': params, 'model_state': model_state,
                  'opt_state': opt_state, 'step': state['step'] + 1}
     if 'method_state' in state:
       new_state['method_state'] = method_state
     return new_state, metrics
 
+  return jit_train_step(step_fn, mesh, with_method_state=bool(loss.needs.state))
+
+
+def step_metrics(metrics_class: type[clu_metrics.Collection], total: jax.Array,
+                 terms: dict[str, jax.Array], grads: Any, *, lr_backbone: jax.Array,
+                 lr_head: jax.Array) -> clu_metrics.Collection:
+  """One step's collection (:func:`train_metrics_class`): the loss and its
+  terms, the gradients' global L2 norm, the learning rates, and ``finite``
+  (1.0 when the loss and the gradient norm are finite), for every step
+  function the loop drives."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  return metrics_class.single_from_model_output(
+      loss=total, **terms, grad_norm=grad_norm, lr_backbone=lr_backbone,
+      lr_head=lr_head, finite=finite.astype(jnp.float32))
+
+
+def jit_train_step(step_fn: Callable[..., Any], mesh: jax.sharding.Mesh, *,
+                   with_method_state: bool) -> Callable[..., Any]:
+  """``step_fn(state, batch) -> (state, metrics)`` jitted for the loop: the
+  state replicated (its method state, if any, split over ``data``) and
+  donated, the batch split over ``data``, the metrics replicated."""
+  state_sharding = train_state_lib.state_shardings(mesh, with_method_state)
+  data = sharding_lib.data_sharding(mesh)
+  replicated = sharding_lib.replicated_sharding(mesh)
   return jax.jit(step_fn, in_shardings=(state_sharding, data),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
 
