@@ -20,7 +20,7 @@ Usage (from the repository root):
    output stride 8 at the same batch with ``pce_only``
    (``bench_losses.bench_model_step``), and the share of it the SPML term
    would add.
-4. The second stage's pseudo-labels (``spml.pseudo_labels``: the random walk
+4. The second stage's pseudo-labels (``spml_walk.pseudo_labels``: the random walk
    on every 8th pixel and the resize back, without the network) at the
    CamVid study's CPU shapes (batch 8, 180 x 240, 11 classes) and VOC's
    largest canvas (batch 1, 500 x 500, 21 classes): compile time and median
@@ -47,6 +47,7 @@ from agmm_jax.data import augment  # pylint: disable=g-import-not-at-top
 from agmm_jax.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
 from agmm_jax import methods  # pylint: disable=g-import-not-at-top
 from agmm_jax.methods import spml  # pylint: disable=g-import-not-at-top
+from agmm_jax.methods import spml_walk  # pylint: disable=g-import-not-at-top
 from benchmarks import bench_losses  # pylint: disable=g-import-not-at-top
 
 CAMVID_IMAGES = os.path.join(REPO_ROOT, '..', 'shared', 'datasets', 'camvid', 'train', 'images')
@@ -100,7 +101,7 @@ def bench_regions(crops):
 
 
 def bench_pseudo_labels(rng, runs):
-  """Seconds per batch of ``spml.pseudo_labels`` at the study's and VOC's
+  """Seconds per batch of ``spml_walk.pseudo_labels`` at the study's and VOC's
   shapes (smooth random embeddings, random softmax, clicks)."""
   for name, batch, height, width, num_classes in (('CamVid CPU', 8, 180, 240, 11),
                                                    ('VOC canvas', 1, 500, 500, 21)):
@@ -111,7 +112,7 @@ def bench_pseudo_labels(rng, runs):
     label = clicks(rng, rng.integers(0, num_classes, (batch, height, width)))
     args = (embedding, jax.nn.softmax(logits, axis=-1), jnp.asarray(label))
     start = time.perf_counter()
-    compiled = jax.jit(spml.pseudo_labels).lower(*args).compile()
+    compiled = jax.jit(spml_walk.pseudo_labels).lower(*args).compile()
     compile_s = time.perf_counter() - start
     seconds = bench_losses.time_calls(compiled, args, runs)
     points = ((height - 1) // spml.WALK_STRIDE + 1) * ((width - 1) // spml.WALK_STRIDE + 1)

@@ -8,7 +8,7 @@ import ml_collections
 
 from agmm_jax.runtime import compilation_cache
 from agmm_jax.model import dilated_conv
-from agmm_jax.methods import spml
+from agmm_jax.methods import spml_walk
 from configs import presets
 
 
@@ -88,12 +88,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.spml_stage2 = ml_collections.ConfigDict()
   config.spml_stage2.enabled = True
   config.spml_stage2.num_train_steps = -1
-  config.spml_stage2.walk_beta = spml.WALK_BETA
-  config.spml_stage2.walk_gamma = spml.WALK_GAMMA
-  config.spml_stage2.walk_doublings = spml.WALK_DOUBLINGS
+  config.spml_stage2.walk_beta = spml_walk.WALK_BETA
+  config.spml_stage2.walk_gamma = spml_walk.WALK_GAMMA
+  config.spml_stage2.walk_doublings = spml_walk.WALK_DOUBLINGS
   # SPML's flip (the image and its flip, probabilities and affinities
   # averaged) and dense CRF of the walked maps (its scripts: 10 iterations,
-  # spml.SPML_CRF_ITERATIONS); off by default, 0: no CRF.
+  # spml_walk.SPML_CRF_ITERATIONS); off by default, 0: no CRF.
   config.spml_stage2.flip = False
   config.spml_stage2.crf_iterations = 0
 

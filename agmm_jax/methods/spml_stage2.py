@@ -9,7 +9,7 @@ train_spml_point.sh`` and ``train_spml_scribble.sh``, identical there):
    at full size, the stage-1 softmax classifier (``segsort_softmax``'s head
    on the detached embedding) gives probabilities and the embedding an
    affinity, both at image size // 8 and averaged over the image and its
-   flip; the random walk of :func:`agmm_jax.methods.spml.random_walk`
+   flip; the random walk of :func:`agmm_jax.methods.spml_walk.random_walk`
    (``exp(5 (cos - 1))^20``, column-normalized, squared 6 times; class maps
    divided by their maximum, classes absent from the image's sparse labels
    zeroed) refines them; resized to the image, a dense CRF (10 iterations),
@@ -34,7 +34,7 @@ Here, for ``spml`` losses (:func:`is_enabled`), SPML's stage plan
   time) with the eval-mode stage-1 model: probabilities of the stage-1
   classifier (the ``spml_classifier`` head when its term is active, SPML's
   detached classifier; else the model's own, trained by pCE), the walk of
-  :func:`agmm_jax.methods.spml.pseudo_labels` on every 8th label pixel.
+  :func:`agmm_jax.methods.spml_walk.pseudo_labels` on every 8th label pixel.
   Opt-in, off by default: ``config.spml_stage2.flip``, SPML's flip
   (:func:`flip_averaged_outputs`: the image and its mirror within its width,
   padding kept on the right; the two probabilities averaged, and the two
@@ -42,7 +42,7 @@ Here, for ``spml`` losses (:func:`is_enabled`), SPML's stage plan
   flipped back by linear interpolation on the stride-4 grid where SPML flips
   at full resolution); ``config.spml_stage2.crf_iterations`` > 0, SPML's
   dense CRF of the walked maps at label resolution
-  (:mod:`agmm_jax.methods.dense_crf`, SPML's kernels ``spml.CRF_*``; its
+  (:mod:`agmm_jax.methods.dense_crf`, SPML's kernels ``spml_walk.CRF_*``; its
   appearance kernel by the bilateral grid at coarse cells, not pydensecrf's
   permutohedral lattice; SPML runs 10 iterations). Still left out: SPML's
   full-resolution embedding and logits (here the stride-4 grid and the
@@ -90,6 +90,7 @@ from agmm_jax.train import steps
 from agmm_jax.methods import bilateral
 from agmm_jax.methods import core
 from agmm_jax.methods import spml
+from agmm_jax.methods import spml_walk
 
 PSEUDO_LABEL_DIR = 'spml_pseudo_labels'
 STAGE2_DIR = 'spml_stage2'
@@ -212,19 +213,19 @@ def flip_averaged_outputs(outputs_fn: Callable[[jax.Array], tuple[jax.Array, jax
 def check_crf_grid(config: ml_collections.ConfigDict) -> None:
   """One-line ValueError naming ``config.spml_stage2.crf_iterations`` when the
   CRF's bilateral grid for ``config.eval.batch_size`` images of the training
-  split's canvas exceeds ``spml.CRF_MAX_GRID_MIB``; nothing without the CRF
+  split's canvas exceeds ``spml_walk.CRF_MAX_GRID_MIB``; nothing without the CRF
   (``config.data.dir`` is read only with it)."""
-  if int(config.spml_stage2.crf_iterations) == 0 or spml.CRF_APPROX != 'grid':
+  if int(config.spml_stage2.crf_iterations) == 0 or spml_walk.CRF_APPROX != 'grid':
     return
   data_dir = str(config.data.dir)
   metadata = input_pipeline.read_metadata(data_dir)
   canvas = input_pipeline.split_image_size(data_dir, metadata, str(config.data.train_split))
   bilateral.check_grid_size(
       'config.spml_stage2.crf_iterations',
-      bilateral.grid_spec(*canvas, spml.CRF_APPEARANCE_SIGMA_XY, spml.CRF_APPEARANCE_SIGMA_RGB,
-                          spml.CRF_CELL_XY, spml.CRF_CELL_RGB),
+      bilateral.grid_spec(*canvas, spml_walk.CRF_APPEARANCE_SIGMA_XY, spml_walk.CRF_APPEARANCE_SIGMA_RGB,
+                          spml_walk.CRF_CELL_XY, spml_walk.CRF_CELL_RGB),
       int(config.eval.batch_size), len(input_pipeline.class_names(metadata)),
-      int(spml.CRF_MAX_GRID_MIB * 2**20))
+      int(spml_walk.CRF_MAX_GRID_MIB * 2**20))
 
 
 def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Loss,
@@ -232,7 +233,7 @@ def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Lo
                          ) -> Callable[..., jax.Array]:
   """Jitted ``(params, model_state, image [B, Hc, Wc, 3], label [B, Hc, Wc])
   -> pseudo-labels [B, Hc, Wc]`` of the eval-mode stage-1 model
-  (:func:`agmm_jax.methods.spml.pseudo_labels`; with
+  (:func:`agmm_jax.methods.spml_walk.pseudo_labels`; with
   ``config.spml_stage2.flip`` of the image and its flip,
   :func:`flip_averaged_outputs`; ``crf_iterations`` > 0: with the CRF)."""
   replicated = sharding_lib.replicated_sharding(mesh)
@@ -259,7 +260,7 @@ def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, loss: methods.Lo
           outputs_fn, image, label)
     else:
       (embedding, probabilities), flipped_embedding = outputs_fn(image), None
-    return spml.pseudo_labels(embedding, probabilities, label,
+    return spml_walk.pseudo_labels(embedding, probabilities, label,
                               flipped_embedding=flipped_embedding,
                               rgb=core.normalized_to_rgb(image), **walk)
 

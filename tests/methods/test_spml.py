@@ -18,6 +18,7 @@ from agmm_jax.runtime import sharding as sharding_lib
 from agmm_jax.train import trainer
 from agmm_jax.train import state as train_state
 from agmm_jax.methods import spml
+from agmm_jax.methods import spml_walk
 from configs import presets
 from configs import tiny
 from tests.conftest import TINY_NUM_CLASSES as NUM_TINY_CLASSES
@@ -366,7 +367,7 @@ def test_random_walk_matches_a_dense_matrix_reference():
   maps = probabilities.reshape(-1, num_classes)
   maps = maps / maps.max(0) * present
   expected = (maps.T @ np.linalg.matrix_power(transition, 64)).T
-  got = spml.random_walk(jnp.asarray(embedding, jnp.float32),
+  got = spml_walk.random_walk(jnp.asarray(embedding, jnp.float32),
                          jnp.asarray(probabilities, jnp.float32), jnp.asarray(present))
   np.testing.assert_allclose(got, expected.reshape(height, width, num_classes),
                              rtol=1e-4, atol=1e-6)

@@ -21,6 +21,7 @@ from agmm_jax.model import deeplab
 from agmm_jax.methods import spml_stage2
 from agmm_jax.data import tfrecord
 from agmm_jax.methods import spml
+from agmm_jax.methods import spml_walk
 import main
 from tests.conftest import TINY_NUM_CLASSES
 from tests.methods.test_spml import spml_tiny_config
@@ -95,7 +96,7 @@ def test_pseudo_labels_match_a_dense_random_walk():
   embedding[:, :, :3] += 3.0
   logits = 2.0 * rng.normal(size=(3, height, width, num_classes))
   probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  got = np.asarray(jax.jit(spml.pseudo_labels)(
+  got = np.asarray(jax.jit(spml_walk.pseudo_labels)(
       jnp.asarray(embedding, jnp.float32), jnp.asarray(probabilities, jnp.float32),
       jnp.asarray(label)))
   for b in range(3):
@@ -185,7 +186,7 @@ def test_pseudo_labels_with_flip_and_crf_match_the_references(monkeypatch):
   """The walk with the flip's affinity averaged in, then SPML's CRF (its
   kernels, the exact bilateral product) against the dense NumPy walk and
   mean field."""
-  monkeypatch.setattr(spml, 'CRF_APPROX', 'exact')
+  monkeypatch.setattr(spml_walk, 'CRF_APPROX', 'exact')
   rng = np.random.default_rng(6)
   height, width, num_classes = 17, 21, 4
   label = np.full((2, height, width), UNL, np.int32)
@@ -200,16 +201,16 @@ def test_pseudo_labels_with_flip_and_crf_match_the_references(monkeypatch):
   probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   rgb = rng.uniform(0.0, 255.0, size=(2, height, width, 3))
   rgb[:, :, :10] = rgb[:, :1, :1]
-  got = np.asarray(jax.jit(lambda *a: spml.pseudo_labels(
+  got = np.asarray(jax.jit(lambda *a: spml_walk.pseudo_labels(
       *a[:3], flipped_embedding=a[3], rgb=a[4], crf_iterations=3))(
           *(jnp.asarray(x, jnp.float32) for x in (embedding, probabilities)),
           jnp.asarray(label), jnp.asarray(flipped_embedding, jnp.float32),
           jnp.asarray(rgb, jnp.float32)))
-  params = dict(smoothness_sigma=spml.CRF_SMOOTHNESS_SIGMA,
-                smoothness_weight=spml.CRF_SMOOTHNESS_WEIGHT,
-                appearance_sigma_xy=spml.CRF_APPEARANCE_SIGMA_XY,
-                appearance_sigma_rgb=spml.CRF_APPEARANCE_SIGMA_RGB,
-                appearance_weight=spml.CRF_APPEARANCE_WEIGHT)
+  params = dict(smoothness_sigma=spml_walk.CRF_SMOOTHNESS_SIGMA,
+                smoothness_weight=spml_walk.CRF_SMOOTHNESS_WEIGHT,
+                appearance_sigma_xy=spml_walk.CRF_APPEARANCE_SIGMA_XY,
+                appearance_sigma_rgb=spml_walk.CRF_APPEARANCE_SIGMA_RGB,
+                appearance_weight=spml_walk.CRF_APPEARANCE_WEIGHT)
   changed = 0
   for b in range(2):
     maps = reference_walked_maps(embedding[b], probabilities[b], label[b], flipped_embedding[b])
@@ -363,9 +364,9 @@ def test_bad_stage2_values_name_the_field(field, value):
 def test_a_crf_grid_over_its_limit_names_the_field(tiny_data_dir, monkeypatch):
   config = spml_tiny_config(tiny_data_dir)
   assert config.spml_stage2.crf_iterations == 0 and config.spml_stage2.flip is False
-  monkeypatch.setattr(spml, 'CRF_MAX_GRID_MIB', 1e-3)
+  monkeypatch.setattr(spml_walk, 'CRF_MAX_GRID_MIB', 1e-3)
   spml_stage2.check_config(config)   # no CRF: no grid
-  config.spml_stage2.crf_iterations = spml.SPML_CRF_ITERATIONS
+  config.spml_stage2.crf_iterations = spml_walk.SPML_CRF_ITERATIONS
   with pytest.raises(ValueError, match=r'^config.spml_stage2.crf_iterations: grid of \d+ cells'):
     spml_stage2.check_config(config)
 
