@@ -16,7 +16,6 @@ import ml_collections
 from absl import logging
 
 from agmm_jax.data import input_pipeline
-from agmm_jax.storage import checkpoint as checkpoint_lib
 from agmm_jax.storage import run_identity
 
 CONFIG_FILE = run_identity.CONFIG_FILE
@@ -119,9 +118,3 @@ def record_classes(workdir: str, class_names: list[str]) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     _write_atomically(os.path.join(workdir, CLASSES_FILE), json.dumps(list(class_names)))
-
-
-def has_checkpoint(folder: str) -> bool:
-  """True when the stage folder ``folder`` (WORKDIR for the first stage)
-  holds a latest-checkpoint folder."""
-  return os.path.isdir(os.path.join(folder, checkpoint_lib.LATEST_DIR))

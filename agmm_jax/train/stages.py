@@ -38,8 +38,8 @@ from agmm_jax.evaluation import evaluator
 from agmm_jax.evaluation import visualize
 from agmm_jax.methods import core as methods_core
 from agmm_jax.storage import checkpoint as checkpoint_lib
+from agmm_jax.storage import run_identity
 from agmm_jax.storage import summary
-from agmm_jax.storage import workdir as workdir_lib
 from agmm_jax.train import loop
 from agmm_jax.train import run_spec as run_spec_lib
 from agmm_jax.train import state as train_state_lib
@@ -346,7 +346,8 @@ def inference_state(config: ml_collections.ConfigDict, workdir: str,
                     ) -> tuple[train_state_lib.TrainState, train_state_lib.ModelDefs, str]:
   """The state structure, model definitions and checkpoint folder of the
   model eval and predict restore: that of the last training stage of
-  ``config``'s plan that has a checkpoint in ``workdir`` (the first stage's
+  ``config``'s plan whose folder holds a finalized checkpoint step (an
+  empty or unfinished ``checkpoints/`` does not count; the first stage's
   when none has). Nothing is trained, loaded or restored."""
   spec = run_spec_lib.for_inference(config, workdir, class_names, mesh)
   context = Context(spec, loop.SigtermFlag())
@@ -359,6 +360,6 @@ def inference_state(config: ml_collections.ConfigDict, workdir: str,
     context.results[stage.name] = Trained(initial.state, initial.model_defs, {}, 0, 1, 0,
                                           lambda state: {})
     folder = os.path.join(spec.workdir, stage.folder)
-    if chosen is None or workdir_lib.has_checkpoint(folder):
+    if chosen is None or run_identity.has_checkpoint(folder):
       chosen = (initial.state, initial.model_defs, folder)
   return chosen

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from agmm_jax.storage import run_identity
 from agmm_jax.storage import workdir as workdir_lib
 from configs import tiny
 from tests import fixtures
@@ -70,9 +71,15 @@ def test_a_damaged_record_is_one_line_naming_the_file(tmp_path, name, text):
   assert message.startswith(f'{path} is damaged') and '\n' not in message
 
 
-def test_has_checkpoint_looks_for_the_stage_folders_latest_checkpoints(tmp_path):
-  assert not workdir_lib.has_checkpoint(str(tmp_path))
-  assert not workdir_lib.has_checkpoint(str(tmp_path / 'stage2'))
+def test_has_checkpoint_needs_a_finalized_step_in_the_stage_folder(tmp_path):
+  """Eval/predict restore the last stage whose folder passes this: a stage
+  killed before its first save leaves an empty or unfinished checkpoints/."""
+  assert not run_identity.has_checkpoint(str(tmp_path))
+  assert not run_identity.has_checkpoint(str(tmp_path / 'stage2'))
   os.makedirs(tmp_path / 'stage2' / 'checkpoints')
-  assert workdir_lib.has_checkpoint(str(tmp_path / 'stage2'))
-  assert not workdir_lib.has_checkpoint(str(tmp_path))
+  assert not run_identity.has_checkpoint(str(tmp_path / 'stage2'))
+  os.makedirs(tmp_path / 'stage2' / 'checkpoints' / '40.orbax-checkpoint-tmp-1')
+  assert not run_identity.has_checkpoint(str(tmp_path / 'stage2'))
+  os.makedirs(tmp_path / 'stage2' / 'checkpoints' / '40')
+  assert run_identity.has_checkpoint(str(tmp_path / 'stage2'))
+  assert not run_identity.has_checkpoint(str(tmp_path))
