@@ -1,7 +1,8 @@
-r"""The CamVid click-supervision study (docs/results.md): plan, run, report.
+r"""The label-supervision study (docs/results*.md): plan, run, report.
 
-A study is a grid of cells (sparse-label spec x method) trained with
-`configs/camvid_clicks.py` at several seeds. Every run is one ordinary
+A study is a grid of cells (label spec x method) trained with
+`configs/camvid_clicks.py` (or `configs/msrc.py`, `--dataset=msrc`) at several
+seeds. Every run is one ordinary
 `python main.py` command with its own workdir `ROOT/CELL_seedS`, so any cell can
 be rerun by hand; this script only plans the commands, runs them one after
 another and collects what the trainer wrote (TensorBoard scalars) into
@@ -41,6 +42,26 @@ overrides; explicit flags still win):
   # which runs are done, in progress (step reached) or not started):
   python -m benchmarks.camvid_study --run --preset=cpu40
   python -m benchmarks.camvid_study --status --preset=cpu40
+
+MSRC-v2 (`--dataset=msrc`, configs/msrc.py: labels=boxes|tags|points:N|
+clicks:N|scribbles, dense labels as the `full` cell; records under
+docs/results/records/msrc/). Its preset trains, per label kind, the best
+methods of that kind beside pCE (boxes: box_pce_gatedcrf, box_pce; clicks:
+pce_only, pce_ncut; scribbles: pce_only, pce_densecrf, soft_self_labeling;
+tags: the CAM pipeline, planned now and run once configs/msrc.py accepts
+labels=tags) and dense labels, 2 seeds at 40 epochs; the report adds the
+pseudo-label quality of the runs that made a pass:
+
+  python -m benchmarks.camvid_study --plan --preset=msrc
+  python -m benchmarks.camvid_study --run --preset=msrc
+  python -m benchmarks.camvid_study --report --preset=msrc  # docs/results_msrc.md
+
+README's method table (between its method-table markers) and
+docs/results_per_class.md, generated from every archived record (both
+CamVid budgets and MSRC; benchmarks/study/method_table.py states the
+"separates from pCE" rule):
+
+  python -m benchmarks.camvid_study --readme_table
 
 The archive (`--archive`, default docs/results/records/): a session's runs/
 does not outlive it, so `--run` writes each run it finishes (or finds

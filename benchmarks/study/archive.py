@@ -17,7 +17,7 @@ import os
 import sys
 
 from benchmarks.study.grid import (
-    CONFIG_FILE, REPO_ROOT, Run, config_overrides, run_config)
+    REPO_ROOT, Run, config_error, config_overrides, dataset_of, run_config)
 from benchmarks.study.results import (
     DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, RunResult,
     read_run, result_from_record, run_record)
@@ -35,8 +35,9 @@ def record_path(run: Run, archive: str, repo_root: str = REPO_ROOT) -> str:
 
 def _loss_config_now(run: Run) -> dict | None:
   """The loss config `run`'s command trains with today's code, as the
-  trainer's config.json holds it (None: not a camvid_clicks command)."""
-  if not any(a.startswith(f'--config={CONFIG_FILE}:') for a in run.argv):
+  trainer's config.json holds it (None: a command of no study dataset, or
+  one its config refuses today)."""
+  if dataset_of(run) is None or config_error(run):
     return None
   config = run_config(run, config_overrides(run))
   return json.loads(config.loss.to_json_best_effort(sort_keys=True))

@@ -14,14 +14,17 @@ from collections.abc import Sequence
 
 from benchmarks.study import archive
 from benchmarks.study.device_plan import (
-    CPU_SECONDS_PER_STEP, GPU_SIZES, DeviceCall, DeviceFigures,
+    GPU_SIZES, DeviceCall, DeviceFigures,
     call_deadline_s, device_order, format_device_plan,
     format_size_comparison, is_core_run, measure_train_gflop,
     predicted_extras_s, run_shape, split_into_calls)
+from benchmarks.study.datasets import DATASETS
 from benchmarks.study.evaluations import evaluate_finished, run_diagnostic
 from benchmarks.study.grid import (
-    DEFAULT_LABELS, DEFAULT_METHODS, DEFAULT_ROOT, DEFAULT_SEEDS, METHODS,
-    REPO_ROOT, STUDY_PRESETS, Run, StudyPreset, common_args_of, plan_preset)
+    ALL_METHODS, DEFAULT_LABELS, DEFAULT_METHODS, DEFAULT_ROOT, DEFAULT_SEEDS,
+    REPO_ROOT, STUDY_PRESETS, Run, StudyPreset, common_args_of, config_error,
+    dataset_of, plan_preset)
+from benchmarks.study.method_table import write_method_table
 from benchmarks.study.pack import (
     PACK_FIGURES, PACK_JSON, pack_results, unpack_results)
 from benchmarks.study.plots import make_overlays, plot_curves
@@ -64,18 +67,25 @@ def _parse_args(argv: Sequence[str] | None, usage: str
                       'call returns')
   action.add_argument('--report', action='store_true',
                       help='write the Markdown report, plot and overlays')
+  action.add_argument('--readme_table', action='store_true',
+                      help='rewrite the method table of README.md (its '
+                      'marked block) and docs/results_per_class.md from '
+                      'every record under --archive')
   action.add_argument('--flops', action='store_true',
                       help='print the train-step GFLOP per image of each '
                       'size (TRAIN_GFLOP_PER_IMAGE)')
   parser.add_argument('--preset', choices=sorted(STUDY_PRESETS),
                       help='a named grid (labels, methods, seeds, size, root, '
                       'overrides); the flags below replace its fields')
+  parser.add_argument('--dataset', choices=sorted(DATASETS), default=None,
+                      help='whose config file the runs train (default: the '
+                      'preset\'s, else camvid)')
   parser.add_argument('--labels', type=_comma_list, default=None,
                       help='comma-separated sparse-label specs (an option '
                       f'with "," is not supported; default '
                       f'{",".join(DEFAULT_LABELS)})')
   parser.add_argument('--methods', type=_comma_list, default=None,
-                      help=f'comma-separated subset of {",".join(METHODS)} '
+                      help=f'comma-separated subset of {",".join(ALL_METHODS)} '
                       f'(default {",".join(DEFAULT_METHODS)})')
   parser.add_argument('--seeds', type=lambda t: [int(s) for s in
                                                  _comma_list(t)],
@@ -84,13 +94,14 @@ def _parse_args(argv: Sequence[str] | None, usage: str
                       help='--config.num_train_steps (default: the config\'s '
                       'epochs)')
   parser.add_argument('--size', choices=('cpu', 'gpu', 'gpu_r18'),
-                      default=None, help='configs/camvid_clicks.py size '
-                      '(default cpu)')
+                      default=None, help='the config file\'s size '
+                      '(default cpu; MSRC has cpu only)')
   parser.add_argument('--lseed', type=int, default=0,
                       help='seed of the sparse-label generator')
   parser.add_argument('--root', default=None,
                       help='folder of the run workdirs (relative to the '
-                      f'repository root; default {DEFAULT_ROOT})')
+                      f'repository root; default {DEFAULT_ROOT}, MSRC\'s '
+                      f'{DATASETS["msrc"].default_root})')
   parser.add_argument('--override', action='append', default=[],
                       help='extra config override KEY=VALUE for every run '
                       '(repeatable), e.g. data.num_threads=2')
@@ -139,10 +150,11 @@ def _parse_args(argv: Sequence[str] | None, usage: str
                       help='--report/--pack: run benchmarks/gmm_diagnostic.py '
                       'on this many training images for the finished core '
                       'runs of the first labels spec (0: no)')
-  parser.add_argument('--output', default='docs/results.md',
-                      help='--report: the Markdown file (its folder gets '
-                      'results_curves.png and results/; for another name '
-                      'NAME.md: NAME_curves.png and NAME/)')
+  parser.add_argument('--output', default=None,
+                      help='--report: the Markdown file (default: the '
+                      'dataset\'s, docs/results.md for CamVid; its folder '
+                      'gets results_curves.png and results/; for another '
+                      'name NAME.md: NAME_curves.png and NAME/)')
   parser.add_argument('--overlay_images', type=int,
                       default=DEFAULT_OVERLAY_IMAGES,
                       help='--report/--pack: val images per qualitative grid '
@@ -159,9 +171,13 @@ def _parse_args(argv: Sequence[str] | None, usage: str
 def _planned(args: argparse.Namespace) -> tuple[list[Run], StudyPreset]:
   """The runs the flags plan, and the preset they start from (the default
   grid's when --preset is not given)."""
+  dataset = DATASETS[args.dataset or 'camvid']
   preset = STUDY_PRESETS[args.preset] if args.preset else StudyPreset(
       labels=DEFAULT_LABELS, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS,
-      size='cpu', root=DEFAULT_ROOT)
+      size='cpu', root=dataset.default_root, dataset=dataset.name)
+  if args.dataset and args.dataset != preset.dataset:
+    raise ValueError(f'--dataset={args.dataset}: --preset={args.preset} is '
+                     f'a {preset.dataset} grid')
   runs = plan_preset(preset, labels=args.labels, methods=args.methods,
                      seeds=args.seeds, steps=args.steps, size=args.size,
                      root=args.root, overrides=args.override,
@@ -181,7 +197,7 @@ def _is_core(run: Run, runs: Sequence[Run], preset: StudyPreset) -> bool:
   """A grid run of a core method on the first labels spec (the runs the
   overlays and the diagnostic show)."""
   return not run.cell.variant and is_core_run(
-      run, runs[0].cell.labels, preset.core_methods or METHODS)
+      run, runs[0].cell.labels, preset.core_methods or ALL_METHODS)
 
 
 def _device_calls(args: argparse.Namespace, preset: StudyPreset,
@@ -226,13 +242,24 @@ def _select_call(args: argparse.Namespace, calls: Sequence[DeviceCall]
   return calls[args.call - 1]
 
 
-def _cpu_plan_lines(runs: Sequence[Run]) -> list[str]:
-  shapes = [run_shape(run) for run in runs]
-  steps = sum(s.total_steps for s in shapes)
-  return [f'# {len(runs)} runs, {steps} steps: about '
-          f'{format_duration(steps * CPU_SECONDS_PER_STEP)} on a 2-core CPU at '
-          f'{CPU_SECONDS_PER_STEP} s/step (the 40-epoch pce_only run of '
-          'docs/results.md 7.); resumable, see --status']
+def _cpu_plan_lines(runs: Sequence[Run], waiting: Sequence[Run]
+                    ) -> list[str]:
+  """'# ' lines: the predicted CPU time of `runs` at their dataset's
+  measured seconds per step, and the runs `waiting` for their method."""
+  dataset = dataset_of(runs[0]) if runs else None
+  lines = []
+  if runs:
+    steps = sum(run_shape(run).total_steps for run in runs)
+    lines.append(
+        f'# {len(runs)} runs, {steps} steps: about '
+        f'{format_duration(steps * dataset.cpu_seconds_per_step)} on a '
+        f'2-core CPU at {dataset.cpu_seconds_per_step} s/step '
+        f'({dataset.cpu_seconds_source}; a loss heavier than pCE takes '
+        'longer); resumable, see --status')
+  if waiting:
+    lines.append(f'# {len(waiting)} runs not runnable yet (--run skips '
+                 f'them): {config_error(waiting[0])}')
+  return lines
 
 
 def _with_checkpoints(runs: Sequence[Run]) -> list[RunResult]:
@@ -257,6 +284,15 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
   """Runs the action the flags `argv` name (None: sys.argv); `usage`: the
   --help description. Returns the exit status."""
   args = _parse_args(argv, usage)
+  if args.readme_table:
+    try:
+      paths = write_method_table(os.path.join(REPO_ROOT, args.archive),
+                                 REPO_ROOT, command_line=_command_line(argv))
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    print('wrote ' + ', '.join(paths))
+    return 0
   if args.flops:
     from configs import camvid_clicks  # pylint: disable=g-import-not-at-top
     for size in camvid_clicks.SIZES:
@@ -273,6 +309,9 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   figures = _figures(args)
+  # Runs whose config refuses them today (a method still to land) are
+  # planned, reported as waiting and skipped by --run.
+  waiting = [] if calls else [r for r in runs if config_error(r)]
   selected = call.runs if call else (
       [r for c in calls for r in c.runs] if calls else runs)
   cache_dir = (args.compilation_cache_dir if args.compilation_cache_dir
@@ -295,7 +334,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
       if cache_dir:
         print(f'# JAX_COMPILATION_CACHE_DIR={cache_dir} for every run')
     else:
-      print('\n'.join(_cpu_plan_lines(runs)))
+      print('\n'.join(_cpu_plan_lines(
+          [r for r in runs if r not in waiting], waiting)))
     return 0
 
   if args.status:
@@ -307,6 +347,10 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
 
   if args.run:
     start = time.monotonic()
+    for run in waiting:
+      print(f'{run.cell.name} seed {run.seed}: skipped, not runnable yet '
+            f'({config_error(run)})', file=sys.stderr)
+    selected = [r for r in selected if r not in waiting]
     if calls and len(calls) > 1 and not call:
       print(f'warning: the plan needs {len(calls)} device calls of '
             f'{args.call_budget_s:.0f} s; running them all in order (pass '
@@ -343,7 +387,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
 
   tags = dict(miou_tag=args.miou_tag, loss_tag=args.loss_tag,
               iou_prefix=args.iou_prefix)
-  output = os.path.join(REPO_ROOT, args.output)
+  dataset = DATASETS[preset.dataset]
+  output = os.path.join(REPO_ROOT, args.output or dataset.default_output)
   # docs/results.md -> docs/results_curves.png and docs/results/: another
   # report (the GPU study's) keeps its figures apart.
   stem = os.path.splitext(output)[0]
@@ -437,7 +482,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
   plot_curves(summaries, curves_path)
   write_report(runs, results, markdown_path=output, curves_path=curves_path,
                overlay_paths=overlay_paths, command_line=_command_line(argv),
-               machines=machines, diagnostics=[d for d in diagnostics if d])
+               machines=machines, diagnostics=[d for d in diagnostics if d],
+               dataset=dataset)
   print(f'wrote {output}, {curves_path} and {len(overlay_paths)} overlay '
         'grid(s)')
   return 0

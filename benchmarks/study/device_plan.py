@@ -8,15 +8,9 @@ that fit the device's limits; `--flops` measures the FLOP figures.
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from benchmarks.study.datasets import CAMVID
 from benchmarks.study.grid import (
-    FULL, Run, common_args_of, config_overrides, run_config)
-
-# Images of the CamVid splits (the shared copy; docs/results.md): training
-# steps per epoch are TRAIN_IMAGES // batch (agmm_jax/train/trainer.py).
-CAMVID_TRAIN_IMAGES = 367
-CAMVID_VAL_IMAGES = 101
-# Every CamVid image is 360x480 (before the config's prepare.downscale).
-CAMVID_IMAGE_SIZE = (360, 480)
+    FULL, Run, common_args_of, config_overrides, dataset_of, run_config)
 
 # Train-step GFLOP per image of each size of configs/camvid_clicks.py:
 # XLA's cost analysis of the lowered forward + backward step at the size's
@@ -64,12 +58,9 @@ DEVICE_CALL_LIMIT_S = 600
 DEVICE_TASK_BUDGET_S = 900
 # Assumed: the machine's start (the device tool says "minutes").
 MACHINE_START_S = 150
-# The size=cpu schedule on this project's 2-core machines: the 40-epoch
-# pce_only run of docs/results.md 7. trained steps 200 to 1800 in 4433 s,
-# evaluations every 225 steps included, with nothing else running (the
-# 200-step runs' 420 s / 200 steps had fewer evaluations per step and
-# underestimated it).
-CPU_SECONDS_PER_STEP = 2.8
+# The size=cpu schedule of CamVid on this project's 2-core machines
+# (benchmarks/study/datasets.py: each dataset's figure and its source).
+CPU_SECONDS_PER_STEP = CAMVID.cpu_seconds_per_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +73,7 @@ class RunShape:
   num_threads: int
   crop: int
   eval_pixels: int
+  val_images: int = CAMVID.val_images
 
   @property
   def train_images(self) -> int:
@@ -95,13 +87,14 @@ class RunShape:
 
 
 def run_shape(run: Run) -> RunShape:
-  """`run`'s schedule from its config (steps per epoch: CAMVID_TRAIN_IMAGES
-  // batch, as agmm_jax/train/trainer.py counts them). An SPML run's steps include
+  """`run`'s schedule from its config (steps per epoch: the dataset's
+  train_images // batch, as agmm_jax/train/trainer.py counts them). An SPML run's steps include
   its stage 2, whose evaluations are logged after stage 1's last step: the
   run is finished only at the final classifier's last evaluation."""
   config = run_config(run, config_overrides(run))
+  dataset = dataset_of(run)
   batch = int(config.global_batch_size)
-  steps_per_epoch = max(CAMVID_TRAIN_IMAGES // batch, 1)
+  steps_per_epoch = max(dataset.train_images // batch, 1)
   total = (int(config.num_train_steps) if config.num_train_steps > 0
            else int(config.num_epochs) * steps_per_epoch)
   # Imported here, as run_config imports the configs: JAX is loaded only
@@ -115,12 +108,14 @@ def run_shape(run: Run) -> RunShape:
   size = common_args_of(run)['size']
   # An empty eval canvas is sized from the data: the (downscaled) image size.
   height, width = config.data.eval_canvas or tuple(
-      side // int(config.data.prepare.downscale) for side in CAMVID_IMAGE_SIZE)
+      side // int(config.data.prepare.downscale)
+      for side in dataset.image_size)
   return RunShape(size=size, total_steps=total, batch=batch,
                   eval_every=eval_every,
                   num_threads=int(config.data.num_threads),
                   crop=int(config.data.crop_size),
-                  eval_pixels=int(height) * int(width))
+                  eval_pixels=int(height) * int(width),
+                  val_images=dataset.val_images)
 
 
 def program_key(run: Run) -> tuple[str, ...]:
@@ -160,7 +155,7 @@ def predicted_run_s(shape: RunShape, figures: DeviceFigures, *,
   eval_ratio = shape.eval_pixels / shape.crop ** 2 / 3.0
   return (figures.start_s + (figures.compile_s if compiles else 0.0)
           + shape.train_images / rate
-          + shape.num_evals * CAMVID_VAL_IMAGES * eval_ratio / rate)
+          + shape.num_evals * shape.val_images * eval_ratio / rate)
 
 
 def is_core_run(run: Run, first_labels: str,

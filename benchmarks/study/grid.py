@@ -1,18 +1,21 @@
-"""The study's grid: cells (sparse-label spec x method), their runs as `main.py`
+"""The study's grid: cells (label spec x method), their runs as `main.py`
 command lines, the named presets (`--preset`), and the config a run's command
-trains (configs/camvid_clicks.py with the command's overrides).
+trains (the dataset's config file, benchmarks/study/datasets.py, with the
+command's overrides).
 """
 
 import ast
 import dataclasses
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from benchmarks.study.datasets import (
+    CAMVID, DATASETS, MSRC, StudyDataset, dataset_of_config)
 from configs import presets
 
-CONFIG_FILE = 'configs/camvid_clicks.py'
+CONFIG_FILE = CAMVID.config_file
 DEFAULT_LABELS = ('clicks:20', 'clicks:100', 'points:1')
 FULL = 'full'
 # Every loss preset (configs/presets.py) and dense labels; the default grid
@@ -20,7 +23,7 @@ FULL = 'full'
 METHODS = presets.PRESETS + (FULL,)
 DEFAULT_METHODS = ('pce_only', 'agmm_released', 'agmm_paper', FULL)
 DEFAULT_SEEDS = (0, 1)
-DEFAULT_ROOT = 'runs/study'
+DEFAULT_ROOT = CAMVID.default_root
 # The label kinds (a spec's prefix before ':', data_prep/sparse_labels.py)
 # each method is for, where it is not for every kind; the grid skips its
 # cells on the others. SPML's two presets carry its VOC points values and its
@@ -29,6 +32,17 @@ METHOD_LABEL_KINDS = {
     'spml': ('points', 'clicks'),
     'spml_scribble': ('scribbles',),
 }
+# The label kinds without labeled pixels: only their own presets train on
+# them, and those train on nothing else.
+BOX_KIND, TAGS_KIND = 'boxes', 'tags'
+# The CAM pipeline's presets for tags (configs/msrc.py:labels=tags): the
+# tags presets of configs/presets.py once the CAM stages land them there
+# (TAG_PRESETS, as BOX_PRESETS), 'cam' until then; a tags run plans now and
+# runs once configs/msrc.py accepts it.
+TAG_METHODS = tuple(getattr(presets, 'TAG_PRESETS', ())) or ('cam',)
+KIND_METHODS = {BOX_KIND: presets.BOX_PRESETS, TAGS_KIND: TAG_METHODS}
+# Every method a grid may name (the box and tags presets on MSRC only).
+ALL_METHODS = METHODS + presets.BOX_PRESETS + TAG_METHODS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -45,9 +59,14 @@ def labels_kind(spec: str) -> str:
 
 
 def applies(method: str, spec: str) -> bool:
-  """Whether `method` is for the labels of `spec` (METHOD_LABEL_KINDS)."""
+  """Whether `method` is for the labels of `spec` (KIND_METHODS: boxes and
+  tags have their own presets; METHOD_LABEL_KINDS)."""
+  kind = labels_kind(spec)
+  for weak_kind, weak_methods in KIND_METHODS.items():
+    if method in weak_methods or kind == weak_kind:
+      return method in weak_methods and kind == weak_kind
   kinds = METHOD_LABEL_KINDS.get(method)
-  return kinds is None or labels_kind(spec) in kinds
+  return kinds is None or kind in kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +113,10 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
               seeds: Sequence[int] = DEFAULT_SEEDS, *, steps: int = -1,
               size: str = 'cpu', lseed: int = 0, root: str = DEFAULT_ROOT,
               overrides: Sequence[str] = (),
-              python: str = 'python', variant: str = '') -> list[Run]:
+              python: str = 'python', variant: str = '',
+              dataset: StudyDataset = CAMVID,
+              kind_methods: Mapping[str, Sequence[str]] | None = None
+              ) -> list[Run]:
   """The runs of the study, seed-major (every cell at seed 0 first); a
   method's cells on label kinds it is not for (METHOD_LABEL_KINDS) are left
   out.
@@ -111,15 +133,18 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
     python: the interpreter named in the commands.
     variant: name of a check cell (workdir suffix) whose runs differ from the
       grid's by `overrides`; '' for the grid.
+    dataset: whose config file the commands train (datasets.DATASETS).
+    kind_methods: `{label kind: methods}`: a method is planned on a labels
+      spec only when listed for its kind (None: every method that applies).
 
   Raises:
     ValueError: naming an unknown method, an empty list, a bad override, or
       methods none of which is for the given labels.
   """
   for method in methods:
-    if method not in METHODS:
+    if method not in ALL_METHODS:
       raise ValueError(f'--methods: unknown method {method!r}, expected some '
-                       f'of {METHODS}')
+                       f'of {ALL_METHODS}')
   if not labels or not methods or not seeds:
     raise ValueError('--labels, --methods and --seeds must not be empty')
   for override in overrides:
@@ -128,12 +153,17 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
                        'relative to the config, e.g. data.num_threads=2')
   labels, methods, seeds = (list(dict.fromkeys(x))
                              for x in (labels, methods, seeds))
+  def planned(method: str, spec: str) -> bool:
+    listed = (kind_methods is None
+              or method in kind_methods.get(labels_kind(spec), ()))
+    return method != FULL and listed and applies(method, spec)
+
   cells = []
   for spec in labels:
-    cells += [Cell(spec, m, variant) for m in methods
-              if m != FULL and applies(m, spec)]
+    cells += [Cell(spec, m, variant) for m in methods if planned(m, spec)]
+  full_labels, full_method = dataset.full_config_args(labels[0])
   if FULL in methods:
-    cells.append(Cell(labels[0], FULL, variant))
+    cells.append(Cell(full_labels, FULL, variant))
   if not cells:
     raise ValueError(f'--methods {",".join(methods)}: none is for the label '
                      f'kinds of --labels {",".join(labels)} (METHOD_LABEL_KINDS '
@@ -142,8 +172,9 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
   for seed in seeds:
     for cell in cells:
       workdir = os.path.join(root, f'{cell.name}_seed{seed}')
-      config_arg = (f'{CONFIG_FILE}:labels={cell.labels},method={cell.method},'
-                    f'size={size},lseed={lseed}')
+      method = full_method if cell.method == FULL else cell.method
+      config_arg = (f'{dataset.config_file}:labels={cell.labels},'
+                    f'method={method},size={size},lseed={lseed}')
       argv = [python, 'main.py', f'--config={config_arg}',
               f'--workdir={workdir}', f'--config.seed={seed}']
       if steps > 0:
@@ -161,7 +192,9 @@ class StudyPreset:
   the issue's "done when" needs), `dtype_check` names the method of one extra
   run (first labels spec, first seed) in bfloat16 beside its float32 twin,
   `compilation_cache_dir` (relative to the repository) is JAX's persistent
-  compilation cache of the runs.
+  compilation cache of the runs; `dataset` names the dataset
+  (datasets.DATASETS), `kind_methods` the methods of each label kind
+  (plan_runs; None: every method on every kind it applies to).
   """
   labels: tuple[str, ...]
   methods: tuple[str, ...]
@@ -172,7 +205,22 @@ class StudyPreset:
   core_methods: tuple[str, ...] = ()
   dtype_check: str = ''
   compilation_cache_dir: str = ''
+  dataset: str = CAMVID.name
+  kind_methods: Mapping[str, tuple[str, ...]] | None = None
 
+
+# The MSRC preset's methods per label kind: the best of each kind (the
+# 200-step CamVid winner pce_ncut on clicks; the CRF and self-labeling
+# losses on scribbles) beside pCE.
+MSRC_KIND_METHODS = {
+    BOX_KIND: ('box_pce_gatedcrf', 'box_pce'),
+    'points': ('pce_only', 'pce_ncut'),
+    'clicks': ('pce_only', 'pce_ncut'),
+    'scribbles': ('pce_only', 'pce_densecrf', 'soft_self_labeling'),
+    TAGS_KIND: TAG_METHODS,
+}
+MSRC_METHODS = tuple(dict.fromkeys(
+    m for methods in MSRC_KIND_METHODS.values() for m in methods)) + (FULL,)
 
 DTYPE_CHECK_VARIANT = 'bf16'
 DTYPE_CHECK_OVERRIDE = 'model.compute_dtype=bfloat16'
@@ -198,6 +246,16 @@ STUDY_PRESETS = {
         size='cpu', root='runs/study40',
         overrides=('eval_every_steps=225', 'data.num_threads=2'),
         core_methods=CORE_METHODS),
+    # MSRC-v2 (issue 31's evidence): per label kind the best method of that
+    # kind, beside pCE where it applies, and dense labels; size=cpu: 276 // 8
+    # = 34 steps an epoch, 40 epochs (1360 steps), val every 5 epochs (170
+    # steps). Records under docs/results/records/msrc/.
+    'msrc': StudyPreset(
+        labels=('boxes', 'clicks:20', 'scribbles', TAGS_KIND),
+        methods=MSRC_METHODS, seeds=(0, 1), size='cpu', root='runs/msrc',
+        overrides=('eval_every_steps=170', 'data.num_threads=2'),
+        core_methods=('box_pce_gatedcrf', 'box_pce', FULL),
+        dataset=MSRC.name, kind_methods=MSRC_KIND_METHODS),
 }
 
 
@@ -212,10 +270,12 @@ def plan_preset(preset: StudyPreset, *, labels: Sequence[str] | None = None,
   labels = list(labels or preset.labels)
   seeds = list(seeds if seeds is not None else preset.seeds)
   common_args = dict(steps=steps, size=size or preset.size, lseed=lseed,
-                     root=root or preset.root, python=python)
+                     root=root or preset.root, python=python,
+                     dataset=DATASETS[preset.dataset])
   all_overrides = list(preset.overrides) + list(overrides)
   runs = plan_runs(labels, methods or preset.methods, seeds,
-                   overrides=all_overrides, **common_args)
+                   overrides=all_overrides, kind_methods=preset.kind_methods,
+                   **common_args)
   if preset.dtype_check:
     runs += plan_runs(labels[:1], [preset.dtype_check], seeds[:1],
                       overrides=all_overrides + [DTYPE_CHECK_OVERRIDE],
@@ -261,11 +321,35 @@ def _apply_overrides(config: Any, overrides: Sequence[str]) -> None:
       node[last] = type(current)(value) if current is not None else value
 
 
+def dataset_of(run: Run) -> StudyDataset | None:
+  """The dataset whose config file `run`'s command trains (None: a command
+  of another config file)."""
+  return dataset_of_config(run.config_arg.split(':', 1)[0])
+
+
 def run_config(run: Run, overrides: Sequence[str] = ()) -> Any:
-  """The ConfigDict that `run`'s command trains (for data preparation)."""
-  # Imported here: the config imports JAX, which --plan does not need.
-  from configs import camvid_clicks  # pylint: disable=g-import-not-at-top
-  config = camvid_clicks.get_config(run.config_arg.split(':', 1)[1])
+  """The ConfigDict that `run`'s command trains (for data preparation).
+
+  Raises:
+    ValueError: the config refuses the command's arguments (MSRC's
+      labels=tags until the CAM stages land), or a bad override.
+  """
+  dataset = dataset_of(run)
+  if dataset is None:
+    raise ValueError(f'{run.config_arg}: not the config file of a study '
+                     f'dataset ({", ".join(DATASETS)})')
+  # The config imports JAX, which --plan does not need before this.
+  config = dataset.get_config(run.config_arg.split(':', 1)[1])
   config.seed = run.seed
   _apply_overrides(config, overrides)
   return config
+
+
+def config_error(run: Run) -> str:
+  """Why `run`'s config cannot be built today ('' when it can): a grid
+  accepts the cells of a method still to land and runs them later."""
+  try:
+    run_config(run, config_overrides(run))
+  except ValueError as e:
+    return str(e)
+  return ''

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.study.datasets import CAMVID, StudyDataset
 from benchmarks.study.grid import (
-    CONFIG_FILE, DTYPE_CHECK_OVERRIDE, DTYPE_CHECK_VARIANT, FULL, Cell, Run)
+    DTYPE_CHECK_OVERRIDE, DTYPE_CHECK_VARIANT, FULL, Cell, Run)
 from benchmarks.study.results import RunResult
 from benchmarks.study.runner import machine_description, utc_now
 
@@ -261,13 +262,38 @@ def dtype_check(results: Sequence[RunResult]) -> list[str]:
   return lines
 
 
+def pseudo_label_table(results: Sequence[RunResult]) -> list[str]:
+  """Markdown table of the pseudo-label quality of every finished run that
+  made a pass (benchmarks/study/pass_quality.py): its share of the densely
+  labeled training pixels, pixel accuracy, mIoU and per-class IoU (%)."""
+  rows = [(r, name, q) for r in results if r.finished
+          for name, q in sorted(r.pseudo_labels.items())]
+  if not rows:
+    return []
+  classes = list(dict.fromkeys(c for _, _, q in rows for c in q['per_class']))
+  percent = lambda v: 'n/a' if v is None or np.isnan(v) else f'{100 * v:.1f}'
+  lines = ['| cell | seed | pass | labeled | pixel acc. | mIoU | '
+           + ' | '.join(classes) + ' |',
+           '|---|---|---|---|---|---|' + '---|' * len(classes)]
+  for result, name, quality in rows:
+    lines.append(
+        f'| {result.run.cell.name} | {result.run.seed} | `{name}` | '
+        f'{percent(quality.get("coverage"))} | '
+        f'{percent(quality.get("pixel_accuracy"))} | '
+        f'{percent(quality.get("miou"))} | ' + ' | '.join(
+            percent(quality['per_class'].get(c)) for c in classes) + ' |')
+  return lines
+
+
 def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
                  markdown_path: str, curves_path: str,
                  overlay_paths: Sequence[str], command_line: str,
                  machines: Sequence[Mapping[str, Any]] = (),
-                 diagnostics: Sequence[str] = ()) -> str:
+                 diagnostics: Sequence[str] = (),
+                 dataset: StudyDataset = CAMVID) -> str:
   """Writes docs/results.md (tables, plot and overlay links, schedule and
-  bfloat16 checks, commands, machine, wall times); returns the Markdown.
+  bfloat16 checks, pseudo-label quality, commands, machine, wall times);
+  returns the Markdown.
 
   Scores average the finished runs only; cells with fewer finished seeds
   than planned are marked partial, unfinished runs are listed with their
@@ -280,12 +306,11 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
   seeds = sorted({r.seed for r in runs})
   finished = sum(r.finished for r in results)
   lines = [
-      '# CamVid click-supervision study', '',
+      f'# {dataset.title}', '',
       f'Generated {utc_now()} by `{command_line}` from the workdirs of the '
       'runs below (a missing cell has not been run yet).', '',
-      'Data: CamVid, 11 classes (train 367, val 101 images; void ignored), '
-      f'sparse training labels from `data_prep/sparse_labels.py`; config '
-      f'`{CONFIG_FILE}`; training seeds {", ".join(map(str, seeds))}. '
+      f'Data: {dataset.description}; config '
+      f'`{dataset.config_file}`; training seeds {", ".join(map(str, seeds))}. '
       'Score: val mIoU (%) at the final evaluation, mean ± sample standard '
       'deviation (ddof=1) over the finished seeds, n = number of seeds.', '']
   if finished < len(runs):
@@ -313,7 +338,11 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
   lines += ['', '## Learning curves', '',
             f'![val mIoU and train loss vs step]({relative(curves_path)})',
             '', '### Schedule check', '']
-  lines += schedule_check(results, labels[0])
+  # pCE's first labels spec (MSRC's grid starts with boxes, which pCE is
+  # not for).
+  lines += schedule_check(results, next(
+      (r.cell.labels for r in runs if r.cell.method == 'pce_only'),
+      labels[0]))
   dtype_lines = dtype_check(results)
   if dtype_lines or any(r.cell.variant == DTYPE_CHECK_VARIANT for r in runs):
     lines += ['', '## bfloat16 check', ''] + (
@@ -324,6 +353,15 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
               'seed of each method overlaid (void and unlabeled pixels '
               'uncoloured).', '']
     lines += [f'![{os.path.basename(p)}]({relative(p)})' for p in overlay_paths]
+  quality_lines = pseudo_label_table(results)
+  if quality_lines:
+    lines += ['', '## Pseudo-label quality', '',
+              "Each finished run's pseudo-label pass against the dense "
+              'labels of the same training images (never trained on): the '
+              'share of the densely labeled pixels it labeled, its pixel '
+              'accuracy, mIoU and per-class IoU (%); read from the pass\'s '
+              '`quality.json` when it wrote one, else measured '
+              '(benchmarks/study/pass_quality.py).', ''] + quality_lines
   if diagnostics:
     lines += ['', '## G vs p diagnostic (benchmarks/gmm_diagnostic.py)', '']
     lines += list(diagnostics)

@@ -13,7 +13,8 @@ import numpy as np
 
 from benchmarks.study.device_plan import run_shape
 from benchmarks.study.evaluations import eval_command, read_evals
-from benchmarks.study.grid import CONFIG_FILE, REPO_ROOT, Cell, Run
+from benchmarks.study.grid import REPO_ROOT, Cell, Run, config_error, dataset_of
+from benchmarks.study.pass_quality import read_qualities
 from benchmarks.study.runner import read_marker
 
 # Scalar tags written by agmm_jax/train/trainer.py.
@@ -33,7 +34,9 @@ class RunResult:
   of the study marker, else (`wall_from_events`) the time span of the scalar
   events; `done`: the marker of this exact command says it exited 0;
   `total_steps`: the planned steps (None: unknown); `evals`: evaluations of
-  other datasets, `{data_dir: parse_eval_output(...)}`.
+  other datasets, `{data_dir: parse_eval_output(...)}`; `pseudo_labels`:
+  the quality of each pass folder, `{name: pass_quality.read_qualities'
+  value}`.
   """
   run: Run
   miou_curve: tuple[np.ndarray, np.ndarray]
@@ -48,6 +51,8 @@ class RunResult:
   throughput_curve: tuple[np.ndarray, np.ndarray] = (
       np.zeros(0, np.int64), np.zeros(0, np.float64))
   evals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  pseudo_labels: dict[str, dict[str, Any]] = dataclasses.field(
+      default_factory=dict)
 
   @property
   def has_eval(self) -> bool:
@@ -125,9 +130,9 @@ def _class_order(workdir: str, names: Sequence[str],
 
 
 def planned_steps(run: Run) -> int | None:
-  """The steps `run`'s command trains (None for a command that is not a
-  camvid_clicks run)."""
-  if not any(a.startswith(f'--config={CONFIG_FILE}:') for a in run.argv):
+  """The steps `run`'s command trains (None for a command of no study
+  dataset, or one its config refuses today: grid.config_error)."""
+  if dataset_of(run) is None or config_error(run):
     return None
   return run_shape(run).total_steps
 
@@ -137,7 +142,8 @@ def run_record(run: Run, *, repo_root: str = REPO_ROOT,
   """Everything the report needs of one workdir as JSON-able data (None when
   it has no event file yet): every scalar `{tag: [steps, values]}`, their
   time span, the study marker, config.json, the class order of the per-class
-  IoU tags and the evaluations of other datasets (EVAL_FILE)."""
+  IoU tags, the evaluations of other datasets (EVAL_FILE) and the quality
+  of its pseudo-label passes (pass_quality)."""
   workdir = os.path.join(repo_root, run.workdir)
   if not os.path.isdir(workdir) or not any(
       'tfevents' in name for name in os.listdir(workdir)):
@@ -153,7 +159,8 @@ def run_record(run: Run, *, repo_root: str = REPO_ROOT,
                       for tag, (steps, values) in scalars.items()},
           'span_s': span_s, 'marker': read_marker(workdir), 'config': config,
           'class_order': _class_order(workdir, names, repo_root),
-          'evals': read_evals(workdir)}
+          'evals': read_evals(workdir),
+          'pseudo_labels': read_qualities(workdir)}
 
 
 def result_from_record(run: Run, record: Mapping[str, Any], *,
@@ -192,7 +199,8 @@ def result_from_record(run: Run, record: Mapping[str, Any], *,
                    load_averages=loads, total_steps=planned_steps(run),
                    throughput_curve=scalars.get(THROUGHPUT_TAG, empty),
                    evals={k: v for k, v in record.get('evals', {}).items()
-                          if v.get('command') == eval_command(run, k)})
+                          if v.get('command') == eval_command(run, k)},
+                   pseudo_labels=record.get('pseudo_labels') or {})
 
 
 def read_run(run: Run, *, repo_root: str = REPO_ROOT,

@@ -1,0 +1,400 @@
+"""README's method table, generated from the study's committed records
+(`python -m benchmarks.camvid_study --readme_table`).
+
+Every record under the archive (docs/results/records/ROOT/*.json, one per
+finished run) is read as an Entry: its dataset (the command's config file),
+budget ('200 steps' from `--config.num_train_steps`, else the config's
+epochs), labels, method, seed and final val mIoU. Entries of the same
+(dataset, budget, labels, method) form a Row: mean ± sample sd over the
+seeds, gaps to pCE (same labels and budget) and to dense labels (same
+budget), mean wall time, the command. The table replaces the block between
+BEGIN and END in README.md; the per-class IoU of every row goes to
+PER_CLASS_DOC, one section per (dataset, budget), linked from the rows.
+
+Separation rule (`separation`), written once here and stated under the
+table: a method separates from pCE when it has at least two seeds, as pCE
+does, every seed of it is above pCE's best seed (below its worst for
+'below'), and its mean gap exceeds SEPARATION_POOLED_SDS pooled sample
+standard deviations of the two cells.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from benchmarks.study.datasets import DATASETS, dataset_of_config
+from benchmarks.study.grid import FULL, labels_kind
+from benchmarks.study.report import format_duration
+from benchmarks.study.runner import utc_now
+
+BEGIN = '<!-- method-table:begin -->'
+END = '<!-- method-table:end -->'
+README = 'README.md'
+PER_CLASS_DOC = 'docs/results_per_class.md'
+PCE = 'pce_only'
+SEPARATION_POOLED_SDS = 2.0
+DENSE_LABELS = 'dense'
+# Label kinds in the table's order; others follow alphabetically.
+KIND_ORDER = ('clicks', 'points', 'scribbles', 'boxes', 'tags', DENSE_LABELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One finished run's record: where it belongs and its final scores."""
+  dataset: str
+  budget: str
+  budget_steps: int
+  labels: str
+  method: str
+  seed: int
+  miou: float
+  per_class: Mapping[str, float]
+  span_s: float | None
+  command: str
+  pseudo_labels: Mapping[str, Any]
+  machine: str
+
+
+def _config_args(command: str) -> tuple[str, dict[str, str]] | None:
+  """(config file, its key=value arguments) of a main.py command."""
+  match = re.search(r'--config=([^\s:]+):(\S+)', command)
+  if not match:
+    return None
+  return match.group(1), dict(item.split('=', 1)
+                              for item in match.group(2).split(',')
+                              if '=' in item)
+
+
+def _budget(command: str, config: Mapping[str, Any], train_images: int
+            ) -> tuple[str, int]:
+  """('200 steps', 200) or ('40 epochs', steps of 40 epochs)."""
+  steps = re.search(r'--config\.num_train_steps=(\d+)', command)
+  if steps and int(steps.group(1)) > 0:
+    return f'{int(steps.group(1))} steps', int(steps.group(1))
+  epochs = int(config['num_epochs'])
+  per_epoch = max(train_images // int(config['global_batch_size']), 1)
+  return f'{epochs} epochs', epochs * per_epoch
+
+
+def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
+  """The Entry of one archived record (None: not a study dataset's command,
+  not finished, or without an evaluation)."""
+  parsed = _config_args(record.get('command', ''))
+  dataset = parsed and dataset_of_config(parsed[0])
+  marker = record.get('marker') or {}
+  miou = record.get('scalars', {}).get('eval/miou')
+  if not dataset or not record.get('config') or not miou or not miou[0]:
+    return None
+  if marker and not marker.get('done'):
+    return None
+  args = parsed[1]
+  method = args.get('method', '')
+  labels = args.get('labels', '')
+  if method == FULL or labels == DENSE_LABELS:
+    method, labels = FULL, DENSE_LABELS
+  final_step = miou[0][-1]
+  per_class = {}
+  for name in record.get('class_order', []):
+    steps, values = record['scalars'].get(f'eval/iou/{name}', ([], []))
+    if final_step in steps:
+      per_class[name] = float(values[steps.index(final_step)])
+  budget, budget_steps = _budget(record['command'], record['config'],
+                                 dataset.train_images)
+  seed = re.search(r'--config\.seed=(\d+)', record['command'])
+  cpu = (marker.get('machine') or {})
+  return Entry(dataset=dataset.name, budget=budget, budget_steps=budget_steps,
+               labels=labels, method=method,
+               seed=int(seed.group(1)) if seed else 0,
+               miou=float(miou[1][-1]), per_class=per_class,
+               span_s=record.get('span_s'), command=record['command'],
+               pseudo_labels=record.get('pseudo_labels') or {},
+               machine=(f'{cpu["cpu"]}, {cpu["cpu_count"]} cores'
+                        if cpu.get('cpu') else ''))
+
+
+def read_entries(archive: str) -> list[Entry]:
+  """The Entries of every record under `archive`/*/ (sorted paths)."""
+  entries = []
+  for path in sorted(glob.glob(os.path.join(archive, '*', '*.json'))):
+    with open(path) as f:
+      try:
+        record = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from None
+    entry = entry_of_record(record)
+    if entry is not None:
+      entries.append(entry)
+  return entries
+
+
+@dataclasses.dataclass
+class Row:
+  """The runs of one (dataset, budget, labels, method) over their seeds."""
+  entries: list[Entry]
+
+  @property
+  def key(self) -> tuple[str, str, str, str]:
+    e = self.entries[0]
+    return e.dataset, e.budget, e.labels, e.method
+
+  @property
+  def scores(self) -> np.ndarray:
+    return np.array([e.miou for e in self.entries])
+
+  @property
+  def mean(self) -> float:
+    return float(self.scores.mean())
+
+  @property
+  def sd(self) -> float:
+    """Sample standard deviation (ddof=1); NaN for one seed."""
+    return float(self.scores.std(ddof=1)) if len(self.entries) > 1 else math.nan
+
+  @property
+  def wall_s(self) -> float | None:
+    spans = [e.span_s for e in self.entries if e.span_s is not None]
+    return float(np.mean(spans)) if spans else None
+
+
+def group_rows(entries: Sequence[Entry]) -> list[Row]:
+  """Rows by (dataset, budget, labels, method), seeds sorted, in the
+  table's order: dataset, budget (steps), label kind (KIND_ORDER), pCE
+  first, then by mean mIoU, dense labels last."""
+  by_key: dict[tuple, list[Entry]] = {}
+  for e in entries:
+    by_key.setdefault((e.dataset, e.budget, e.labels, e.method), []).append(e)
+  rows = [Row(sorted(v, key=lambda e: e.seed)) for v in by_key.values()]
+
+  def order(row: Row) -> tuple:
+    e = row.entries[0]
+    kind = labels_kind(e.labels)
+    kind_rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(
+        KIND_ORDER) - 1
+    return (list(DATASETS).index(e.dataset), e.budget_steps, e.budget,
+            kind_rank, e.labels, e.method != PCE, -row.mean)
+  return sorted(rows, key=order)
+
+
+def pooled_sd(a: np.ndarray, b: np.ndarray) -> float:
+  """sqrt(((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2))."""
+  dof = a.size + b.size - 2
+  return math.sqrt(((a.size - 1) * a.var(ddof=1)
+                    + (b.size - 1) * b.var(ddof=1)) / dof)
+
+
+def separation(method: np.ndarray, pce: np.ndarray) -> str:
+  """'above', 'below', 'no' or 'n/a (one seed)': the module's rule."""
+  if method.size < 2 or pce.size < 2:
+    return 'n/a (one seed)'
+  gap = float(method.mean() - pce.mean())
+  margin = SEPARATION_POOLED_SDS * pooled_sd(method, pce)
+  if method.min() > pce.max() and gap > margin:
+    return 'above'
+  if method.max() < pce.min() and -gap > margin:
+    return 'below'
+  return 'no'
+
+
+RULE_TEXT = (
+    'Separates from pCE: at least two seeds in both cells, every seed of '
+    "the method above pCE's best seed (below its worst: 'below'), and the "
+    f'mean gap larger than {SEPARATION_POOLED_SDS:g} pooled sample standard '
+    'deviations of the two cells; otherwise the difference is within the '
+    'seed noise of these runs ("no").')
+
+
+def _anchor(title: str) -> str:
+  """GitHub's anchor of a Markdown heading."""
+  return re.sub(r'[^a-z0-9 -]', '', title.lower()).replace(' ', '-')
+
+
+def section_title(dataset: str, budget: str) -> str:
+  return f'{DATASETS[dataset].display_name}, {budget}'
+
+
+def _score(row: Row) -> str:
+  n = len(row.entries)
+  spread = '' if n == 1 else f' ± {100 * row.sd:.2f}'
+  return f'{100 * row.mean:.2f}{spread} (n={n})'
+
+
+def _gap(row: Row, reference: Row | None) -> str:
+  if reference is None or reference is row:
+    return '—'
+  return f'{100 * (row.mean - reference.mean):+.2f}'
+
+
+def _references(rows: Sequence[Row]
+                ) -> tuple[dict[tuple, Row], dict[tuple, Row]]:
+  """pCE's row per (dataset, budget, labels), dense labels' per (dataset,
+  budget)."""
+  pce = {r.key[:3]: r for r in rows if r.key[3] == PCE}
+  dense = {r.key[:2]: r for r in rows if r.key[3] == FULL}
+  return pce, dense
+
+
+def _verdict(row: Row, pce: Row | None) -> str:
+  if row.key[3] in (PCE, FULL) or pce is None:
+    return '—'
+  return separation(row.scores, pce.scores)
+
+
+def table_lines(rows: Sequence[Row], per_class_link: str) -> list[str]:
+  """The Markdown table: one line per row."""
+  pce_of, dense_of = _references(rows)
+  lines = ['| dataset, budget | labels | method | val mIoU (%) | vs pCE | '
+           'vs dense | separates from pCE? | wall time / run | command | '
+           'per class |', '|---' * 10 + '|']
+  for row in rows:
+    dataset, budget, labels, method = row.key
+    pce, dense = pce_of.get(row.key[:3]), dense_of.get(row.key[:2])
+    title = section_title(dataset, budget)
+    command = row.entries[0].command
+    lines.append(
+        f'| {title} | {labels} | {method} | {_score(row)} | '
+        f'{_gap(row, pce)} | {_gap(row, dense)} | {_verdict(row, pce)} | '
+        f'{format_duration(row.wall_s)} | `{command}` | '
+        f'[table]({per_class_link}#{_anchor(title)}) |')
+  return lines
+
+
+def best_sentences(rows: Sequence[Row]) -> list[str]:
+  """Per (dataset, budget, labels): the best method in a plain sentence,
+  or 'none beats pCE'."""
+  pce_of, dense_of = _references(rows)
+  groups = list(dict.fromkeys(r.key[:3] for r in rows if r.key[3] != FULL))
+  lines = []
+  for key in groups:
+    title = f'{section_title(*key[:2])}, {key[2]}'
+    pce = pce_of.get(key)
+    others = [r for r in rows if r.key[:3] == key and r.key[3] != PCE]
+    if pce is None:
+      lines.append(f'- {title}: no pCE run to compare with.')
+      continue
+    if not others:
+      lines.append(f'- {title}: only pCE has run ({_score(pce)}).')
+      continue
+    above = [r for r in others if _verdict(r, pce) == 'above']
+    dense = dense_of.get(key[:2])
+    dense_text = (f'; dense labels {100 * (dense.mean - pce.mean):+.2f} '
+                  'points over pCE' if dense else '')
+    if above:
+      best = max(above, key=lambda r: r.mean)
+      lines.append(
+          f'- {title}: **{best.key[3]}** is best ({_score(best)}, '
+          f'{100 * (best.mean - pce.mean):+.2f} points over pCE, '
+          f'separated){dense_text}.')
+    else:
+      top = max(others, key=lambda r: r.mean)
+      lines.append(
+          f'- {title}: **none beats pCE** ({_score(pce)}; highest other '
+          f'mean {top.key[3]} {_score(top)}, not separated){dense_text}.')
+  return lines
+
+
+def _machines_text(rows: Sequence[Row]) -> str:
+  machines = sorted({e.machine for r in rows for e in r.entries if e.machine})
+  return '; '.join(machines) or 'not recorded'
+
+
+def block_lines(rows: Sequence[Row], per_class_link: str,
+                command_line: str) -> list[str]:
+  """The README block between BEGIN and END."""
+  if not rows:
+    return ['No finished run is archived yet.']
+  return ([f'Generated {utc_now()} by `{command_line}` from the records '
+           'under docs/results/records/ (one per finished run). Val mIoU: '
+           'at the final evaluation, mean ± sample sd (ddof=1) over n seeds; '
+           'vs pCE / vs dense: mean difference in points against pCE on '
+           'the same labels and against dense labels at the same budget; '
+           "command: the first seed's (another seed S: `_seedS` and "
+           '`--config.seed=S`).',
+           ''] + table_lines(rows, per_class_link)
+          + ['', RULE_TEXT, '',
+             'Wall time: mean over the seeds of the span from the first to '
+             "the last scalar event of a run (training and evaluations; "
+             'start-up and first compilation left out), on the shared 2-core '
+             'development machines, loaded by other jobs (recorded: '
+             f'{_machines_text(rows)}): compare them within a budget only.',
+             '', 'Best method per label kind:', ''] + best_sentences(rows))
+
+
+def per_class_doc(rows: Sequence[Row], command_line: str) -> str:
+  """PER_CLASS_DOC: per (dataset, budget), the mean per-class val IoU of
+  each row and the pseudo-label quality of the runs that made a pass."""
+  lines = ['# Per-class val IoU of the method table', '',
+           f'Generated {utc_now()} by `{command_line}` with the README\'s '
+           'method table, from the same records: IoU (%) at the final '
+           'evaluation, mean over the seeds.']
+  for dataset, budget in dict.fromkeys(r.key[:2] for r in rows):
+    section = [r for r in rows if r.key[:2] == (dataset, budget)]
+    classes = list(dict.fromkeys(
+        c for r in section for e in r.entries for c in e.per_class))
+    lines += ['', f'## {section_title(dataset, budget)}', '',
+              '| labels | method | ' + ' | '.join(classes) + ' | mIoU |',
+              '|---|---|' + '---|' * (len(classes) + 1)]
+    for row in section:
+      values = []
+      for c in classes:
+        seeds = [e.per_class[c] for e in row.entries
+                 if c in e.per_class and not math.isnan(e.per_class[c])]
+        values.append(f'{100 * np.mean(seeds):.1f}' if seeds else 'n/a')
+      lines.append(f'| {row.key[2]} | {row.key[3]} | ' + ' | '.join(values)
+                   + f' | {100 * row.mean:.1f} |')
+    passes = [(r, e, name, q) for r in section for e in r.entries
+              for name, q in sorted(e.pseudo_labels.items())]
+    if passes:
+      lines += ['', 'Pseudo-label quality (the pass against the dense labels '
+                'of the training images, %):', '',
+                '| labels | method | seed | pass | labeled | mIoU |',
+                '|---|---|---|---|---|---|']
+      lines += [f'| {r.key[2]} | {r.key[3]} | {e.seed} | `{name}` | '
+                f'{100 * q.get("coverage", math.nan):.1f} | '
+                f'{100 * q.get("miou", math.nan):.1f} |'
+                for r, e, name, q in passes]
+  return '\n'.join(lines) + '\n'
+
+
+def replace_block(text: str, block: Sequence[str]) -> str:
+  """`text` with the lines between BEGIN and END replaced by `block`.
+
+  Raises:
+    ValueError: without exactly one BEGIN followed by one END.
+  """
+  if text.count(BEGIN) != 1 or text.count(END) != 1 or (
+      text.index(BEGIN) > text.index(END)):
+    raise ValueError(f'{README} needs one "{BEGIN}" line followed by one '
+                     f'"{END}" line around the method table')
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  return head + BEGIN + '\n' + '\n'.join(block) + '\n' + END + tail
+
+
+def write_method_table(archive: str, repo_root: str, *,
+                       command_line: str) -> list[str]:
+  """Rewrites README.md's method-table block and PER_CLASS_DOC from the
+  records under `archive`; returns the paths written.
+
+  Raises:
+    ValueError: a record that is not valid JSON, or README without the
+      block's markers.
+  """
+  rows = group_rows(read_entries(archive))
+  readme = os.path.join(repo_root, README)
+  with open(readme) as f:
+    text = replace_block(f.read(), block_lines(rows, PER_CLASS_DOC,
+                                               command_line))
+  doc = os.path.join(repo_root, PER_CLASS_DOC)
+  os.makedirs(os.path.dirname(doc), exist_ok=True)
+  with open(doc, 'w') as f:
+    f.write(per_class_doc(rows, command_line))
+  with open(readme, 'w') as f:
+    f.write(text)
+  return [readme, doc]

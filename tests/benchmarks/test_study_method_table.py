@@ -1,0 +1,161 @@
+"""README's method table (benchmarks/study/method_table.py) on small synthetic
+records: means, sample sds, gaps and the separation rule against values
+computed by hand in the test, the best-method sentences, the README block
+rewrite and its error line."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import camvid_study
+from benchmarks.study import method_table
+from benchmarks.study.method_table import (
+    BEGIN, END, best_sentences, group_rows, read_entries, separation,
+    table_lines)
+
+CLASSES = ('sky', 'road')
+
+
+def _record(method: str, seed: int, miou: float, *, labels: str = 'clicks:20',
+            steps: int = 200, span_s: float = 600.0,
+            sky: float = 0.5) -> dict:
+  """A finished run's archived record with a final val mIoU of `miou`."""
+  command = (f'python main.py --config=configs/camvid_clicks.py:labels='
+             f'{labels},method={method},size=cpu,lseed=0 --workdir=runs/'
+             f'study/x_seed{seed} --config.seed={seed}')
+  if steps:
+    command += f' --config.num_train_steps={steps}'
+  final = steps or 1800
+  return {'command': command, 'workdir': f'runs/study/x_seed{seed}',
+          'scalars': {'eval/miou': [[final // 2, final], [0.01, miou]],
+                      'eval/iou/sky': [[final], [sky]],
+                      'eval/iou/road': [[final], [2 * miou - sky]]},
+          'span_s': span_s,
+          'marker': {'command': command, 'done': True, 'machine': {
+              'cpu': 'Test CPU', 'cpu_count': 2}},
+          'config': {'num_epochs': 40, 'global_batch_size': 8},
+          'class_order': list(CLASSES), 'evals': {}}
+
+
+def _write(archive, folder: str, name: str, record: dict) -> None:
+  path = archive / folder
+  path.mkdir(parents=True, exist_ok=True)
+  (path / f'{name}.json').write_text(json.dumps(record))
+
+
+@pytest.fixture
+def archive(tmp_path):
+  """pCE 0.20 / 0.22, ncut 0.30 / 0.26, crf 0.24 / 0.19 at 200 steps on
+  clicks:20; pCE and dense labels at 40 epochs; an unfinished run."""
+  root = tmp_path / 'records'
+  for method, seed, miou in [('pce_only', 0, 0.20), ('pce_only', 1, 0.22),
+                             ('pce_ncut', 0, 0.30), ('pce_ncut', 1, 0.26),
+                             ('pce_densecrf', 0, 0.24),
+                             ('pce_densecrf', 1, 0.19)]:
+    _write(root, 'study', f'{method}_{seed}',
+           _record(method, seed, miou, span_s=600.0 + 60 * seed))
+  for method, seed, miou in [('pce_only', 0, 0.38), ('pce_only', 1, 0.40),
+                             ('full', 0, 0.45), ('full', 1, 0.47)]:
+    _write(root, 'study40', f'{method}_{seed}',
+           _record(method, seed, miou, steps=0))
+  unfinished = _record('tel', 0, 0.5)
+  unfinished['marker']['done'] = False
+  _write(root, 'study', 'tel_0', unfinished)
+  return root
+
+
+def test_rows_hold_hand_computed_means_sds_and_wall_times(archive):
+  rows = {row.key: row for row in group_rows(read_entries(str(archive)))}
+  assert set(rows) == {
+      ('camvid', '200 steps', 'clicks:20', m)
+      for m in ('pce_only', 'pce_ncut', 'pce_densecrf')} | {
+          ('camvid', '40 epochs', 'clicks:20', 'pce_only'),
+          ('camvid', '40 epochs', 'dense', 'full')}
+  ncut = rows[('camvid', '200 steps', 'clicks:20', 'pce_ncut')]
+  # mean (0.30 + 0.26) / 2; sd sqrt(2 * 0.02^2 / 1).
+  assert ncut.mean == pytest.approx(0.28)
+  assert ncut.sd == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+  assert ncut.wall_s == pytest.approx(630.0)
+  assert [e.seed for e in ncut.entries] == [0, 1]
+
+
+def test_table_gaps_and_separation_by_hand(archive):
+  rows = group_rows(read_entries(str(archive)))
+  lines = table_lines(rows, 'docs/x.md')
+  by_method = {line.split(' | ')[0] + line.split(' | ')[2]: line
+               for line in lines[2:]}
+  ncut = by_method['| CamVid, 200 stepspce_ncut'].split(' | ')
+  # 28.00 ± 2.83 (n=2); gap 28 - 21 = +7.00; no dense row at 200 steps.
+  assert ncut[3:7] == ['28.00 ± 2.83 (n=2)', '+7.00', '—', 'above']
+  crf = by_method['| CamVid, 200 stepspce_densecrf'].split(' | ')
+  # 21.50 ± 3.54: mean gap +0.50, seed 0.19 under pCE's best 0.22.
+  assert crf[3:7] == ['21.50 ± 3.54 (n=2)', '+0.50', '—', 'no']
+  pce40 = by_method['| CamVid, 40 epochspce_only'].split(' | ')
+  # 39 - 46 = -7.00 against dense labels at the same budget.
+  assert pce40[3:6] == ['39.00 ± 1.41 (n=2)', '—', '-7.00']
+  assert pce40[-1] == '[table](docs/x.md#camvid-40-epochs) |'
+  # Rows in order: pCE first, then by mean.
+  assert [line.split(' | ')[2] for line in lines[2:5]] == [
+      'pce_only', 'pce_ncut', 'pce_densecrf']
+
+
+@pytest.mark.parametrize('method, pce, verdict', [
+    # Every seed above pCE's best; gap 7 > 2 x pooled sd sqrt(5e-4) = 4.47.
+    ((0.30, 0.26), (0.20, 0.22), 'above'),
+    # Every seed above, but gap 3.5 < 2 x pooled sd sqrt(4.25e-4) = 4.12.
+    ((0.25, 0.29), (0.23, 0.24), 'no'),
+    # Gap 22.9 > 2 x pooled sd 6.69, but a seed (0.29) under pCE's best.
+    ((0.29,) + (0.5,) * 9, (0.20, 0.30), 'no'),
+    ((0.10, 0.12), (0.20, 0.22), 'below'),
+    ((0.30,), (0.20, 0.22), 'n/a (one seed)'),
+])
+def test_separation_rule(method, pce, verdict):
+  method, pce = np.array(method), np.array(pce)
+  # The rule restated in the test: all seeds beyond, gap beyond 2 pooled sd.
+  if method.size > 1 and pce.size > 1:
+    pooled = math.sqrt(((method.size - 1) * np.var(method, ddof=1)
+                        + (pce.size - 1) * np.var(pce, ddof=1))
+                       / (method.size + pce.size - 2))
+    gap = method.mean() - pce.mean()
+    expected = ('above' if method.min() > pce.max() and gap > 2 * pooled
+                else 'below' if method.max() < pce.min()
+                and -gap > 2 * pooled else 'no')
+    assert expected == verdict
+  assert separation(method, pce) == verdict
+
+
+def test_best_sentences_name_the_winner_or_none(archive, tmp_path):
+  rows = group_rows(read_entries(str(archive)))
+  sentences = best_sentences(rows)
+  assert sentences[0].startswith(
+      '- CamVid, 200 steps, clicks:20: **pce_ncut** is best (28.00 ± 2.83')
+  assert sentences[1] == (
+      '- CamVid, 40 epochs, clicks:20: only pCE has run (39.00 ± 1.41 (n=2)).')
+  # Without the winner, nothing separates: none beats pCE.
+  os.remove(archive / 'study' / 'pce_ncut_0.json')
+  os.remove(archive / 'study' / 'pce_ncut_1.json')
+  sentences = best_sentences(group_rows(read_entries(str(archive))))
+  assert '**none beats pCE** (21.00 ± 1.41 (n=2); highest other mean ' \
+      'pce_densecrf 21.50 ± 3.54 (n=2), not separated)' in sentences[0]
+
+
+def test_readme_table_rewrites_only_the_block(archive, tmp_path, monkeypatch,
+                                             capsys):
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'intro\n{BEGIN}\nold table\n{END}\noutro\n')
+  monkeypatch.setattr(camvid_study.cli, 'REPO_ROOT', str(tmp_path))
+  assert camvid_study.main(['--readme_table', f'--archive={archive}']) == 0
+  text = readme.read_text()
+  assert text.startswith(f'intro\n{BEGIN}\nGenerated ')
+  assert text.endswith(f'{END}\noutro\n') and 'old table' not in text
+  assert '| CamVid, 200 steps | clicks:20 | pce_ncut | 28.00 ± 2.83' in text
+  doc = (tmp_path / method_table.PER_CLASS_DOC).read_text()
+  # sky 0.5 in every run; road 2 x mIoU - sky: (0.1 + 0.06) / 2 for ncut.
+  assert '| clicks:20 | pce_ncut | 50.0 | 6.0 | 28.0 |' in doc
+  readme.write_text('no markers\n')
+  assert camvid_study.main(['--readme_table', f'--archive={archive}']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: README.md needs one')
