@@ -21,10 +21,11 @@ from benchmarks.study.device_plan import (
 from benchmarks.study.datasets import DATASETS
 from benchmarks.study.evaluations import evaluate_finished, run_diagnostic
 from benchmarks.study.grid import (
-    ALL_METHODS, DEFAULT_LABELS, DEFAULT_METHODS, DEFAULT_ROOT, DEFAULT_SEEDS,
+    ALL_METHODS, DEFAULT_LABELS, FULL, DEFAULT_METHODS, DEFAULT_ROOT, DEFAULT_SEEDS,
     REPO_ROOT, STUDY_PRESETS, Run, StudyPreset, common_args_of, config_error,
     dataset_of, plan_preset)
-from benchmarks.study.method_table import write_method_table
+from benchmarks.study.method_table import (
+    group_rows, method_cost_factors, read_entries, write_method_table)
 from benchmarks.study.pack import (
     PACK_FIGURES, PACK_JSON, pack_results, unpack_results)
 from benchmarks.study.plots import make_overlays, plot_curves
@@ -242,20 +243,35 @@ def _select_call(args: argparse.Namespace, calls: Sequence[DeviceCall]
   return calls[args.call - 1]
 
 
-def _cpu_plan_lines(runs: Sequence[Run], waiting: Sequence[Run]
-                    ) -> list[str]:
+def _cpu_plan_lines(runs: Sequence[Run], waiting: Sequence[Run],
+                    archive_dir: str) -> list[str]:
   """'# ' lines: the predicted CPU time of `runs` at their dataset's
-  measured seconds per step, and the runs `waiting` for their method."""
+  measured seconds per step (pCE's) times each method's cost relative to
+  pCE in the records under `archive_dir` (1 where none has run), and the
+  runs `waiting` for their method."""
   dataset = dataset_of(runs[0]) if runs else None
   lines = []
   if runs:
+    factors = method_cost_factors(group_rows(read_entries(archive_dir))) if (
+        os.path.isdir(archive_dir)) else {}
+    factor = lambda run: factors.get(run.cell.method, 1.0)
     steps = sum(run_shape(run).total_steps for run in runs)
+    seconds = sum(run_shape(run).total_steps * factor(run) for run in runs
+                  ) * dataset.cpu_seconds_per_step
+    methods = list(dict.fromkeys(r.cell.method for r in runs))
+    known = [f'{m} {factors[m]:.2f}' for m in methods if m in factors]
+    unknown = [m for m in methods if m not in factors and m not in (
+        'pce_only', FULL)]
     lines.append(
         f'# {len(runs)} runs, {steps} steps: about '
-        f'{format_duration(steps * dataset.cpu_seconds_per_step)} on a '
-        f'2-core CPU at {dataset.cpu_seconds_per_step} s/step '
-        f'({dataset.cpu_seconds_source}; a loss heavier than pCE takes '
-        'longer); resumable, see --status')
+        f'{format_duration(seconds)} on a 2-core CPU at pCE\'s '
+        f'{dataset.cpu_seconds_per_step} s/step '
+        f'({dataset.cpu_seconds_source}) times each method\'s cost; '
+        'resumable, see --status')
+    lines.append('# cost per step relative to pCE in the archived records: '
+                 + (', '.join(known) or 'none') + (
+                     '; not archived yet, taken as pCE\'s: '
+                     + ', '.join(unknown) if unknown else ''))
   if waiting:
     lines.append(f'# {len(waiting)} runs not runnable yet (--run skips '
                  f'them): {config_error(waiting[0])}')
@@ -335,7 +351,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
         print(f'# JAX_COMPILATION_CACHE_DIR={cache_dir} for every run')
     else:
       print('\n'.join(_cpu_plan_lines(
-          [r for r in runs if r not in waiting], waiting)))
+          [r for r in runs if r not in waiting], waiting,
+          os.path.join(REPO_ROOT, args.archive) if args.archive else '')))
     return 0
 
   if args.status:

@@ -166,8 +166,8 @@ def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,
     cells.append(Cell(full_labels, FULL, variant))
   if not cells:
     raise ValueError(f'--methods {",".join(methods)}: none is for the label '
-                     f'kinds of --labels {",".join(labels)} (METHOD_LABEL_KINDS '
-                     'in benchmarks/study/grid.py)')
+                     f'kinds of --labels {",".join(labels)} (KIND_METHODS, '
+                     'METHOD_LABEL_KINDS in benchmarks/study/grid.py)')
   runs = []
   for seed in seeds:
     for cell in cells:

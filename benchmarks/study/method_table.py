@@ -55,6 +55,7 @@ class Entry:
   method: str
   seed: int
   miou: float
+  final_step: int
   per_class: Mapping[str, float]
   span_s: float | None
   command: str
@@ -112,7 +113,8 @@ def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
   return Entry(dataset=dataset.name, budget=budget, budget_steps=budget_steps,
                labels=labels, method=method,
                seed=int(seed.group(1)) if seed else 0,
-               miou=float(miou[1][-1]), per_class=per_class,
+               miou=float(miou[1][-1]), final_step=int(final_step),
+               per_class=per_class,
                span_s=record.get('span_s'), command=record['command'],
                pseudo_labels=record.get('pseudo_labels') or {},
                machine=(f'{cpu["cpu"]}, {cpu["cpu_count"]} cores'
@@ -208,6 +210,22 @@ RULE_TEXT = (
     f'mean gap larger than {SEPARATION_POOLED_SDS:g} pooled sample standard '
     'deviations of the two cells; otherwise the difference is within the '
     'seed noise of these runs ("no").')
+
+
+def method_cost_factors(rows: Sequence[Row]) -> dict[str, float]:
+  """`{method: seconds per step / pCE's}`: each row's mean wall time per
+  trained step (span_s / final step: SPML's stage 2 counted) over pCE's on
+  the same dataset, budget and labels, averaged over those groups."""
+  pce_of, _ = _references(rows)
+  per_step = lambda row: np.mean([e.span_s / e.final_step for e in row.entries
+                                  if e.span_s and e.final_step > 0])
+  ratios: dict[str, list[float]] = {}
+  for row in rows:
+    pce = pce_of.get(row.key[:3])
+    if pce is not None and row is not pce and row.wall_s and pce.wall_s:
+      ratios.setdefault(row.key[3], []).append(
+          float(per_step(row) / per_step(pce)))
+  return {method: float(np.mean(r)) for method, r in ratios.items()}
 
 
 def _anchor(title: str) -> str:

@@ -159,3 +159,19 @@ def test_readme_table_rewrites_only_the_block(archive, tmp_path, monkeypatch,
   assert camvid_study.main(['--readme_table', f'--archive={archive}']) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: README.md needs one')
+
+
+def test_method_cost_factors_per_step_relative_to_pce(tmp_path):
+  root = tmp_path / 'records'
+  for method, seed, span in [('pce_only', 0, 400.0), ('pce_only', 1, 400.0),
+                             ('pce_ncut', 0, 1000.0), ('pce_ncut', 1, 800.0)]:
+    _write(root, 'study', f'{method}_{seed}',
+           _record(method, seed, 0.2, span_s=span))
+  # A method whose runs trained more steps (SPML's stage 2): per step.
+  spml = _record('spml', 0, 0.2, span_s=454.0)
+  spml['scalars']['eval/miou'] = [[200, 227], [0.1, 0.2]]
+  _write(root, 'study', 'spml_0', spml)
+  factors = method_table.method_cost_factors(
+      group_rows(read_entries(str(root))))
+  # pCE 400 / 200 = 2 s/step; ncut (5 + 4) / 2 = 4.5; spml 454 / 227 = 2.
+  assert factors == pytest.approx({'pce_ncut': 2.25, 'spml': 1.0})

@@ -21,6 +21,7 @@ from benchmarks.study.pass_quality import QUALITY_FILE, read_qualities
 from benchmarks.study.report import pseudo_label_table
 from benchmarks.study.results import RunResult
 from configs import presets
+from tests.benchmarks import test_study_method_table
 
 
 @pytest.fixture(scope='module')
@@ -69,18 +70,29 @@ def test_msrc_run_shape_and_tags_waiting(msrc_runs):
                       for r in tags)
 
 
-def test_plan_predicts_the_runnable_runs_and_lists_the_waiting(capsys):
+def test_plan_predicts_the_runnable_runs_and_lists_the_waiting(capsys,
+                                                             tmp_path):
+  # Archived 200-step CamVid runs: pce_ncut at twice pCE's time per step.
+  for method, span in (('pce_only', 400.0), ('pce_ncut', 800.0)):
+    for seed in (0, 1):
+      test_study_method_table._write(
+          tmp_path, 'study', f'{method}_{seed}',
+          test_study_method_table._record(method, seed, 0.2, span_s=span))
   assert camvid_study.main(['--plan', '--preset=msrc', '--seeds=0',
-                            '--labels=clicks:20,tags']) == 0
+                            '--labels=clicks:20,tags',
+                            f'--archive={tmp_path}']) == 0
   lines = capsys.readouterr().out.splitlines()
   commands = [line for line in lines if line.startswith('python main.py')]
   # pce_only and pce_ncut on clicks, dense labels, the tags methods.
   assert len(commands) == 3 + len(TAG_METHODS)
-  # Three runnable runs of 1360 steps at the dataset's seconds per step.
-  seconds = 3 * 1360 * MSRC.cpu_seconds_per_step
+  # Three runnable runs of 1360 steps at the dataset's seconds per step,
+  # pce_ncut's twice.
+  seconds = (1 + 2 + 1) * 1360 * MSRC.cpu_seconds_per_step
   hours, minutes = divmod(round(seconds) // 60, 60)
-  assert lines[-2].startswith(f'# 3 runs, 4080 steps: about {hours}h'
+  assert lines[-3].startswith(f'# 3 runs, 4080 steps: about {hours}h'
                               f'{minutes:02d}m')
+  assert lines[-2] == ('# cost per step relative to pCE in the archived '
+                       'records: pce_ncut 2.00')
   assert lines[-1].startswith(f'# {len(TAG_METHODS)} runs not runnable yet')
 
 
