@@ -82,14 +82,24 @@ def is_archived(run: Run, archive: str, repo_root: str = REPO_ROOT) -> bool:
   return bool(marker.get('done') and marker.get('command') == run.command)
 
 
-def save(run: Run, archive: str, repo_root: str = REPO_ROOT) -> str | None:
+def save(run: Run, archive: str, repo_root: str = REPO_ROOT, *,
+         target_images: int = 0) -> str | None:
   """Archives `run`'s record read from its workdir (atomically); returns the
-  path, or None when the workdir has no event file or no archive is set."""
+  path, or None when the workdir has no event file or no archive is set.
+  `target_images` > 0: the record also keeps the target-vs-prediction
+  diagnostic of the run's latest checkpoint on that many training images
+  (benchmarks/study/targets.py; `{'error': ...}` for a loss without a
+  target map)."""
   if not archive:
     return None
   record = run_record(run, repo_root=repo_root)
   if record is None:
     return None
+  if target_images > 0:
+    # Imported here: the diagnostic loads JAX and the model.
+    from benchmarks.study import targets  # pylint: disable=g-import-not-at-top
+    record['targets'] = targets.record_of(
+        os.path.join(repo_root, run.workdir), target_images)
   path = record_path(run, archive, repo_root)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:

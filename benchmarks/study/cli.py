@@ -151,6 +151,11 @@ def _parse_args(argv: Sequence[str] | None, usage: str
                       help='--report/--pack: run benchmarks/gmm_diagnostic.py '
                       'on this many training images for the finished core '
                       'runs of the first labels spec (0: no)')
+  parser.add_argument('--target_images', type=int, default=0,
+                      help='--run: the record of each run it finishes also '
+                      'keeps the target-vs-prediction diagnostic '
+                      '(benchmarks/study/targets.py) on this many training '
+                      'images (0: no)')
   parser.add_argument('--output', default=None,
                       help='--report: the Markdown file (default: the '
                       'dataset\'s, docs/results.md for CamVid; its folder '
@@ -390,7 +395,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
         deadline=start + deadline_s if deadline_s > 0 else None,
         predicted_s=predicted,
         done_elsewhere=lambda run: archive.is_archived(run, args.archive),
-        on_done=lambda run: archive.save(run, args.archive))
+        on_done=lambda run: archive.save(
+            run, args.archive, target_images=args.target_images))
     failed = [(r, s) for r, s in statuses if s.startswith('failed')]
     for run, status in failed:
       print(f'{status}: {run.workdir}/{LOG_FILE}', file=sys.stderr)
@@ -399,7 +405,8 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
           _with_checkpoints(selected), args.eval_data_dir)
       for run in selected:
         if statuses_by_workdir.get(run.workdir) == 'evaluated':
-          archive.save(run, args.archive)
+          archive.save(run, args.archive,
+                       target_images=args.target_images)
     return 1 if failed or len(statuses) < len(selected) else 0
 
   tags = dict(miou_tag=args.miou_tag, loss_tag=args.loss_tag,

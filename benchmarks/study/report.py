@@ -285,6 +285,35 @@ def pseudo_label_table(results: Sequence[RunResult]) -> list[str]:
   return lines
 
 
+def target_table(results: Sequence[RunResult]) -> list[str]:
+  """Markdown table of the finished runs whose record keeps the
+  target-vs-prediction diagnostic (benchmarks/study/targets.py): over the
+  unlabeled pixels whose class is labeled in the image, how often the
+  target's and the prediction's choice is the true class (%), and their
+  mean absolute errors against the one-hot truth."""
+  rows = [r for r in results if r.finished and r.targets]
+  if not rows:
+    return []
+  lines = ['| cell | seed | step | target | acc target | acc p | '
+           'target right, p wrong | target wrong, p right | '
+           '\\|target - y\\| | \\|p - y\\| |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for result in rows:
+    t = result.targets
+    if 'error' in t:
+      lines.append(f'| {result.run.cell.name} | {result.run.seed} | | '
+                   f'none: {t["error"].split(": ", 1)[-1]} |' + ' |' * 6)
+      continue
+    covered = max(t['covered'], 1.0)
+    share = lambda key: f'{100 * t[key] / covered:.1f}'
+    lines.append(
+        f'| {result.run.cell.name} | {result.run.seed} | {int(t["step"])} | '
+        f'{t["target"]} | {share("g_right")} | {share("p_right")} | '
+        f'{share("g_right_p_wrong")} | {share("g_wrong_p_right")} | '
+        f'{t["g_error"] / covered:.3f} | {t["p_error"] / covered:.3f} |')
+  return lines
+
+
 def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
                  markdown_path: str, curves_path: str,
                  overlay_paths: Sequence[str], command_line: str,
@@ -362,6 +391,15 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
               'accuracy, mIoU and per-class IoU (%); read from the pass\'s '
               '`quality.json` when it wrote one, else measured '
               '(benchmarks/study/pass_quality.py).', ''] + quality_lines
+  target_lines = target_table(results)
+  if target_lines:
+    lines += ['', '## Target vs prediction (benchmarks/study/targets.py)', '',
+              "Each run's latest checkpoint on the first training images "
+              '(the record says how many): is the target its loss builds '
+              'more accurate than the prediction it supervises? Measured on '
+              'the unlabeled, non-void pixels whose class is labeled in the '
+              'image, against the dense labels (never trained on).', '']
+    lines += target_lines
   if diagnostics:
     lines += ['', '## G vs p diagnostic (benchmarks/gmm_diagnostic.py)', '']
     lines += list(diagnostics)

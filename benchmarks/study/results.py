@@ -36,7 +36,8 @@ class RunResult:
   `total_steps`: the planned steps (None: unknown); `evals`: evaluations of
   other datasets, `{data_dir: parse_eval_output(...)}`; `pseudo_labels`:
   the quality of each pass folder, `{name: pass_quality.read_qualities'
-  value}`.
+  value}`; `targets`: the record's target-vs-prediction diagnostic
+  (targets.record_of, `{}`: not made).
   """
   run: Run
   miou_curve: tuple[np.ndarray, np.ndarray]
@@ -53,6 +54,7 @@ class RunResult:
   evals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
   pseudo_labels: dict[str, dict[str, Any]] = dataclasses.field(
       default_factory=dict)
+  targets: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def has_eval(self) -> bool:
@@ -200,7 +202,8 @@ def result_from_record(run: Run, record: Mapping[str, Any], *,
                    throughput_curve=scalars.get(THROUGHPUT_TAG, empty),
                    evals={k: v for k, v in record.get('evals', {}).items()
                           if v.get('command') == eval_command(run, k)},
-                   pseudo_labels=record.get('pseudo_labels') or {})
+                   pseudo_labels=record.get('pseudo_labels') or {},
+                   targets=record.get('targets') or {})
 
 
 def read_run(run: Run, *, repo_root: str = REPO_ROOT,

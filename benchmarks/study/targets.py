@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,17 @@ def diagnose(workdir: str, num_images: int) -> tuple[str, dict[str, float]]:
       totals[name] += value
   totals['step'] = step
   return loss.summary_name, totals
+
+
+def record_of(workdir: str, num_images: int) -> dict[str, Any]:
+  """What a study record keeps of `diagnose`: `{'target', 'images', 'step',
+  COUNTS and ERRORS sums}`, or `{'error': message}` where the run's loss
+  has no target map (or needs batch fields)."""
+  try:
+    name, totals = diagnose(workdir, num_images)
+  except ValueError as e:
+    return {'error': str(e)}
+  return {'target': name, 'images': num_images, **totals}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

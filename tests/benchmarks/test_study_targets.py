@@ -3,22 +3,40 @@ loss with a target map, against gmm_diagnostic's own path on an AGMM run
 (the GMM response computed explicitly, images in batches), and its error
 line for a loss without a target."""
 
+import dataclasses
 import json
+import os
 
+import numpy as np
 import pytest
 
 from benchmarks import gmm_diagnostic
+from benchmarks.study import archive
 from benchmarks.study import targets
+from benchmarks.study.grid import Cell, Run
+from benchmarks.study.report import target_table
+from benchmarks.study.results import RunResult
 from configs import presets
 from configs import tiny
 
 
-def test_agmm_target_matches_gmm_diagnostic(tiny_trained_run):
+IMAGES = 2
+
+
+@pytest.fixture(scope='module')
+def diagnosed(tiny_trained_run):
+  """targets.diagnose of the shared tiny AGMM run, made once."""
+  return targets.diagnose(tiny_trained_run[0], num_images=IMAGES)
+
+
+def test_agmm_target_matches_gmm_diagnostic(tiny_trained_run, diagnosed):
   workdir, _ = tiny_trained_run
   with open(f'{workdir}/config.json') as f:
     form = json.load(f)['loss']['gmm']['form']
-  name, totals = targets.diagnose(workdir, num_images=4)
-  expected = gmm_diagnostic.diagnose(workdir, num_images=4, batch_size=2)[form]
+  name, totals = diagnosed
+  # gmm_diagnostic's batch of both images, the response computed by hand.
+  expected = gmm_diagnostic.diagnose(workdir, num_images=IMAGES,
+                                     batch_size=IMAGES)[form]
   assert name == 'gmm_response'
   assert totals['pixels'] > 0 and totals['covered'] > 0
   for key, value in expected.items():
@@ -33,3 +51,37 @@ def test_a_loss_without_target_map_is_one_error_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f'error: {tmp_path}: its loss (pce) has no target map (no '
                  'term registers a summary)']
+
+
+def test_archive_keeps_the_diagnostic_and_the_report_tables_it(
+    tiny_trained_run, diagnosed, tmp_path):
+  workdir, _ = tiny_trained_run
+  run = Run(Cell('clicks:10', 'agmm_released'), 0, os.path.basename(workdir),
+            ('python', 'main.py', f'--workdir={workdir}'))
+  path = archive.save(run, str(tmp_path), os.path.dirname(workdir),
+                      target_images=IMAGES)
+  with open(path) as f:
+    kept = json.load(f)['targets']
+  name, totals = diagnosed
+  assert kept == pytest.approx({'target': name, 'images': IMAGES, **totals})
+  result = dataclasses.replace(_finished(run), targets={
+      'target': 'tel_response', 'step': 4, 'covered': 200.0, 'g_right': 50.0,
+      'p_right': 100.0, 'g_right_p_wrong': 10.0, 'g_wrong_p_right': 60.0,
+      'g_error': 80.0, 'p_error': 40.0})
+  failed = dataclasses.replace(result, targets={
+      'error': 'W: its loss (pce) has no target map (no term registers a '
+      'summary)'})
+  lines = target_table([result, failed])
+  # 50 / 200 = 25.0 %, 100 / 200 = 50.0 %, ...; 80 / 200 = 0.400.
+  assert lines[2] == (f'| {run.cell.name} | 0 | 4 | tel_response | 25.0 | '
+                      '50.0 | 5.0 | 30.0 | 0.400 | 0.200 |')
+  assert lines[3].startswith(f'| {run.cell.name} | 0 | | none: its loss '
+                             '(pce) has no target map')
+
+
+def _finished(run):
+  empty = (np.zeros(0, np.int64), np.zeros(0))
+  return RunResult(run=run, miou_curve=(np.array([4]), np.array([0.3])),
+                   loss_curve=empty, per_class_iou={}, wall_s=1.0,
+                   wall_from_events=False, done=True, machine=None,
+                   load_averages=[])
