@@ -63,6 +63,12 @@ CamVid budgets and MSRC; benchmarks/study/method_table.py states the
 
   python -m benchmarks.camvid_study --readme_table
 
+Issue 33's target diagnostic (is the target a loss builds, AGMM's G, TEL's,
+APro's, soft self-labeling's, more accurate than the prediction it
+supervises?): `--run --target_images=64` keeps it in each finished run's
+record and the report tables it; `python -m benchmarks.study.targets
+--workdirs=...` prints it for any workdir with a checkpoint.
+
 The archive (`--archive`, default docs/results/records/): a session's runs/
 does not outlive it, so `--run` writes each run it finishes (or finds
 finished) as one JSON record there, to be committed; `--run` skips archived

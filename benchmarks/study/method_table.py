@@ -73,15 +73,29 @@ def _config_args(command: str) -> tuple[str, dict[str, str]] | None:
                               if '=' in item)
 
 
-def _budget(command: str, config: Mapping[str, Any], train_images: int
-            ) -> tuple[str, int]:
-  """('200 steps', 200) or ('40 epochs', steps of 40 epochs)."""
+# Overrides that change neither what is trained nor how long (or whose
+# length the budget states): the rest, and a size other than cpu, name a
+# setting of their own beside the budget (the GPU study's backbone, its
+# bfloat16 check), so that their runs never pool with the CPU grid's.
+SCHEDULE_OVERRIDES = ('seed', 'num_train_steps', 'num_epochs',
+                      'eval_every_steps', 'data.num_threads')
+
+
+def _budget(command: str, config: Mapping[str, Any], train_images: int,
+            size: str) -> tuple[str, int]:
+  """('200 steps', 200) or ('40 epochs', steps of 40 epochs), the setting
+  appended where it is not the CPU grid's ('40 epochs, size=gpu_r18')."""
   steps = re.search(r'--config\.num_train_steps=(\d+)', command)
   if steps and int(steps.group(1)) > 0:
-    return f'{int(steps.group(1))} steps', int(steps.group(1))
-  epochs = int(config['num_epochs'])
-  per_epoch = max(train_images // int(config['global_batch_size']), 1)
-  return f'{epochs} epochs', epochs * per_epoch
+    label, total = f'{int(steps.group(1))} steps', int(steps.group(1))
+  else:
+    epochs = int(config['num_epochs'])
+    per_epoch = max(train_images // int(config['global_batch_size']), 1)
+    label, total = f'{epochs} epochs', epochs * per_epoch
+  setting = [] if size in ('', 'cpu') else [f'size={size}']
+  setting += [o for o in re.findall(r'--config\.(\S+)', command)
+              if o.split('=', 1)[0] not in SCHEDULE_OVERRIDES]
+  return ', '.join([label] + setting), total
 
 
 def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
@@ -107,7 +121,7 @@ def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
     if final_step in steps:
       per_class[name] = float(values[steps.index(final_step)])
   budget, budget_steps = _budget(record['command'], record['config'],
-                                 dataset.train_images)
+                                 dataset.train_images, args.get('size', ''))
   seed = re.search(r'--config\.seed=(\d+)', record['command'])
   cpu = (marker.get('machine') or {})
   return Entry(dataset=dataset.name, budget=budget, budget_steps=budget_steps,

@@ -21,11 +21,11 @@ CLASSES = ('sky', 'road')
 
 def _record(method: str, seed: int, miou: float, *, labels: str = 'clicks:20',
             steps: int = 200, span_s: float = 600.0,
-            sky: float = 0.5) -> dict:
+            sky: float = 0.5, size: str = 'cpu', extra: str = '') -> dict:
   """A finished run's archived record with a final val mIoU of `miou`."""
   command = (f'python main.py --config=configs/camvid_clicks.py:labels='
-             f'{labels},method={method},size=cpu,lseed=0 --workdir=runs/'
-             f'study/x_seed{seed} --config.seed={seed}')
+             f'{labels},method={method},size={size},lseed=0 --workdir=runs/'
+             f'study/x_seed{seed} --config.seed={seed}{extra}')
   if steps:
     command += f' --config.num_train_steps={steps}'
   final = steps or 1800
@@ -175,3 +175,17 @@ def test_method_cost_factors_per_step_relative_to_pce(tmp_path):
       group_rows(read_entries(str(root))))
   # pCE 400 / 200 = 2 s/step; ncut (5 + 4) / 2 = 4.5; spml 454 / 227 = 2.
   assert factors == pytest.approx({'pce_ncut': 2.25, 'spml': 1.0})
+
+
+def test_other_settings_never_pool_with_the_cpu_grid(tmp_path):
+  root = tmp_path / 'records'
+  common = ' --config.eval_every_steps=44 --config.data.num_threads=12'
+  for name, kwargs in [
+      ('cpu', {}), ('gpu', {'size': 'gpu_r18', 'extra': common}),
+      ('bf16', {'size': 'gpu_r18',
+                'extra': common + ' --config.model.compute_dtype=bfloat16'})]:
+    _write(root, 'study', name, _record('pce_only', 0, 0.3, steps=0, **kwargs))
+  keys = [row.key[1] for row in group_rows(read_entries(str(root)))]
+  assert sorted(keys) == ['40 epochs', '40 epochs, size=gpu_r18',
+                          '40 epochs, size=gpu_r18, '
+                          'model.compute_dtype=bfloat16']
