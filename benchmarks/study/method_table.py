@@ -61,6 +61,7 @@ class Entry:
   command: str
   pseudo_labels: Mapping[str, Any]
   machine: str
+  targets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _config_args(command: str) -> tuple[str, dict[str, str]] | None:
@@ -131,6 +132,7 @@ def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
                per_class=per_class,
                span_s=record.get('span_s'), command=record['command'],
                pseudo_labels=record.get('pseudo_labels') or {},
+               targets=record.get('targets') or {},
                machine=(f'{cpu["cpu"]}, {cpu["cpu_count"]} cores'
                         if cpu.get('cpu') else ''))
 
@@ -391,6 +393,19 @@ def per_class_doc(rows: Sequence[Row], command_line: str) -> str:
                 f'{100 * q.get("coverage", math.nan):.1f} | '
                 f'{100 * q.get("miou", math.nan):.1f} |'
                 for r, e, name, q in passes]
+    diagnosed = [(r, e) for r in section for e in r.entries
+                 if e.targets.get('covered')]
+    if diagnosed:
+      lines += ['', 'Target vs prediction (benchmarks/study/targets.py: on '
+                'the unlabeled pixels whose class is labeled in the image, '
+                'how often each picks the true class, %):', '',
+                '| labels | method | seed | step | target | acc target | '
+                'acc p |', '|---|---|---|---|---|---|---|']
+      lines += [f'| {r.key[2]} | {r.key[3]} | {e.seed} | '
+                f'{int(e.targets["step"])} | {e.targets["target"]} | '
+                f'{100 * e.targets["g_right"] / e.targets["covered"]:.1f} | '
+                f'{100 * e.targets["p_right"] / e.targets["covered"]:.1f} |'
+                for r, e in diagnosed]
   return '\n'.join(lines) + '\n'
 
 

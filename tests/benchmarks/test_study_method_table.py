@@ -61,6 +61,11 @@ def archive(tmp_path):
                              ('full', 0, 0.45), ('full', 1, 0.47)]:
     _write(root, 'study40', f'{method}_{seed}',
            _record(method, seed, miou, steps=0))
+  with_target = _record('pce_ncut', 1, 0.26, span_s=660.0)
+  with_target['targets'] = {'target': 'tel_response', 'step': 200,
+                            'covered': 60.0, 'g_right': 30.0,
+                            'p_right': 45.0}
+  _write(root, 'study', 'pce_ncut_1', with_target)
   unfinished = _record('tel', 0, 0.5)
   unfinished['marker']['done'] = False
   _write(root, 'study', 'tel_0', unfinished)
@@ -155,6 +160,9 @@ def test_readme_table_rewrites_only_the_block(archive, tmp_path, monkeypatch,
   doc = (tmp_path / method_table.PER_CLASS_DOC).read_text()
   # sky 0.5 in every run; road 2 x mIoU - sky: (0.1 + 0.06) / 2 for ncut.
   assert '| clicks:20 | pce_ncut | 50.0 | 6.0 | 28.0 |' in doc
+  # A record's target diagnostic: 30 and 45 of 60 covered pixels.
+  assert '| clicks:20 | pce_ncut | 1 | 200 | tel_response | 50.0 | 75.0 |' \
+      in doc
   readme.write_text('no markers\n')
   assert camvid_study.main(['--readme_table', f'--archive={archive}']) == 1
   err = capsys.readouterr().err.strip().splitlines()
