@@ -119,6 +119,10 @@ def read_result(run: Run, archive: str, *, repo_root: str = REPO_ROOT,
   tags = dict(miou_tag=miou_tag, loss_tag=loss_tag, iou_prefix=iou_prefix)
   result = read_run(run, repo_root=repo_root, **tags)
   if result is not None and result.finished:
+    # What only the archive keeps of it (save's target diagnostic).
+    record = load(run, archive, repo_root)
+    if record and record.get('targets'):
+      result.targets = record['targets']
     return result
   record = load(run, archive, repo_root)
   if record is not None:

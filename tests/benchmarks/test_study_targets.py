@@ -5,13 +5,14 @@ line for a loss without a target."""
 
 import dataclasses
 import json
-import os
+import shutil
 
 import numpy as np
 import pytest
 
 from benchmarks import gmm_diagnostic
 from benchmarks.study import archive
+from benchmarks.study import runner
 from benchmarks.study import targets
 from benchmarks.study.grid import Cell, Run
 from benchmarks.study.report import target_table
@@ -55,15 +56,22 @@ def test_a_loss_without_target_map_is_one_error_line(tmp_path, capsys):
 
 def test_archive_keeps_the_diagnostic_and_the_report_tables_it(
     tiny_trained_run, diagnosed, tmp_path):
-  workdir, _ = tiny_trained_run
-  run = Run(Cell('clicks:10', 'agmm_released'), 0, os.path.basename(workdir),
-            ('python', 'main.py', f'--workdir={workdir}'))
-  path = archive.save(run, str(tmp_path), os.path.dirname(workdir),
-                      target_images=IMAGES)
+  # A copy of the shared run, marked done by the study as --run would.
+  workdir = str(tmp_path / 'runs' / 'study' / 'tiny_seed0')
+  shutil.copytree(tiny_trained_run[0], workdir)
+  run = Run(Cell('clicks:10', 'agmm_released'), 0, 'runs/study/tiny_seed0',
+            ('python', 'main.py', '--config=configs/tiny.py:',
+             '--workdir=runs/study/tiny_seed0'))
+  runner.write_marker(workdir, {'command': run.command, 'done': True,
+                                'attempts': []})
+  path = archive.save(run, 'records', str(tmp_path), target_images=IMAGES)
   with open(path) as f:
     kept = json.load(f)['targets']
   name, totals = diagnosed
   assert kept == pytest.approx({'target': name, 'images': IMAGES, **totals})
+  # The finished workdir is read first; the archive adds what only it keeps.
+  read = archive.read_result(run, 'records', repo_root=str(tmp_path))
+  assert read.finished and read.targets == kept
   result = dataclasses.replace(_finished(run), targets={
       'target': 'tel_response', 'step': 4, 'covered': 200.0, 'g_right': 50.0,
       'p_right': 100.0, 'g_right_p_wrong': 10.0, 'g_wrong_p_right': 60.0,
