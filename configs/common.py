@@ -8,6 +8,7 @@ import ml_collections
 
 from agmm_jax.runtime import compilation_cache
 from agmm_jax.model import dilated_conv
+from agmm_jax.methods import cam
 from agmm_jax.methods import spml_walk
 from configs import presets
 
@@ -96,6 +97,28 @@ def base_config() -> ml_collections.ConfigDict:
   # spml_walk.SPML_CRF_ITERATIONS); off by default, 0: no CRF.
   config.spml_stage2.flip = False
   config.spml_stage2.crf_iterations = 0
+
+  # The CAM stages (agmm_jax/methods/cam_stages.py; configs/msrc.py turns
+  # them on for labels=tags): a multi-label classifier with the CAM head
+  # trained on the records' tags, its CAMs turned into pseudo-labels of the
+  # training split, then config.loss trained on them.
+  config.cam = ml_collections.ConfigDict()
+  config.cam.enabled = False
+  # The classes a pixel may take: the image's 'tags', or each class's
+  # 'boxes' (SPML's box seeds).
+  config.cam.restrict = 'tags'
+  # The classifier's length: num_train_steps, or -1 for num_epochs epochs
+  # (IRN's train_cam.py: 5 epochs from ImageNet weights).
+  config.cam.num_epochs = 5
+  config.cam.num_train_steps = -1
+  # The CAMs of the image and its mirror, summed (IRN's make_cam.py).
+  config.cam.flip = True
+  # IRN's seed thresholds and its dense CRF's iterations (0: no CRF).
+  config.cam.foreground_threshold = cam.FOREGROUND_THRESHOLD
+  config.cam.background_threshold = cam.BACKGROUND_THRESHOLD
+  config.cam.crf_iterations = cam.CRF_ITERATIONS
+  # The segmenter starts from the 'classifier' network or from 'scratch'.
+  config.cam.segmenter_init = 'classifier'
 
   config.eval = ml_collections.ConfigDict()
   config.eval.mode = 'whole'

@@ -4,16 +4,25 @@ The data are read from ../shared/datasets/msrc (train 276 / val 59, void 255;
 its README.md) and converted on first use into data/msrc_LABELS_lseedS, with
 the weak labels of the project's seeded generator. Arguments:
 
-  labels  boxes (default: one box per 8-connected region of each class of at
-          least BOX_MIN_AREA pixels; boxes:min_area=A for another area) |
-          tags (needs the CAM stages, not yet landed) | points:N | clicks:N |
+  labels  tags (the image-level classes) | boxes (default: one box per
+          8-connected region of each class of at least BOX_MIN_AREA pixels;
+          boxes:min_area=A for another area) | points:N | clicks:N |
           scribbles (any generator spec, data_prep/sparse_labels.py) |
           dense (full supervision)
-  method  a preset of configs/presets.py; default: box_pce for boxes,
-          pce_only for dense, agmm_released otherwise. The box presets
-          (box_pce, box_pce_gatedcrf, boxinst) need labels=boxes and the
-          others need pixel labels. MSRC has no background class, so the box
-          terms leave pixels in no box out (agmm_jax/methods/boxes.py).
+  method  a preset of configs/presets.py. With pixel labels: the loss
+          (default agmm_released; pce_only for dense). With boxes, a box
+          preset (box_pce, the default; box_pce_gatedcrf; boxinst) trains
+          the box losses in one stage. With tags, or boxes and a pixel preset,
+          the method is the segmenter of the CAM stages
+          (agmm_jax/methods/cam_stages.py; default pce_only): a classifier
+          trained on the tags (config.cam.num_epochs, here the segmenter's
+          40), its class activation maps restricted to the tags (or, with
+          boxes, each class to its boxes: SPML's box seeds) turned into
+          pseudo-labels by IRN's thresholds and dense CRF (their quality
+          against the dense labels in WORKDIR/cam_pseudo_labels/quality.json),
+          then the method trained on them, from the classifier's network.
+          MSRC has no background class: the box terms leave pixels in no box
+          out, and the CAM seeds leave unsure pixels unlabeled.
   size    cpu (ResNet-18 from scratch at full resolution, crop 161, batch 8,
           40 epochs)
   lseed   seed of the sparse-label generator (default 0; boxes and tags do
@@ -21,6 +30,10 @@ the weak labels of the project's seeded generator. Arguments:
 
   python main.py --config=configs/msrc.py:labels=boxes,method=box_pce_gatedcrf \
       --workdir=runs/msrc_boxes --config.seed=1
+  python main.py --config=configs/msrc.py:labels=tags,method=pce_only \
+      --workdir=runs/msrc_tags
+  python main.py --config=configs/msrc.py:labels=boxes,method=pce_only \
+      --workdir=runs/msrc_box_cams
 """
 
 import ml_collections
@@ -39,10 +52,8 @@ BOX_METHODS = presets.BOX_PRESETS
 
 def _labels_spec(labels: str) -> str:
   """The generator spec of the labels argument ('' for dense)."""
-  if labels == 'dense':
-    return ''
-  if labels == 'tags':
-    raise ValueError('labels=tags: tags need the CAM stages (not yet landed)')
+  if labels in ('dense', 'tags'):
+    return {'dense': '', 'tags': 'tags'}[labels]
   if labels == 'boxes':
     return f'boxes:min_area={BOX_MIN_AREA}'
   return str(sparse_labels.parse_spec(labels))
@@ -52,15 +63,19 @@ def _method(labels: str, method: str) -> str:
   """The preset, checked against the kind of labels."""
   is_boxes = labels.startswith('boxes')
   if not method:
-    return 'box_pce' if is_boxes else (
-        'pce_only' if labels == 'dense' else 'agmm_released')
-  if is_boxes and method not in BOX_METHODS:
-    raise ValueError(f'method={method} needs labeled pixels; with labels='
-                     f'{labels} use one of {BOX_METHODS}')
+    return {'dense': 'pce_only', 'tags': 'pce_only'}.get(
+        labels, 'box_pce' if is_boxes else 'agmm_released')
+  if method == common.FULL and (is_boxes or labels == 'tags'):
+    raise ValueError(f'method={method} trains on dense labels; use labels=dense')
   if not is_boxes and method in BOX_METHODS:
     raise ValueError(f'method={method} needs labels=boxes, got labels='
                      f'{labels}')
   return method
+
+
+def _uses_cams(labels: str, method: str) -> bool:
+  """Tags, and boxes with a pixel-label method, train on CAM pseudo-labels."""
+  return labels == 'tags' or (labels.startswith('boxes') and method not in BOX_METHODS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -97,7 +112,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args['labels'] == 'dense':
     config.data.train_labels = 'dense'
   common.set_method(config, method)
-  if method in BOX_METHODS:
-    # MSRC has no background class (every class has boxes).
-    config.loss.background_class = boxes.NO_BACKGROUND
+  # MSRC has no background class (every class has boxes).
+  config.loss.background_class = boxes.NO_BACKGROUND
+  if _uses_cams(args['labels'], method):
+    config.cam.enabled = True
+    config.cam.restrict = 'tags' if args['labels'] == 'tags' else 'boxes'
+    config.cam.num_epochs = config.num_epochs
   return config

@@ -28,12 +28,13 @@ from agmm_jax.data import augment
 from agmm_jax.data import input_pipeline
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.data import tfrecord
+from agmm_jax.data import weak_labels
 
 PROGRESS_FILE = 'progress.json'
 # Records per shard of a pseudo-label dataset: the unit a killed pass keeps.
 RECORDS_PER_SHARD = 256
 
-LabelBatchFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+LabelBatchFn = Callable[..., np.ndarray]
 
 
 def _read_batch(records: list[input_pipeline.RawRecord], batch_size: int,
@@ -53,15 +54,40 @@ def _read_batch(records: list[input_pipeline.RawRecord], batch_size: int,
   return images, label_batch, sizes
 
 
+def read_weak_labels(records: list[input_pipeline.RawRecord], batch_size: int,
+                     num_classes: int, max_boxes: int) -> dict[str, np.ndarray]:
+  """The records' weak labels: ``tags`` float32 ``[batch_size, K]`` and
+  ``boxes`` int32 ``[batch_size, max_boxes, 5]`` (``weak_labels.pad_boxes``;
+  rows past the records: no tag, no box); a one-line ValueError naming the
+  record when it has none."""
+  tags = np.zeros((batch_size, num_classes), np.float32)
+  boxes = np.stack([weak_labels.pad_boxes(np.zeros((0, 5)), max_boxes)] * batch_size)
+  for row, record in enumerate(records):
+    example = tfrecord.decode_example(record.data)
+    _, label, _ = input_pipeline.decode_record(
+        record, num_classes=num_classes, label_key=input_pipeline.LABEL_KEYS['sparse'])
+    weak = weak_labels.from_record(example, num_classes=num_classes, height=label.shape[0],
+                                   width=label.shape[1], where=record.where)
+    if weak is None:
+      raise ValueError(f'{record.where}: no {weak_labels.TAGS_KEY}: prepare the data '
+                       'with tags or boxes (data_prep --sparse=tags|boxes)')
+    tags[row], boxes[row] = weak[0], weak_labels.pad_boxes(weak[1], max_boxes)
+  return {'tags': tags, 'boxes': boxes}
+
+
 def _write_shard(path: str, records: list[input_pipeline.RawRecord], batch_size: int,
                  read: Callable[..., tuple], label_batch: LabelBatchFn,
-                 stop: Callable[[], None]) -> None:
+                 stop: Callable[[], None],
+                 read_weak: Callable[..., dict[str, np.ndarray]] | None) -> None:
   """One shard of the records relabeled, written beside and renamed."""
   with tfrecord.TFRecordWriter(f'{path}.part') as writer:
     for start in range(0, len(records), batch_size):
       chunk = records[start:start + batch_size]
       images, label_batch_in, sizes = read(chunk)
-      pseudo = np.asarray(label_batch(images, label_batch_in))
+      if read_weak is None:
+        pseudo = np.asarray(label_batch(images, label_batch_in))
+      else:
+        pseudo = np.asarray(label_batch(images, label_batch_in, read_weak(chunk)))
       for row, (record, (height, width)) in enumerate(zip(chunk, sizes)):
         features = tfrecord.decode_example(record.data)
         features[input_pipeline.LABEL_KEYS['sparse']] = labels_lib.encode_png(
@@ -89,7 +115,8 @@ def _resumable_partial(partial: str, plan: dict) -> None:
 
 def write(target: str, *, data_dir: str, split: str, label_kind: str, batch_size: int,
           label_batch: LabelBatchFn, stop: Callable[[], None] = lambda: None,
-          records_per_shard: int = RECORDS_PER_SHARD) -> str:
+          records_per_shard: int = RECORDS_PER_SHARD,
+          max_boxes: int | None = None) -> str:
   """Writes ``target`` (module docstring) from ``split`` of ``data_dir``;
   returns it. A complete ``target`` is left as it is.
 
@@ -101,6 +128,9 @@ def write(target: str, *, data_dir: str, split: str, label_kind: str, batch_size
       pixels).
     stop: called after every batch (raises to stop the pass; what is
       complete is kept).
+    max_boxes: given, ``label_batch`` also receives the records' weak labels
+      as a third argument (:func:`read_weak_labels`: ``tags`` and ``boxes``
+      padded to ``max_boxes`` rows, in record pixels).
   """
   if os.path.isdir(target):
     return target
@@ -122,12 +152,14 @@ def write(target: str, *, data_dir: str, split: str, label_kind: str, batch_size
     return _read_batch(records, batch_size, canvas, num_classes,
                        input_pipeline.LABEL_KEYS[label_kind])
 
+  read_weak = None if max_boxes is None else (
+      lambda records: read_weak_labels(records, batch_size, num_classes, max_boxes))
   for index, name in enumerate(names):
     path = os.path.join(partial, name)
     if not os.path.exists(path):
       records = [source[i] for i in range(index * records_per_shard,
                                           min((index + 1) * records_per_shard, count))]
-      _write_shard(path, records, batch_size, read, label_batch, stop)
+      _write_shard(path, records, batch_size, read, label_batch, stop, read_weak)
   split_info = dict(info, shards=names, num_examples=count, has_sparse=True)
   with open(os.path.join(partial, input_pipeline.METADATA_FILE), 'w', encoding='utf-8') as f:
     json.dump(dict(metadata, splits={split: split_info}), f, indent=2)

@@ -21,8 +21,28 @@ Discriminative Localization", CVPR 2016): image-level tags as supervision.
   background class) and ignore (the rest), IRN's ``conf_fg_thres`` 0.30 and
   ``conf_bg_thres`` 0.05.
 
-The stages that train this head alone and turn its maps into pseudo-labels
-are built on the stage model (issue 31); this module is their CAM.
+The pseudo-labels of the CAM stages (:mod:`agmm_jax.methods.cam_stages`)
+follow IRN's ``make_cam.py`` and ``cam_to_ir_label.py``:
+
+* :func:`upsampled_maps`: ``relu(M)`` of the image, upsampled to label
+  resolution (align corners, as the model's logits), plus, with ``flip``, that
+  of the image mirrored within its width, mirrored back (IRN sums its scales
+  and flips before normalizing);
+* :func:`normalized_maps`: restricted to the allowed classes (the image's
+  tags, or for boxes each class's boxes: SPML's box seeds) and divided by
+  their maximum over the real pixels;
+* :func:`refined_seeds`: IRN's seeds: the arg-max allowed class where its map
+  is at least ``foreground``, else a *rest* label, refined by a dense CRF on
+  those hard labels (:func:`crf_labels`: IRN's ``crf_inference_label``, its
+  unary ``unary_from_labels`` with confidence 0.7 over the allowed classes
+  and the rest, its kernels, 10 mean-field iterations, by
+  :func:`agmm_jax.methods.dense_crf.mean_field`); rest pixels are ignored,
+  and with a background class IRN's second pass at ``background`` decides
+  which rest pixels are background. Disallowed classes never win.
+* :func:`cam_prediction`: the CAM's own segmentation (IRN's ``eval_cam.py``:
+  the arg-max allowed class; with a background class, its score is the
+  constant ``EVAL_BACKGROUND_SCORE``), which the classifier stage is
+  evaluated by.
 """
 
 from collections.abc import Mapping
@@ -34,7 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmm_jax.data import labels as labels_lib
+from agmm_jax.evaluation import evaluator
 from agmm_jax.methods import core
+from agmm_jax.methods import dense_crf
+from agmm_jax.model import resample
 
 CAM_HEAD = 'cam'
 TAGS_FIELD = 'tags'
@@ -44,6 +67,27 @@ BACKGROUND_THRESHOLD = 0.05
 # IRN's max-norm guard.
 MAX_NORM_EPSILON = 1e-5
 NO_BACKGROUND = -1
+# IRN's cam_eval_thres: the background's score when a CAM is scored as a
+# segmentation.
+EVAL_BACKGROUND_SCORE = 0.15
+# IRN's crf_inference_label (misc/imutils.py): t=10, gt_prob=0.7,
+# addPairwiseGaussian(sxy=3, compat=3), addPairwiseBilateral(sxy=50, srgb=5,
+# compat=10); sigmas in label pixels and 0..255 rgb units.
+CRF_ITERATIONS = 10
+CRF_LABEL_CONFIDENCE = 0.7
+CRF_SMOOTHNESS_SIGMA = 3.0
+CRF_SMOOTHNESS_WEIGHT = 3.0
+CRF_APPEARANCE_SIGMA_XY = 50.0
+CRF_APPEARANCE_SIGMA_RGB = 5.0
+CRF_APPEARANCE_WEIGHT = 10.0
+# The appearance kernel by the bilateral grid at cells of 1 sigma (xy) and
+# 1.7 sigma (rgb, SPML's CRF's; at srgb 5 that is 30 cells per colour axis).
+CRF_APPROX = 'grid'
+CRF_CELL_XY = 1.0
+CRF_CELL_RGB = 1.7
+# The unary energy of a class the pixel may not take: exp(-1e4) is 0 in
+# float32, so such a class has no marginal and sends no message.
+DISALLOWED_ENERGY = 1e4
 
 
 class CamHead(nnx.Module):
@@ -158,3 +202,134 @@ def cam_seeds(maps: jax.Array, *, background_class: int = NO_BACKGROUND,
   if background_class != NO_BACKGROUND:
     seeds = jnp.where(score < background, background_class, seeds)
   return seeds.astype(jnp.int32)
+
+
+def upsampled_maps(maps_fn: Any, image: jax.Array, width: jax.Array,
+                   size: tuple[int, int], *, flip: bool) -> jax.Array:
+  """float32 ``[B, H, W, K]``: ``relu`` of ``maps_fn(image)`` (the CAM head on
+  the decoder grid) resized to ``size`` (align corners); with ``flip``, plus
+  the maps of the image mirrored within its ``width`` ``[B]``, mirrored back
+  (padding stays on the right)."""
+
+  def maps_at_labels(images):
+    return resample.resize_bilinear_align_corners(
+        jax.nn.relu(core.upcast(maps_fn(images))), size)
+
+  maps = maps_at_labels(image)
+  if flip:
+    mirrored = evaluator.flip_region_horizontally(image, width)
+    maps = maps + evaluator.flip_region_horizontally(maps_at_labels(mirrored), width)
+  return maps
+
+
+def normalized_maps(maps: jax.Array, allowed: jax.Array,
+                    valid: jax.Array) -> jax.Array:
+  """float32 ``[B, H, W, K]``: ``relu(maps)`` where ``allowed`` (bool,
+  broadcast to ``maps``: ``[B, 1, 1, K]`` tags or ``[B, H, W, K]`` box
+  masks) on the ``valid`` ``[B, H, W]`` pixels, each class divided by its
+  maximum there plus ``MAX_NORM_EPSILON``; 0 elsewhere."""
+  maps = jax.nn.relu(core.upcast(maps)) * allowed * valid[..., None]
+  peak = maps.max(axis=(1, 2), keepdims=True)
+  return maps / (peak + MAX_NORM_EPSILON)
+
+
+def _foreground_classes(allowed: jax.Array, num_classes: int,
+                        background_class: int) -> jax.Array:
+  """``allowed`` without the background class."""
+  return allowed & (jnp.arange(num_classes) != background_class)
+
+
+def thresholded_labels(maps: jax.Array, allowed: jax.Array,
+                       threshold: float) -> jax.Array:
+  """int32 ``[B, H, W]``: the arg-max allowed class where its map is
+  ``>= threshold``, else ``K`` (the rest label)."""
+  num_classes = maps.shape[-1]
+  allowed = jnp.broadcast_to(allowed, maps.shape)
+  scores = jnp.where(allowed, maps, -1.0)
+  best = scores.max(-1)
+  return jnp.where(best >= threshold, scores.argmax(-1), num_classes).astype(jnp.int32)
+
+
+def label_unary(labels: jax.Array, allowed: jax.Array,
+                confidence: float = CRF_LABEL_CONFIDENCE) -> jax.Array:
+  """float32 ``[B, H, W, K + 1]``: pydensecrf's ``unary_from_labels`` over
+  the ``n`` labels a pixel may take (its allowed classes and the rest label
+  ``K``): ``-log confidence`` for its label, ``-log((1 - confidence) / (n -
+  1))`` for the others, ``DISALLOWED_ENERGY`` for the classes it may not
+  take."""
+  batch, height, width = labels.shape
+  num_classes = allowed.shape[-1]
+  channels = jnp.concatenate([
+      jnp.broadcast_to(allowed, (batch, height, width, num_classes)),
+      jnp.ones((batch, height, width, 1), bool)], axis=-1)
+  count = channels.sum(-1, keepdims=True).astype(jnp.float32)
+  other = -jnp.log((1.0 - confidence) / jnp.maximum(count - 1.0, 1.0))
+  chosen = labels[..., None] == jnp.arange(num_classes + 1)
+  return jnp.where(chosen, -jnp.log(confidence),
+                   jnp.where(channels, other, DISALLOWED_ENERGY)).astype(jnp.float32)
+
+
+def crf_labels(labels: jax.Array, allowed: jax.Array, rgb: jax.Array,
+               valid: jax.Array, *, iterations: int = CRF_ITERATIONS) -> jax.Array:
+  """int32 ``[B, H, W]`` in ``0..K``: IRN's ``crf_inference_label`` of the
+  hard ``labels`` (``K``: rest) over the allowed classes and the rest
+  (:func:`label_unary`, the ``CRF_*`` kernels on ``rgb`` 0..255, messages
+  between ``valid`` pixels only), the arg-max marginal."""
+  marginals = dense_crf.mean_field(
+      label_unary(labels, allowed), rgb, valid, iterations=iterations,
+      smoothness_sigma=CRF_SMOOTHNESS_SIGMA, smoothness_weight=CRF_SMOOTHNESS_WEIGHT,
+      appearance_sigma_xy=CRF_APPEARANCE_SIGMA_XY,
+      appearance_sigma_rgb=CRF_APPEARANCE_SIGMA_RGB,
+      appearance_weight=CRF_APPEARANCE_WEIGHT, approx=CRF_APPROX,
+      cell_xy=CRF_CELL_XY, cell_rgb=CRF_CELL_RGB)
+  return marginals.argmax(-1).astype(jnp.int32)
+
+
+def refined_seeds(maps: jax.Array, allowed: jax.Array, valid: jax.Array,
+                  rgb: jax.Array | None, *, background_class: int = NO_BACKGROUND,
+                  foreground: float = FOREGROUND_THRESHOLD,
+                  background: float = BACKGROUND_THRESHOLD,
+                  crf_iterations: int = CRF_ITERATIONS) -> jax.Array:
+  """int32 ``[B, H, W]`` pseudo-labels of normalized maps (IRN's
+  ``cam_to_ir_label``, module docstring): a class where the foreground pass
+  (:func:`thresholded_labels` at ``foreground``, then :func:`crf_labels` when
+  ``crf_iterations`` > 0) gives one; ``background_class`` (when there is one)
+  where both it and the pass at ``background`` give the rest label;
+  ``UNLABELED`` on the other real pixels, ``PADDING`` off ``valid``. Without
+  the CRF and with tags this is :func:`cam_seeds`."""
+  num_classes = maps.shape[-1]
+  allowed = _foreground_classes(allowed, num_classes, background_class)
+
+  def labels_at(threshold):
+    labels = thresholded_labels(maps, allowed, threshold)
+    if crf_iterations > 0:
+      labels = crf_labels(labels, allowed, rgb, valid, iterations=crf_iterations)
+    return labels
+
+  confident = labels_at(foreground)
+  seeds = jnp.where(confident < num_classes, confident, labels_lib.UNLABELED)
+  if background_class != NO_BACKGROUND:
+    unsure = labels_at(background)
+    seeds = jnp.where((confident == num_classes) & (unsure == num_classes),
+                      background_class, seeds)
+  return jnp.where(valid, seeds, labels_lib.PADDING).astype(jnp.int32)
+
+
+def cam_prediction(maps: jax.Array, allowed: jax.Array, *,
+                   background_class: int = NO_BACKGROUND,
+                   background_score: float = EVAL_BACKGROUND_SCORE) -> jax.Array:
+  """int32 ``[B, H, W]``: the arg-max allowed class of normalized maps; with
+  a background class, that class scores ``background_score`` everywhere
+  (IRN's ``eval_cam.py``). A pixel with no allowed class gets the background
+  class, or ``UNLABELED`` (not predicted) without one."""
+  num_classes = maps.shape[-1]
+  allowed = jnp.broadcast_to(
+      _foreground_classes(allowed, num_classes, background_class), maps.shape)
+  scores = jnp.where(allowed, maps, -1.0)
+  if background_class != NO_BACKGROUND:
+    scores = scores.at[..., background_class].set(background_score)
+  return jnp.where(scores.max(-1) >= 0.0, scores.argmax(-1),
+                   labels_lib.UNLABELED).astype(jnp.int32)
+
+
+core.register_stages('cam', 'agmm_jax.methods.cam_stages:stages')

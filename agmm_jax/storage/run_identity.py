@@ -24,13 +24,15 @@ The identity fields (``IDENTITY_PREFIXES`` less ``ALLOWED_CHANGES``), and why:
   state is in the checkpoint), the batch the iterator position counts in, the
   data order and initialization.
 * ``spml_stage2.*`` (less its step count): how SPML's second stage makes its
-  pseudo-labels and trains.
+  pseudo-labels and trains; ``cam.*`` (less the classifier's length): the
+  same for the CAM stages.
 * ``data.eval_split``, ``eval.mode``, ``eval.scales``, ``eval.flip``: the
   evaluation whose mIoU chooses the best checkpoint; mIoUs of two protocols
   do not compare.
 
 Everything else may change and is logged: how long (``num_train_steps``,
-``num_epochs``, ``spml_stage2.num_train_steps``: the learning-rate schedule
+``num_epochs``, ``spml_stage2.num_train_steps``, ``cam.num_epochs``,
+``cam.num_train_steps``: the learning-rate schedule
 follows the new length), how often (evaluation, checkpoint, log, image
 summary periods, ``keep_checkpoints``), and how it is computed
 (``model.dilated_conv``, ``model.compute_dtype``: the stored parameters stay
@@ -49,11 +51,12 @@ CONFIG_FILE = 'config.json'
 LATEST_DIR = 'checkpoints'  # As storage/checkpoint.py (no Orbax import here).
 
 IDENTITY_PREFIXES = (
-    'model.', 'data.', 'loss.', 'optimizer.', 'spml_stage2.',
+    'model.', 'data.', 'loss.', 'optimizer.', 'spml_stage2.', 'cam.',
     'global_batch_size', 'seed', 'eval.mode', 'eval.scales', 'eval.flip')
 ALLOWED_CHANGES = (
     'model.dilated_conv', 'model.compute_dtype', 'data.num_threads',
-    'data.prefetch', 'data.eval_canvas', 'spml_stage2.num_train_steps')
+    'data.prefetch', 'data.eval_canvas', 'spml_stage2.num_train_steps',
+    'cam.num_epochs', 'cam.num_train_steps')
 
 
 def is_identity_field(field: str) -> bool:

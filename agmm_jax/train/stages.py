@@ -123,7 +123,10 @@ class TrainingStage:
   (``load_pretrained`` is False when a checkpoint will replace it).
   ``make_step(context, initial, total_steps)``: its jitted step.
   ``after_step(context, initial, writer)``: a callback after every step
-  (image summaries), or None.
+  (image summaries), or None. ``evaluate(context, initial)``: its
+  ``evaluate(state) -> scores`` (``miou``, ``pixel_accuracy``,
+  ``per_class_iou``: what the loop logs and keeps the best checkpoint by),
+  or None for the run's evaluation of the model's segmentation.
   """
   name: str
   folder: str
@@ -133,6 +136,7 @@ class TrainingStage:
   init: Callable[[Context, int, bool], Initial]
   make_step: Callable[[Context, Initial, int], StepFn]
   after_step: Callable[[Context, Initial, Any], AfterStep] | None = None
+  evaluate: Callable[[Context, Initial], Callable[[Any], dict[str, Any]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +307,8 @@ def _run_training(stage: TrainingStage, context: Context, offset: int) -> Traine
   if offset == 0 and step == 0:
     writer.write_hparams({k: str(v) for k, v in spec.config.to_dict().items()
                           if not isinstance(v, dict)})
-  evaluate = context.evaluator(initial.model_defs)
+  evaluate = (stage.evaluate(context, initial) if stage.evaluate is not None
+              else context.evaluator(initial.model_defs))
   log_every, eval_every, checkpoint_every = spec.periods.steps(epoch, total)
   state, scores = loop.run(
       state, stage.make_step(context, initial, total), train_iter, spec.mesh,

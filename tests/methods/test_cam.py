@@ -129,3 +129,161 @@ def test_cam_term_declares_its_head_and_tags_field():
     cam.image_tags({'image': np.zeros((2, 2, 3))})
   assert '\n' not in str(error.value)
   np.testing.assert_array_equal(cam.image_tags({'tags': [0, 1]}), [0, 1])
+
+
+# The pseudo-label path of the CAM stages (agmm_jax.methods.cam_stages).
+
+def naive_normalized(maps, allowed, valid):
+  out = np.zeros(maps.shape)
+  for b in range(maps.shape[0]):
+    for k in range(maps.shape[-1]):
+      values = np.zeros(maps.shape[1:3])
+      for y in range(maps.shape[1]):
+        for x in range(maps.shape[2]):
+          if valid[b, y, x] and allowed[b, y, x, k]:
+            values[y, x] = max(maps[b, y, x, k], 0.0)
+      out[b, :, :, k] = values / (values.max() + 1e-5)
+  return out
+
+
+def random_case(seed, box_like=True):
+  rng = np.random.default_rng(seed)
+  maps = rng.normal(size=(B, H, W, K)).astype(np.float32)
+  tags = rng.random((B, K)) < 0.6
+  tags[:, 1] = True
+  allowed = np.broadcast_to(tags[:, None, None, :], (B, H, W, K)).copy()
+  if box_like:
+    allowed &= rng.random((B, H, W, K)) < 0.7
+  valid = np.ones((B, H, W), bool)
+  valid[1, :, -2:] = False
+  return maps, allowed, valid
+
+
+@pytest.mark.parametrize('seed', range(2))
+def test_normalized_maps_match_a_loop(seed):
+  maps, allowed, valid = random_case(seed)
+  got = cam.normalized_maps(jnp.asarray(maps), jnp.asarray(allowed), jnp.asarray(valid))
+  np.testing.assert_allclose(got, naive_normalized(maps, allowed, valid),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_seeds_without_crf_are_cam_seeds_with_tags():
+  rng = np.random.default_rng(4)
+  maps = (rng.random((B, H, W, K)) ** 3).astype(np.float32)
+  tags = np.ones((B, 1, 1, K), bool)
+  valid = np.ones((B, H, W), bool)
+  for background in (-1, 0):
+    got = cam.refined_seeds(jnp.asarray(maps), jnp.asarray(tags), jnp.asarray(valid),
+                            None, background_class=background, crf_iterations=0)
+    np.testing.assert_array_equal(
+        got, cam.cam_seeds(jnp.asarray(maps), background_class=background))
+
+
+@pytest.mark.parametrize('background', [-1, 2])
+def test_seeds_without_crf_match_a_loop_with_per_pixel_classes(background):
+  maps, allowed, valid = random_case(5)
+  maps = np.abs(maps) / 3
+  got = np.asarray(cam.refined_seeds(
+      jnp.asarray(maps), jnp.asarray(allowed), jnp.asarray(valid), None,
+      background_class=background, crf_iterations=0))
+  for b, y, x in np.ndindex(B, H, W):
+    if not valid[b, y, x]:
+      assert got[b, y, x] == labels.PADDING
+      continue
+    scores = {k: maps[b, y, x, k] for k in range(K)
+              if allowed[b, y, x, k] and k != background}
+    best = max(scores.values(), default=-1.0)
+    if best >= cam.FOREGROUND_THRESHOLD:
+      expected = max(scores, key=scores.get)
+    elif background >= 0 and best < cam.BACKGROUND_THRESHOLD:
+      expected = background
+    else:
+      expected = labels.UNLABELED
+    assert got[b, y, x] == expected, (b, y, x)
+  assert len(np.unique(got)) >= 3
+
+
+def naive_label_unary(labels_in, allowed, confidence):
+  out = np.zeros(labels_in.shape + (K + 1,))
+  for b, y, x in np.ndindex(labels_in.shape):
+    channels = list(allowed[b, y, x]) + [True]
+    n = sum(channels)
+    for c in range(K + 1):
+      if c == labels_in[b, y, x]:
+        out[b, y, x, c] = -math.log(confidence)
+      elif channels[c]:
+        out[b, y, x, c] = -math.log((1 - confidence) / max(n - 1, 1))
+      else:
+        out[b, y, x, c] = cam.DISALLOWED_ENERGY
+  return out
+
+
+def test_label_unary_is_pydensecrf_unary_from_labels_over_the_allowed_classes():
+  maps, allowed, _ = random_case(6)
+  labels_in = np.asarray(cam.thresholded_labels(jnp.asarray(np.abs(maps)),
+                                                jnp.asarray(allowed), 0.5))
+  assert (labels_in == K).any() and (labels_in < K).any()
+  got = cam.label_unary(jnp.asarray(labels_in), jnp.asarray(allowed))
+  np.testing.assert_allclose(got, naive_label_unary(labels_in, allowed, 0.7), rtol=1e-6)
+
+
+def test_crf_labels_match_a_dense_mean_field(monkeypatch):
+  from tests.methods.test_dense_crf import reference_mean_field
+  monkeypatch.setattr(cam, 'CRF_APPROX', 'exact')
+  rng = np.random.default_rng(7)
+  maps, allowed, valid = random_case(7)
+  labels_in = np.asarray(cam.thresholded_labels(jnp.asarray(np.abs(maps)),
+                                                jnp.asarray(allowed), 0.6))
+  rgb = rng.uniform(0, 255, (B, H, W, 3)).astype(np.float32)
+  rgb[:, :, :3] = 20.0  # a flat region the smoothing can fill
+  got = np.asarray(cam.crf_labels(jnp.asarray(labels_in), jnp.asarray(allowed),
+                                  jnp.asarray(rgb), jnp.asarray(valid), iterations=3))
+  unary = naive_label_unary(labels_in, allowed, cam.CRF_LABEL_CONFIDENCE)
+  params = dict(smoothness_sigma=cam.CRF_SMOOTHNESS_SIGMA,
+                smoothness_weight=cam.CRF_SMOOTHNESS_WEIGHT,
+                appearance_sigma_xy=cam.CRF_APPEARANCE_SIGMA_XY,
+                appearance_sigma_rgb=cam.CRF_APPEARANCE_SIGMA_RGB,
+                appearance_weight=cam.CRF_APPEARANCE_WEIGHT)
+  for b in range(B):
+    expected = reference_mean_field(unary[b], rgb[b], valid[b], 3, params).argmax(-1)
+    np.testing.assert_array_equal(got[b][valid[b]], expected[valid[b]])
+    # Never a class the pixel may not take.
+    taken = np.concatenate([allowed[b], np.ones((H, W, 1), bool)], -1)
+    assert np.take_along_axis(taken, got[b][..., None], -1).all()
+  assert (got != labels_in).any(), 'the CRF changed nothing: a weak test'
+
+
+@pytest.mark.parametrize('background', [-1, 0])
+def test_cam_prediction_matches_a_loop(background):
+  maps, allowed, _ = random_case(8)
+  maps = np.abs(maps) / 4
+  got = np.asarray(cam.cam_prediction(jnp.asarray(maps), jnp.asarray(allowed),
+                                      background_class=background))
+  for b, y, x in np.ndindex(B, H, W):
+    scores = {k: maps[b, y, x, k] for k in range(K)
+              if allowed[b, y, x, k] and k != background}
+    if background >= 0:
+      scores[background] = cam.EVAL_BACKGROUND_SCORE
+    expected = max(sorted(scores), key=scores.get) if scores else labels.UNLABELED
+    assert got[b, y, x] == expected
+
+
+def test_upsampled_maps_flip_sums_the_mirror_within_the_width():
+  rng = np.random.default_rng(9)
+  image = rng.normal(size=(B, H, W, 3)).astype(np.float32)
+  width = np.array([W, W - 2], np.int32)
+  ramp = 0.3 * np.arange(W, dtype=np.float32)[None, None, :, None]
+
+  def maps_fn(images):   # not mirror-symmetric: depends on the column
+    return images[..., :2] + ramp
+
+  got = np.asarray(cam.upsampled_maps(maps_fn, jnp.asarray(image), jnp.asarray(width),
+                                      (H, W), flip=True))
+  expected = np.zeros((B, H, W, 2))
+  for b, y, x in np.ndindex(B, H, W):
+    own = np.maximum(image[b, y, x, :2] + 0.3 * x, 0)
+    # The mirror's map at its column w-1-x reads this pixel at column w-1-x;
+    # padding columns stay where they are.
+    mirror_x = width[b] - 1 - x if x < width[b] else x
+    expected[b, y, x] = own + np.maximum(image[b, y, x, :2] + 0.3 * mirror_x, 0)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
