@@ -1,10 +1,14 @@
-"""How good SPML's stage-2 pseudo-labels are: their IoU against the dense
-labels of the same training records (which sparse-label runs never train on).
+"""How good a run's pseudo-labels are: their IoU against the dense labels of
+the same training records (which weak-label runs never train on).
 
   python -m benchmarks.pseudo_label_quality runs/study/clicks20_spml_seed0
+  python -m benchmarks.pseudo_label_quality runs/msrc_tags
 
-Prints the share of labeled (non-void) pixels the pass labeled, the pixel
-accuracy and the per-class and mean IoU of `WORKDIR/spml_pseudo_labels`.
+Prints the share of labeled (non-void) pixels the pass labeled, the seed
+precision (the share of pseudo-labeled pixels that are right), the pixel
+accuracy and the per-class and mean IoU of the run's pass folder: SPML's
+`WORKDIR/spml_pseudo_labels` or the CAM stages' `WORKDIR/cam_pseudo_labels`
+(the one that exists; `--folder NAME` picks one).
 
 With `--regenerate OUT`, the pseudo-labels are first written anew into
 `OUT/spml_pseudo_labels` (WORKDIR is only read) from WORKDIR's stage-1
@@ -26,6 +30,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from agmm_jax.storage import checkpoint as checkpoint_lib
 from agmm_jax.data import input_pipeline
@@ -33,6 +38,7 @@ from agmm_jax.data import pseudo_labels
 from agmm_jax import methods
 from agmm_jax.evaluation import metrics
 from agmm_jax.runtime import sharding as sharding_lib
+from agmm_jax.methods import cam_stages
 from agmm_jax.methods import spml_stage2
 from agmm_jax.data import tfrecord
 from agmm_jax.train import state as train_state_lib
@@ -40,6 +46,19 @@ from agmm_jax.train import state as train_state_lib
 
 # The measure lives in the library (the pseudo-label facility's).
 confusion_of_pseudo_labels = pseudo_labels.confusion_with_dense
+# The pass folders of the methods that write pseudo-labels.
+PASS_FOLDERS = (spml_stage2.PSEUDO_LABEL_DIR, cam_stages.PSEUDO_LABEL_DIR)
+
+
+def pass_folder(workdir: str, name: str = '') -> str:
+  """``WORKDIR/NAME``, or the one of ``PASS_FOLDERS`` that exists in it;
+  a one-line ValueError when none (or, without a name, several) exist."""
+  names = [name] if name else [n for n in PASS_FOLDERS
+                               if os.path.isdir(os.path.join(workdir, n))]
+  if len(names) != 1 or not os.path.isdir(os.path.join(workdir, names[0])):
+    raise ValueError(f'{workdir}: expected one pseudo-label folder of {PASS_FOLDERS} '
+                     f'(--folder picks one), found {names}')
+  return os.path.join(workdir, names[0])
 
 
 def first_records(data_dir: str, split: str, limit: int, out_dir: str) -> str:
@@ -115,6 +134,8 @@ def main() -> None:
                       help='with --regenerate: the first LIMIT training records (0: all)')
   parser.add_argument('--data-dir', default='',
                       help='with --regenerate: the prepared data (default: the config\'s)')
+  parser.add_argument('--folder', default='', choices=('',) + PASS_FOLDERS,
+                      help='the pass folder in WORKDIR (default: the one that exists)')
   args = parser.parse_args()
   if args.regenerate:
     if os.path.exists(os.path.join(args.regenerate, spml_stage2.PSEUDO_LABEL_DIR)):
@@ -125,12 +146,16 @@ def main() -> None:
                         data_dir=args.data_dir)
     print(f'pass: {time.perf_counter() - start:.0f} s (compile included) on {machine()}')
   else:
-    folder = os.path.join(args.workdir, spml_stage2.PSEUDO_LABEL_DIR)
+    try:
+      folder = pass_folder(args.workdir, args.folder)
+    except ValueError as error:
+      parser.exit(1, f'error: {error}\n')
   confusion, pseudo_labeled, dense_labeled = confusion_of_pseudo_labels(folder)
   scores = metrics.segmentation_scores(confusion)
   classes = input_pipeline.class_names(input_pipeline.read_metadata(folder))
   print(f'{folder}: pseudo-labels on {100 * pseudo_labeled / dense_labeled:.1f}%'
-        ' of the densely labeled training pixels')
+        ' of the densely labeled training pixels, seed precision '
+        f'{100 * np.trace(confusion) / max(pseudo_labeled, 1):.1f}%')
   print(metrics.format_iou_table(scores['per_class_iou'], classes,
                                  scores['miou'], scores['pixel_accuracy']))
 

@@ -269,41 +269,71 @@ def label_unary(labels: jax.Array, allowed: jax.Array,
                    jnp.where(channels, other, DISALLOWED_ENERGY)).astype(jnp.float32)
 
 
-def crf_labels(labels: jax.Array, allowed: jax.Array, rgb: jax.Array,
-               valid: jax.Array, *, iterations: int = CRF_ITERATIONS) -> jax.Array:
-  """int32 ``[B, H, W]`` in ``0..K``: IRN's ``crf_inference_label`` of the
-  hard ``labels`` (``K``: rest) over the allowed classes and the rest
-  (:func:`label_unary`, the ``CRF_*`` kernels on ``rgb`` 0..255, messages
-  between ``valid`` pixels only), the arg-max marginal."""
-  marginals = dense_crf.mean_field(
+def _crf_marginals(labels: jax.Array, allowed: jax.Array, rgb: jax.Array,
+                   valid: jax.Array, iterations: int) -> jax.Array:
+  """The dense CRF's marginals ``[B, H, W, K + 1]`` of :func:`crf_labels`."""
+  return dense_crf.mean_field(
       label_unary(labels, allowed), rgb, valid, iterations=iterations,
       smoothness_sigma=CRF_SMOOTHNESS_SIGMA, smoothness_weight=CRF_SMOOTHNESS_WEIGHT,
       appearance_sigma_xy=CRF_APPEARANCE_SIGMA_XY,
       appearance_sigma_rgb=CRF_APPEARANCE_SIGMA_RGB,
       appearance_weight=CRF_APPEARANCE_WEIGHT, approx=CRF_APPROX,
       cell_xy=CRF_CELL_XY, cell_rgb=CRF_CELL_RGB)
-  return marginals.argmax(-1).astype(jnp.int32)
+
+
+def crf_labels(labels: jax.Array, allowed: jax.Array, rgb: jax.Array,
+               valid: jax.Array, *, iterations: int = CRF_ITERATIONS,
+               max_classes: int | None = None) -> jax.Array:
+  """int32 ``[B, H, W]`` in ``0..K``: IRN's ``crf_inference_label`` of the
+  hard ``labels`` (``K``: rest) over the allowed classes and the rest
+  (:func:`label_unary`, the ``CRF_*`` kernels on ``rgb`` 0..255, messages
+  between ``valid`` pixels only), the arg-max marginal.
+
+  ``max_classes`` (< K): the CRF runs on that many class channels per image
+  (its allowed classes in id order; the CRF's cost is linear in channels and
+  a disallowed class has no marginal, so with at most ``max_classes``
+  allowed classes per image the result is the same); pixels of further
+  classes become rest.
+  """
+  num_classes = allowed.shape[-1]
+  allowed = jnp.broadcast_to(allowed, labels.shape + (num_classes,))
+  if max_classes is None or max_classes >= num_classes:
+    return _crf_marginals(labels, allowed, rgb, valid, iterations).argmax(-1).astype(jnp.int32)
+  present = allowed.any(axis=(1, 2))
+  # The present classes first, in id order.
+  slots = jnp.argsort(~present, axis=-1, stable=True)[:, :max_classes]
+  slot_on = jnp.take_along_axis(present, slots, -1)[:, None, None, :]
+  slot_allowed = jnp.take_along_axis(allowed, slots[:, None, None, :], -1) & slot_on
+  match = (labels[..., None] == slots[:, None, None, :]) & slot_on
+  slot_labels = jnp.where(match.any(-1), match.argmax(-1), max_classes)
+  chosen = _crf_marginals(slot_labels, slot_allowed, rgb, valid, iterations).argmax(-1)
+  classes = jnp.take_along_axis(slots[:, None, None, :],
+                                jnp.minimum(chosen, max_classes - 1)[..., None], -1)[..., 0]
+  return jnp.where(chosen < max_classes, classes, num_classes).astype(jnp.int32)
 
 
 def refined_seeds(maps: jax.Array, allowed: jax.Array, valid: jax.Array,
                   rgb: jax.Array | None, *, background_class: int = NO_BACKGROUND,
                   foreground: float = FOREGROUND_THRESHOLD,
                   background: float = BACKGROUND_THRESHOLD,
-                  crf_iterations: int = CRF_ITERATIONS) -> jax.Array:
+                  crf_iterations: int = CRF_ITERATIONS,
+                  max_classes: int | None = None) -> jax.Array:
   """int32 ``[B, H, W]`` pseudo-labels of normalized maps (IRN's
   ``cam_to_ir_label``, module docstring): a class where the foreground pass
   (:func:`thresholded_labels` at ``foreground``, then :func:`crf_labels` when
   ``crf_iterations`` > 0) gives one; ``background_class`` (when there is one)
   where both it and the pass at ``background`` give the rest label;
   ``UNLABELED`` on the other real pixels, ``PADDING`` off ``valid``. Without
-  the CRF and with tags this is :func:`cam_seeds`."""
+  the CRF and with tags this is :func:`cam_seeds`. ``max_classes``: of
+  :func:`crf_labels`."""
   num_classes = maps.shape[-1]
   allowed = _foreground_classes(allowed, num_classes, background_class)
 
   def labels_at(threshold):
     labels = thresholded_labels(maps, allowed, threshold)
     if crf_iterations > 0:
-      labels = crf_labels(labels, allowed, rgb, valid, iterations=crf_iterations)
+      labels = crf_labels(labels, allowed, rgb, valid, iterations=crf_iterations,
+                          max_classes=max_classes)
     return labels
 
   confident = labels_at(foreground)

@@ -60,6 +60,8 @@ from agmm_jax import methods
 from agmm_jax.data import input_pipeline
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.data import pseudo_labels
+from agmm_jax.data import tfrecord
+from agmm_jax.data import weak_labels
 from agmm_jax.evaluation import evaluator
 from agmm_jax.evaluation import metrics
 from agmm_jax.methods import boxes as boxes_lib
@@ -189,12 +191,27 @@ def make_cam_eval_fn(model_defs: train_state_lib.ModelDefs, num_classes: int,
                  out_shardings=replicated)
 
 
+def max_classes_per_image(data_dir: str, split: str) -> int:
+  """The most classes an image of ``split`` has tags or boxes of (at least
+  1): the CRF's class channels (``cam.crf_labels``' ``max_classes``)."""
+  metadata = input_pipeline.read_metadata(data_dir)
+  most = 1
+  for shard in metadata['splits'][split]['shards']:
+    for data in tfrecord.read_all_records(os.path.join(data_dir, shard)):
+      example = tfrecord.decode_example(data)
+      classes = set(np.flatnonzero(example.get(weak_labels.TAGS_KEY, [])).tolist())
+      classes.update(example.get(weak_labels.BOXES_KEY, [])[::weak_labels.BOX_COLUMNS])
+      most = max(most, len(classes))
+  return most
+
+
 def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, num_classes: int,
-                         mesh: jax.sharding.Mesh, options: Options
-                         ) -> Callable[..., jax.Array]:
+                         mesh: jax.sharding.Mesh, options: Options,
+                         max_classes: int | None = None) -> Callable[..., jax.Array]:
   """Jitted ``(params, model_state, image [B, Hc, Wc, 3], label [B, Hc, Wc],
   tags [B, K], boxes [B, N, 5]) -> pseudo-labels [B, Hc, Wc]`` (module
-  docstring, stage 2)."""
+  docstring, stage 2); the CRF on ``max_classes`` class channels
+  (:func:`max_classes_per_image`; None: all)."""
 
   def pseudo_label_fn(params, model_state, image, label, tags, boxes):
     model = nnx.merge(model_defs.eval, params, model_state)
@@ -210,7 +227,7 @@ def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, num_classes: int
         cam.normalized_maps(maps, allowed, valid), allowed, valid,
         core.normalized_to_rgb(image), background_class=options.background_class,
         foreground=options.foreground, background=options.background,
-        crf_iterations=options.crf_iterations)
+        crf_iterations=options.crf_iterations, max_classes=max_classes)
 
   replicated = sharding_lib.replicated_sharding(mesh)
   data = sharding_lib.data_sharding(mesh)
@@ -256,8 +273,9 @@ def _write_pass(options: Options, context: stages_lib.Context, target: str,
   """The pseudo-label pass of the classifier (module docstring)."""
   spec = context.run
   classifier = context.results[CLASSIFIER_STAGE]
+  data_dir, split = str(spec.config.data.dir), str(spec.config.data.train_split)
   label_fn = make_pseudo_label_fn(classifier.model_defs, spec.num_classes, spec.mesh,
-                                  options)
+                                  options, max_classes_per_image(data_dir, split))
   state = classifier.state
 
   def label_batch(images: np.ndarray, label: np.ndarray,
@@ -267,8 +285,7 @@ def _write_pass(options: Options, context: stages_lib.Context, target: str,
         state['params'], state['model_state'], batch['image'], batch['label'],
         batch['tags'], batch['boxes']))
 
-  split = str(spec.config.data.train_split)
-  pseudo_labels.write(target, data_dir=str(spec.config.data.dir), split=split,
+  pseudo_labels.write(target, data_dir=data_dir, split=split,
                       label_kind='sparse', batch_size=spec.eval.batch_size,
                       label_batch=label_batch, stop=stop, max_boxes=boxes_lib.MAX_BOXES)
   write_quality(target, split)

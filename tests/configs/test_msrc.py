@@ -37,9 +37,31 @@ def test_dense_labels_train_on_the_dense_map():
   assert dict(config.loss.weights) == {'pce': 1.0}
 
 
+def test_tags_run_the_cam_stages_with_the_method_as_segmenter():
+  config = msrc.get_config('labels=tags')
+  assert config.data.prepare.sparse == 'tags'
+  assert config.data.dir == 'data/msrc_tags_lseed0'
+  assert config.cam.enabled and config.cam.restrict == 'tags'
+  assert config.cam.num_epochs == config.num_epochs
+  assert dict(config.loss.weights) == {'pce': 1.0}
+  assert config.loss.background_class == -1
+  config = msrc.get_config('labels=tags,method=pce_ncut')
+  assert dict(config.loss.weights) == {'pce': 1.0, 'ncut': 1.0}
+
+
+def test_boxes_with_a_pixel_method_run_the_box_restricted_cam_stages():
+  config = msrc.get_config('labels=boxes,method=pce_only')
+  assert config.cam.enabled and config.cam.restrict == 'boxes'
+  assert config.data.prepare.sparse == f'boxes:min_area={msrc.BOX_MIN_AREA}'
+  assert dict(config.loss.weights) == {'pce': 1.0}
+  for arg in ('labels=boxes', 'labels=boxes,method=boxinst', 'labels=points:1',
+              'labels=dense'):
+    assert not msrc.get_config(arg).cam.enabled, arg
+
+
 @pytest.mark.parametrize('arg, words', [
-    ('labels=tags', 'tags need the CAM stages (not yet landed)'),
-    ('labels=boxes,method=pce_only', 'needs labeled pixels'),
+    ('labels=tags,method=box_pce', 'needs labels=boxes'),
+    ('labels=tags,method=full', 'trains on dense labels; use labels=dense'),
     ('labels=points:1,method=box_pce', 'needs labels=boxes'),
     ('labels=lines', 'sparse spec'),
     ('size=gpu', 'size must be')])

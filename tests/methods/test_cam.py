@@ -287,3 +287,22 @@ def test_upsampled_maps_flip_sums_the_mirror_within_the_width():
     mirror_x = width[b] - 1 - x if x < width[b] else x
     expected[b, y, x] = own + np.maximum(image[b, y, x, :2] + 0.3 * mirror_x, 0)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_crf_on_fewer_class_channels_gives_the_same_labels():
+  rng = np.random.default_rng(10)
+  maps, allowed, valid = random_case(10)
+  allowed[..., 3] = False      # at most 3 classes per image
+  labels_in = np.asarray(cam.thresholded_labels(jnp.asarray(np.abs(maps)),
+                                                jnp.asarray(allowed), 0.6))
+  rgb = rng.uniform(0, 255, (B, H, W, 3)).astype(np.float32)
+  rgb[:, :, 2:] = 30.0  # a flat region the smoothing can fill
+  args = (jnp.asarray(labels_in), jnp.asarray(allowed), jnp.asarray(rgb), jnp.asarray(valid))
+  full = np.asarray(cam.crf_labels(*args, iterations=3))
+  np.testing.assert_array_equal(cam.crf_labels(*args, iterations=3, max_classes=3), full)
+  assert (full != labels_in).any()
+  # With too few channels the classes past them become rest (K).
+  two = np.asarray(cam.crf_labels(*args, iterations=3, max_classes=1))
+  first = [np.flatnonzero(allowed[b].any((0, 1)))[0] for b in range(B)]
+  for b in range(B):
+    assert np.isin(two[b], [first[b], K]).all()

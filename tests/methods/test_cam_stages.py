@@ -204,13 +204,13 @@ def test_shared_leaves_are_taken_by_path_and_shape_except_skipped_keys():
   np.testing.assert_array_equal(got['own'], np.zeros(1))            # not in the source
 
 
-def _records(folder):
+def _records(folder, num_classes=NUM_CLASSES):
   metadata = input_pipeline.read_metadata(folder)
   for shard in metadata['splits']['train']['shards']:
     for data in tfrecord.read_all_records(os.path.join(folder, shard)):
       example = tfrecord.decode_example(data)
-      yield (example, input_pipeline.decode_label_png(example['label/dense/encoded'], NUM_CLASSES),
-             input_pipeline.decode_label_png(example['label/sparse/encoded'], NUM_CLASSES))
+      yield (example, input_pipeline.decode_label_png(example['label/dense/encoded'], num_classes),
+             input_pipeline.decode_label_png(example['label/sparse/encoded'], num_classes))
 
 
 def test_pseudo_labels_are_tagged_classes_and_their_quality_is_measured(runs):
@@ -239,6 +239,15 @@ def test_pseudo_labels_are_tagged_classes_and_their_quality_is_measured(runs):
   other = [pseudo for _, _, pseudo in _records(os.path.join(runs['work_b'], PASS))]
   for (_, _, mine), theirs in zip(_records(folder), other):
     np.testing.assert_array_equal(mine, theirs)
+
+
+def test_max_classes_per_image_counts_the_classes_of_the_dense_labels(tmp_path):
+  data_dir = fixtures.make_folder_dataset_tfrecords(tmp_path, num_train=5, num_val=1,
+                                                    num_classes=6, sparse='boxes')
+  most = 0
+  for _, dense, _ in _records(data_dir, num_classes=6):
+    most = max(most, len(np.unique(dense[dense >= 0])))
+  assert cam_stages.max_classes_per_image(data_dir, 'train') == most >= 2
 
 
 def test_class_box_masks_are_the_union_of_each_class_boxes():

@@ -124,8 +124,10 @@ def test_identity_fields():
   assert run_identity.is_identity_field('data.prepare.sparse')
   assert run_identity.is_identity_field('loss.weights.gmm')
   assert run_identity.is_identity_field('seed')
+  assert run_identity.is_identity_field('cam.restrict')
   assert not run_identity.is_identity_field('seed_other')
   for field in ('num_train_steps', 'num_epochs', 'eval_every_steps',
                 'checkpoint_every_steps', 'model.dilated_conv',
-                'eval.batch_size', 'spml_stage2.num_train_steps', 'mesh.data'):
+                'eval.batch_size', 'spml_stage2.num_train_steps', 'mesh.data',
+                'cam.num_epochs', 'cam.num_train_steps'):
     assert not run_identity.is_identity_field(field), field
