@@ -238,10 +238,12 @@ def make_pseudo_label_fn(model_defs: train_state_lib.ModelDefs, num_classes: int
 def write_quality(folder: str, split: str) -> dict[str, Any]:
   """Measures the pseudo-labels of ``folder`` against the records' dense
   labels, writes ``folder/quality.json`` (written beside and renamed) and
-  returns it: ``miou`` and ``per_class_iou`` over the pixels that have both
-  a dense and a pseudo-label, ``seed_precision`` (the share of those that
-  agree), ``coverage`` (the share of densely labeled pixels that got a
-  pseudo-label). Without dense labels in the records: ``{}``, nothing
+  returns it: ``miou``, ``per_class`` (IoU by class name) and
+  ``pixel_accuracy`` over the pixels that have both a dense and a
+  pseudo-label, ``seed_precision`` (the share of those that agree: the
+  same as ``pixel_accuracy``, by its seed name), ``coverage`` (the share of
+  densely labeled pixels that got a pseudo-label); the keys the study's
+  ``benchmarks/study/pass_quality.py`` reads. Without dense labels in the records: ``{}``, nothing
   written."""
   try:
     confusion, pseudo_labeled, dense_labeled = pseudo_labels.confusion_with_dense(folder, split)
@@ -252,7 +254,8 @@ def write_quality(folder: str, split: str) -> dict[str, Any]:
   classes = input_pipeline.class_names(input_pipeline.read_metadata(folder))
   quality = {
       'miou': float(scores['miou']),
-      'per_class_iou': {name: float(iou) for name, iou in zip(classes, scores['per_class_iou'])},
+      'per_class': {name: float(iou) for name, iou in zip(classes, scores['per_class_iou'])},
+      'pixel_accuracy': float(scores['pixel_accuracy']),
       'seed_precision': float(np.trace(confusion) / max(pseudo_labeled, 1)),
       'coverage': float(pseudo_labeled / max(dense_labeled, 1)),
       'pseudo_labeled_pixels': int(pseudo_labeled),

@@ -234,6 +234,8 @@ def test_pseudo_labels_are_tagged_classes_and_their_quality_is_measured(runs):
           for k in range(NUM_CLASSES) if confusion[k].sum() + confusion[:, k].sum() > 0]
   assert quality['miou'] == pytest.approx(np.mean(ious), rel=1e-6)
   assert quality['seed_precision'] == pytest.approx(np.trace(confusion) / confusion.sum())
+  assert quality['pixel_accuracy'] == pytest.approx(quality['seed_precision'])
+  assert sorted(quality['per_class']) == [f'class_{k}' for k in range(NUM_CLASSES)]
   assert quality['coverage'] == pytest.approx(confusion.sum() / dense_labeled)
   # Both runs wrote the same pseudo-labels.
   other = [pseudo for _, _, pseudo in _records(os.path.join(runs['work_b'], PASS))]
