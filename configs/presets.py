@@ -80,6 +80,13 @@ BOX_PRESETS = tuple(_BOX_PRESETS)
 _PRESETS.update(_BOX_PRESETS)
 
 
+# The presets of image-level tags (configs/msrc.py:labels=tags): the CAM
+# stages (agmm_jax/methods/cam_stages.py) with the segmenter preset they
+# name; with tags any pixel-label preset may also be named as the segmenter.
+TAG_SEGMENTERS = {'cam': 'pce_only'}
+TAG_PRESETS = tuple(TAG_SEGMENTERS)
+
+
 def preset(name: str) -> ml_collections.ConfigDict:
   """The loss config of the preset ``name`` (one of ``PRESETS`` or
   ``BOX_PRESETS``)."""

@@ -47,6 +47,9 @@ def test_tags_run_the_cam_stages_with_the_method_as_segmenter():
   assert config.loss.background_class == -1
   config = msrc.get_config('labels=tags,method=pce_ncut')
   assert dict(config.loss.weights) == {'pce': 1.0, 'ncut': 1.0}
+  # The tags preset: the CAM stages with pCE.
+  config = msrc.get_config('labels=tags,method=cam')
+  assert config.cam.enabled and dict(config.loss.weights) == {'pce': 1.0}
 
 
 def test_boxes_with_a_pixel_method_run_the_box_restricted_cam_stages():
@@ -62,6 +65,7 @@ def test_boxes_with_a_pixel_method_run_the_box_restricted_cam_stages():
 @pytest.mark.parametrize('arg, words', [
     ('labels=tags,method=box_pce', 'needs labels=boxes'),
     ('labels=tags,method=full', 'trains on dense labels; use labels=dense'),
+    ('labels=boxes,method=cam', 'method=cam needs labels=tags'),
     ('labels=points:1,method=box_pce', 'needs labels=boxes'),
     ('labels=lines', 'sparse spec'),
     ('size=gpu', 'size must be')])
