@@ -122,6 +122,18 @@ class Options:
                segmenter_init=str(block.segmenter_init),
                background_class=int(config.loss.background_class))
 
+  def classifier_steps(self, steps_per_epoch: int) -> int:
+    """The classifier stage's length: ``num_train_steps``, -1: ``num_epochs``
+    epochs."""
+    return (self.num_train_steps if self.num_train_steps > 0
+            else self.num_epochs * steps_per_epoch)
+
+
+def classifier_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The classifier stage's length (``config.cam.num_train_steps``, -1:
+  ``config.cam.num_epochs`` epochs); the study's planner counts it too."""
+  return Options.from_config(config).classifier_steps(steps_per_epoch)
+
 
 def is_enabled(config: ml_collections.ConfigDict) -> bool:
   """Whether the run is the CAM stages' (``config.cam.enabled``)."""
@@ -352,8 +364,7 @@ def _classifier_stage(options: Options) -> stages_lib.TrainingStage:
 
   def total_steps(context, steps_per_epoch):
     del context
-    return (options.num_train_steps if options.num_train_steps > 0
-            else options.num_epochs * steps_per_epoch)
+    return options.classifier_steps(steps_per_epoch)
 
   def init(context, total, load_pretrained):
     spec = context.run

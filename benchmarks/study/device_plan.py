@@ -90,7 +90,9 @@ def run_shape(run: Run) -> RunShape:
   """`run`'s schedule from its config (steps per epoch: the dataset's
   train_images // batch, as agmm_jax/train/trainer.py counts them). An SPML run's steps include
   its stage 2, whose evaluations are logged after stage 1's last step: the
-  run is finished only at the final classifier's last evaluation."""
+  run is finished only at the final classifier's last evaluation; a CAM run's
+  include the classifier stage before its segmenter (the pass between them
+  is not counted)."""
   config = run_config(run, config_overrides(run))
   dataset = dataset_of(run)
   batch = int(config.global_batch_size)
@@ -100,10 +102,13 @@ def run_shape(run: Run) -> RunShape:
   # Imported here, as run_config imports the configs: JAX is loaded only
   # by the actions that need a run's shape.
   # pylint: disable-next=g-import-not-at-top
+  from agmm_jax.methods import cam_stages
   from agmm_jax.methods import spml_stage2
   from agmm_jax.train import run_spec
   if spml_stage2.is_enabled(config):
     total += spml_stage2.stage2_steps(config, total)
+  if cam_stages.is_enabled(config):
+    total += cam_stages.classifier_steps(config, steps_per_epoch)
   _, eval_every, _ = run_spec.Periods.from_config(config).steps(steps_per_epoch, total)
   size = common_args_of(run)['size']
   # An empty eval canvas is sized from the data: the (downscaled) image size.
