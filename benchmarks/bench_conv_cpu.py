@@ -8,7 +8,9 @@ each convolution shape of the two CPU benchmark models
 (NHWC/HWIO, float32, jitted; the forward and the input and weight gradients
 of one cotangent) beside ``torch.nn.functional.conv2d`` (NCHW, float32, the
 same forward and ``backward``) and, for dilated convs, the same vjp of
-``agmm_jax.model.dilated_conv.tap_sum_conv`` (one matmul per in-image tap).
+``agmm_jax.model.dilated_conv.tap_sum_conv`` (one matmul per in-image tap)
+and, for 1x1 convs, of ``pointwise_dot_conv`` (one dot; the forms
+``dilated_conv='taps'`` uses).
 One warm-up call each, then ``--rounds`` rounds of one call of each; medians
 in milliseconds and their ratio to PyTorch, with the load average.
 """
@@ -37,6 +39,9 @@ CONVS = (
     ('R50 ASPP 3x3 r12', 2, 21, 2048, 256, 3, 12),
     ('R50 ASPP 3x3 r18', 2, 21, 2048, 256, 3, 18),
     ('R50 layer3 1x1 1024->256', 2, 21, 1024, 256, 1, 1),
+    ('R50 layer4 1x1 512->2048', 2, 21, 512, 2048, 1, 1),
+    ('R50 layer4 1x1 2048->512', 2, 21, 2048, 512, 1, 1),
+    ('R50 layer1 1x1 64->256', 2, 41, 64, 256, 1, 1),
     ('R18 layer4 3x3 r2', 8, 11, 512, 512, 3, 2),
     ('R18 ASPP 3x3 r6', 8, 11, 512, 256, 3, 6),
     ('R18 ASPP 3x3 r12', 8, 11, 512, 256, 3, 12),
@@ -92,14 +97,16 @@ def main(argv):
         f'{torch.__version__} ({torch.get_num_threads()} threads); load '
         f'average {os.getloadavg()[0]:.2f}')
   print('| conv (batch, grid, in->out) | torch ms | XLA ms | XLA/torch | '
-        'taps ms | taps/torch |\n|---|---|---|---|---|---|')
+        "'taps' form ms | 'taps' form/torch |\n|---|---|---|---|---|---|")
   for label, *shape in CONVS:
     if _ONLY.value not in label:
       continue
     calls = {'torch': torch_call(*shape),
              'xla': jax_call(lax.conv_general_dilated, *shape)}
-    if shape[-1] > 1:
-      calls['taps'] = jax_call(dilated_conv.tap_sum_conv, *shape)
+    kernel, rate = shape[-2:]
+    if rate > 1 or kernel == 1:
+      calls['taps'] = jax_call(dilated_conv.conv_function('taps', rate, kernel),
+                               *shape)
     for call in calls.values():
       call()
     times = {name: [] for name in calls}

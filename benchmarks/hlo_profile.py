@@ -5,7 +5,8 @@ of an optimized HLO module (an XLA:CPU thunk is one such instruction):
 convolutions by kernel, dilation, stride and pass (forward, input gradient,
 weight gradient), read from the convolution's window; the rest by the source
 frames of its metadata (BatchNorm, resizes, max-pool, loss, optimizer; the
-matmuls of ``dilated_conv.tap_sum_conv`` as dilated convs) and,
+matmuls of ``dilated_conv.tap_sum_conv`` as dilated convs, those of
+``pointwise_dot_conv`` as 1x1 convs) and,
 for fusions that only move data, ``layout transpose/copy``. JAX names
 backward ops ``transpose(jvp(...))``, which separates the passes.
 
@@ -142,9 +143,20 @@ def hlo_kinds(hlo_text: str) -> dict[str, str]:
       if 'frame' in op:
         frames.update(chains.get(int(op['frame']), []))
     if any(op['opcode'] == 'dot' for op in ops):
-      taps = any('tap_sum_conv' in function for _, function in frames)
-      kinds[name] = (f'conv 3x3 dilated as taps (dots): {pass_name}' if taps
-                     else f'dot (1x1 conv, resize): {pass_name}')
+      functions = {function for _, function in frames}
+      if 'tap_sum_conv' in functions:
+        kinds[name] = f'conv 3x3 dilated as taps (dots): {pass_name}'
+      elif 'pointwise_dot_conv' in functions:
+        # [M, O] x [C, O] -> [M, C] contracts both operands' minor (channel)
+        # dims; the weight gradient contracts the grid (M).
+        dot = [op for op in ops if op['opcode'] == 'dot'][0]
+        channels = ('lhs_contracting_dims={1}, rhs_contracting_dims={1}'
+                    in dot['rest'])
+        kinds[name] = 'conv 1x1 as dots: ' + (
+            'forward' if not backward else
+            'input grad' if channels else 'weight grad')
+      else:
+        kinds[name] = f'dot (resize, other): {pass_name}'
       continue
     source = _source_kind(frames)
     movers = {'parameter', 'transpose', 'copy', 'bitcast', 'reshape',

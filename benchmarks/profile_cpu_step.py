@@ -16,7 +16,11 @@ one PyTorch step alternately, so that background load hits both alike;
 medians, their ratio and the load average before and after are printed.
 ``--variants`` adds agmm_jax steps with other ``config.model`` settings
 (``name=field:value``, e.g. ``xla=dilated_conv:xla`` for the old default),
-timed in the same rounds. Figures and their reading: docs/benchmarks.md,
+timed in the same rounds. The pseudo-field ``conv1x1`` rebuilds the 1x1
+convs that ``'taps'`` makes dots of: ``conv1x1:xla`` as XLA convolutions
+(the step before the dot form), ``conv1x1:autodiff`` as dots with
+autodiff's weight gradient instead of ``pointwise_dot_conv``'s.
+Figures and their reading: docs/benchmarks.md,
 "CPU train step against PyTorch".
 
 ``--profile`` then traces ``--profile_steps`` steps of each JAX step (``jax.profiler``:
@@ -28,6 +32,7 @@ instructions and aten ops.
 """
 
 import collections
+import contextlib
 import gzip
 import json
 import glob
@@ -37,16 +42,19 @@ import sys
 import tempfile
 import time
 from typing import Any, Callable
+from unittest import mock
 
 from absl import app
 from absl import flags
 import jax
+from jax import lax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_train_step  # pylint: disable=g-import-not-at-top
 from benchmarks import hlo_profile  # pylint: disable=g-import-not-at-top
+from agmm_jax.model import dilated_conv  # pylint: disable=g-import-not-at-top
 
 SHAPES = {
     # name: (depth, stem, output_stride, crop, batch)
@@ -72,9 +80,26 @@ def jax_step(shape: str, model_overrides: dict[str, Any] | None = None
       depth, output_stride, batch, 'float32', 'pce_only',
       bench_train_step.dilated_conv.DEFAULT)
   config.model.stem = stem
-  for field, value in (model_overrides or {}).items():
+  overrides = dict(model_overrides or {})
+  conv1x1 = overrides.pop('conv1x1', 'auto')
+  for field, value in overrides.items():
     config.model[field] = value
-  return bench_train_step.compile_step(config, crop)
+  # The model takes its conv functions when it is built, and traces them
+  # when compile_step compiles the step.
+  patches = {
+      'auto': {},
+      'xla': {'pointwise_dot_conv': lax.conv_general_dilated},
+      'autodiff': {'_pointwise_matmul': lambda x, kernel, precision, element:
+                   jax.numpy.einsum('nhwc,co->nhwo', x, kernel,
+                                    precision=precision,
+                                    preferred_element_type=element)},
+  }
+  if conv1x1 not in patches:
+    raise ValueError(f'conv1x1 must be one of {sorted(patches)}, got {conv1x1!r}')
+  with contextlib.ExitStack() as stack:
+    for name, replacement in patches[conv1x1].items():
+      stack.enter_context(mock.patch.object(dilated_conv, name, replacement))
+    return bench_train_step.compile_step(config, crop)
 
 
 def torch_step(shape: str) -> Callable[[], float]:

@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.aspp_rates = (6, 12, 18)
   config.model.compute_dtype = 'float32'
   # 'auto' (the backend's fastest: 'taps' on CPU, 'xla' elsewhere) | 'xla' |
-  # 'taps' | 'space_to_batch': how dilated convs are computed (same values).
+  # 'taps' | 'space_to_batch': how dilated convs are computed (same values;
+  # 'taps' also computes the 1x1 convs as dots).
   config.model.dilated_conv = dilated_conv.DEFAULT
   config.model.pretrained = ''
 

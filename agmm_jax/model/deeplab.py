@@ -91,8 +91,8 @@ def _conv(in_features: int, out_features: int, kernel_size: int, *,
   """Conv with PyTorch padding ``dilation * (kernel_size - 1) // 2`` per side.
 
   ``implementation`` (a resolved ``config.model.dilated_conv``) picks how
-  dilated convs are computed (``agmm_jax.model.dilated_conv``); the
-  parameters are the same.
+  dilated (and, with ``'taps'``, 1x1) convs are computed
+  (``agmm_jax.model.dilated_conv``); the parameters are the same.
   """
   pad = dilation * (kernel_size - 1) // 2
   return nnx.Conv(
@@ -101,8 +101,8 @@ def _conv(in_features: int, out_features: int, kernel_size: int, *,
       kernel_dilation=(dilation, dilation), use_bias=use_bias,
       kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
       param_dtype=jnp.float32,
-      conv_general_dilated=dilated_conv_lib.conv_function(implementation,
-                                                          dilation),
+      conv_general_dilated=dilated_conv_lib.conv_function(
+          implementation, dilation, kernel_size),
       rngs=rngs)
 
 

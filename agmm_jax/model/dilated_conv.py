@@ -12,6 +12,12 @@ values and gradients (tests/model/test_dilated_conv.py):
   this form is faster than XLA's dilated conv at every rate the configs use,
   up to 5x for ASPP's rate 18 on a 21x21 grid, and ASPP's rates 12 and 18 on
   an 11x11 grid reduce to their centre tap (docs/benchmarks.md, issue 32).
+  This form also runs the 1x1 convs (a single tap, any stride) as one
+  ``dot_general`` (``pointwise_dot_conv``): XLA:CPU computes a 1x1 conv's
+  weight gradient as a convolution whose window is the whole grid, about 3x
+  slower than the same product as a dot on one core; the dot form's forward
+  and gradients take 0.46-0.75x the conv's at ResNet-50's 1x1 shapes and
+  ResNet-50's OS8 step 0.75x (one core, docs/benchmarks.md).
 * ``'space_to_batch'``: the atrous convolution as a dense one on interleaved
   sub-grids. With rate ``r``, a kernel of odd size ``k`` and the PyTorch
   padding ``p = r (k - 1) / 2`` on each side,
@@ -36,6 +42,7 @@ when a config forces it there.
 on CPU, ``'xla'`` on GPU and TPU, where the taps form is unmeasured so far.
 """
 
+import functools
 from typing import Any, Sequence
 
 from absl import logging
@@ -102,6 +109,27 @@ def _applies(lhs_shape: Sequence[int], kernel_shape: Sequence[int],
           and all(size % 2 == 1 for size in kernel_shape[:2])
           and all(tuple(pad) == (rate * (size - 1) // 2,) * 2
                   for pad, size in zip(padding, kernel_shape[:2])))
+
+
+def _applies_pointwise(lhs_shape: Sequence[int], kernel_shape: Sequence[int],
+                       window_strides: Sequence[int], padding: Any,
+                       lhs_dilation: Sequence[int] | None,
+                       dimension_numbers: Any, feature_group_count: int,
+                       batch_group_count: int) -> bool:
+  """True for a 2-D NHWC/HWIO 1x1 conv without padding, input dilation or
+  groups (any stride): the case ``pointwise_dot_conv`` writes as a dot."""
+  if len(kernel_shape) != 4 or len(lhs_shape) != 4:
+    return False
+  if isinstance(padding, str) or len(padding) != 2:
+    return False
+  if (lax.conv_dimension_numbers(lhs_shape, kernel_shape, dimension_numbers)
+      != lax.conv_dimension_numbers(lhs_shape, kernel_shape, _NHWC_DIMENSIONS)):
+    return False
+  return (tuple(kernel_shape[:2]) == (1, 1)
+          and all(tuple(pad) == (0, 0) for pad in padding)
+          and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+          and feature_group_count == 1 and batch_group_count == 1
+          and len(window_strides) == 2)
 
 
 def _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -220,12 +248,79 @@ def tap_sum_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
   return out
 
 
-def conv_function(implementation: str, dilation: int):
-  """The ``conv_general_dilated`` an ``nnx.Conv`` of ``dilation`` should use.
+def pointwise_dot_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                       padding: Any, lhs_dilation: Sequence[int] | None = None,
+                       rhs_dilation: Sequence[int] | None = None,
+                       dimension_numbers: Any = None,
+                       feature_group_count: int = 1,
+                       batch_group_count: int = 1, precision: Any = None,
+                       preferred_element_type: Any = None,
+                       out_sharding: Any = None) -> Array:
+  """``lax.conv_general_dilated`` with 1x1 convs as one ``dot_general``.
+
+  Same signature and result as ``lax.conv_general_dilated``. A 1x1 NHWC/HWIO
+  conv without padding (stride ``s``) is ``x[:, ::s, ::s] @ w[0, 0]``; its
+  weight gradient is then a dot over the batch and grid (which XLA:CPU runs
+  about 3x faster than the equivalent convolution, docs/benchmarks.md). Any
+  other convolution is passed to ``lax.conv_general_dilated`` unchanged
+  (the rate of a 1x1 kernel does not matter: it has one tap).
+  """
+  if out_sharding is not None or not _applies_pointwise(
+      lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
+      dimension_numbers, feature_group_count, batch_group_count):
+    return _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count, batch_group_count,
+                     precision, preferred_element_type, out_sharding)
+  row_stride, col_stride = (int(s) for s in window_strides)
+  if (row_stride, col_stride) != (1, 1):
+    lhs = lhs[:, ::row_stride, ::col_stride]
+  return _pointwise_matmul(lhs, rhs[0, 0], precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pointwise_matmul(x: Array, kernel: Array, precision: Any,
+                      preferred_element_type: Any) -> Array:
+  """``[B, H, W, C] @ [C, O] -> [B, H, W, O]``; its weight gradient is one
+  dot contracting the grid of both operands (``_pointwise_matmul_backward``)."""
+  return jnp.einsum('nhwc,co->nhwo', x, kernel, precision=precision,
+                    preferred_element_type=preferred_element_type)
+
+
+def _pointwise_matmul_forward(x, kernel, precision, preferred_element_type):
+  return _pointwise_matmul(x, kernel, precision, preferred_element_type), (
+      x, kernel)
+
+
+def _pointwise_matmul_backward(precision, preferred_element_type, residuals,
+                               cotangent):
+  """Autodiff's weight gradient ends in a transpose that XLA:CPU turns into
+  a copy of the cotangent (C x grid) before the dot; contracting the grid
+  axis of both ``[grid, C]`` operands in one ``dot_general`` leaves the
+  transposition to the matmul (8-17% off a bottleneck block's step,
+  docs/benchmarks.md)."""
+  del preferred_element_type  # The gradients take their primals' dtypes.
+  x, kernel = residuals
+  channels, features = kernel.shape
+  cotangent = cotangent.astype(x.dtype)
+  input_grad = jnp.einsum('nhwo,co->nhwc', cotangent, kernel.astype(x.dtype),
+                          precision=precision)
+  kernel_grad = lax.dot_general(
+      x.reshape(-1, channels), cotangent.reshape(-1, features),
+      (((0,), (0,)), ((), ())), precision=precision,
+      preferred_element_type=jnp.float32)
+  return input_grad, kernel_grad.astype(kernel.dtype)
+
+
+_pointwise_matmul.defvjp(_pointwise_matmul_forward, _pointwise_matmul_backward)
+
+
+def conv_function(implementation: str, dilation: int, kernel_size: int = 3):
+  """The ``conv_general_dilated`` an ``nnx.Conv`` of ``dilation`` and
+  ``kernel_size`` should use.
 
   ``implementation`` is a resolved ``config.model.dilated_conv`` (one of
-  ``DILATED_CONV_IMPLEMENTATIONS``, see ``resolve``); undilated convs always
-  use XLA's.
+  ``DILATED_CONV_IMPLEMENTATIONS``, see ``resolve``). Undilated convs use
+  XLA's, except the 1x1 convs of ``'taps'`` (``pointwise_dot_conv``).
   """
   forms = {'xla': lax.conv_general_dilated, 'taps': tap_sum_conv,
            'space_to_batch': space_to_batch_conv}
@@ -233,4 +328,6 @@ def conv_function(implementation: str, dilation: int):
     raise ValueError(f'model.dilated_conv must be one of '
                      f'{DILATED_CONV_IMPLEMENTATIONS} once resolved, got '
                      f'{implementation!r}')
+  if implementation == 'taps' and kernel_size == 1:
+    return pointwise_dot_conv
   return forms[implementation] if dilation > 1 else lax.conv_general_dilated

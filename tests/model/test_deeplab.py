@@ -230,7 +230,12 @@ def test_build_model_reads_config():
   assert model.head.b2.conv.conv_general_dilated is dilated_conv.tap_sum_conv
   assert (model.backbone.layer4[1].conv1.conv_general_dilated
           is dilated_conv.tap_sum_conv)
-  assert model.head.b0.conv.conv_general_dilated is jax.lax.conv_general_dilated
+  # 'taps' writes the 1x1 convs as dots, strided ones included; plain 3x3
+  # convs stay XLA's.
+  assert model.head.b0.conv.conv_general_dilated is dilated_conv.pointwise_dot_conv
+  assert (model.backbone.layer2[0].downsample.conv.conv_general_dilated
+          is dilated_conv.pointwise_dot_conv)
+  assert model.backbone.layer1[0].conv1.conv_general_dilated is jax.lax.conv_general_dilated
   config.dilated_conv = 'fft'
   with pytest.raises(ValueError, match='dilated_conv'):
     deeplab.build_model(config, 7, rngs=nnx.Rngs(0))

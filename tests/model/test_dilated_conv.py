@@ -127,6 +127,70 @@ def test_taps_in_the_padding_are_skipped():
   assert [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns].count('dot_general') == 9
 
 
+@pytest.mark.parametrize('strides', [(1, 1), (2, 2), (2, 1)])
+def test_pointwise_dot_conv_equals_xla(strides):
+  """A 1x1 conv as a dot: values, input and weight gradients equal XLA's
+  conv and the definition x[:, ::s, ::s] @ w written in float64; all three
+  are dots (no convolution left)."""
+  rng = np.random.default_rng(sum(strides))
+  x = rng.normal(size=(2, 7, 10, 5)).astype(np.float32)
+  kernel = rng.normal(size=(1, 1, 5, 3)).astype(np.float32)
+
+  def conv_with(conv_fn):
+    return lambda a, w: conv_fn(
+        a, w, strides, ((0, 0), (0, 0)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=jax.lax.Precision.HIGHEST)
+
+  def values_and_grads(conv):
+    def run(a, w, cotangent):
+      value, vjp = jax.vjp(conv, a, w)
+      return (value, *vjp(cotangent))
+    return jax.jit(run)
+
+  out_shape = jax.eval_shape(conv_with(jax.lax.conv_general_dilated),
+                             x, kernel).shape
+  cotangent = rng.normal(size=out_shape).astype(np.float32)
+  expected = values_and_grads(conv_with(jax.lax.conv_general_dilated))(
+      x, kernel, cotangent)
+  actual = values_and_grads(conv_with(dilated_conv.pointwise_dot_conv))(
+      x, kernel, cotangent)
+  for got, want in zip(actual, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  naive = (x.astype(np.float64)[:, ::strides[0], ::strides[1]]
+           @ kernel[0, 0].astype(np.float64))
+  np.testing.assert_allclose(actual[0], naive, rtol=1e-5, atol=1e-5)
+  jaxpr = jax.make_jaxpr(jax.grad(
+      lambda a, w: jnp.sum(conv_with(dilated_conv.pointwise_dot_conv)(a, w)),
+      argnums=(0, 1)))(x, kernel)
+  text = str(jaxpr)  # With the forward's jaxpr inside custom_vjp_call.
+  assert 'conv_general_dilated' not in text
+  assert text.count('dot_general[') == 3
+
+
+def test_pointwise_other_convs_fall_through_to_xla():
+  """Padded 1x1, 3x3, grouped and SAME convs stay XLA's convolutions."""
+  x = jnp.ones((1, 9, 8, 4), jnp.float32)
+  cases = [((1, 1, 4, 2), ((1, 1), (1, 1)), 1),
+           ((3, 3, 4, 2), ((1, 1), (1, 1)), 1),
+           ((1, 1, 2, 2), ((0, 0), (0, 0)), 2),
+           ((1, 1, 4, 2), 'SAME', 1)]
+  for kernel_shape, padding, groups in cases:
+    jaxpr = jax.make_jaxpr(lambda a, w: dilated_conv.pointwise_dot_conv(
+        a, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=groups))(x, jnp.ones(kernel_shape, jnp.float32))
+    primitives = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+    assert primitives == ['conv_general_dilated'], (kernel_shape, padding)
+
+
+def test_conv_function_picks_the_form_by_kernel_and_rate():
+  assert dilated_conv.conv_function('taps', 1, 1) is dilated_conv.pointwise_dot_conv
+  assert dilated_conv.conv_function('taps', 2, 3) is dilated_conv.tap_sum_conv
+  assert dilated_conv.conv_function('taps', 1, 3) is jax.lax.conv_general_dilated
+  for form in ('xla', 'space_to_batch'):
+    assert dilated_conv.conv_function(form, 1, 1) is jax.lax.conv_general_dilated
+
+
 def test_auto_is_resolved_by_the_backend():
   assert dilated_conv.resolve('auto', 'cpu') == 'taps'
   assert dilated_conv.resolve('auto', 'gpu') == 'xla'
@@ -156,13 +220,19 @@ def test_a_forced_slow_choice_warns(caplog):
 
 
 def test_model_forms_agree():
-  """ASPP and a dilated residual block of the model give the same outputs and
-  gradients (input and parameters) with every form and the same parameters;
-  the model passes the option to them (test_deeplab.test_build_model_reads_config)."""
+  """ASPP, a dilated residual block and a strided bottleneck of the model give
+  the same outputs and gradients (input and parameters) with every form and
+  the same parameters; the model passes the option to them
+  (test_deeplab.test_build_model_reads_config)."""
   def build(form):
     rngs = nnx.Rngs(0)
     conv = deeplab.conv_factory(form)
     return nnx.List([
+        # 1x1 convs (dots under 'taps'), a strided one in the shortcut.
+        deeplab.Bottleneck(
+            8, 2, stride=2, dilation=1, conv=conv, dtype=jnp.float32,
+            rngs=rngs, downsample=deeplab.Downsample(
+                8, 8, 2, conv=conv, dtype=jnp.float32, rngs=rngs)),
         deeplab.BasicBlock(8, 8, stride=1, dilation=2, downsample=None,
                           conv=conv, dtype=jnp.float32, rngs=rngs),
         deeplab.ASPP(8, (2, 3, 5), out_features=4, conv=conv,
@@ -181,7 +251,9 @@ def _assert_layers_agree(xla_layers, layers):
   def outputs_and_grads(layers, x):
     layers.eval()
     def loss(layers, x):
-      y = layers[1](layers[0](x))
+      y = x
+      for layer in layers:
+        y = layer(y)
       return jnp.sum(jnp.sin(y)), y
     return nnx.grad(loss, argnums=(0, 1), has_aux=True)(layers, x)
 
