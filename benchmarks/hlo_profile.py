@@ -146,7 +146,7 @@ def hlo_kinds(hlo_text: str) -> dict[str, str]:
       functions = {function for _, function in frames}
       if 'tap_sum_conv' in functions:
         kinds[name] = f'conv 3x3 dilated as taps (dots): {pass_name}'
-      elif 'pointwise_dot_conv' in functions:
+      elif any('pointwise_' in function for function in functions):
         # [M, O] x [C, O] -> [M, C] contracts both operands' minor (channel)
         # dims; the weight gradient contracts the grid (M).
         dot = [op for op in ops if op['opcode'] == 'dot'][0]
