@@ -327,9 +327,12 @@ def best_sentences(rows: Sequence[Row]) -> list[str]:
           f'separated){dense_text}.')
     else:
       top = max(others, key=lambda r: r.mean)
+      verdict = _verdict(top, pce)
+      status = ('not separated' if verdict in ('no', 'below')
+                else f'{verdict}: separation needs two seeds of each')
       lines.append(
           f'- {title}: **none beats pCE** ({_score(pce)}; highest other '
-          f'mean {top.key[3]} {_score(top)}, not separated){dense_text}.')
+          f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
   return lines
 
 
