@@ -45,6 +45,7 @@ from configs import tiny
 from tests import fixtures
 from tests.train import test_trainer
 from tests.train.test_resume import checkpoint_steps
+from tests.train.test_resume import assert_resume_matches
 from tests.train.test_resume import load_step
 
 STEPS = 4        # per training stage
@@ -163,18 +164,8 @@ def test_finished_stages_are_not_redone(runs):
 
 
 def test_resumed_run_equals_uninterrupted_run(runs):
-  state_a, data_a = load_step(os.path.join(runs['work_a'], SEGMENTER), STEPS)
-  state_b, data_b = load_step(os.path.join(runs['work_b'], SEGMENTER), STEPS)
-  assert data_a == data_b
-  leaves_a = jax.tree_util.tree_flatten_with_path(state_a)[0]
-  leaves_b = dict(jax.tree_util.tree_flatten_with_path(state_b)[0])
-  assert len(leaves_a) == len(leaves_b) > 10
-  for path, leaf in leaves_a:
-    np.testing.assert_allclose(fixtures.host_array(leaves_b[path]), fixtures.host_array(leaf),
-                               rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-  resumed_from, _ = load_step(os.path.join(runs['work_b'], SEGMENTER), 2)
-  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(resumed_from['params']),
-                                                   jax.tree.leaves(state_b['params'])))
+  assert_resume_matches(os.path.join(runs['work_a'], SEGMENTER),
+                        os.path.join(runs['work_b'], SEGMENTER), STEPS, resumed_from=2)
 
 
 def test_the_segmenter_starts_from_the_classifier_network(runs):

@@ -71,6 +71,25 @@ def load_step(workdir: str, step: int):
   return state, data_state
 
 
+def assert_resume_matches(folder_a: str, folder_b: str, step: int, resumed_from: int) -> None:
+  """The checkpoint ``step`` of an uninterrupted run (``folder_a``) and of a
+  killed-and-resumed one (``folder_b``, resumed from step ``resumed_from``)
+  hold equal states and iterators, and the resumed run moved the parameters
+  after its resume (so the comparison is not of two copies of one file)."""
+  state_a, data_a = load_step(folder_a, step)
+  state_b, data_b = load_step(folder_b, step)
+  assert data_a == data_b
+  leaves_a = jax.tree_util.tree_flatten_with_path(state_a)[0]
+  leaves_b = dict(jax.tree_util.tree_flatten_with_path(state_b)[0])
+  assert len(leaves_a) == len(leaves_b) > 10
+  for path, leaf in leaves_a:
+    np.testing.assert_allclose(fixtures.host_array(leaves_b[path]), fixtures.host_array(leaf),
+                               rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  start_state, _ = load_step(folder_b, resumed_from)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(start_state['params']),
+                                                   jax.tree.leaves(state_b['params'])))
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('resume')
