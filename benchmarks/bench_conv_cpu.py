@@ -24,8 +24,6 @@ from absl import app
 from absl import flags
 import jax
 from jax import lax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
