@@ -54,20 +54,20 @@ def _read_batch(records: list[input_pipeline.RawRecord], batch_size: int,
   return images, label_batch, sizes
 
 
-def read_weak_labels(records: list[input_pipeline.RawRecord], batch_size: int,
+def read_weak_labels(records: list[input_pipeline.RawRecord],
+                     sizes: list[tuple[int, int]], batch_size: int,
                      num_classes: int, max_boxes: int) -> dict[str, np.ndarray]:
   """The records' weak labels: ``tags`` float32 ``[batch_size, K]`` and
   ``boxes`` int32 ``[batch_size, max_boxes, 5]`` (``weak_labels.pad_boxes``;
-  rows past the records: no tag, no box); a one-line ValueError naming the
-  record when it has none."""
+  rows past the records: no tag, no box); ``sizes``: the records' (height,
+  width), as :func:`_read_batch` decoded them; a one-line ValueError naming
+  the record when it has none."""
   tags = np.zeros((batch_size, num_classes), np.float32)
   boxes = np.stack([weak_labels.pad_boxes(np.zeros((0, 5)), max_boxes)] * batch_size)
-  for row, record in enumerate(records):
+  for row, (record, (height, width)) in enumerate(zip(records, sizes)):
     example = tfrecord.decode_example(record.data)
-    _, label, _ = input_pipeline.decode_record(
-        record, num_classes=num_classes, label_key=input_pipeline.LABEL_KEYS['sparse'])
-    weak = weak_labels.from_record(example, num_classes=num_classes, height=label.shape[0],
-                                   width=label.shape[1], where=record.where)
+    weak = weak_labels.from_record(example, num_classes=num_classes, height=height,
+                                   width=width, where=record.where)
     if weak is None:
       raise ValueError(f'{record.where}: no {weak_labels.TAGS_KEY}: prepare the data '
                        'with tags or boxes (data_prep --sparse=tags|boxes)')
@@ -87,7 +87,7 @@ def _write_shard(path: str, records: list[input_pipeline.RawRecord], batch_size:
       if read_weak is None:
         pseudo = np.asarray(label_batch(images, label_batch_in))
       else:
-        pseudo = np.asarray(label_batch(images, label_batch_in, read_weak(chunk)))
+        pseudo = np.asarray(label_batch(images, label_batch_in, read_weak(chunk, sizes)))
       for row, (record, (height, width)) in enumerate(zip(chunk, sizes)):
         features = tfrecord.decode_example(record.data)
         features[input_pipeline.LABEL_KEYS['sparse']] = labels_lib.encode_png(
@@ -153,7 +153,8 @@ def write(target: str, *, data_dir: str, split: str, label_kind: str, batch_size
                        input_pipeline.LABEL_KEYS[label_kind])
 
   read_weak = None if max_boxes is None else (
-      lambda records: read_weak_labels(records, batch_size, num_classes, max_boxes))
+      lambda records, sizes: read_weak_labels(records, sizes, batch_size, num_classes,
+                                              max_boxes))
   for index, name in enumerate(names):
     path = os.path.join(partial, name)
     if not os.path.exists(path):
