@@ -71,6 +71,33 @@ def load_step(workdir: str, step: int):
   return state, data_state
 
 
+def start_script_run(script: str, config_arg: str, flags: list[str], kill_env: str,
+                     kill_at: int, workdir: str, data_dir: str, cache_dir: str,
+                     log_path: str) -> subprocess.Popen:
+  """``script`` (a test file run as main.py with its own stage plan) on the
+  tiny data, CPU, checkpoints every 2 steps, no evaluation; ``kill_env`` tells
+  it after which step to SIGKILL itself (0: never)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **{kill_env: str(kill_at)},
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.pop('XLA_FLAGS', None)
+  with open(log_path, 'a', encoding='utf-8') as log:
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(script), config_arg,
+         f'--workdir={workdir}', '--alsologtostderr',
+         f'--config.compilation_cache_dir={cache_dir}', f'--config.data.dir={data_dir}',
+         *flags, '--config.checkpoint_every_steps=2',
+         '--config.keep_checkpoints=10', '--config.eval_every_steps=0',
+         '--config.image_summary_every_steps=0'],
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env=env,
+        stdout=log, stderr=subprocess.STDOUT)
+
+
+def modification_times(folder: str) -> dict[str, float]:
+  return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+          for root, _, names in os.walk(folder) for name in names}
+
+
 def assert_resume_matches(folder_a: str, folder_b: str, step: int, resumed_from: int) -> None:
   """The checkpoint ``step`` of an uninterrupted run (``folder_a``) and of a
   killed-and-resumed one (``folder_b``, resumed from step ``resumed_from``)

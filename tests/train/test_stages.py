@@ -16,7 +16,6 @@ This file is also the toy method's command line (the subprocesses run it):
 import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -43,6 +42,8 @@ from tests.train import test_trainer
 from tests.train.test_resume import checkpoint_steps
 from tests.train.test_resume import assert_resume_matches
 from tests.train.test_resume import load_step
+from tests.train.test_resume import modification_times
+from tests.train.test_resume import start_script_run
 
 PASS = 'toy_pseudo_labels'
 STAGE2 = 'toy_stage2'
@@ -101,24 +102,10 @@ def toy_stages(config, loss):
 
 
 def start(workdir, data_dir, cache_dir, log_path, kill_at=0):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', **{KILL_ENV: str(kill_at)},
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  env.pop('XLA_FLAGS', None)
-  with open(log_path, 'a', encoding='utf-8') as log:
-    return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), '--config=configs/tiny.py',
-         f'--workdir={workdir}', '--alsologtostderr',
-         f'--config.compilation_cache_dir={cache_dir}', f'--config.data.dir={data_dir}',
-         f'--config.num_train_steps={TOTAL_STEPS}', '--config.checkpoint_every_steps=2',
-         '--config.keep_checkpoints=10', '--config.eval_every_steps=0',
-         '--config.image_summary_every_steps=0'],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def modification_times(folder):
-  return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
-          for root, _, names in os.walk(folder) for name in names}
+  return start_script_run(
+      __file__, '--config=configs/tiny.py',
+      [f'--config.num_train_steps={TOTAL_STEPS}'],
+      KILL_ENV, kill_at, workdir, data_dir, cache_dir, log_path)
 
 
 @pytest.fixture(scope='module')
