@@ -46,8 +46,9 @@ _NUM_CLASSES = flags.DEFINE_integer(
 _CANVAS = flags.DEFINE_string(
     'canvas', '', "Eval canvas 'H,W'; empty: config.data.eval_canvas or the data's.")
 _PLATFORMS = flags.DEFINE_list('platforms', ['tpu', 'cuda'], 'Platforms to export for.')
-_PARTS = flags.DEFINE_list('parts', ['train', 'eval', 'stage2'],
-                           'Programs: train, eval, stage2 (SPML).')
+_PARTS = flags.DEFINE_list('parts', ['train', 'eval', 'stage2', 'cam'],
+                           'Programs: train, eval, stage2 (SPML), cam (the CAM '
+                           'stages of config.cam.enabled: tags and boxes).')
 _CHECK = flags.DEFINE_string(
     'check', '', 'Instead: compile the programs of this folder on the local devices.')
 

@@ -17,9 +17,11 @@ target (``benchmarks/export_modules.py --check``).
 with the library's own builders and the config's shapes: the train step
 (``agmm_jax.train.steps``, with the loss's heads, batch fields and method
 state), the summary maps, the evaluation step of ``config.eval.mode`` (or of
-the modes asked for), the predict function of predict mode and, for SPML,
-its second stage's pseudo-label pass and step. ``tests/runtime/test_export.py``
-exports them for every preset of ``configs/presets.py``;
+the modes asked for), the predict function of predict mode, for SPML its
+second stage's pseudo-label pass and step and, for the CAM stages (tags and
+boxes), the classifier's step, its CAM evaluation and the pseudo-label pass
+restricted to tags and to boxes. ``tests/runtime/test_export.py`` exports
+them for every preset of ``configs/presets.py`` and the CAM stages;
 ``benchmarks/export_modules.py`` writes them to a folder, serialized.
 """
 
@@ -39,6 +41,8 @@ from agmm_jax.data import augment
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.data import weak_labels
 from agmm_jax.evaluation import evaluator
+from agmm_jax.methods import boxes as boxes_lib
+from agmm_jax.methods import cam_stages
 from agmm_jax.methods import spml_stage2
 from agmm_jax.model import deeplab
 from agmm_jax.model import dilated_conv
@@ -253,17 +257,52 @@ def _spml_stage2_programs(config: ml_collections.ConfigDict, num_classes: int,
                 (stage2_state, stage2_batch))
 
 
+def _cam_programs(config: ml_collections.ConfigDict, num_classes: int,
+                  mesh: jax.sharding.Mesh, canvas: Sequence[int],
+                  platforms: Sequence[str]) -> Iterator[Program]:
+  """The CAM stages' own programs (the segmenter is a pixel preset's run):
+  the classifier's train step (``cam_bce``, the ``cam`` head), its
+  evaluation by the CAM's segmentation, and the pseudo-label pass with the
+  CAMs restricted to the tags and to the boxes."""
+  options = cam_stages.Options.from_config(config)
+  loss = cam_stages.classifier_loss(options)
+  state, model_defs, tx = abstract_train_state(config, num_classes, mesh, loss,
+                                               platforms=platforms)
+  yield Program('cam_classifier_step', steps.make_train_step(
+      model_defs, loss, tx, mesh,
+      lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, 1),
+      head_lr_multiplier=float(config.optimizer.head_lr_multiplier)),
+                (state, abstract_train_batch(config, num_classes, mesh, loss)))
+  replicated = sharding_lib.replicated_sharding(mesh)
+  params, model_state = _eval_variables(state, replicated)
+  eval_batch = abstract_eval_batch(config, canvas, mesh)
+  yield Program('cam_eval_step', cam_stages.make_cam_eval_fn(
+      model_defs, num_classes, mesh, options.background_class),
+                (params, model_state, eval_batch))
+  batch_size = eval_batch['image'].shape[0]
+  data = sharding_lib.data_sharding(mesh)
+  weak = (jax.ShapeDtypeStruct((batch_size, num_classes), jnp.float32, sharding=data),
+          jax.ShapeDtypeStruct((batch_size, boxes_lib.MAX_BOXES, weak_labels.BOX_COLUMNS),
+                               jnp.int32, sharding=data))
+  for restrict in cam_stages.RESTRICTIONS:
+    restricted = dataclasses.replace(options, restrict=restrict)
+    yield Program(f'cam_pseudo_labels[{restrict}]', cam_stages.make_pseudo_label_fn(
+        model_defs, num_classes, mesh, restricted, max_classes=min(3, num_classes)),
+                  (params, model_state, eval_batch['image'], eval_batch['label'], *weak))
+
+
 def run_programs(config: ml_collections.ConfigDict, num_classes: int,
                  mesh: jax.sharding.Mesh, canvas: Sequence[int], *,
                  eval_modes: Sequence[str] | None = None,
-                 parts: Sequence[str] = ('train', 'eval', 'stage2'),
+                 parts: Sequence[str] = ('train', 'eval', 'stage2', 'cam'),
                  platforms: Sequence[str] = PLATFORMS) -> list[Program]:
   """The jitted programs of a training run of ``config`` with abstract
   arguments: ``train`` (train step, summary maps), ``eval`` (evaluation
   step and predict function of each of ``eval_modes``, default
-  ``config.eval.mode``, on the eval ``canvas`` ``(Hc, Wc)``) and, for a
-  loss with SPML's term, ``stage2`` (its second stage). The model is the
-  one the ``platforms`` run (``target_dilated_conv``)."""
+  ``config.eval.mode``, on the eval ``canvas`` ``(Hc, Wc)``), for a loss
+  with SPML's term ``stage2`` (its second stage) and, when
+  ``config.cam.enabled``, ``cam`` (the CAM stages' classifier and pass).
+  The model is the one the ``platforms`` run (``target_dilated_conv``)."""
   loss = methods.build_loss(config.loss)
   state, model_defs, tx = abstract_train_state(config, num_classes, mesh, loss,
                                                platforms=platforms)
@@ -284,6 +323,8 @@ def run_programs(config: ml_collections.ConfigDict, num_classes: int,
   if 'stage2' in parts and spml_stage2.is_enabled(config):
     programs.extend(_spml_stage2_programs(config, num_classes, mesh, loss, state,
                                           model_defs, canvas))
+  if 'cam' in parts and cam_stages.is_enabled(config):
+    programs.extend(_cam_programs(config, num_classes, mesh, canvas, platforms))
   return programs
 
 

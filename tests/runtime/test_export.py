@@ -8,7 +8,8 @@ labels and boxes, and ``full``) in float32 and bfloat16 compute, the train
 step, the summary maps, the evaluation step and the predict function of
 configs/tiny.py (all four eval modes for the first preset; the eval programs
 once per set of extra heads, as they do not depend on the loss otherwise)
-and, for SPML, its second stage; and the production shapes of
+and, for SPML, its second stage; the CAM stages' classifier step, CAM
+evaluation and pseudo-label pass (tags and boxes); and the production shapes of
 configs/voc_point.py (ResNet-101 OS8, crop 321, global batch 16) for its
 default preset. The tests read its record, one test per preset.
 """
@@ -27,6 +28,7 @@ import pytest
 from agmm_jax import methods
 from agmm_jax.data import input_pipeline
 from agmm_jax.evaluation import evaluator
+from agmm_jax.methods import boxes as boxes_lib
 from agmm_jax.methods import spml_stage2
 from agmm_jax.runtime import export
 from agmm_jax.runtime import sharding
@@ -47,6 +49,9 @@ TINY_CANVAS = (45, 60)
 VOC_NUM_CLASSES = 21
 VOC_CANVAS = (500, 500)
 VOC = 'voc_point (production shapes)'
+CAM = 'cam stages (tags, boxes)'
+CAM_PROGRAMS = ('cam_classifier_step', 'cam_eval_step', 'cam_pseudo_labels[tags]',
+                'cam_pseudo_labels[boxes]')
 
 
 def _record(program: export.Program, exported: jax.export.Exported,
@@ -100,6 +105,11 @@ def worker(output: str) -> None:
           eval_modes=evaluator.EVAL_MODES if preset == common.METHODS[0] else None)
       records.setdefault(preset, {})[dtype] = _export_all(programs, preset, mesh)
       records[preset][dtype]['eval_as'] = exported_heads.setdefault(heads, preset)
+    config = tiny.get_config('method=pce_only')
+    config.cam.enabled = True
+    config.model.compute_dtype = dtype
+    records.setdefault(CAM, {})[dtype] = _export_all(export.run_programs(
+        config, TINY_NUM_CLASSES, mesh, TINY_CANVAS, parts=('cam',)), CAM, mesh)
   config = voc_point.get_config()
   records[VOC] = {config.model.compute_dtype: _export_all(export.run_programs(
       config, VOC_NUM_CLASSES, mesh, VOC_CANVAS, parts=('train', 'eval')), VOC, mesh)}
@@ -171,7 +181,7 @@ def _loss_config(method: str):
 def test_preset_exports_for_tpu_and_cuda(records, preset):
   """Train step, summaries, evaluation, predict and later stages of the
   preset, in float32 and bfloat16, on 8 devices."""
-  assert set(records) == {*common.METHODS, VOC}
+  assert set(records) == {*common.METHODS, VOC, CAM}
   loss_config = _loss_config(preset)
   fields = methods.build_loss(loss_config).needs.batch_fields
   for dtype in DTYPES:
@@ -191,6 +201,33 @@ def test_preset_exports_for_tpu_and_cuda(records, preset):
     # A method's batch field: [B, ...] of whatever shape its factory makes.
     batch.update({name: inputs[f"[1]['{name}']"][0] for name in fields})
     _check_train_step_placement(inputs, batch, batch_size=8)
+
+
+def test_cam_stages_export_for_tpu_and_cuda(records):
+  """The CAM stages' classifier step (the tags as a batch field, the batch
+  split over ``data``), its CAM evaluation and the pass restricted to tags
+  and to boxes (the records' weak labels split over ``data`` too)."""
+  height, width = TINY_CANVAS
+  for dtype in DTYPES:
+    programs = _programs(records, CAM, dtype)
+    assert sorted(programs) == sorted(CAM_PROGRAMS), dtype
+    step = programs['cam_classifier_step']
+    assert step['dilated_convolution'], dtype
+    inputs = step['inputs']
+    assert inputs["[1]['image']"] == ['float32[8,33,33,3]', DATA]
+    assert inputs["[1]['tags']"] == [f'float32[8,{TINY_NUM_CLASSES}]', DATA]
+    params = {path: spec for path, (_, spec) in inputs.items()
+              if path.startswith("[0]['params']")}
+    assert set(params.values()) == {REPLICATED}
+    assert any("['extra_heads']['cam']" in path for path in params)
+    assert programs['cam_eval_step']['inputs']["[2]['image']"] == [
+        f'float32[8,{height},{width},3]', DATA]
+    # Each pass reads the weak labels of its restriction (the other input is
+    # dropped from the program, its placement unspecified).
+    tags = programs['cam_pseudo_labels[tags]']['inputs']['[4]']
+    assert tags == [f'float32[8,{TINY_NUM_CLASSES}]', DATA]
+    boxes = programs['cam_pseudo_labels[boxes]']['inputs']['[5]']
+    assert boxes == [f'int32[8,{boxes_lib.MAX_BOXES},5]', DATA]
 
 
 def test_eval_programs_cover_every_mode_and_every_set_of_heads(records):
