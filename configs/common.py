@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  # Also kept, beyond the latest keep_checkpoints: every checkpoint whose step
+  # is a multiple of this (0: none); what benchmarks/target_diagnostic.py
+  # reads to follow a method early, midway and at the end of a run.
+  config.keep_checkpoint_every_steps = 0
   config.image_summary_every_steps = 500
   # Persistent compilation cache: 'user' ($XDG_CACHE_HOME/agmm_jax/jax),
   # '' (off) or a folder; see agmm_jax/runtime/compilation_cache.py.
@@ -205,3 +209,4 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                   meaning=' (0: at the end only)')
   _check_at_least(config, 'image_summary_every_steps', 0, meaning=' (0: off)')
   _check_at_least(config, 'keep_checkpoints', 1)
+  _check_at_least(config, 'keep_checkpoint_every_steps', 0, meaning=' (0: none)')

@@ -126,8 +126,10 @@ def abstract_like(tree: Any) -> Any:
 class Checkpointer:
   """Latest-N and best-by-mIoU checkpoint managers of one work directory."""
 
-  def __init__(self, workdir: str, *, keep: int = 3,
+  def __init__(self, workdir: str, *, keep: int = 3, keep_period: int = 0,
                read_only: bool = False):
+    """``keep`` latest steps, and every step that is a multiple of
+    ``keep_period`` (0: none)."""
     if keep < 1:
       raise ValueError(f'config.keep_checkpoints must be >= 1, got {keep}')
     workdir = os.path.abspath(workdir)
@@ -141,7 +143,8 @@ class Checkpointer:
     self._latest = ocp.CheckpointManager(
         os.path.join(workdir, LATEST_DIR),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
+            max_to_keep=keep, keep_period=keep_period or None,
+            create=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only),
         item_handlers={
             STATE_ITEM: ocp.StandardCheckpointHandler(),
@@ -187,6 +190,15 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     """Step of the newest checkpoint under ``checkpoints/`` (None if none)."""
     return self._latest.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Steps of the checkpoints under ``checkpoints/``, oldest first."""
+    return sorted(self._latest.all_steps())
+
+  def restore_step(self, abstract_state: Any, step: int) -> Any:
+    """The state of checkpoint ``step`` (one of :meth:`all_steps`)."""
+    return self._latest.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))[STATE_ITEM]
 
   def best_step(self) -> Optional[int]:
     """Step of the best-mIoU checkpoint (None if no evaluation was saved)."""

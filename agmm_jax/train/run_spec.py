@@ -71,6 +71,7 @@ class RunSpec:
       epochs).
     periods: the schedule's periods (:class:`Periods`).
     keep_checkpoints: latest checkpoints kept per stage.
+    keep_checkpoint_every_steps: steps whose checkpoints are kept too (0: none).
     class_names: the dataset's classes, in order.
     loss: the training loss, checked at the training shape.
     eval: the evaluation spec (``evaluator.EvalSpec``).
@@ -85,6 +86,7 @@ class RunSpec:
   total_steps: int
   periods: Periods
   keep_checkpoints: int
+  keep_checkpoint_every_steps: int
   class_names: tuple[str, ...]
   loss: methods.Loss
   eval: evaluator.EvalSpec
@@ -128,7 +130,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
       global_batch_size=global_batch_size, batch_per_process=batch_per_process,
       steps_per_epoch=epoch, total_steps=total_steps,
       periods=Periods.from_config(config),
-      keep_checkpoints=int(config.keep_checkpoints), class_names=class_names,
+      keep_checkpoints=int(config.keep_checkpoints),
+      keep_checkpoint_every_steps=int(config.keep_checkpoint_every_steps),
+      class_names=class_names,
       loss=loss, eval=eval_spec)
 
 
@@ -141,6 +145,8 @@ def for_inference(config: ml_collections.ConfigDict, workdir: str,
       config=config, workdir=os.path.abspath(workdir), mesh=mesh, seed=int(config.seed),
       global_batch_size=int(config.global_batch_size), batch_per_process=1,
       steps_per_epoch=1, total_steps=1, periods=Periods.from_config(config),
-      keep_checkpoints=int(config.keep_checkpoints), class_names=tuple(class_names),
+      keep_checkpoints=int(config.keep_checkpoints),
+      keep_checkpoint_every_steps=0,  # Nothing is saved (older configs lack it).
+      class_names=tuple(class_names),
       loss=methods.build_loss(config.loss),
       eval=evaluator.EvalSpec.from_config(config, class_names))

@@ -289,8 +289,9 @@ def _run_training(stage: TrainingStage, context: Context, offset: int) -> Traine
   epoch = run_spec_lib.steps_per_epoch(input_pipeline.num_examples(
       metadata, source.data.train_split, source.data.dir), spec.global_batch_size)
   total = stage.total_steps(context, epoch)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(spec.workdir, stage.folder),
-                                             keep=spec.keep_checkpoints)
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(spec.workdir, stage.folder), keep=spec.keep_checkpoints,
+      keep_period=spec.keep_checkpoint_every_steps)
   resuming = checkpointer.latest_step() is not None
   initial = stage.init(context, total, not resuming)
   train_iter = input_pipeline.create_train_iterator(

@@ -275,3 +275,23 @@ def test_best_without_its_metrics_has_no_miou(tmp_path):
   checkpointer = checkpoint.Checkpointer(str(tmp_path), read_only=True)
   assert checkpointer.best_miou() is None
   checkpointer.close()
+
+
+def test_keep_period_keeps_multiples_beside_the_latest_and_each_restores(tmp_path):
+  """keep=1, keep_period=3 over steps 1..7: the multiples of 3 and the latest
+  stay; restore_step gives each its own state."""
+  workdir = str(tmp_path)
+  checkpointer = checkpoint.Checkpointer(workdir, keep=1, keep_period=3)
+  iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+  for step in range(1, 8):
+    checkpointer.save(step, {'w': jnp.full((4,), float(step))}, iterator)
+    checkpointer.wait_until_finished()
+  checkpointer.close()
+  reopened = checkpoint.Checkpointer(workdir, keep=1, keep_period=3, read_only=True)
+  try:
+    assert reopened.all_steps() == [3, 6, 7]
+    for step in reopened.all_steps():
+      state = reopened.restore_step({'w': jax.ShapeDtypeStruct((4,), jnp.float32)}, step)
+      np.testing.assert_array_equal(state['w'], np.full(4, float(step)))
+  finally:
+    reopened.close()
