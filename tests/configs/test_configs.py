@@ -115,7 +115,8 @@ def test_start_up_values_accepted(values):
     ({'eval_every_steps': -2}, 'eval_every_steps'),
     ({'checkpoint_every_steps': -1}, 'checkpoint_every_steps'),
     ({'image_summary_every_steps': -3}, 'image_summary_every_steps'),
-    ({'keep_checkpoints': 0}, 'keep_checkpoints')])
+    ({'keep_checkpoints': 0}, 'keep_checkpoints'),
+    ({'keep_checkpoint_every_steps': -1}, 'keep_checkpoint_every_steps')])
 def test_start_up_values_refused_naming_the_field(values, field):
   with pytest.raises(ValueError) as raised:
     common.check_values(_tiny_with(**values))
