@@ -29,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   # Also kept, beyond the latest keep_checkpoints: every checkpoint whose step
-  # is a multiple of this (0: none); what benchmarks/target_diagnostic.py
+  # is a multiple of this (0: none); what benchmarks/study/pulls.py
   # reads to follow a method early, midway and at the end of a run.
   config.keep_checkpoint_every_steps = 0
   config.image_summary_every_steps = 500

@@ -8,7 +8,8 @@ prediction AS, APro's globally propagated pseudo-label, soft
 self-labeling's solved y. SPML's target is its pass (the walk's
 pseudo-labels), measured against the dense labels by
 benchmarks/study/pass_quality.py and kept in the record; the CRF and
-normalized-cut losses are regularizers with no target map.
+normalized-cut losses are regularizers with no target map: what their
+gradient pulls towards is benchmarks/study/pulls.py.
 
   python -m benchmarks.study.targets --workdirs=runs/study/clicks20_tel_seed0,...
 

@@ -1,15 +1,15 @@
 r"""Does a method's loss pull the prediction towards the truth? The pull diagnostic.
 
-The GMM diagnostic (``benchmarks/gmm_diagnostic.py``) asks whether AGMM's target
-is more accurate than the prediction it supervises. This one asks it of any
-loss term that acts on unlabeled pixels (the CRF and normalized-cut losses,
-the gated CRF, the GMM, the tree and affinity losses, soft self-labeling):
-such a term has no explicit target, but its gradient has a direction. For a
+``benchmarks/study/targets.py`` asks whether a method's target map (AGMM's G,
+TEL's, APro's, soft self-labeling's y) is more accurate than the prediction
+it supervises. This one asks it of any loss term that acts on unlabeled
+pixels, including the CRF and normalized-cut losses, which have no target
+map: a term's gradient still has a direction. For a
 term ``L_t`` (weighted as in the run) the pull on pixel ``i`` is
 ``-dL_t/dz_i``, ``z`` the logits: the change of the pixel's class scores one
 step of gradient descent makes. Its target class is ``argmax_k pull_ik``.
 
-  python -m benchmarks.target_diagnostic --images=64 \
+  python -m benchmarks.study.pulls --images=64 \
       --workdirs=runs/study40/clicks20_pce_ncut_seed0,runs/study40/clicks20_pce_only_seed0 \
       --terms=ncut,densecrf
 
@@ -60,7 +60,7 @@ from agmm_jax.runtime import sharding as sharding_lib  # pylint: disable=g-impor
 from agmm_jax.storage import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
 from agmm_jax.train import stages  # pylint: disable=g-import-not-at-top
 from agmm_jax.train import steps  # pylint: disable=g-import-not-at-top
-from benchmarks.gmm_diagnostic import load_train_images  # pylint: disable=g-import-not-at-top
+from benchmarks.study import targets  # pylint: disable=g-import-not-at-top
 
 # A pixel is pulled when its pull's L1 norm is at least this share of the
 # mean over the candidate pixels (a term saturated on a pixel does not pull it).
@@ -155,7 +155,7 @@ def _checkpoints(config: ml_collections.ConfigDict, workdir: str, num_classes: i
     checkpointer.close()
 
 
-def diagnose(workdir: str, terms: Sequence[str], num_images: int, batch_size: int,
+def diagnose(workdir: str, terms: Sequence[str], num_images: int,
              which: str = 'latest') -> dict[int, dict[str, dict[str, float]]]:
   """``{step: {term: pooled pull_sums}}`` of ``workdir``'s checkpoints."""
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
@@ -166,17 +166,16 @@ def diagnose(workdir: str, terms: Sequence[str], num_images: int, batch_size: in
   losses = {term: term_loss(config.loss, term) for term in terms}
   model_defs, states = _checkpoints(config, workdir, num_classes, mesh, which)
   pulls = make_pulls(model_defs, losses, num_classes)
-  images, sparse, dense = load_train_images(config.data.dir, num_images, num_classes)
+  images = list(targets.train_images(config.data.dir, num_images, num_classes))
   by_step = {}
   for step, state in states:
     totals = by_step[step] = {term: dict.fromkeys(SUMS, 0.0) for term in terms}
-    for start in range(0, len(images), batch_size):
-      chunk = slice(start, start + batch_size)
+    for image, sparse, dense in images:
       probs, by_term = pulls(state['params'], state['model_state'],
-                             jnp.asarray(images[chunk]), jnp.asarray(sparse[chunk]))
+                             jnp.asarray(image), jnp.asarray(sparse))
       for term, pull in by_term.items():
         for name, value in pull_sums(np.asarray(pull), np.asarray(probs),
-                                     sparse[chunk], dense[chunk]).items():
+                                     sparse, dense).items():
           totals[term][name] += value
   return by_step
 
@@ -198,7 +197,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--terms', type=split, default=[],
                       help="Terms to diagnose (default: each run's own but pce).")
   parser.add_argument('--images', type=int, default=64)
-  parser.add_argument('--batch_size', type=int, default=4)
   parser.add_argument('--steps', choices=('latest', 'all'), default='latest',
                       help='The latest checkpoint, or every one kept.')
   args = parser.parse_args(argv)
@@ -207,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   print('|---|---|---|---|---|---|---|---|---|')
   for workdir in args.workdirs:
     try:
-      by_step = diagnose(workdir, args.terms, args.images, args.batch_size, args.steps)
+      by_step = diagnose(workdir, args.terms, args.images, args.steps)
     except ValueError as error:
       sys.exit(f'{workdir}: {error}')
     for step, totals in by_step.items():

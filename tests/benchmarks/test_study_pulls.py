@@ -1,4 +1,4 @@
-"""benchmarks/target_diagnostic.py: the pooled sums against a pixel loop, the
+"""benchmarks/study/pulls.py: the pooled sums against a pixel loop, the
 pull against central finite differences of the weighted term, the terms."""
 
 import jax
@@ -8,13 +8,13 @@ import pytest
 
 from agmm_jax import methods
 from agmm_jax.data import labels as labels_lib
-from benchmarks import target_diagnostic
+from benchmarks.study import pulls
 from configs import common
 from configs import tiny
 
 
 def naive_sums(pull, probs, sparse, dense):
-  sums = dict.fromkeys(target_diagnostic.SUMS, 0.0)
+  sums = dict.fromkeys(pulls.SUMS, 0.0)
   candidates = [index for index in np.ndindex(dense.shape)
                 if sparse[index] == labels_lib.UNLABELED and dense[index] >= 0]
   mean = np.mean([np.abs(pull[index]).sum() for index in candidates])
@@ -23,7 +23,7 @@ def naive_sums(pull, probs, sparse, dense):
     sums['pixels'] += 1
     sums['toward'] += vector[truth]
     sums['mass'] += np.abs(vector).sum() / 2
-    if np.abs(vector).sum() < target_diagnostic.PULLED_SHARE * mean:
+    if np.abs(vector).sum() < pulls.PULLED_SHARE * mean:
       continue
     sums['pulled'] += 1
     target_right = int(np.argmax(vector)) == truth
@@ -44,10 +44,10 @@ def test_pull_sums_match_a_pixel_loop():
   probs = rng.dirichlet(np.ones(4), size=shape)
   dense = rng.integers(-1, 4, size=shape)
   sparse = np.where(rng.random(shape) < 0.2, dense, labels_lib.UNLABELED)
-  got = target_diagnostic.pull_sums(pull, probs, sparse, dense)
+  got = pulls.pull_sums(pull, probs, sparse, dense)
   expected = naive_sums(pull, probs, sparse, dense)
   assert expected['pulled'] < expected['pixels']
-  for name in target_diagnostic.SUMS:
+  for name in pulls.SUMS:
     assert got[name] == pytest.approx(expected[name], rel=1e-9), name
 
 
@@ -66,7 +66,7 @@ def _inputs(num_classes=3, seed=0):
                                           ('pce_only', 'entropy')])
 def test_the_pull_is_minus_the_gradient_of_the_weighted_term(method, term):
   config = tiny.get_config(f'method={method}')
-  loss = target_diagnostic.term_loss(config.loss, term)
+  loss = pulls.term_loss(config.loss, term)
   assert loss.terms == (term,)
   inputs = _inputs()
   value = lambda logits: float(loss(inputs._replace(logits=logits))[0])
@@ -87,8 +87,8 @@ def test_the_pull_is_minus_the_gradient_of_the_weighted_term(method, term):
 
 def test_unlabeled_terms_are_every_active_term_but_pce():
   config = tiny.get_config('method=agmm_released')
-  assert 'pce' not in target_diagnostic.unlabeled_terms(config.loss)
-  assert set(target_diagnostic.unlabeled_terms(config.loss)) == {
+  assert 'pce' not in pulls.unlabeled_terms(config.loss)
+  assert set(pulls.unlabeled_terms(config.loss)) == {
       name for name, weight in config.loss.weights.items() if weight and name != 'pce'}
 
 
@@ -96,4 +96,4 @@ def test_terms_that_read_the_batch_are_one_line_errors():
   config = tiny.get_config()
   common.set_method(config, 'spml')
   with pytest.raises(ValueError, match="term 'spml' needs a method state or batch fields"):
-    target_diagnostic.term_loss(config.loss, 'spml')
+    pulls.term_loss(config.loss, 'spml')
