@@ -257,6 +257,16 @@ def _spml_stage2_programs(config: ml_collections.ConfigDict, num_classes: int,
                 (stage2_state, stage2_batch))
 
 
+def _train_step(config: ml_collections.ConfigDict, model_defs: train_state_lib.ModelDefs,
+                loss: methods.Loss, tx: Any, mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """The jitted train step of ``loss`` as the trainer builds it (the
+  schedule's length does not change the program)."""
+  return steps.make_train_step(
+      model_defs, loss, tx, mesh,
+      lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, 1),
+      head_lr_multiplier=float(config.optimizer.head_lr_multiplier))
+
+
 def _cam_programs(config: ml_collections.ConfigDict, num_classes: int,
                   mesh: jax.sharding.Mesh, canvas: Sequence[int],
                   platforms: Sequence[str]) -> Iterator[Program]:
@@ -268,10 +278,7 @@ def _cam_programs(config: ml_collections.ConfigDict, num_classes: int,
   loss = cam_stages.classifier_loss(options)
   state, model_defs, tx = abstract_train_state(config, num_classes, mesh, loss,
                                                platforms=platforms)
-  yield Program('cam_classifier_step', steps.make_train_step(
-      model_defs, loss, tx, mesh,
-      lr_schedule=train_state_lib.learning_rate_schedule(config.optimizer, 1),
-      head_lr_multiplier=float(config.optimizer.head_lr_multiplier)),
+  yield Program('cam_classifier_step', _train_step(config, model_defs, loss, tx, mesh),
                 (state, abstract_train_batch(config, num_classes, mesh, loss)))
   replicated = sharding_lib.replicated_sharding(mesh)
   params, model_state = _eval_variables(state, replicated)
@@ -284,6 +291,9 @@ def _cam_programs(config: ml_collections.ConfigDict, num_classes: int,
   weak = (jax.ShapeDtypeStruct((batch_size, num_classes), jnp.float32, sharding=data),
           jax.ShapeDtypeStruct((batch_size, boxes_lib.MAX_BOXES, weak_labels.BOX_COLUMNS),
                                jnp.int32, sharding=data))
+  # The CRF's class channels are the data's most classes per image
+  # (cam_stages.max_classes_per_image); MSRC has up to 3-5, and the count
+  # only sizes arrays, so any small number gives the program its form.
   for restrict in cam_stages.RESTRICTIONS:
     restricted = dataclasses.replace(options, restrict=restrict)
     yield Program(f'cam_pseudo_labels[{restrict}]', cam_stages.make_pseudo_label_fn(
@@ -309,10 +319,7 @@ def run_programs(config: ml_collections.ConfigDict, num_classes: int,
   programs = []
   if 'train' in parts:
     batch = abstract_train_batch(config, num_classes, mesh, loss)
-    schedule = train_state_lib.learning_rate_schedule(config.optimizer, 1)
-    programs.append(Program('train_step', steps.make_train_step(
-        model_defs, loss, tx, mesh, lr_schedule=schedule,
-        head_lr_multiplier=float(config.optimizer.head_lr_multiplier)),
+    programs.append(Program('train_step', _train_step(config, model_defs, loss, tx, mesh),
                             (state, batch)))
     programs.append(Program('summary', steps.make_summary_fn(model_defs, mesh, loss),
                             (state, batch)))

@@ -15,9 +15,10 @@ step of gradient descent makes. Its target class is ``argmax_k pull_ik``.
 
 For each workdir (a run whose training split also stores dense labels) the
 latest checkpoint (``--steps=all``: every checkpoint kept, e.g. by
-``--config.keep_checkpoint_every_steps``: early, midway, end) is restored and the first ``--images`` training images are
-run whole, in eval mode, with their sparse labels, as the loss sees a batch
-(``agmm_jax.train.steps.loss_inputs``). The terms are the run's own unlabeled
+``--config.keep_checkpoint_every_steps``: early, midway, end) is restored
+and the first ``--images`` training images are run whole, one at a time, in
+eval mode, with their sparse labels (``targets.train_images``,
+``targets.image_inputs``: as the loss sees one image of a batch). The terms are the run's own unlabeled
 terms (every active term but ``pce``), or ``--terms`` with the run's options
 and weights (weight 1 where the run does not use the term: a pCE run then
 shows what a term would have pulled towards). On the unlabeled, non-void
@@ -44,23 +45,19 @@ import os
 import sys
 from collections.abc import Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import ml_collections  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-from flax import nnx  # pylint: disable=g-import-not-at-top
-
-from agmm_jax import methods  # pylint: disable=g-import-not-at-top
-from agmm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-from agmm_jax.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
-from agmm_jax.runtime import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-from agmm_jax.storage import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-from agmm_jax.train import stages  # pylint: disable=g-import-not-at-top
-from agmm_jax.train import steps  # pylint: disable=g-import-not-at-top
-from benchmarks.study import targets  # pylint: disable=g-import-not-at-top
+from agmm_jax import methods
+from agmm_jax.data import input_pipeline
+from agmm_jax.data import labels as labels_lib
+from agmm_jax.runtime import sharding as sharding_lib
+from agmm_jax.storage import checkpoint as checkpoint_lib
+from agmm_jax.train import stages
+from benchmarks.study import targets
 
 # A pixel is pulled when its pull's L1 norm is at least this share of the
 # mean over the candidate pixels (a term saturated on a pixel does not pull it).
@@ -112,12 +109,13 @@ def pull_sums(pull: np.ndarray, probs: np.ndarray, sparse: np.ndarray,
 
 def make_pulls(model_defs, losses: dict[str, methods.Loss], num_classes: int):
   """Jitted ``(params, model_state, images, sparse) -> (probs, {term: pull})``."""
+  needs = methods.Needs(image=True)
+  for term, loss in losses.items():
+    needs = needs.merge(loss.needs, term)
+
   def pulls(params, model_state, images, sparse):
     model = nnx.merge(model_defs.eval, params, model_state)
-    present = jax.nn.one_hot(sparse, num_classes).max(axis=(1, 2))
-    batch = {'image': images, 'label': sparse, 'class_present': present}
-    inputs = steps.loss_inputs(model, batch, methods.Needs(
-        image=True, heads=model_heads(losses)))
+    inputs = targets.image_inputs(model, images, sparse, num_classes, needs)
 
     def pull(loss):
       return -jax.grad(lambda logits: loss(inputs._replace(logits=logits))[0])(inputs.logits)
@@ -126,14 +124,6 @@ def make_pulls(model_defs, losses: dict[str, methods.Loss], num_classes: int):
             {term: pull(loss) for term, loss in losses.items()})
 
   return jax.jit(pulls)
-
-
-def model_heads(losses: dict[str, methods.Loss]) -> dict:
-  """The extra heads the terms read."""
-  heads = {}
-  for loss in losses.values():
-    heads.update(loss.needs.heads)
-  return heads
 
 
 def _checkpoints(config: ml_collections.ConfigDict, workdir: str, num_classes: int,

@@ -64,6 +64,15 @@ def train_images(data_dir: str, num_images: int, num_classes: int):
            labels['dense'][None])
 
 
+def image_inputs(model: Any, image: jax.Array, sparse: jax.Array, num_classes: int,
+                 needs: methods.Needs) -> methods.LossInputs:
+  """The loss inputs of one training image run whole (``[1, H, W, 3]``)
+  with its sparse labels, as a training batch gives them (no method state)."""
+  present = jax.nn.one_hot(sparse, num_classes).max(axis=(1, 2))
+  return steps.loss_inputs(
+      model, {'image': image, 'label': sparse, 'class_present': present}, needs)
+
+
 def diagnose(workdir: str, num_images: int) -> tuple[str, dict[str, float]]:
   """`(target name, pooled target_quality sums with 'step')` of `workdir`.
 
@@ -90,12 +99,9 @@ def diagnose(workdir: str, num_images: int) -> tuple[str, dict[str, float]]:
   @jax.jit
   def maps(params, model_state, image, sparse):
     model = nnx.merge(model_defs.eval, params, model_state)
-    present = jax.nn.one_hot(sparse, num_classes).max(axis=(1, 2))
     # The target terms carry no method state (AGMM's prototypes do, and
     # its G does not read them).
-    inputs = steps.loss_inputs(
-        model, {'image': image, 'label': sparse, 'class_present': present},
-        loss.needs)
+    inputs = image_inputs(model, image, sparse, num_classes, loss.needs)
     return jax.nn.softmax(inputs.logits, axis=-1), loss.summary(inputs)
 
   totals = dict.fromkeys(gmm_diagnostic.COUNTS + gmm_diagnostic.ERRORS, 0.0)

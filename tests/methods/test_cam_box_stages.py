@@ -35,7 +35,7 @@ from agmm_jax.data import pseudo_labels
 from agmm_jax.data import weak_labels
 from agmm_jax.methods import cam_stages
 from tests import fixtures
-from tests.methods.test_cam_stages import _records
+from tests.methods.test_cam_stages import pass_records
 from tests.methods.test_cam_stages import classifier_files
 from tests.train.test_resume import assert_resume_matches
 from tests.train.test_resume import checkpoint_steps
@@ -137,8 +137,8 @@ def _inside_a_box_of_its_class(pseudo: np.ndarray, boxes: np.ndarray) -> bool:
 
 
 def test_pseudo_labels_lie_in_boxes_of_their_class_and_equal_the_uninterrupted_run(runs):
-  mine = list(_records(os.path.join(runs['work_b'], PASS)))
-  theirs = list(_records(os.path.join(runs['work_a'], PASS)))
+  mine = list(pass_records(os.path.join(runs['work_b'], PASS)))
+  theirs = list(pass_records(os.path.join(runs['work_a'], PASS)))
   assert len(mine) == len(theirs) == NUM_TRAIN
   labeled = 0
   for (example, _, pseudo), (_, _, other) in zip(mine, theirs):

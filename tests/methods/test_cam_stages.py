@@ -181,7 +181,7 @@ def test_shared_leaves_are_taken_by_path_and_shape_except_skipped_keys():
   np.testing.assert_array_equal(got['own'], np.zeros(1))            # not in the source
 
 
-def _records(folder, num_classes=NUM_CLASSES):
+def pass_records(folder, num_classes=NUM_CLASSES):
   metadata = input_pipeline.read_metadata(folder)
   for shard in metadata['splits']['train']['shards']:
     for data in tfrecord.read_all_records(os.path.join(folder, shard)):
@@ -194,7 +194,7 @@ def test_pseudo_labels_are_tagged_classes_and_their_quality_is_measured(runs):
   folder = os.path.join(runs['work_a'], PASS)
   confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
   dense_labeled = records = 0
-  for example, dense, pseudo in _records(folder):
+  for example, dense, pseudo in pass_records(folder):
     records += 1
     tags = np.asarray(example[weak_labels.TAGS_KEY])
     labeled = pseudo[pseudo >= 0]
@@ -215,8 +215,8 @@ def test_pseudo_labels_are_tagged_classes_and_their_quality_is_measured(runs):
   assert sorted(quality['per_class']) == [f'class_{k}' for k in range(NUM_CLASSES)]
   assert quality['coverage'] == pytest.approx(confusion.sum() / dense_labeled)
   # Both runs wrote the same pseudo-labels.
-  other = [pseudo for _, _, pseudo in _records(os.path.join(runs['work_b'], PASS))]
-  for (_, _, mine), theirs in zip(_records(folder), other):
+  other = [pseudo for _, _, pseudo in pass_records(os.path.join(runs['work_b'], PASS))]
+  for (_, _, mine), theirs in zip(pass_records(folder), other):
     np.testing.assert_array_equal(mine, theirs)
 
 
@@ -224,7 +224,7 @@ def test_max_classes_per_image_counts_the_classes_of_the_dense_labels(tmp_path):
   data_dir = fixtures.make_folder_dataset_tfrecords(tmp_path, num_train=5, num_val=1,
                                                     num_classes=6, sparse='boxes')
   most = 0
-  for _, dense, _ in _records(data_dir, num_classes=6):
+  for _, dense, _ in pass_records(data_dir, num_classes=6):
     most = max(most, len(np.unique(dense[dense >= 0])))
   assert cam_stages.max_classes_per_image(data_dir, 'train') == most >= 2
 
