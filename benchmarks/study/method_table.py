@@ -80,7 +80,7 @@ def _config_args(command: str) -> tuple[str, dict[str, str]] | None:
 # bfloat16 check), so that their runs never pool with the CPU grid's.
 SCHEDULE_OVERRIDES = ('seed', 'num_train_steps', 'num_epochs',
                       'eval_every_steps', 'data.num_threads',
-                      'keep_checkpoint_every_steps')
+                      'checkpoint_every_steps', 'keep_checkpoint_every_steps')
 
 
 def _budget(command: str, config: Mapping[str, Any], train_images: int,

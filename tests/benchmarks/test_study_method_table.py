@@ -199,13 +199,19 @@ def test_other_settings_never_pool_with_the_cpu_grid(tmp_path):
                           'model.compute_dtype=bfloat16']
 
 
-def test_runs_that_keep_more_checkpoints_pool_with_the_cpu_grid(tmp_path):
+def test_runs_that_checkpoint_differently_pool_with_the_cpu_grid(tmp_path):
   """``keep_checkpoint_every_steps`` (kept checkpoints for the target
-  diagnostic) changes neither what is trained nor how long."""
+  diagnostic) and ``checkpoint_every_steps`` (how much a killed background
+  run loses) change neither what is trained nor how long; a loss option
+  does."""
   root = tmp_path / 'records'
   _write(root, 'study', 'plain', _record('pce_ncut', 0, 0.3, steps=0))
   _write(root, 'study', 'kept', _record(
-      'pce_ncut', 1, 0.4, steps=0, extra=' --config.keep_checkpoint_every_steps=600'))
+      'pce_ncut', 1, 0.4, steps=0, extra=' --config.keep_checkpoint_every_steps=600'
+      ' --config.checkpoint_every_steps=50'))
+  _write(root, 'study', 'exact', _record(
+      'pce_ncut', 2, 0.5, steps=0, extra=' --config.loss.ncut.approx=exact'))
   rows = group_rows(read_entries(str(root)))
-  assert [row.key[1] for row in rows] == ['40 epochs']
+  assert [row.key[1] for row in rows] == [
+      '40 epochs', '40 epochs, loss.ncut.approx=exact']
   assert len(rows[0].entries) == 2
