@@ -57,12 +57,14 @@ CAMVID = StudyDataset(
     description='CamVid, 11 classes (train 367, val 101 images; void '
     'ignored), sparse training labels from `data_prep/sparse_labels.py`',
     train_images=367, val_images=101, image_size=(360, 480),
-    # The 40-epoch pce_only run of docs/results.md 7. trained steps 200 to
-    # 1800 in 4433 s, evaluations every 225 steps included, with nothing
-    # else running (the 200-step runs' 420 s / 200 steps had fewer
-    # evaluations per step and underestimated it).
-    cpu_seconds_per_step=2.8,
-    cpu_seconds_source='the 40-epoch pce_only run of docs/results.md 7.',
+    # The 40-epoch pce_only run re-measured for issue 32 (87a534e, the
+    # study's command in a new workdir, alone on the idle 2-vCPU AMD EPYC):
+    # 1800 steps and 8 evaluations in 46 min 20 s (docs/benchmarks.md, "On
+    # the idle machine"). The archived run of docs/results.md 7. took 2.8
+    # s/step on the earlier Intel machine with the old convolutions.
+    cpu_seconds_per_step=1.54,
+    cpu_seconds_source='the 40-epoch pce_only run on the idle 2-vCPU AMD '
+    'EPYC, docs/benchmarks.md',
     full_labels='', full_method='full', default_output='docs/results.md',
     default_root='runs/study')
 
@@ -73,18 +75,14 @@ MSRC = StudyDataset(
     'ignored), weak training labels (tags, boxes, points, clicks, '
     'scribbles) from the seeded generator of `data_prep/sparse_labels.py`',
     train_images=276, val_images=59, image_size=(320, 320),
-    # Measured (main.py, clicks:20 pce_only at size=cpu, 30 steps, then one
-    # evaluation of the 59 val images) on the 2-vCPU AMD EPYC under load 5
-    # to 10 (two background training runs and other jobs), 2026-12-05:
-    # steps 10 to 30 in 126.8 s (6.3 s/step after compilation), the
-    # evaluation 104 s with its compilation (at most 0.6 s/step at one
-    # evaluation per 170 steps). CamVid's size=cpu trains the same model,
-    # crop and batch at 2.8 s/step on an idle machine: this figure is the
-    # loaded machine's.
-    cpu_seconds_per_step=6.9,
-    cpu_seconds_source='30 steps and one evaluation of clicks:20 pce_only, '
-    '2-vCPU AMD EPYC under load 5-10, 2026-12-05; about 2.8 on an idle '
-    'machine, as CamVid',
+    # The same model, crop (161) and batch (8) as CamVid's size=cpu, and
+    # one evaluation of 59 images per 170 steps against 101 per 225: taken
+    # as CamVid's idle figure. Measured here: 6.3 s/step under load 5-10
+    # (2026-12-05); 2.6 s/step for the tags classifier on one core while a
+    # CamVid run had the other (2026-12-06).
+    cpu_seconds_per_step=1.54,
+    cpu_seconds_source="CamVid's 40-epoch pce_only run (same model, crop "
+    'and batch) on the idle 2-vCPU AMD EPYC',
     full_labels='dense', full_method='pce_only',
     default_output='docs/results_msrc.md', default_root='runs/msrc')
 
