@@ -314,6 +314,22 @@ def target_table(results: Sequence[RunResult]) -> list[str]:
   return lines
 
 
+def _fewer_cores_lines(results: Sequence[RunResult],
+                       machine: dict[str, Any]) -> list[str]:
+  """A line naming the runs with attempts on fewer cores than the machine
+  has (``taskset``): XLA:CPU's arithmetic follows its thread count, so such
+  a run is not the one the command makes on the whole machine."""
+  total = int(machine.get('cpu_count') or 0)
+  fewer = [f'{r.run.cell.name} seed {r.run.seed} ({sum(c < total for c in r.cores)} of '
+           f'{len(r.cores)} attempts on {min(r.cores)} of {total})'
+           for r in results if r.cores and min(r.cores) < total]
+  if not fewer:
+    return []
+  return ['- Attempts on fewer cores than the machine has (an affinity '
+          'mask; XLA:CPU sizes its threads, and so its rounding, by it): '
+          + '; '.join(fewer)]
+
+
 def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
                  markdown_path: str, curves_path: str,
                  overlay_paths: Sequence[str], command_line: str,
@@ -454,6 +470,7 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
                  f'{min(loads):.1f} to {max(loads):.1f}' + (
                      ' (the machine was shared; wall times include that '
                      'contention)' if shared else ''))
+  lines += _fewer_cores_lines(results, machine)
   text = '\n'.join(lines) + '\n'
   os.makedirs(doc_dir, exist_ok=True)
   with open(markdown_path, 'w') as f:

@@ -49,6 +49,8 @@ class RunResult:
   machine: dict[str, Any] | None
   load_averages: list[float]
   total_steps: int | None = None
+  # The usable cores of each attempt that recorded them (runner.usable_cores).
+  cores: list[int] = dataclasses.field(default_factory=list)
   throughput_curve: tuple[np.ndarray, np.ndarray] = (
       np.zeros(0, np.int64), np.zeros(0, np.float64))
   evals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -185,20 +187,22 @@ def result_from_record(run: Run, record: Mapping[str, Any], *,
   marker = record['marker']
   own_marker = bool(marker and marker.get('command') == run.command)
   # Without a marker of this command (run by hand), the event time span.
-  wall_s, loads = record['span_s'], []
+  wall_s, loads, cores = record['span_s'], [], []
   if own_marker:
     attempts = marker.get('attempts', [])
     # The attempt of a run still going has no wall time yet.
     wall_s = float(sum(a.get('wall_s', 0.0) for a in attempts))
     loads = [float(a['load_average']) for a in attempts
              if 'load_average' in a]
+    cores = [int(a['cores']) for a in attempts if 'cores' in a]
   return RunResult(run=run, miou_curve=miou_curve,
                    loss_curve=scalars.get(loss_tag, empty),
                    per_class_iou=per_class, wall_s=wall_s,
                    wall_from_events=not own_marker,
                    done=own_marker and bool(marker.get('done')),
                    machine=marker.get('machine') if marker else None,
-                   load_averages=loads, total_steps=planned_steps(run),
+                   load_averages=loads, cores=cores,
+                   total_steps=planned_steps(run),
                    throughput_curve=scalars.get(THROUGHPUT_TAG, empty),
                    evals={k: v for k, v in record.get('evals', {}).items()
                           if v.get('command') == eval_command(run, k)},

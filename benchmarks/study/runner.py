@@ -52,7 +52,8 @@ def is_done(run: Run, repo_root: str = REPO_ROOT) -> bool:
 
 
 def machine_description() -> dict[str, Any]:
-  """CPU model, core count, OS and library versions of this machine."""
+  """CPU model, core count (the machine's, and the ones this process may
+  use), OS and library versions of this machine."""
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
@@ -73,9 +74,20 @@ def machine_description() -> dict[str, Any]:
     listing = subprocess.run(['nvidia-smi', '-L'], capture_output=True,
                              text=True, check=False)
     devices = '; '.join(listing.stdout.strip().splitlines())
-  return {'cpu': cpu, 'cpu_count': os.cpu_count(),
+  return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'cores': usable_cores(),
           'platform': platform.platform(), 'python': platform.python_version(),
           'devices': devices, **versions}
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity mask, e.g. under
+  ``taskset``): XLA:CPU sizes its thread pool from them, and its arithmetic
+  depends on the pool's size (docs/benchmarks.md, "Two runs at once"), so a
+  run resumed on fewer cores continues on another rounding path."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
 
 
 _UTC_FORMAT = '%Y-%m-%d %H:%M:%S UTC'
@@ -181,7 +193,8 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
     log_path = os.path.join(workdir, LOG_FILE)
     close_lost_attempts(attempts, log_path)
     print(f'{label}: {run.command}\n  log: {log_path}', flush=True)
-    attempt = {'start': utc_now(), 'load_average': os.getloadavg()[0]}
+    attempt = {'start': utc_now(), 'load_average': os.getloadavg()[0],
+               'cores': usable_cores()}
     attempts.append(attempt)
     marker = {'command': run.command, 'cell': run.cell.name,
               'labels': run.cell.labels, 'method': run.cell.method,

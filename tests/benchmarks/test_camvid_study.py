@@ -303,6 +303,44 @@ def test_summarize_matches_numpy(study):
         rtol=1e-6)
 
 
+def test_each_attempt_records_the_cores_it_may_use(tmp_path):
+  """Under an affinity mask (taskset) the attempt records the cores of the
+  mask, not the machine's: XLA:CPU's threads, and rounding, follow them."""
+  available = sorted(os.sched_getaffinity(0))
+  try:
+    os.sched_setaffinity(0, available[:1])
+    run_plan([_fake_run('pinned', 0)], repo_root=str(tmp_path))
+  finally:
+    os.sched_setaffinity(0, available)
+  run_plan([_fake_run('whole', 0)], repo_root=str(tmp_path))
+  pinned = read_marker(str(tmp_path / 'runs' / 'pinned'))
+  whole = read_marker(str(tmp_path / 'runs' / 'whole'))
+  assert [a['cores'] for a in pinned['attempts']] == [1]
+  assert [a['cores'] for a in whole['attempts']] == [len(available)]
+  assert whole['machine']['cores'] == len(available)
+
+
+def test_report_names_runs_with_attempts_on_fewer_cores(study, tmp_path,
+                                                         capsys):
+  root, runs, _ = study
+  machine = {**machine_description(), 'cpu_count': 4}
+  marker = read_marker(runs[0].workdir)
+  marker['machine'] = machine
+  for attempt, cores in zip(marker['attempts'], (4, 1)):
+    attempt['cores'] = cores
+  write_marker(runs[0].workdir, marker)
+  output = tmp_path / 'docs' / 'results.md'
+  assert camvid_study.main(['--report', '--labels=clicks:20', '--seeds=0,1',
+                            '--steps=20', f'--root={root}',
+                            f'--output={output}', '--overlay_images=0']) == 0
+  capsys.readouterr()
+  line = next(line for line in output.read_text().splitlines()
+              if line.startswith('- Attempts on fewer cores'))
+  assert line.endswith(f': {runs[0].cell.name} seed {runs[0].seed} '
+                       '(1 of 2 attempts on 1 of 4)')
+  assert read_run(runs[0]).cores == [4, 1]
+
+
 def test_report_writes_markdown_and_plot(study, tmp_path, capsys):
   root, runs, finals = study
   output = tmp_path / 'docs' / 'results.md'
