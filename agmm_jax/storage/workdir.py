@@ -1,7 +1,8 @@
 """The workdir's records beside the checkpoints: ``config.json`` (every config
 the run was started with), ``classes.json`` (the classes its checkpoints
-were trained on), and which stage's checkpoint folder holds a checkpoint
-(eval and predict restore the last stage's that does).
+were trained on), ``environment.json`` (where each start executed: backend,
+devices, host cores, XLA_FLAGS, jax), and which stage's checkpoint folder
+holds a checkpoint (eval and predict restore the last stage's that does).
 
 A damaged ``classes.json`` or ``config.json`` is a one-line ValueError naming
 the file.
@@ -118,3 +119,68 @@ def record_classes(workdir: str, class_names: list[str]) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     _write_atomically(os.path.join(workdir, CLASSES_FILE), json.dumps(list(class_names)))
+
+
+# Where each start of the run executed: a list, one entry per start.
+ENVIRONMENT_FILE = 'environment.json'
+
+
+def execution_environment() -> dict[str, Any]:
+  """What the run's arithmetic depends on besides its config: the backend,
+  its devices and processes, the host cores this process may use (XLA:CPU
+  sizes its thread pool, and so splits its reductions, by them), XLA_FLAGS
+  and the jax version."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    cores = os.cpu_count() or 1
+  return {'backend': jax.default_backend(),
+          'device_kind': jax.devices()[0].device_kind,
+          'device_count': jax.device_count(),
+          'process_count': jax.process_count(), 'host_cores': cores,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'jax': jax.__version__}
+
+
+def _trained_before(workdir: str) -> bool:
+  """Whether any stage of the run has saved a step (``checkpoints/<step>``
+  in the workdir or a stage folder beneath it)."""
+  for folder, subfolders, _ in os.walk(workdir):
+    name = os.path.basename(folder)
+    if name == 'checkpoints' and any(s.isdigit() for s in subfolders):
+      return True
+    if (name.startswith('checkpoints') or
+        os.path.relpath(folder, workdir).count(os.sep) >= 1):
+      subfolders.clear()  # Checkpoint contents, prepared data: no stages.
+  return False
+
+
+def record_environment(workdir: str, start: str) -> None:
+  """Appends this start's ``execution_environment`` to
+  ``WORKDIR/environment.json`` (process 0). A run that resumes in another
+  one gets a warning naming what changed: it is still correct, but from here
+  on it rounds differently than the same command uninterrupted would, so it
+  is not bit-for-bit the run the command makes (resumption is exact only in
+  the same environment)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, ENVIRONMENT_FILE)
+  history = _read_json(path, 'the run\'s environments') if os.path.exists(
+      path) else []
+  if not isinstance(history, list):
+    raise ValueError(f'{path} is damaged (not a list of environments); '
+                     'restore it or delete it')
+  current = execution_environment()
+  previous = {k: v for k, v in (history[-1] if history else {}).items()
+              if k != 'start'}
+  changed = [f'{key} {current[key]!r} (was {previous[key]!r})'
+             for key in current if key in previous
+             and previous[key] != current[key]]
+  if changed and _trained_before(workdir):
+    logging.warning(
+        '%s: resumed in another environment: %s; training continues, but '
+        'its steps from here round differently than an uninterrupted run of '
+        'this command', workdir, ', '.join(changed))
+  os.makedirs(workdir, exist_ok=True)
+  _write_atomically(path, json.dumps(history + [{'start': start, **current}],
+                                     indent=1))

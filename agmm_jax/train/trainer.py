@@ -2,8 +2,8 @@
 
 Resolves the run once (``agmm_jax.train.run_spec``: mesh, batches, steps,
 schedule, classes, loss, eval spec; every check the data can fail before
-anything is built), records ``config.json`` and ``classes.json``
-(``agmm_jax.storage.workdir``), then runs the run's stages in order
+anything is built), records ``config.json``, ``classes.json`` and
+``environment.json`` (``agmm_jax.storage.workdir``), then runs the run's stages in order
 (``agmm_jax.train.stages``: the method's stage plan, or the one stage that
 trains the loss), each in the loop of ``agmm_jax.train.loop`` (logged means,
 periodic evaluation, checkpoints, NaN checks, SIGTERM: ``loop.NonFiniteError``,
@@ -12,6 +12,7 @@ checkpoint, data iterator included; a finished stage is not redone. Kills,
 failed checkpoint writes and unreadable checkpoints: docs/reliability.md.
 """
 
+import time
 from typing import Any
 
 import ml_collections
@@ -46,6 +47,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     workdir_lib.check_classes(spec.workdir, list(spec.class_names), config.data.dir)
     stages = stages_lib.plan(spec)
     workdir_lib.write_config(config, spec.workdir)
+    workdir_lib.record_environment(
+        spec.workdir, time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
     workdir_lib.record_classes(spec.workdir, list(spec.class_names))
     scores = stages_lib.run(stages, spec, sigterm)
   evaluator.print_scores(spec.eval, scores['step'], scores)

@@ -83,3 +83,61 @@ def test_has_checkpoint_needs_a_finalized_step_in_the_stage_folder(tmp_path):
   os.makedirs(tmp_path / 'stage2' / 'checkpoints' / '40')
   assert run_identity.has_checkpoint(str(tmp_path / 'stage2'))
   assert not run_identity.has_checkpoint(str(tmp_path))
+
+
+def test_a_resume_in_another_environment_warns_and_every_start_is_kept(
+    tmp_path, monkeypatch, caplog):
+  """environment.json keeps one entry per start; a start that resumes
+  trained steps (a stage's finalized checkpoint) in a changed environment
+  names each changed field with both values; a first start, an unchanged one
+  or one with nothing trained yet does not warn."""
+  workdir = str(tmp_path)
+  environment = {'backend': 'cpu', 'device_kind': 'cpu', 'device_count': 1,
+                 'process_count': 1, 'host_cores': 2, 'xla_flags': '',
+                 'jax': '0.0'}
+  monkeypatch.setattr(workdir_lib, 'execution_environment',
+                      lambda: dict(environment))
+
+  def start(when):
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      workdir_lib.record_environment(workdir, when)
+    return [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+
+  assert start('t0') == []
+  environment['host_cores'] = 1
+  assert start('t1') == []  # Nothing trained yet: nothing rounds differently.
+  os.makedirs(tmp_path / 'checkpoints' / '20.orbax-checkpoint-tmp-1')
+  os.makedirs(tmp_path / 'pseudo_labels')
+  environment['host_cores'] = 2
+  assert start('t2') == []  # Unfinished save: still nothing trained.
+  os.makedirs(tmp_path / 'stage2' / 'checkpoints' / '40')
+  assert start('t3') == []  # The same environment as the last start.
+  environment.update(host_cores=1, xla_flags='--xla_cpu_use_onednn=true')
+  [warning] = start('t4')
+  assert warning.startswith(f'{workdir}: resumed in another environment: ')
+  assert "host_cores 1 (was 2), xla_flags '--xla_cpu_use_onednn=true' (was '')" in warning
+  with open(tmp_path / 'environment.json') as f:
+    history = json.load(f)
+  assert [h['start'] for h in history] == ['t0', 't1', 't2', 't3', 't4']
+  assert [h['host_cores'] for h in history] == [2, 1, 2, 2, 1]
+
+
+def test_the_environment_is_that_of_this_process():
+  """The host cores are this process's affinity mask (taskset), not the
+  machine's count; the devices are jax's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  environment = workdir_lib.execution_environment()
+  assert environment['host_cores'] == len(os.sched_getaffinity(0))
+  assert environment['device_count'] == jax.device_count()
+  assert environment['backend'] == jax.default_backend()
+
+
+def test_a_damaged_environment_record_is_one_line_naming_the_file(tmp_path):
+  for text in ('[{"backend": ', '{"backend": "cpu"}'):
+    (tmp_path / 'environment.json').write_text(text)
+    with pytest.raises(ValueError) as error:
+      workdir_lib.record_environment(str(tmp_path), 't0')
+    message = str(error.value)
+    assert message.startswith(f'{tmp_path / "environment.json"} is damaged')
+    assert '\n' not in message
