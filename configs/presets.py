@@ -14,6 +14,10 @@ from agmm_jax import methods
 from agmm_jax.methods import regularized
 
 _AGMM_WEIGHTS = {'pce': 1.0, 'absent_class': 1.0, 'prototype': 1.0, 'gmm': 1.0}
+# Soft self-labeling's best weights as reported for the paper:
+# eta on H(sigma, y) over the unlabeled pixels, lambda on the Potts term.
+SSL_ETA = 0.3
+SSL_LAMBDA = 6.0
 
 _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # The official training loss, loss = seg_loss + gmm_loss + proto_loss +
@@ -49,11 +53,14 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # Soft self-labeling (Zhang and Boykov, CVPR 2025;
     # agmm_jax/methods/soft_self_labeling.py): pCE on the seeds + the
     # network's collision cross-entropy toward soft pseudo-labels solved for
-    # the collision-divergence Potts relaxation on the 4-neighbour grid (the
-    # term's defaults; variants: --config.loss.soft_self_labeling.ce=,
-    # .potts=, .neighbourhood=).
-    'soft_self_labeling': lambda: {'weights': {
-        'pce': 1.0, 'soft_self_labeling': 1.0}},
+    # the collision-divergence Potts relaxation on the 4-neighbour grid, at
+    # the paper's best eta 0.3 and lambda 6 (Potts weight lambda / eta in
+    # the pseudo-label problem; the module says where these come from).
+    # Variants: --config.loss.soft_self_labeling.ce=, .potts=,
+    # .neighbourhood=, .potts_weight=.
+    'soft_self_labeling': lambda: {
+        'weights': {'pce': 1.0, 'soft_self_labeling': SSL_ETA},
+        'soft_self_labeling': {'potts_weight': SSL_LAMBDA / SSL_ETA}},
 }
 # The presets of pixel labels (points, clicks, scribbles, dense): the
 # methods the label studies compare.

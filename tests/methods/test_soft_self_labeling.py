@@ -51,6 +51,9 @@ def _ref_pair(a, b, potts):
     return 0.5 * float(((a - b) ** 2).sum())
   if potts == 'normalized_quadratic':
     return 1.0 - cos
+  if potts == 'log_quadratic':
+    return -math.log(max(1.0 - 0.5 * float(((a - b) ** 2).sum()),
+                         ssl.PSEUDO_LABEL_FLOOR))
   return -math.log(max(dot if potts == 'collision' else cos,
                        ssl.PSEUDO_LABEL_FLOOR))
 
@@ -176,7 +179,8 @@ def _problem(probs, label, potts_fn, ce):
     ('standard', 'bilinear', 'grid8'),
     ('reverse', 'collision', 'grid4'),
     ('reverse', 'quadratic', 'dense'),
-    ('collision', 'normalized_quadratic', 'dense')])
+    ('collision', 'normalized_quadratic', 'dense'),
+    ('collision', 'log_quadratic', 'grid8')])
 def test_the_solver_keeps_the_simplex_and_the_seeds_and_never_increases_e(
     ce, potts, neighbourhood):
   rng = np.random.default_rng(3)
@@ -294,7 +298,9 @@ def test_a_bad_option_fails_at_build_with_one_line(overrides, key):
 
 def test_the_preset_and_the_camvid_config_accept_it():
   config = presets.preset('soft_self_labeling')
-  assert dict(config.weights) == {'pce': 1.0, 'soft_self_labeling': 1.0}
+  # The paper's eta 0.3 and lambda 6 (module docstring): lambda / eta = 20.
+  assert dict(config.weights) == {'pce': 1.0, 'soft_self_labeling': 0.3}
+  assert config.soft_self_labeling.potts_weight == pytest.approx(20.0)
   assert config.soft_self_labeling.ce == 'collision'
   assert config.soft_self_labeling.potts == 'collision_divergence'
   assert config.soft_self_labeling.neighbourhood == 'grid4'
