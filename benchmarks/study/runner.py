@@ -83,7 +83,9 @@ def usable_cores() -> int:
   """The cores this process may run on (its affinity mask, e.g. under
   ``taskset``): XLA:CPU sizes its thread pool from them, and its arithmetic
   depends on the pool's size (docs/benchmarks.md, "Two runs at once"), so a
-  run resumed on fewer cores continues on another rounding path."""
+  run resumed on fewer cores continues on another rounding path. (The
+  trainer records the same in WORKDIR/environment.json; this runner does
+  not import jax.)"""
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # Not Linux.
