@@ -10,6 +10,7 @@ the file.
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -125,43 +126,38 @@ def record_classes(workdir: str, class_names: list[str]) -> None:
 ENVIRONMENT_FILE = 'environment.json'
 
 
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity mask, e.g. under
+  ``taskset``): XLA:CPU sizes its thread pool, and so splits its reductions,
+  by them."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
+
+
 def execution_environment() -> dict[str, Any]:
   """What the run's arithmetic depends on besides its config: the backend,
-  its devices and processes, the host cores this process may use (XLA:CPU
-  sizes its thread pool, and so splits its reductions, by them), XLA_FLAGS
-  and the jax version."""
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:  # Not Linux.
-    cores = os.cpu_count() or 1
+  its devices and processes, the host cores this process may use
+  (``usable_cores``), XLA_FLAGS and the jax version."""
   return {'backend': jax.default_backend(),
           'device_kind': jax.devices()[0].device_kind,
           'device_count': jax.device_count(),
-          'process_count': jax.process_count(), 'host_cores': cores,
+          'process_count': jax.process_count(),
+          'host_cores': usable_cores(),
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'jax': jax.__version__}
 
 
-def _trained_before(workdir: str) -> bool:
-  """Whether any stage of the run has saved a step (``checkpoints/<step>``
-  in the workdir or a stage folder beneath it)."""
-  for folder, subfolders, _ in os.walk(workdir):
-    name = os.path.basename(folder)
-    if name == 'checkpoints' and any(s.isdigit() for s in subfolders):
-      return True
-    if (name.startswith('checkpoints') or
-        os.path.relpath(folder, workdir).count(os.sep) >= 1):
-      subfolders.clear()  # Checkpoint contents, prepared data: no stages.
-  return False
-
-
-def record_environment(workdir: str, start: str) -> None:
+def record_environment(workdir: str, start: str,
+                       stage_folders: Sequence[str]) -> None:
   """Appends this start's ``execution_environment`` to
   ``WORKDIR/environment.json`` (process 0). A run that resumes in another
-  one gets a warning naming what changed: it is still correct, but from here
-  on it rounds differently than the same command uninterrupted would, so it
-  is not bit-for-bit the run the command makes (resumption is exact only in
-  the same environment)."""
+  one (a finalized checkpoint in one of its ``stage_folders``, relative to
+  the workdir) gets a warning naming what changed: it is still correct, but
+  from here on it rounds differently than the same command uninterrupted
+  would, so it is not bit-for-bit the run the command makes (resumption is
+  exact only in the same environment)."""
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, ENVIRONMENT_FILE)
@@ -176,7 +172,8 @@ def record_environment(workdir: str, start: str) -> None:
   changed = [f'{key} {current[key]!r} (was {previous[key]!r})'
              for key in current if key in previous
              and previous[key] != current[key]]
-  if changed and _trained_before(workdir):
+  if changed and any(run_identity.has_checkpoint(os.path.join(workdir, folder))
+                     for folder in stage_folders):
     logging.warning(
         '%s: resumed in another environment: %s; training continues, but '
         'its steps from here round differently than an uninterrupted run of '

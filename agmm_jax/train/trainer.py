@@ -48,7 +48,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     stages = stages_lib.plan(spec)
     workdir_lib.write_config(config, spec.workdir)
     workdir_lib.record_environment(
-        spec.workdir, time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
+        spec.workdir, time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+        [stage.folder for stage in stages])
     workdir_lib.record_classes(spec.workdir, list(spec.class_names))
     scores = stages_lib.run(stages, spec, sigterm)
   evaluator.print_scores(spec.eval, scores['step'], scores)

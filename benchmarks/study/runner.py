@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from agmm_jax.storage import workdir as workdir_lib
 from benchmarks.study.grid import REPO_ROOT, Run, run_config
 
 # Written by --run into each workdir: the command and its attempts.
@@ -74,22 +75,10 @@ def machine_description() -> dict[str, Any]:
     listing = subprocess.run(['nvidia-smi', '-L'], capture_output=True,
                              text=True, check=False)
     devices = '; '.join(listing.stdout.strip().splitlines())
-  return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'cores': usable_cores(),
+  return {'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'cores': workdir_lib.usable_cores(),
           'platform': platform.platform(), 'python': platform.python_version(),
           'devices': devices, **versions}
-
-
-def usable_cores() -> int:
-  """The cores this process may run on (its affinity mask, e.g. under
-  ``taskset``): XLA:CPU sizes its thread pool from them, and its arithmetic
-  depends on the pool's size (docs/benchmarks.md, "Two runs at once"), so a
-  run resumed on fewer cores continues on another rounding path. (The
-  trainer records the same in WORKDIR/environment.json; this runner does
-  not import jax.)"""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # Not Linux.
-    return os.cpu_count() or 1
 
 
 _UTC_FORMAT = '%Y-%m-%d %H:%M:%S UTC'
@@ -196,7 +185,7 @@ def run_plan(runs: Sequence[Run], *, repo_root: str = REPO_ROOT,
     close_lost_attempts(attempts, log_path)
     print(f'{label}: {run.command}\n  log: {log_path}', flush=True)
     attempt = {'start': utc_now(), 'load_average': os.getloadavg()[0],
-               'cores': usable_cores()}
+               'cores': workdir_lib.usable_cores()}
     attempts.append(attempt)
     marker = {'command': run.command, 'cell': run.cell.name,
               'labels': run.cell.labels, 'method': run.cell.method,

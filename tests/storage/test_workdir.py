@@ -101,7 +101,8 @@ def test_a_resume_in_another_environment_warns_and_every_start_is_kept(
   def start(when):
     caplog.clear()
     with caplog.at_level('WARNING'):
-      workdir_lib.record_environment(workdir, when)
+      workdir_lib.record_environment(workdir, when,
+                                     ['', 'pseudo_labels', 'stage2'])
     return [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
 
   assert start('t0') == []
@@ -137,7 +138,7 @@ def test_a_damaged_environment_record_is_one_line_naming_the_file(tmp_path):
   for text in ('[{"backend": ', '{"backend": "cpu"}'):
     (tmp_path / 'environment.json').write_text(text)
     with pytest.raises(ValueError) as error:
-      workdir_lib.record_environment(str(tmp_path), 't0')
+      workdir_lib.record_environment(str(tmp_path), 't0', [''])
     message = str(error.value)
     assert message.startswith(f'{tmp_path / "environment.json"} is damaged')
     assert '\n' not in message
