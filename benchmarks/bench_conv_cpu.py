@@ -28,6 +28,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from agmm_jax.model import dilated_conv  # pylint: disable=g-import-not-at-top
+from benchmarks import timing  # pylint: disable=g-import-not-at-top
 
 # (label, batch, grid, in, out, kernel, rate): the step shapes' convs.
 CONVS = (
@@ -105,12 +106,7 @@ def main(argv):
     if rate > 1 or kernel == 1:
       calls['taps'] = jax_call(dilated_conv.conv_function('taps', rate, kernel),
                                *shape)
-    for call in calls.values():
-      call()
-    times = {name: [] for name in calls}
-    for _ in range(_ROUNDS.value):
-      for name, call in calls.items():
-        times[name].append(call())
+    times = timing.time_rounds(calls, _ROUNDS.value)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     taps = (f'{ms["taps"]:.1f} | {ms["taps"] / ms["torch"]:.2f}'
             if 'taps' in ms else '- | -')

@@ -30,12 +30,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import timing  # pylint: disable=g-import-not-at-top
 
 # (label, shape NHWC, BatchNorms of this shape in the study step, residual
 # adds of this shape): ResNet-18 torchvision stem, OS16, 161x161, batch 8.
@@ -123,15 +124,8 @@ def time_child(library: str, rounds: int) -> dict:
   make = jax_calls if library == 'jax' else torch_calls
   medians = {}
   for label, shape, _, _ in SHAPES:
-    calls = make(shape)
-    for call in calls.values():
-      call()  # Compile / warm up.
-    times = {kind: [] for kind in calls}
-    for _ in range(rounds):
-      for kind, call in calls.items():
-        start = time.perf_counter()
-        call()
-        times[kind].append(time.perf_counter() - start)
+    calls = {kind: timing.timed(call) for kind, call in make(shape).items()}
+    times = timing.time_rounds(calls, rounds)  # The warm-up compiles.
     medians[label] = {kind: 1e3 * statistics.median(t)
                       for kind, t in times.items()}
   if library == 'torch':

@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_train_step  # pylint: disable=g-import-not-at-top
 from benchmarks import hlo_profile  # pylint: disable=g-import-not-at-top
+from benchmarks.timing import time_rounds  # pylint: disable=g-import-not-at-top
 from agmm_jax.model import dilated_conv  # pylint: disable=g-import-not-at-top
 
 SHAPES = {
@@ -133,18 +134,6 @@ def torch_step(shape: str) -> Callable[[], float]:
 def load_line() -> str:
   one, five, _ = os.getloadavg()
   return f'load average {one:.2f} (1 min), {five:.2f} (5 min)'
-
-
-def time_rounds(steps: dict[str, Callable[[], float]], rounds: int
-                ) -> dict[str, list[float]]:
-  """One warm-up call each, then ``rounds`` rounds of one call of each."""
-  for step in steps.values():
-    step()
-  times = {name: [] for name in steps}
-  for _ in range(rounds):
-    for name, step in steps.items():
-      times[name].append(step())
-  return times
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
