@@ -24,6 +24,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.global_batch_size = 16
   config.num_epochs = 80
   config.num_train_steps = -1
+  # A partial cross-entropy warm-up (agmm_jax/train/stages.py): the first
+  # `fraction` of the run's steps train pCE alone; the loss then trains from
+  # that network for the rest, with a new optimizer state and learning-rate
+  # schedule. 0: none; the soft_self_labeling method sets it (presets.py).
+  config.warmup = ml_collections.ConfigDict()
+  config.warmup.fraction = 0.0
   config.log_every_steps = 50
   config.eval_every_steps = -1
   config.checkpoint_every_steps = 500
@@ -164,6 +170,8 @@ def set_method(config: ml_collections.ConfigDict, method: str) -> None:
     config.data.train_labels = 'dense'
     method = 'pce_only'
   config.loss = presets.preset(method)
+  if method in presets.WARMUP_FRACTIONS:
+    config.warmup.fraction = presets.WARMUP_FRACTIONS[method]
 
 
 def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:

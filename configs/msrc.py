@@ -123,4 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.cam.enabled = True
     config.cam.restrict = 'tags' if args['labels'] == 'tags' else 'boxes'
     config.cam.num_epochs = config.num_epochs
+    # The segmenter starts from the CAM classifier's network
+    # (cam.segmenter_init), not from a pCE warm-up on the pseudo-labels.
+    config.warmup.fraction = 0.0
   return config

@@ -18,6 +18,11 @@ _AGMM_WEIGHTS = {'pce': 1.0, 'absent_class': 1.0, 'prototype': 1.0, 'gmm': 1.0}
 # eta on H(sigma, y) over the unlabeled pixels, lambda on the Potts term.
 SSL_ETA = 0.3
 SSL_LAMBDA = 6.0
+# Methods whose schedule starts with a pCE warm-up (config.warmup.fraction,
+# agmm_jax/train/stages.py), by the share of the run it takes. Soft
+# self-labeling's paper warms the network up by cross-entropy on the seeds
+# before its 60 epochs; the length is ours (not in the summary read).
+WARMUP_FRACTIONS = {'soft_self_labeling': 0.25}
 
 _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # The official training loss, loss = seg_loss + gmm_loss + proto_loss +

@@ -316,21 +316,6 @@ def _segmenter_data(context: stages_lib.Context) -> stages_lib.DataSource:
   return stages_lib.prepared_data(PSEUDO_LABEL_DIR)(context)
 
 
-def _shared_leaves(target: Any, source: Any, skip: tuple[str, ...]) -> Any:
-  """``target`` with every leaf that ``source`` has at the same path and
-  shape taken from ``source``, except under the top-level keys ``skip``."""
-  found = dict(jax.tree_util.tree_flatten_with_path(source)[0])
-
-  def take(path, leaf):
-    first = str(getattr(path[0], 'key', '')) if path else ''
-    other = found.get(path)
-    if first in skip or other is None or other.shape != leaf.shape:
-      return leaf
-    return other
-
-  return jax.tree_util.tree_map_with_path(take, target)
-
-
 def _segmenter_init(options: Options) -> Callable[..., stages_lib.Initial]:
   """The segmenter's initial state (``config.cam.segmenter_init``)."""
   new_model = stages_lib.loss_training_stage().init
@@ -340,16 +325,8 @@ def _segmenter_init(options: Options) -> Callable[..., stages_lib.Initial]:
     initial = new_model(context, total_steps, load_pretrained)
     if options.segmenter_init == 'scratch':
       return initial
-    classifier = context.results[CLASSIFIER_STAGE].state
-    params = _shared_leaves(initial.state['params'], classifier['params'], ('classifier',))
-    model_state = _shared_leaves(initial.state['model_state'], classifier['model_state'], ())
-    state = dict(initial.state, params=params, model_state=model_state,
-                 opt_state=initial.tx.init(params))
-    method_state = state.pop('method_state', None)
-    state = train_state_lib.replicate(state, context.run.mesh)
-    if method_state is not None:
-      state['method_state'] = method_state
-    return stages_lib.Initial(state, initial.model_defs, initial.tx)
+    return stages_lib.started_from(initial, context.results[CLASSIFIER_STAGE].state,
+                                   context.run.mesh, skip=('classifier',))
 
   return init
 

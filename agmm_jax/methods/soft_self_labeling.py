@@ -78,9 +78,13 @@ weight is ``eta`` 0.3 (the network's loss: pCE's mean over the seeds + 0.3 x
 the mean over the unlabeled pixels), and in ``E(y)`` above, where ``c`` has
 weight 1, ``potts_weight`` is ``lambda / eta = 20``, reading the paper's
 sums as written (a sum over pixels for ``H``, over neighbour pairs for
-``P``). Ours, not the paper's (unknown from the summary): the neighbour
-weights (contrast-sensitive, above), the solver (mirror descent, 20 steps),
-no warm-up stage, and the term's own defaults (``potts_weight`` 1), which the
+``P``). The preset's runs start with the pCE
+warm-up (``config.warmup.fraction`` 0.25, ``agmm_jax/train/stages.py``: the
+first quarter of the run's steps trains pCE alone, then this loss trains from
+that network with a new optimizer state and poly schedule). Ours, not the
+paper's (unknown from the summary): the neighbour weights
+(contrast-sensitive, above), the solver (mirror descent, 20 steps), the
+warm-up's length, and the term's own defaults (``potts_weight`` 1), which the
 preset overrides. The first defaults of this module (``eta`` 1,
 ``potts_weight`` 1, chosen before the summary was found) left the solved
 pseudo-labels within 0.4% of the prediction (docs/results_soft_self_labeling.md).

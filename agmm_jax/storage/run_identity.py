@@ -22,7 +22,8 @@ The identity fields (``IDENTITY_PREFIXES`` less ``ALLOWED_CHANGES``), and why:
 * ``loss.*``: the objective (terms, weights, each term's options).
 * ``optimizer.*``, ``global_batch_size``, ``seed``: the update rule (its
   state is in the checkpoint), the batch the iterator position counts in, the
-  data order and initialization.
+  data order and initialization; ``warmup.*``: how many of the steps train
+  pCE alone before the loss (``agmm_jax/train/stages.py``).
 * ``spml_stage2.*`` (less its step count): how SPML's second stage makes its
   pseudo-labels and trains; ``cam.*`` (less the classifier's length): the
   same for the CAM stages.
@@ -51,8 +52,12 @@ CONFIG_FILE = 'config.json'
 LATEST_DIR = 'checkpoints'  # As storage/checkpoint.py (no Orbax import here).
 
 IDENTITY_PREFIXES = (
-    'model.', 'data.', 'loss.', 'optimizer.', 'spml_stage2.', 'cam.',
+    'model.', 'data.', 'loss.', 'optimizer.', 'warmup.', 'spml_stage2.', 'cam.',
     'global_batch_size', 'seed', 'eval.mode', 'eval.scales', 'eval.flip')
+# Identity fields added after runs were recorded, with the value every run
+# recorded without them trained with: such a run is compared with that value
+# (other fields missing from an older config.json are logged, not checked).
+ADDED_FIELDS = {'warmup.fraction': 0.0}
 ALLOWED_CHANGES = (
     'model.dilated_conv', 'model.compute_dtype', 'data.num_threads',
     'data.prefetch', 'data.eval_canvas', 'spml_stage2.num_train_steps',
@@ -134,7 +139,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.warning('%s has checkpoints but no %s: the resumed run\'s config '
                     'cannot be checked against theirs', workdir, CONFIG_FILE)
     return
-  old = flatten(recorded)
+  old = {**ADDED_FIELDS, **flatten(recorded)}
   new = flatten(json.loads(config.to_json_best_effort()))
   refused, allowed = [], []
   for field in sorted(new):

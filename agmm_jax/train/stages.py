@@ -20,10 +20,13 @@ resumed.
 
 Which stages a run has: the method's (:func:`plan`, from the stage plans
 methods register with ``methods.core.register_stages``), or the one stage
-that trains the config's loss (:func:`loss_training_stage`).
+that trains the config's loss (:func:`loss_training_stage`); with
+``config.warmup.fraction`` > 0, a partial cross-entropy warm-up before them
+(:func:`with_warmup`).
 """
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,6 +51,8 @@ from agmm_jax.train import steps
 # The first stage's name, folder and scalar prefix: a one-stage run's
 # workdir is laid out as before stages existed.
 TRAIN_STAGE = 'train'
+# The pCE warm-up's name, folder (WORKDIR/warmup/checkpoints) and prefix.
+WARMUP_STAGE = 'warmup'
 
 
 @dataclasses.dataclass
@@ -255,15 +260,134 @@ def prepared_data(pass_name: str) -> Callable[[Context], DataSource]:
 
 def plan(spec: run_spec_lib.RunSpec) -> list[Stage]:
   """The stages of ``spec``'s run: its method's (``methods.core.
-  stages_of``), else the one stage that trains its loss."""
-  stages = methods_core.stages_of(spec.config, spec.loss)
-  if not stages:
-    return [loss_training_stage()]
+  stages_of``), else the one stage that trains its loss; after the pCE
+  warm-up when ``config.warmup.fraction`` > 0 (:func:`with_warmup`)."""
+  stages = methods_core.stages_of(spec.config, spec.loss) or [loss_training_stage()]
+  stages = with_warmup(spec.config, stages)
   names = [stage.name for stage in stages]
   folders = [stage.folder for stage in stages]
   if len(set(names)) != len(names) or len(set(folders)) != len(folders):
     raise ValueError(f'stages {names}: names and folders {folders} must be distinct')
   return list(stages)
+
+
+def warmup_fraction(config: ml_collections.ConfigDict) -> float:
+  """``config.warmup.fraction`` (0 for configs without the block); a
+  one-line ValueError outside [0, 1)."""
+  fraction = float(config.warmup.fraction) if 'warmup' in config else 0.0
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'config.warmup.fraction={fraction}: expected a share of '
+                     'the run in [0, 1) (0: no warm-up)')
+  return fraction
+
+
+def warmup_steps(config: ml_collections.ConfigDict, run_steps: int) -> int:
+  """The warm-up's steps of a run of ``run_steps``: ``floor(fraction x
+  run_steps)``, at least one and at most ``run_steps - 1`` (0 without a
+  warm-up)."""
+  fraction = warmup_fraction(config)
+  if fraction == 0.0:
+    return 0
+  return min(max(1, math.floor(fraction * run_steps)), run_steps - 1)
+
+
+def with_warmup(config: ml_collections.ConfigDict, stages: Sequence[Stage]) -> list[Stage]:
+  """``stages`` after a warm-up when ``config.warmup.fraction`` > 0.
+
+  Soft self-labeling and the self-training methods start their own loss
+  from a network that pCE has trained (a pseudo-label of a network that
+  knows nothing is noise). The warm-up trains a new model (pretrained
+  backbone, none of the loss's heads) by the partial cross-entropy alone
+  for that share of the run's steps; the first stage then starts from its
+  network (every parameter and BatchNorm statistic they share; the loss's
+  own heads new) with a new optimizer state and learning-rate schedule over
+  the rest of the run (the paper's warm-up, then its schedule), so the run
+  costs as many steps as without one. The first stage must be the one that
+  trains the loss on the run's pixel labels (:func:`loss_training_stage`).
+  """
+  if warmup_fraction(config) == 0.0:
+    return list(stages)
+  first = stages[0]
+  if not isinstance(first, TrainingStage) or first.init is not _loss_init:
+    raise ValueError(
+        f'config.warmup.fraction={float(config.warmup.fraction)}: the pCE '
+        f'warm-up comes before a stage that trains the loss on pixel labels, '
+        f'and this run starts with {first.name!r}; set it to 0')
+  warmup = TrainingStage(
+      name=WARMUP_STAGE, folder=WARMUP_STAGE, scalar_prefix=WARMUP_STAGE,
+      data=config_data,
+      total_steps=lambda context, _: warmup_steps(config, context.run.total_steps),
+      init=_warmup_init, make_step=_warmup_step)
+
+  def rest_of_run(context: Context, steps_per_epoch: int) -> int:
+    return (first.total_steps(context, steps_per_epoch)
+            - context.results[WARMUP_STAGE].total_steps)
+
+  return [warmup, dataclasses.replace(first, total_steps=rest_of_run,
+                                      init=_init_after_warmup), *stages[1:]]
+
+
+def _warmup_init(context: Context, total_steps: int, load_pretrained: bool) -> Initial:
+  """A new model without the loss's heads and method state."""
+  spec = context.run
+  state, model_defs, tx = train_state_lib.create_train_state(
+      spec.config, spec.num_classes, spec.mesh, total_steps,
+      load_pretrained=load_pretrained)
+  return Initial(state, model_defs, tx)
+
+
+def _warmup_step(context: Context, initial: Initial, total_steps: int) -> StepFn:
+  """The train step of the partial cross-entropy alone (the run's loss
+  options, e.g. ``rows_per_chunk``, kept)."""
+  spec = context.run
+  loss_config = spec.config.loss.copy_and_resolve_references()
+  loss_config.weights = ml_collections.ConfigDict({'pce': 1.0})
+  optimizer = spec.config.optimizer
+  return steps.make_train_step(
+      initial.model_defs, methods_core.build_loss(loss_config), initial.tx, spec.mesh,
+      lr_schedule=train_state_lib.learning_rate_schedule(optimizer, total_steps),
+      head_lr_multiplier=float(optimizer.head_lr_multiplier))
+
+
+def _init_after_warmup(context: Context, total_steps: int,
+                       load_pretrained: bool) -> Initial:
+  """The loss's new model started from the warm-up's network when the stage
+  starts (``load_pretrained``: no checkpoint of its own will replace it)."""
+  initial = _loss_init(context, total_steps, load_pretrained=False)
+  if not load_pretrained:
+    return initial
+  return started_from(initial, context.results[WARMUP_STAGE].state, context.run.mesh)
+
+
+def shared_leaves(target: Any, source: Any, skip: tuple[str, ...] = ()) -> Any:
+  """``target`` with every leaf that ``source`` has at the same path and
+  shape taken from ``source``, except under the top-level keys ``skip``."""
+  found = dict(jax.tree_util.tree_flatten_with_path(source)[0])
+
+  def take(path, leaf):
+    first = str(getattr(path[0], 'key', '')) if path else ''
+    other = found.get(path)
+    if first in skip or other is None or other.shape != leaf.shape:
+      return leaf
+    return other
+
+  return jax.tree_util.tree_map_with_path(take, target)
+
+
+def started_from(initial: Initial, source: train_state_lib.TrainState,
+                 mesh: jax.sharding.Mesh, skip: tuple[str, ...] = ()) -> Initial:
+  """``initial`` with the parameters and BatchNorm statistics it shares with
+  ``source``'s network (:func:`shared_leaves`; ``skip``: top-level
+  parameter keys kept new) and a new optimizer state of them."""
+  params = shared_leaves(initial.state['params'], source['params'], skip)
+  model_state = shared_leaves(initial.state['model_state'], source['model_state'])
+  state = dict(initial.state, params=params, model_state=model_state,
+               opt_state=initial.tx.init(params))
+  method_state = state.pop('method_state', None)
+  state = train_state_lib.replicate(state, mesh)
+  if method_state is not None:
+    state['method_state'] = method_state
+  return dataclasses.replace(initial, state=state)
 
 
 def _run_pass(stage: PassStage, context: Context, offset: int) -> str:

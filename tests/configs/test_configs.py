@@ -83,6 +83,9 @@ def test_method_argument_selects_the_loss_preset(name):
   assert dict(baseline.loss.weights) == {'pce': 1.0}
   for method in ('tel', 'apro'):
     assert dict(module.get_config(f'method={method}').loss.weights) == {'pce': 1.0, method: 0.4}
+  # Soft self-labeling's runs start with its pCE warm-up; the others none.
+  assert module.get_config('method=soft_self_labeling').warmup.fraction == 0.25
+  assert baseline.warmup.fraction == paper.warmup.fraction == 0.0
   full = module.get_config('method=full')
   assert (full.data.train_labels, dict(full.loss.weights)) == (
       'dense', {'pce': 1.0})

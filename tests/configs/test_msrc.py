@@ -47,6 +47,9 @@ def test_tags_run_the_cam_stages_with_the_method_as_segmenter():
   assert config.loss.background_class == -1
   config = msrc.get_config('labels=tags,method=pce_ncut')
   assert dict(config.loss.weights) == {'pce': 1.0, 'ncut': 1.0}
+  # The segmenter starts from the classifier, not from a pCE warm-up.
+  assert msrc.get_config('labels=tags,method=soft_self_labeling').warmup.fraction == 0.0
+  assert msrc.get_config('labels=scribbles,method=soft_self_labeling').warmup.fraction == 0.25
   # The tags preset: the CAM stages with pCE.
   config = msrc.get_config('labels=tags,method=cam')
   assert config.cam.enabled and dict(config.loss.weights) == {'pce': 1.0}

@@ -169,18 +169,6 @@ def test_the_segmenter_starts_from_the_classifier_network(runs):
   assert kernels > 10
 
 
-def test_shared_leaves_are_taken_by_path_and_shape_except_skipped_keys():
-  target = {'backbone': {'w': np.zeros(3), 'v': np.zeros(2)}, 'classifier': {'w': np.zeros(2)},
-            'own': np.zeros(1)}
-  source = {'backbone': {'w': np.ones(3), 'v': np.ones(4)}, 'classifier': {'w': np.ones(2)},
-            'cam': np.ones(1)}
-  got = cam_stages._shared_leaves(target, source, ('classifier',))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(got['backbone']['w'], np.ones(3))   # same path and shape
-  np.testing.assert_array_equal(got['backbone']['v'], np.zeros(2))  # other shape
-  np.testing.assert_array_equal(got['classifier']['w'], np.zeros(2))  # skipped
-  np.testing.assert_array_equal(got['own'], np.zeros(1))            # not in the source
-
-
 def pass_records(folder, num_classes=NUM_CLASSES):
   metadata = input_pipeline.read_metadata(folder)
   for shard in metadata['splits']['train']['shards']:

@@ -31,12 +31,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from agmm_jax.data import input_pipeline
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.data import pseudo_labels
 from agmm_jax.data import tfrecord
 from agmm_jax.methods import core as methods_core
+from agmm_jax.runtime import sharding
 from agmm_jax.train import stages
+from agmm_jax.train import steps
 from agmm_jax.train import state as train_state_lib
+from benchmarks.study import results
+from configs import tiny
 from tests import fixtures
 from tests.train import test_trainer
 from tests.train.test_resume import checkpoint_steps
@@ -205,6 +210,143 @@ def test_the_plan_is_the_one_answering_method_or_the_loss_stage(monkeypatch):
   with pytest.raises(ValueError, match='must be distinct'):
     stages.plan(spec)
 
+
+
+# The pCE warm-up (config.warmup.fraction): unit checks, then a run.
+
+def test_shared_leaves_are_taken_by_path_and_shape_except_skipped_keys():
+  target = {'backbone': {'w': np.zeros(3), 'v': np.zeros(2)}, 'classifier': {'w': np.zeros(2)},
+            'own': np.zeros(1)}
+  source = {'backbone': {'w': np.ones(3), 'v': np.ones(4)}, 'classifier': {'w': np.ones(2)},
+            'cam': np.ones(1)}
+  got = stages.shared_leaves(target, source, ('classifier',))
+  np.testing.assert_array_equal(got['backbone']['w'], np.ones(3))   # same path and shape
+  np.testing.assert_array_equal(got['backbone']['v'], np.zeros(2))  # other shape
+  np.testing.assert_array_equal(got['classifier']['w'], np.zeros(2))  # skipped
+  np.testing.assert_array_equal(got['own'], np.zeros(1))            # not in the source
+
+
+@pytest.mark.parametrize('fraction,run_steps,expected', [
+    (0.0, 8, 0), (0.25, 8, 2), (0.25, 10, 2), (0.29, 10, 2), (0.3, 10, 3), (0.01, 8, 1), (0.9, 2, 1)])
+def test_warmup_takes_its_share_of_the_run_leaving_a_step_to_each(fraction, run_steps,
+                                                                  expected):
+  config = tiny.get_config()
+  config.warmup.fraction = fraction
+  assert stages.warmup_steps(config, run_steps) == expected
+
+
+def test_warmup_goes_before_the_loss_stage_and_nowhere_else():
+  config = tiny.get_config()
+  plain = [stages.loss_training_stage(), stages.PassStage('p', 'p', toy_write)]
+  assert stages.with_warmup(config, plain) == plain   # fraction 0: unchanged
+  config.warmup.fraction = 0.25
+  warm = stages.with_warmup(config, plain)
+  assert [(s.name, s.folder) for s in warm] == [
+      (stages.WARMUP_STAGE, stages.WARMUP_STAGE), (stages.TRAIN_STAGE, ''), ('p', 'p')]
+  context = stages.Context(type('Spec', (), {'total_steps': 10})(), None)
+  context.results[stages.WARMUP_STAGE] = type('Done', (), {'total_steps': 2})()
+  assert warm[0].total_steps(context, 5) == 2 and warm[1].total_steps(context, 5) == 8
+  first_not_by_loss = dataclasses.replace(stages.loss_training_stage(), init=lambda *a: None)
+  with pytest.raises(ValueError, match="config.warmup.fraction=0.25: .* starts with 'train'"):
+    stages.with_warmup(config, [first_not_by_loss])
+  for bad in (1.0, -0.1):
+    config.warmup.fraction = bad
+    with pytest.raises(ValueError, match=rf'config.warmup.fraction={bad}: expected'):
+      stages.with_warmup(config, plain)
+
+
+def _tiny_pce(data_dir, **changes):
+  config = tiny.get_config('method=pce_only')
+  config.data.dir = data_dir
+  config.update(changes)
+  return config
+
+
+@pytest.fixture(scope='module')
+def warmed_up(tiny_data_dir, tmp_path_factory):
+  """A 4-step pCE run with half of it as warm-up, and a plain 2-step pCE run."""
+  import main  # pylint: disable=g-import-not-at-top
+  warm = str(tmp_path_factory.mktemp('warmed_up'))
+  plain = str(tmp_path_factory.mktemp('plain_pce'))
+  config = _tiny_pce(tiny_data_dir)
+  config.warmup.fraction = 0.5
+  scores = main.run(config, warm)
+  main.run(_tiny_pce(tiny_data_dir, num_train_steps=2), plain)
+  return dict(warm=warm, plain=plain, scores=scores, config=config, main=main)
+
+
+def test_the_warmup_is_the_plain_pce_run_of_its_length(warmed_up):
+  """The warm-up's network is, bit for bit, that of a pCE run of its steps
+  (same seed, data order and schedule length)."""
+  warm_state, _ = load_step(os.path.join(warmed_up['warm'], stages.WARMUP_STAGE), 2)
+  plain_state, _ = load_step(warmed_up['plain'], 2)
+  leaves = jax.tree_util.tree_flatten_with_path(warm_state)[0]
+  plain = dict(jax.tree_util.tree_flatten_with_path(plain_state)[0])
+  assert len(leaves) == len(plain) > 10
+  for path, leaf in leaves:
+    np.testing.assert_array_equal(fixtures.host_array(leaf), fixtures.host_array(plain[path]),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_loss_stage_trains_the_rest_on_a_new_schedule(warmed_up):
+  warm = warmed_up['warm']
+  assert checkpoint_steps(os.path.join(warm, stages.WARMUP_STAGE)) == [2]
+  assert checkpoint_steps(warm) == [2]   # the loss stage's own steps
+  assert warmed_up['scores']['step'] == 4
+  tags = test_trainer.read_event_tags(warm)
+  assert sorted(tags['warmup/pce']) == [1, 2] and sorted(tags['train/pce']) == [3, 4]
+  scalars = {tag: dict(zip(*values)) for tag, values in results.read_scalars(warm)[0].items()}
+  # Each stage's poly schedule starts at the base rate.
+  base = warmed_up['config'].optimizer.lr
+  assert scalars['warmup/lr_backbone'][1] == pytest.approx(base)
+  assert scalars['train/lr_backbone'][3] == pytest.approx(base)
+  assert scalars['train/lr_backbone'][4] < base
+
+
+def _values(tree):
+  """A restored checkpoint's nested dict without its variables' ``value``
+  level (the pure dict of ``nnx.replace_by_pure_dict``)."""
+  if isinstance(tree, dict):
+    return tree['value'] if set(tree) == {'value'} else {k: _values(v) for k, v in tree.items()}
+  return tree
+
+
+def _first_batch_pce(config, params, model_state):
+  """pCE of the network ``(params, model_state)`` (train mode) on the first
+  batch of ``config``'s training data, computed here outside the loop."""
+  fresh, model_defs, _ = train_state_lib.create_train_state(
+      config, 4, sharding.create_mesh(config.mesh), 1, load_pretrained=False)
+  batch = next(input_pipeline.create_train_iterator(
+      config.data, batch_size_per_process=config.global_batch_size, seed=config.seed))
+  nnx.replace_by_pure_dict(fresh['params'], _values(params))
+  nnx.replace_by_pure_dict(fresh['model_state'], _values(model_state))
+  model = nnx.merge(model_defs.train, fresh['params'], fresh['model_state'])
+  loss = methods_core.build_loss(methods_core.loss_config({'pce': 1.0}))
+  _, terms, _ = loss.apply(steps.loss_inputs(model, jax.tree.map(jnp.asarray, batch),
+                                             loss.needs))
+  return float(terms['pce'])
+
+
+def test_the_loss_stage_starts_from_the_warmup_network(warmed_up):
+  """The loss stage's first step (run step 3, its data iterator new: the
+  first batch again) logs the pCE of the warm-up's final network on that
+  batch; a new model (the seed's initialization, as the warm-up's first
+  step) would log the warm-up's step-1 value instead."""
+  warm = warmed_up['warm']
+  scalars = {tag: dict(zip(*values)) for tag, values in results.read_scalars(warm)[0].items()}
+  warm_state, _ = load_step(os.path.join(warm, stages.WARMUP_STAGE), 2)
+  expected = _first_batch_pce(warmed_up['config'], warm_state['params'],
+                              warm_state['model_state'])
+  assert scalars['train/pce'][3] == pytest.approx(expected, rel=1e-4)
+  assert scalars['train/pce'][3] != pytest.approx(scalars['warmup/pce'][1], rel=1e-3)
+
+
+def test_a_rerun_of_the_warmed_up_run_trains_nothing(warmed_up):
+  warm = warmed_up['warm']
+  before = modification_times(os.path.join(warm, 'checkpoints'))
+  again = warmed_up['main'].run(warmed_up['config'], warm)
+  assert again['step'] == 4 and again['miou'] == pytest.approx(warmed_up['scores']['miou'])
+  assert modification_times(os.path.join(warm, 'checkpoints')) == before
 
 if __name__ == '__main__':
   import main  # pylint: disable=g-import-not-at-top
