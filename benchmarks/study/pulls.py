@@ -15,7 +15,8 @@ step of gradient descent makes. Its target class is ``argmax_k pull_ik``.
 
 For each workdir (a run whose training split also stores dense labels) the
 latest checkpoint (``--steps=all``: every checkpoint kept, e.g. by
-``--config.keep_checkpoint_every_steps``: early, midway, end) is restored
+``--config.keep_checkpoint_every_steps``: early, midway, end; or
+``--steps=600,1200``: those) is restored
 and the first ``--images`` training images are run whole, one at a time, in
 eval mode, with their sparse labels (``targets.train_images``,
 ``targets.image_inputs``: as the loss sees one image of a batch). The terms are the run's own unlabeled
@@ -126,19 +127,38 @@ def make_pulls(model_defs, losses: dict[str, methods.Loss], num_classes: int):
   return jax.jit(pulls)
 
 
+def chosen_steps(which: str, kept: Sequence[int]) -> list[int]:
+  """The checkpoint steps ``which`` names among the ``kept`` ones:
+  ``latest``, ``all`` (ascending) or a comma list of steps; a one-line
+  ValueError for a step that is not kept."""
+  if not kept:
+    raise ValueError('no checkpoint')
+  if which == 'latest':
+    return [max(kept)]
+  if which == 'all':
+    return sorted(kept)
+  items = [item for item in which.split(',') if item]
+  missing = [item for item in items if not item.isdigit() or int(item) not in kept]
+  if missing or not items:
+    raise ValueError(f'--steps={which}: no checkpoint of step {", ".join(missing) or "?"}; '
+                     f'kept: {", ".join(map(str, sorted(kept)))}')
+  return [int(item) for item in items]
+
+
 def _checkpoints(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
                  mesh: jax.sharding.Mesh, which: str):
-  """``(model defs, [(step, state)])``: the final model's latest checkpoint,
-  or every kept one (``which='all'``; ``keep_checkpoint_every_steps`` keeps
-  them through a run)."""
+  """``(model defs, [(step, state)])``: the final model's checkpoints that
+  ``which`` names (:func:`chosen_steps`; ``keep_checkpoint_every_steps``
+  keeps some through a run)."""
   class_names = [f'class_{i}' for i in range(num_classes)]
   state, model_defs, folder = stages.inference_state(config, workdir, class_names, mesh)
   checkpointer = checkpoint_lib.Checkpointer(folder, keep=int(config.keep_checkpoints),
                                              read_only=True)
   try:
-    chosen = checkpointer.all_steps() if which == 'all' else [checkpointer.latest_step()]
-    if chosen in ([], [None]):
-      raise ValueError(f'no checkpoint in {folder}')
+    try:
+      chosen = chosen_steps(which, checkpointer.all_steps())
+    except ValueError as error:
+      raise ValueError(f'{folder}: {error}') from None
     abstract = checkpoint_lib.abstract_like(state)
     return model_defs, [(step, checkpointer.restore_step(abstract, step)) for step in chosen]
   finally:
@@ -187,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--terms', type=split, default=[],
                       help="Terms to diagnose (default: each run's own but pce).")
   parser.add_argument('--images', type=int, default=64)
-  parser.add_argument('--steps', choices=('latest', 'all'), default='latest',
-                      help='The latest checkpoint, or every one kept.')
+  parser.add_argument('--steps', default='latest',
+                      help='latest, all (every checkpoint kept), or steps: 600,1200.')
   args = parser.parse_args(argv)
   print('| run | step | term | toward truth | pulled % | acc target % | acc p % | '
         'target right, p wrong % | target wrong, p right % |')
