@@ -70,7 +70,6 @@ from agmm_jax.methods import core
 from agmm_jax.runtime import sharding as sharding_lib
 from agmm_jax.train import stages as stages_lib
 from agmm_jax.train import state as train_state_lib
-from agmm_jax.train import steps
 
 CLASSIFIER_STAGE = 'cam_classifier'
 PSEUDO_LABEL_DIR = 'cam_pseudo_labels'
@@ -351,11 +350,7 @@ def _classifier_stage(options: Options) -> stages_lib.TrainingStage:
     return stages_lib.Initial(state, model_defs, tx)
 
   def make_step(context, initial, total):
-    optimizer = context.run.config.optimizer
-    return steps.make_train_step(
-        initial.model_defs, loss, initial.tx, context.run.mesh,
-        lr_schedule=train_state_lib.learning_rate_schedule(optimizer, total),
-        head_lr_multiplier=float(optimizer.head_lr_multiplier))
+    return stages_lib.train_step_of(loss, context, initial, total)
 
   def evaluate(context, initial):
     spec = context.run

@@ -211,14 +211,20 @@ def _loss_init(context: Context, total_steps: int, load_pretrained: bool) -> Ini
   return Initial(state, model_defs, tx)
 
 
-def _loss_step(context: Context, initial: Initial, total_steps: int) -> StepFn:
-  """The train step of the run's loss (``steps.make_train_step``)."""
-  spec = context.run
-  optimizer = spec.config.optimizer
+def train_step_of(loss: methods_core.Loss, context: Context, initial: Initial,
+                  total_steps: int) -> StepFn:
+  """The train step of ``loss`` (``steps.make_train_step``) with
+  ``config.optimizer``'s poly schedule over ``total_steps``."""
+  optimizer = context.run.config.optimizer
   return steps.make_train_step(
-      initial.model_defs, spec.loss, initial.tx, spec.mesh,
+      initial.model_defs, loss, initial.tx, context.run.mesh,
       lr_schedule=train_state_lib.learning_rate_schedule(optimizer, total_steps),
       head_lr_multiplier=float(optimizer.head_lr_multiplier))
+
+
+def _loss_step(context: Context, initial: Initial, total_steps: int) -> StepFn:
+  """The train step of the run's loss."""
+  return train_step_of(context.run.loss, context, initial, total_steps)
 
 
 def config_data(context: Context) -> DataSource:
@@ -339,14 +345,9 @@ def _warmup_init(context: Context, total_steps: int, load_pretrained: bool) -> I
 def _warmup_step(context: Context, initial: Initial, total_steps: int) -> StepFn:
   """The train step of the partial cross-entropy alone (the run's loss
   options, e.g. ``rows_per_chunk``, kept)."""
-  spec = context.run
-  loss_config = spec.config.loss.copy_and_resolve_references()
+  loss_config = context.run.config.loss.copy_and_resolve_references()
   loss_config.weights = ml_collections.ConfigDict({'pce': 1.0})
-  optimizer = spec.config.optimizer
-  return steps.make_train_step(
-      initial.model_defs, methods_core.build_loss(loss_config), initial.tx, spec.mesh,
-      lr_schedule=train_state_lib.learning_rate_schedule(optimizer, total_steps),
-      head_lr_multiplier=float(optimizer.head_lr_multiplier))
+  return train_step_of(methods_core.build_loss(loss_config), context, initial, total_steps)
 
 
 def _init_after_warmup(context: Context, total_steps: int,

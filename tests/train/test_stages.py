@@ -255,6 +255,11 @@ def test_warmup_goes_before_the_loss_stage_and_nowhere_else():
       stages.with_warmup(config, plain)
 
 
+def _scalars_by_step(workdir):
+  """``{tag: {step: value}}`` of the run's events."""
+  return {tag: dict(zip(*values)) for tag, values in results.read_scalars(workdir)[0].items()}
+
+
 def _tiny_pce(data_dir, **changes):
   config = tiny.get_config('method=pce_only')
   config.data.dir = data_dir
@@ -295,7 +300,7 @@ def test_the_loss_stage_trains_the_rest_on_a_new_schedule(warmed_up):
   assert warmed_up['scores']['step'] == 4
   tags = test_trainer.read_event_tags(warm)
   assert sorted(tags['warmup/pce']) == [1, 2] and sorted(tags['train/pce']) == [3, 4]
-  scalars = {tag: dict(zip(*values)) for tag, values in results.read_scalars(warm)[0].items()}
+  scalars = _scalars_by_step(warm)
   # Each stage's poly schedule starts at the base rate.
   base = warmed_up['config'].optimizer.lr
   assert scalars['warmup/lr_backbone'][1] == pytest.approx(base)
@@ -333,7 +338,7 @@ def test_the_loss_stage_starts_from_the_warmup_network(warmed_up):
   batch; a new model (the seed's initialization, as the warm-up's first
   step) would log the warm-up's step-1 value instead."""
   warm = warmed_up['warm']
-  scalars = {tag: dict(zip(*values)) for tag, values in results.read_scalars(warm)[0].items()}
+  scalars = _scalars_by_step(warm)
   warm_state, _ = load_step(os.path.join(warm, stages.WARMUP_STAGE), 2)
   expected = _first_batch_pce(warmed_up['config'], warm_state['params'],
                               warm_state['model_state'])
