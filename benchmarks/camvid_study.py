@@ -48,9 +48,8 @@ clicks:N|scribbles, dense labels as the `full` cell; records under
 docs/results/records/msrc/). Its preset trains, per label kind, the best
 methods of that kind beside pCE (boxes: box_pce_gatedcrf, box_pce; clicks:
 pce_only, pce_ncut; scribbles: pce_only, pce_densecrf, soft_self_labeling;
-tags: the CAM pipeline, planned now and run once configs/msrc.py accepts
-labels=tags) and dense labels, 2 seeds at 40 epochs; the report adds the
-pseudo-label quality of the runs that made a pass:
+tags: the CAM pipeline, `cam`) and dense labels, 2 seeds at 40 epochs; the
+report adds the pseudo-label quality of the runs that made a pass:
 
   python -m benchmarks.camvid_study --plan --preset=msrc
   python -m benchmarks.camvid_study --run --preset=msrc

@@ -35,11 +35,8 @@ METHOD_LABEL_KINDS = {
 # The label kinds without labeled pixels: only their own presets train on
 # them, and those train on nothing else.
 BOX_KIND, TAGS_KIND = 'boxes', 'tags'
-# The CAM pipeline's presets for tags (configs/msrc.py:labels=tags): the
-# tags presets of configs/presets.py once the CAM stages land them there
-# (TAG_PRESETS, as BOX_PRESETS), 'cam' until then; a tags run plans now and
-# runs once configs/msrc.py accepts it.
-TAG_METHODS = tuple(getattr(presets, 'TAG_PRESETS', ())) or ('cam',)
+# The CAM pipeline's presets for tags (configs/msrc.py:labels=tags).
+TAG_METHODS = presets.TAG_PRESETS
 KIND_METHODS = {BOX_KIND: presets.BOX_PRESETS, TAGS_KIND: TAG_METHODS}
 # Every method a grid may name (the box and tags presets on MSRC only).
 ALL_METHODS = METHODS + presets.BOX_PRESETS + TAG_METHODS
