@@ -54,6 +54,9 @@ report adds the pseudo-label quality of the runs that made a pass:
   python -m benchmarks.camvid_study --plan --preset=msrc
   python -m benchmarks.camvid_study --run --preset=msrc
   python -m benchmarks.camvid_study --report --preset=msrc  # docs/results_msrc.md
+  # Plus each finished run with its images' classes given (recognition set
+  # apart from localization: the tags runs' CAM is scored so):
+  python -m benchmarks.camvid_study --report --preset=msrc --eval_given_classes
 
 README's method table (between its method-table markers) and
 docs/results_per_class.md, generated from every archived record (both

@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 8
   config.eval.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
   config.eval.flip = True
+  # Predict each image among the classes of its own label map (the oracle
+  # tags class activation maps are scored with; agmm_jax/evaluation/
+  # evaluator.py): recognition set apart from localization.
+  config.eval.given_classes = False
   config.eval.checkpoint = 'best'
   # Eval mode on another dataset: a prepared one or a raw folder dataset
   # (converted into WORKDIR/eval_data/); '' is the training data. The split:

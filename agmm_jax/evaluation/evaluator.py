@@ -39,6 +39,14 @@ PyTorch code, util/utils.py of Luffy03/AGMM-SASS):
   horizontally flipped image, flipped back), and the softmax probabilities are
   resized back to ``height x width`` and summed over scales and flips.
 
+Given classes (``config.eval.given_classes``, any mode): each image's
+prediction is the arg-max over the classes of its own label map only (the
+classes with a labeled pixel: the image-level tags an oracle would give), the
+protocol class activation maps are scored with. Beside the ordinary score it
+separates recognition (which classes are in the image) from localization
+(where they are): a model trained from tags can localize far better than it
+recognizes.
+
 Differences from the official code, all deliberate:
 
 * The model sees the padded canvas, not the bare image (the official code runs
@@ -95,7 +103,8 @@ class EvalSpec:
   ``multi_scale``; ``batch_size``: the global eval batch (rounded up to
   whole devices); ``split`` of ``data`` (the config's data block, frozen:
   ``dir``, ``eval_canvas``, ...); ``class_names``: the classes scored, in
-  the order of the label ids.
+  the order of the label ids; ``given_classes``: predict among each image's
+  labeled classes only (module docstring).
   """
   mode: str
   crop_size: int
@@ -105,6 +114,7 @@ class EvalSpec:
   split: str
   data: ml_collections.FrozenConfigDict
   class_names: tuple[str, ...]
+  given_classes: bool = False
 
   def __post_init__(self):
     # Named by their config fields: a spec comes from the config.
@@ -136,15 +146,21 @@ class EvalSpec:
                batch_size=int(config.eval.batch_size),
                split=str(split or config.data.eval_split),
                data=ml_collections.FrozenConfigDict(config.data),
-               class_names=tuple(str(name) for name in class_names))
+               class_names=tuple(str(name) for name in class_names),
+               given_classes=bool(config.eval.given_classes))
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  @property
+  def description(self) -> str:
+    """The mode, and whether the classes were given: ``whole`` or
+    ``whole, given classes``."""
+    return f'{self.mode}, given classes' if self.given_classes else self.mode
+
   def mode_options(self) -> dict[str, Any]:
-    """The keyword arguments of :func:`make_predict_fn` and
-    :func:`make_eval_step` for this spec."""
+    """The keyword arguments of :func:`make_predict_fn` for this spec."""
     return dict(mode=self.mode, num_classes=self.num_classes,
                 crop_size=self.crop_size, scales=self.scales, flip=self.flip)
 
@@ -182,6 +198,7 @@ def make_eval_fn(model_defs: Any, spec: EvalSpec, mesh: jax.sharding.Mesh
   replicated = sharding_lib.replicated_sharding(mesh)
   data = sharding_lib.data_sharding(mesh)
   eval_step = make_eval_step(eval_apply_fn(model_defs), jit=False,
+                             given_classes=spec.given_classes,
                              **spec.mode_options())
 
   def eval_fn(params, model_state, batch):
@@ -219,7 +236,7 @@ def print_scores(spec: EvalSpec, step: int, scores: Mapping[str, Any]) -> None:
   """Prints the per-class IoU table of an evaluation (process 0 only) under
   the line ``SPLIT at step N (MODE):`` (the study's report parses it)."""
   if jax.process_index() == 0:
-    print(f'{spec.split} at step {step} ({spec.mode}):')
+    print(f'{spec.split} at step {step} ({spec.description}):')
     print(metrics.format_iou_table(
         scores['per_class_iou'], spec.class_names, scores['miou'],
         scores['pixel_accuracy']))
@@ -315,10 +332,11 @@ def make_predict_fn(apply_fn: ApplyFn, *, mode: str, num_classes: int,
     jit: return a ``jax.jit``-compiled function.
 
   Returns:
-    ``predict(variables, images [B, Hc, Wc, 3], height [B], width [B])`` ->
-    int32 ``[B, Hc, Wc]``: class ids; ``UNLABELED`` (-1) where the mode makes no
-    prediction (outside the center crop); ``PADDING`` (-2) outside the true
-    image.
+    ``predict(variables, images [B, Hc, Wc, 3], height [B], width [B],
+    classes=None)`` -> int32 ``[B, Hc, Wc]``: class ids; ``UNLABELED`` (-1)
+    where the mode makes no prediction (outside the center crop); ``PADDING``
+    (-2) outside the true image. ``classes`` (bool ``[B, K]``): each image's
+    arg-max is taken over its classes only (:func:`class_argmax`).
   """
   if mode not in EVAL_MODES:
     raise ValueError(f'eval mode {mode!r} is not one of {EVAL_MODES}')
@@ -337,33 +355,55 @@ def make_predict_fn(apply_fn: ApplyFn, *, mode: str, num_classes: int,
     return logits.astype(jnp.float32)
 
   def predict(variables: Any, images: jax.Array, height: jax.Array,
-              width: jax.Array) -> jax.Array:
+              width: jax.Array, classes: jax.Array | None = None) -> jax.Array:
     height = jnp.asarray(height, jnp.int32)
     width = jnp.asarray(width, jnp.int32)
     if mode == 'whole':
-      prediction = jnp.argmax(checked_logits(variables, images), axis=-1)
+      prediction = class_argmax(checked_logits(variables, images), classes)
     elif mode == 'center_crop':
       prediction = _center_crop_prediction(checked_logits, variables, images,
-                                           height, width, crop_size)
+                                           height, width, crop_size, classes)
     elif mode == 'sliding_window':
-      prediction = jnp.argmax(
+      prediction = class_argmax(
           _sliding_window_probabilities(checked_logits, variables, images,
                                         height, width, crop_size,
-                                        num_classes), axis=-1)
+                                        num_classes), classes)
     else:
-      prediction = jnp.argmax(
+      prediction = class_argmax(
           _multi_scale_probabilities(checked_logits, variables, images, height,
-                                     width, tuple(scales), flip), axis=-1)
+                                     width, tuple(scales), flip), classes)
     inside = resample.region_mask(height, width, images.shape[1:3])
     return jnp.where(inside, prediction, labels.PADDING).astype(jnp.int32)
 
   return jax.jit(predict) if jit else predict
 
 
+def class_argmax(scores: jax.Array, classes: jax.Array | None) -> jax.Array:
+  """The arg-max of ``scores [B, H, W, K]`` over the last axis, over each
+  image's ``classes`` (bool ``[B, K]``) only when given (an image without a
+  class gets class 0)."""
+  if classes is None:
+    return jnp.argmax(scores, axis=-1)
+  return jnp.argmax(jnp.where(classes[:, None, None, :], scores, -jnp.inf),
+                    axis=-1)
+
+
+def labeled_classes(label: jax.Array, height: jax.Array, width: jax.Array,
+                    num_classes: int) -> jax.Array:
+  """bool ``[B, K]``: the classes with a labeled pixel in each label map
+  ``[B, Hc, Wc]`` inside its true ``height x width`` region."""
+  inside = resample.region_mask(jnp.asarray(height, jnp.int32),
+                                jnp.asarray(width, jnp.int32), label.shape[1:3])
+  label = jnp.where(inside, label, labels.UNLABELED)
+  ids = jnp.arange(num_classes, dtype=label.dtype)
+  return jax.vmap(lambda one: jnp.isin(ids, one))(label)
+
+
 def make_eval_step(apply_fn: ApplyFn, *, mode: str, num_classes: int,
                    crop_size: int = 0,
                    scales: Sequence[float] = (1.0,),
                    flip: bool = False,
+                   given_classes: bool = False,
                    jit: bool = True) -> Callable[[Any, dict[str, jax.Array]],
                                                  jax.Array]:
   """Builds ``eval_step(variables, batch) -> confusion int32 [K, K]``.
@@ -374,15 +414,19 @@ def make_eval_step(apply_fn: ApplyFn, *, mode: str, num_classes: int,
   predicts (``label >= 0`` and, for ``center_crop``, inside the crop). Sum the
   returned matrices over batches (on device; int32 holds 2^31 - 1 pixels per
   cell, e.g. all 500 Cityscapes val images) and score them with
-  ``metrics.segmentation_scores``. Arguments as in ``make_predict_fn``.
+  ``metrics.segmentation_scores``. ``given_classes``: each image is predicted
+  among the classes of its own label map (:func:`labeled_classes`; module
+  docstring). Other arguments as in ``make_predict_fn``.
   """
   predict = make_predict_fn(apply_fn, mode=mode, num_classes=num_classes,
                             crop_size=crop_size, scales=scales, flip=flip,
                             jit=False)
 
   def eval_step(variables: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    classes = (labeled_classes(batch['label'], batch['height'], batch['width'],
+                               num_classes) if given_classes else None)
     prediction = predict(variables, batch['image'], batch['height'],
-                         batch['width'])
+                         batch['width'], classes)
     return metrics.confusion_matrix(prediction, batch['label'], num_classes)
 
   return jax.jit(eval_step) if jit else eval_step
@@ -390,7 +434,8 @@ def make_eval_step(apply_fn: ApplyFn, *, mode: str, num_classes: int,
 
 def _center_crop_prediction(logits_fn: ApplyFn, variables: Any,
                             images: jax.Array, height: jax.Array,
-                            width: jax.Array, crop: int) -> jax.Array:
+                            width: jax.Array, crop: int,
+                            classes: jax.Array | None = None) -> jax.Array:
   """Class ids of the center crop pasted into a canvas of ``UNLABELED``."""
   canvas_hw = images.shape[1:3]
   images = _pad_to_at_least(images, crop)
@@ -403,7 +448,7 @@ def _center_crop_prediction(logits_fn: ApplyFn, variables: Any,
       lambda image, y, x: jax.lax.dynamic_slice(image, (y, x, 0),
                                                 (crop, crop, image.shape[-1]))
   )(images, start_y, start_x)
-  crop_prediction = jnp.argmax(logits_fn(variables, crops), axis=-1)
+  crop_prediction = class_argmax(logits_fn(variables, crops), classes)
   canvas = jnp.full((images.shape[0], padded_h, padded_w), labels.UNLABELED,
                     crop_prediction.dtype)
   canvas = jax.vmap(

@@ -27,9 +27,9 @@ The identity fields (``IDENTITY_PREFIXES`` less ``ALLOWED_CHANGES``), and why:
 * ``spml_stage2.*`` (less its step count): how SPML's second stage makes its
   pseudo-labels and trains; ``cam.*`` (less the classifier's length): the
   same for the CAM stages.
-* ``data.eval_split``, ``eval.mode``, ``eval.scales``, ``eval.flip``: the
-  evaluation whose mIoU chooses the best checkpoint; mIoUs of two protocols
-  do not compare.
+* ``data.eval_split``, ``eval.mode``, ``eval.scales``, ``eval.flip``,
+  ``eval.given_classes``: the evaluation whose mIoU chooses the best
+  checkpoint; mIoUs of two protocols do not compare.
 
 Everything else may change and is logged: how long (``num_train_steps``,
 ``num_epochs``, ``spml_stage2.num_train_steps``, ``cam.num_epochs``,
@@ -53,11 +53,12 @@ LATEST_DIR = 'checkpoints'  # As storage/checkpoint.py (no Orbax import here).
 
 IDENTITY_PREFIXES = (
     'model.', 'data.', 'loss.', 'optimizer.', 'warmup.', 'spml_stage2.', 'cam.',
-    'global_batch_size', 'seed', 'eval.mode', 'eval.scales', 'eval.flip')
+    'global_batch_size', 'seed', 'eval.mode', 'eval.scales', 'eval.flip',
+    'eval.given_classes')
 # Identity fields added after runs were recorded, with the value every run
 # recorded without them trained with: such a run is compared with that value
 # (other fields missing from an older config.json are logged, not checked).
-ADDED_FIELDS = {'warmup.fraction': 0.0}
+ADDED_FIELDS = {'warmup.fraction': 0.0, 'eval.given_classes': False}
 ALLOWED_CHANGES = (
     'model.dilated_conv', 'model.compute_dtype', 'data.num_threads',
     'data.prefetch', 'data.eval_canvas', 'spml_stage2.num_train_steps',

@@ -135,6 +135,12 @@ def _parse_args(argv: Sequence[str] | None, usage: str
                       help='--run/--report: also evaluate every finished run '
                       'on this prepared dataset folder (main.py eval mode, '
                       'config.eval.data_dir) and report a second table')
+  parser.add_argument('--eval_given_classes', action='store_true',
+                      help='--run/--report: also evaluate every finished run '
+                      "with each image's classes given "
+                      '(config.eval.given_classes; on --eval_data_dir when '
+                      'given, else on the run\'s own eval split) and report '
+                      'that table')
   parser.add_argument('--archive', default=archive.DEFAULT_ARCHIVE,
                       help='folder (relative to the repository) of the '
                       'committed records of finished runs: --run archives '
@@ -400,9 +406,10 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
     failed = [(r, s) for r, s in statuses if s.startswith('failed')]
     for run, status in failed:
       print(f'{status}: {run.workdir}/{LOG_FILE}', file=sys.stderr)
-    if args.eval_data_dir:
+    if args.eval_data_dir or args.eval_given_classes:
       statuses_by_workdir = evaluate_finished(
-          _with_checkpoints(selected), args.eval_data_dir)
+          _with_checkpoints(selected), args.eval_data_dir,
+          given_classes=args.eval_given_classes)
       for run in selected:
         if statuses_by_workdir.get(run.workdir) == 'evaluated':
           archive.save(run, args.archive,
@@ -460,8 +467,9 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
       if name.startswith('qualitative_') and name.endswith('.png'):
         os.remove(os.path.join(overlay_dir, name))
   if args.from_folders:
-    if args.eval_data_dir:
-      print('error: --eval_data_dir evaluates workdirs on this machine; the '
+    if args.eval_data_dir or args.eval_given_classes:
+      print('error: --eval_data_dir and --eval_given_classes evaluate '
+            'workdirs on this machine; the '
             'packs of --from carry the evaluations made on the device',
             file=sys.stderr)
       return 2
@@ -480,9 +488,10 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
   else:
     results = [r for r in (archive.read_result(run, args.archive, **tags)
                            for run in runs) if r is not None]
-    if args.eval_data_dir:
+    if args.eval_data_dir or args.eval_given_classes:
       statuses_by_workdir = evaluate_finished(
-          _with_checkpoints(runs), args.eval_data_dir)
+          _with_checkpoints(runs), args.eval_data_dir,
+          given_classes=args.eval_given_classes)
       results = [archive.read_result(r.run, args.archive, **tags)
                  if statuses_by_workdir.get(r.run.workdir) == 'evaluated'
                  else r for r in results]

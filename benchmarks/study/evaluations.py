@@ -1,6 +1,8 @@
 """Evaluations of finished runs by other programs: main.py's eval mode on a
-second prepared dataset (`--eval_data_dir`: commands, output parsing, the
-WORKDIR/study_evals.json store) and benchmarks/gmm_diagnostic.py's G-vs-p
+second prepared dataset (`--eval_data_dir`) or with each image's classes
+given (`--eval_given_classes`, config.eval.given_classes: recognition set
+apart from localization), with their commands, output parsing and the
+WORKDIR/study_evals.json store; and benchmarks/gmm_diagnostic.py's G-vs-p
 table (`--diagnostic_images`).
 """
 
@@ -12,7 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.study.grid import REPO_ROOT, Run
@@ -21,20 +23,46 @@ from benchmarks.study.grid import REPO_ROOT, Run
 if TYPE_CHECKING:
   from benchmarks.study.results import RunResult
 
-# Written by evaluate_finished into each workdir: {data_dir: evaluation}.
+# Written by evaluate_finished into each workdir: {evaluation_key: evaluation}.
 EVAL_FILE = 'study_evals.json'
+# evaluation_key's name of a run's own eval split (data_dir '').
+OWN_EVAL_SPLIT = 'own eval split'
+GIVEN_CLASSES = 'given classes'
 
 
-def eval_argv(run: Run, data_dir: str) -> tuple[str, ...]:
-  """`run`'s command in eval mode on the dataset folder `data_dir`: the
-  weights of its last step (the ones its final val evaluation scored), so
-  both tables score the same model."""
-  return run.argv + ('--config.mode=eval', f'--config.eval.data_dir={data_dir}',
-                     '--config.eval.checkpoint=latest')
+def evaluation_key(data_dir: str, given_classes: bool = False) -> str:
+  """EVAL_FILE's key of an evaluation: the dataset folder (OWN_EVAL_SPLIT
+  for '', the run's own), then ', given classes' when they were."""
+  where = data_dir or OWN_EVAL_SPLIT
+  return f'{where}, {GIVEN_CLASSES}' if given_classes else where
 
 
-def eval_command(run: Run, data_dir: str) -> str:
-  return shlex.join(eval_argv(run, data_dir))
+def eval_argv(run: Run, data_dir: str, given_classes: bool = False
+              ) -> tuple[str, ...]:
+  """`run`'s command in eval mode on the dataset folder `data_dir` ('': its
+  own eval split), with each image's classes given when `given_classes`:
+  the weights of its last step (the ones its final val evaluation scored),
+  so the tables score the same model."""
+  flags = ('--config.mode=eval',)
+  if data_dir:
+    flags += (f'--config.eval.data_dir={data_dir}',)
+  if given_classes:
+    flags += ('--config.eval.given_classes=true',)
+  return run.argv + flags + ('--config.eval.checkpoint=latest',)
+
+
+def eval_command(run: Run, data_dir: str, given_classes: bool = False) -> str:
+  return shlex.join(eval_argv(run, data_dir, given_classes))
+
+
+def is_current(run: Run, key: str, evaluation: Mapping[str, Any]) -> bool:
+  """Whether `evaluation`, stored under `key`, is `run`'s: made by the eval
+  command of this run's command (an older evaluation has no
+  'given_classes': it had none)."""
+  data_dir = evaluation.get('data_dir', key)
+  given = bool(evaluation.get('given_classes', False))
+  return (key == evaluation_key(data_dir, given)
+          and evaluation.get('command') == eval_command(run, data_dir, given))
 
 
 def parse_eval_output(text: str) -> dict[str, Any]:
@@ -101,23 +129,26 @@ def run_command(argv: Sequence[str], cwd: str) -> subprocess.CompletedProcess:
 
 
 def evaluate_finished(results: Sequence[RunResult], data_dir: str, *,
+                      given_classes: bool = False,
                       runner: Runner = run_command,
                       repo_root: str = REPO_ROOT) -> dict[str, str]:
-  """Evaluates every finished run on `data_dir` once (eval_argv), storing
-  the parsed table in WORKDIR/study_evals.json under `data_dir` with its
-  command; a run already evaluated with the same command is skipped.
+  """Evaluates every finished run once (eval_argv: on `data_dir`, '' its own
+  eval split; `given_classes`), storing the parsed table in
+  WORKDIR/study_evals.json under evaluation_key with its command; a run
+  already evaluated so is skipped.
   Returns `{workdir: 'evaluated' | 'skipped' | 'failed: REASON'}`.
   """
+  key = evaluation_key(data_dir, given_classes)
   statuses = {}
   for result in results:
     run = result.run
     if not result.finished:
       continue
-    if data_dir in result.evals:
+    if key in result.evals:
       statuses[run.workdir] = 'skipped'
       continue
     workdir = os.path.join(repo_root, run.workdir)
-    completed = runner(eval_argv(run, data_dir), repo_root)
+    completed = runner(eval_argv(run, data_dir, given_classes), repo_root)
     try:
       if completed.returncode != 0:
         raise ValueError(f'exit {completed.returncode}: '
@@ -125,16 +156,16 @@ def evaluate_finished(results: Sequence[RunResult], data_dir: str, *,
       evaluation = parse_eval_output(completed.stdout)
     except ValueError as e:
       statuses[run.workdir] = f'failed: {e}'
-      print(f'eval of {run.workdir} on {data_dir} failed: {e}',
-            file=sys.stderr)
+      print(f'eval of {run.workdir} ({key}) failed: {e}', file=sys.stderr)
       continue
-    evaluation.update(command=eval_command(run, data_dir), data_dir=data_dir)
-    evals = {**read_evals(workdir), data_dir: evaluation}
+    evaluation.update(command=eval_command(run, data_dir, given_classes),
+                      data_dir=data_dir, given_classes=given_classes)
+    evals = {**read_evals(workdir), key: evaluation}
     path = os.path.join(workdir, EVAL_FILE)
     with open(path + '.tmp', 'w') as f:
       json.dump(evals, f, indent=2)
     os.replace(path + '.tmp', path)
-    result.evals[data_dir] = evaluation
+    result.evals[key] = evaluation
     statuses[run.workdir] = 'evaluated'
   return statuses
 

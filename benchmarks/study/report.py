@@ -40,14 +40,35 @@ def val_scores(result: RunResult) -> tuple[float, dict[str, float]] | None:
   return (result.final_miou, result.per_class_iou) if result.has_eval else None
 
 
-def dataset_scores(data_dir: str
+def dataset_scores(key: str
                    ) -> Callable[[RunResult],
                                  tuple[float, dict[str, float]] | None]:
-  """The scores of a run on the other dataset `data_dir` (evaluate_finished)."""
+  """The scores of a run's evaluation `key` (evaluations.evaluation_key: on
+  another dataset, or with the image's classes given)."""
   def scores(result: RunResult) -> tuple[float, dict[str, float]] | None:
-    evaluation = result.evals.get(data_dir)
+    evaluation = result.evals.get(key)
     return (evaluation['miou'], evaluation['per_class']) if evaluation else None
   return scores
+
+
+def evaluation_heading(evaluation: Mapping[str, Any]) -> list[str]:
+  """The heading and explanation of a table of evaluate_finished's
+  evaluations (one of them given: their data and flags are the same)."""
+  data_dir = evaluation.get('data_dir', '')
+  given = evaluation.get('given_classes', False)
+  where = f'on `{data_dir}`' if data_dir else 'on the val split'
+  flags = ' '.join(['--config.mode=eval']
+                   + [f'--config.eval.data_dir={data_dir}'] * bool(data_dir)
+                   + ['--config.eval.given_classes=true'] * given)
+  text = ("The finished runs' last weights (the ones the val table scores) "
+          f'evaluated with `{flags}`.')
+  if given:
+    where += ", each image's classes given"
+    text += (' Each image is predicted among the classes of its own label '
+             'map only (the oracle tags class activation maps are scored '
+             'with): what is left is localization; the gap to the plain '
+             'table is recognition.')
+  return [f'## mIoU (%) {where}', '', text]
 
 
 def summarize(results: Sequence[RunResult], *, finished_only: bool = False,
@@ -365,14 +386,11 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
               'finished are listed below with the step they reached and '
               'are not averaged.', '']
   lines += ['## Val mIoU (%)', ''] + score_table(runs, results, summaries)
-  data_dirs = list(dict.fromkeys(d for r in results for d in r.evals))
-  for data_dir in data_dirs:
-    other = summarize(results, finished_only=True,
-                      scores_of=dataset_scores(data_dir))
-    lines += ['', f'## mIoU (%) on `{data_dir}`', '',
-              "The finished runs' last weights (the ones the val table "
-              'scores) evaluated on this dataset with `--config.mode=eval '
-              f'--config.eval.data_dir={data_dir}`.', '']
+  keys = list(dict.fromkeys(key for r in results for key in r.evals))
+  for key in keys:
+    other = summarize(results, finished_only=True, scores_of=dataset_scores(key))
+    lines += [''] + evaluation_heading(
+        next(r.evals[key] for r in results if key in r.evals)) + ['']
     lines += score_table(runs, results, other, missing='not evaluated')
     lines += [''] + per_class_table(other)
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.study.device_plan import run_shape
-from benchmarks.study.evaluations import eval_command, read_evals
+from benchmarks.study.evaluations import is_current, read_evals
 from benchmarks.study.grid import REPO_ROOT, Cell, Run, config_error, dataset_of
 from benchmarks.study.pass_quality import read_qualities
 from benchmarks.study.runner import read_marker
@@ -33,8 +33,9 @@ class RunResult:
   `{class: IoU}` at the final evaluation step; `wall_s`: the summed attempts
   of the study marker, else (`wall_from_events`) the time span of the scalar
   events; `done`: the marker of this exact command says it exited 0;
-  `total_steps`: the planned steps (None: unknown); `evals`: evaluations of
-  other datasets, `{data_dir: parse_eval_output(...)}`; `pseudo_labels`:
+  `total_steps`: the planned steps (None: unknown); `evals`: evaluations on
+  other datasets or with the classes given, `{evaluation_key:
+  parse_eval_output(...)}` (those of this run's command); `pseudo_labels`:
   the quality of each pass folder, `{name: pass_quality.read_qualities'
   value}`; `targets`: the record's target-vs-prediction diagnostic
   (targets.record_of, `{}`: not made).
@@ -205,7 +206,7 @@ def result_from_record(run: Run, record: Mapping[str, Any], *,
                    total_steps=planned_steps(run),
                    throughput_curve=scalars.get(THROUGHPUT_TAG, empty),
                    evals={k: v for k, v in record.get('evals', {}).items()
-                          if v.get('command') == eval_command(run, k)},
+                          if is_current(run, k, v)},
                    pseudo_labels=record.get('pseudo_labels') or {},
                    targets=record.get('targets') or {})
 

@@ -1095,6 +1095,55 @@ def test_eval_data_dir_evaluates_finished_runs_once_and_reports_them(
   assert row.split('|')[4].strip() == 'not evaluated'  # its eval failed
 
 
+def test_eval_given_classes_is_its_own_evaluation_and_table(
+    partial_study, tmp_path):
+  root = str(tmp_path / 'runs')
+  shutil.copytree(partial_study[0], root)
+  runs = plan_runs(['clicks:20'], ['pce_only'], [0, 1], steps=20, root=root)
+  from agmm_jax.evaluation import metrics
+  calls = []
+
+  def fake_runner(argv, cwd):
+    calls.append(list(argv))
+    given = '--config.eval.given_classes=true' in argv
+    iou = np.full(len(CLASSES), 0.6 if given else 0.2)
+    table = metrics.format_iou_table(iou, CLASSES, iou.mean(), 0.8)
+    mode = 'whole, given classes' if given else 'whole'
+    return subprocess.CompletedProcess(
+        argv, 0, f'val at step 20 ({mode}):\n{table}\n', '')
+
+  results = [r for r in map(read_run, runs) if r is not None]
+  assert set(evaluate_finished(results, '', given_classes=True,
+                               runner=fake_runner).values()) == {'evaluated'}
+  for argv in calls:  # its own eval split: no data_dir flag
+    run = next(r for r in runs if f'--workdir={r.workdir}' in argv)
+    assert argv == list(run.argv) + [
+        '--config.mode=eval', '--config.eval.given_classes=true',
+        '--config.eval.checkpoint=latest']
+  # A second key: the plain evaluation of another folder is not skipped.
+  other = str(tmp_path / 'other')
+  results = [r for r in map(read_run, runs) if r is not None]
+  assert set(evaluate_finished(results, other, runner=fake_runner).values()
+             ) == {'evaluated'}
+  results = [r for r in map(read_run, runs) if r is not None]
+  assert sorted(results[0].evals) == sorted(
+      [other, 'own eval split, given classes'])
+  assert results[0].evals['own eval split, given classes']['eval_mode'] == (
+      'whole, given classes')
+  output = tmp_path / 'results.md'
+  write_report(runs, results, markdown_path=str(output),
+               curves_path=str(tmp_path / 'c.png'), overlay_paths=[],
+               command_line='x')
+  text = output.read_text()
+  given = text.split("## mIoU (%) on the val split, each image's classes "
+                     'given')[1].split('## ')[0]
+  assert '--config.eval.given_classes=true' in given
+  row = next(line for line in given.splitlines()
+             if line.startswith('| clicks:20 | '))
+  assert row.split('|')[2].strip() == '60.00 ± 0.00 (n=2)'
+  assert f'## mIoU (%) on `{other}`' in text
+
+
 def test_run_diagnostic_runs_the_finished_runs_and_reports_failures(
     partial_study):
   _, runs, finals = partial_study

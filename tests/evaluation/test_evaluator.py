@@ -300,6 +300,66 @@ def test_center_crop_counts_only_pixels_in_the_crop():
   assert confusion.sum() < (batch['label'][:, :CROP, :CROP] >= 0).sum() * 3
 
 
+def reference_scores(model, image, mode):
+  """The scores a mode's arg-max is taken over, per image (loops above)."""
+  if mode == 'sliding_window':
+    return reference_sliding_window(model, image, CROP)
+  if mode == 'multi_scale':
+    return reference_multi_scale(model, image, SCALES, True)
+  return model.numpy_logits(image)
+
+
+@pytest.mark.parametrize('mode', ['whole', 'sliding_window', 'multi_scale',
+                                  'center_crop'])
+def test_given_classes_predict_among_each_images_labeled_classes(mode):
+  model = FakeModel(seed=4)
+  sizes = ((20, 24), (13, 17), (7, 9), (0, 0))
+  batch = make_batch(seed=11, sizes=sizes)
+  # Two classes per image (the padding keeps every class id, so the classes
+  # must be read inside the true size only).
+  for index, (height, width) in enumerate(sizes):
+    region = batch['label'][index, :height, :width]
+    region[region >= 0] = np.where(region[region >= 0] % 2 == 0, index,
+                                   (index + 1) % NUM_CLASSES)
+  variables = {k: jnp.asarray(v) for k, v in model.variables.items()}
+  kwargs = dict(mode=mode, num_classes=NUM_CLASSES, crop_size=CROP,
+                scales=SCALES, flip=True)
+  given = np.asarray(evaluator.make_eval_step(
+      model.apply, given_classes=True, **kwargs)(variables, batch))
+  free = np.asarray(evaluator.make_eval_step(model.apply, **kwargs)(
+      variables, batch))
+  expected, regions = [], []
+  for index, (height, width) in enumerate(sizes):
+    label = batch['label'][index, :height, :width]
+    present = np.zeros(NUM_CLASSES, bool)
+    present[np.unique(label[label >= 0])] = True
+    region = np.ones((height, width), bool)
+    image = batch['image'][index, :height, :width].astype(np.float64)
+    if mode == 'center_crop':
+      top = min(max((height - CROP) // 2, 0), CANVAS[0] - CROP)
+      left = min(max((width - CROP) // 2, 0), CANVAS[1] - CROP)
+      scores = np.full((height, width, NUM_CLASSES), -np.inf)
+      crop = batch['image'][index, top:top + CROP, left:left + CROP]
+      scores[top:top + CROP, left:left + CROP] = model.numpy_logits(
+          crop)[:height - top, :width - left]
+      region[:] = False
+      region[top:top + CROP, left:left + CROP] = True
+    else:
+      scores = (reference_scores(model, image, mode) if height else
+                np.zeros((0, 0, NUM_CLASSES)))
+    prediction = np.full((height, width), -1)
+    for y, x in np.ndindex(height, width):
+      allowed = [k for k in range(NUM_CLASSES) if present[k]]
+      prediction[y, x] = allowed[int(np.argmax(scores[y, x, allowed]))]
+    expected.append(prediction)
+    regions.append(region)
+  np.testing.assert_array_equal(given, reference_confusion(expected, batch,
+                                                           regions))
+  # The same pixels counted; the restriction moved some of them.
+  assert (given != free).any()
+  assert given.sum() == free.sum()
+
+
 def test_resize_region_matches_torch_interpolate():
   torch = pytest.importorskip('torch')
   rng = np.random.default_rng(4)
@@ -411,6 +471,11 @@ def test_eval_spec_from_config_casts_once_and_freezes_the_data():
     spec.mode = 'whole'
   assert evaluator.EvalSpec.from_config(config, ['a'], split='test').split == (
       'test')
+  assert (spec.given_classes, spec.description) == (False, 'multi_scale')
+  config.eval.given_classes = True
+  given = evaluator.EvalSpec.from_config(config, ['a'])
+  assert (given.given_classes, given.description) == (
+      True, 'multi_scale, given classes')
 
 
 @pytest.mark.parametrize('field, value, message', [

@@ -45,6 +45,7 @@ def checkpointed_workdir(tmp_path, data_dir: str, with_checkpoint=True) -> str:
     ('global_batch_size', 8, 4),
     ('seed', 0, 1),
     ('warmup.fraction', 0.0, 0.25),
+    ('eval.given_classes', False, True),
     ('eval.scales', [0.75, 1.0], [1.0]),
 ])
 def test_a_changed_identity_field_is_refused_before_anything_is_written(
@@ -86,19 +87,25 @@ def test_every_changed_identity_field_is_named_in_one_line(tmp_path,
 
 def test_an_older_run_without_a_field_added_since_is_compared_with_its_old_value(
     tmp_path, tiny_data_dir):
-  """A run recorded before config.warmup existed trained without a warm-up:
-  resuming it with one is refused; resuming it as it was passes."""
+  """A run recorded before config.warmup (config.eval.given_classes) existed
+  trained without a warm-up (chose its best checkpoint without given
+  classes): resuming it with one is refused; resuming it as it was passes."""
   workdir = checkpointed_workdir(tmp_path, tiny_data_dir)
   path = os.path.join(workdir, 'config.json')
   with open(path, encoding='utf-8') as f:
     recorded = json.load(f)
   del recorded['warmup']
+  del recorded['eval']['given_classes']
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(recorded, f)
   config = tiny_config(tiny_data_dir)
   run_identity.check_resumable(auto.resolved_paths(config, workdir), workdir)
   config.warmup.fraction = 0.25
   with pytest.raises(ValueError, match=r'warmup.fraction 0.0 -> 0.25; a resumed run'):
+    run_identity.check_resumable(auto.resolved_paths(config, workdir), workdir)
+  config.warmup.fraction = 0.0
+  config.eval.given_classes = True
+  with pytest.raises(ValueError, match=r'eval.given_classes false -> true; a resumed'):
     run_identity.check_resumable(auto.resolved_paths(config, workdir), workdir)
 
 
