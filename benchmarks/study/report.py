@@ -351,6 +351,11 @@ def _fewer_cores_lines(results: Sequence[RunResult],
           + '; '.join(fewer)]
 
 
+# The heading under which a report's reader writes what the numbers say:
+# write_report regenerates what is above it and keeps it and what follows.
+HAND_WRITTEN = '## What these numbers say (written by hand'
+
+
 def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
                  markdown_path: str, curves_path: str,
                  overlay_paths: Sequence[str], command_line: str,
@@ -364,6 +369,7 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
   Scores average the finished runs only; cells with fewer finished seeds
   than planned are marked partial, unfinished runs are listed with their
   step. `machines`: of the packs (device calls), else the runs' markers.
+  The earlier file's hand-written section (HAND_WRITTEN) is kept at the end.
   """
   doc_dir = os.path.dirname(os.path.abspath(markdown_path))
   relative = lambda p: os.path.relpath(os.path.abspath(p), doc_dir)
@@ -489,8 +495,21 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
                      ' (the machine was shared; wall times include that '
                      'contention)' if shared else ''))
   lines += _fewer_cores_lines(results, machine)
-  text = '\n'.join(lines) + '\n'
+  text = '\n'.join(lines) + '\n' + hand_written_tail(markdown_path)
   os.makedirs(doc_dir, exist_ok=True)
-  with open(markdown_path, 'w') as f:
+  with open(markdown_path + '.tmp', 'w') as f:
     f.write(text)
+  os.replace(markdown_path + '.tmp', markdown_path)
   return text
+
+
+def hand_written_tail(markdown_path: str) -> str:
+  """The part of an earlier report from its HAND_WRITTEN heading on ('' if
+  none): a regenerated report keeps the explanation written under it."""
+  try:
+    with open(markdown_path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return ''
+  start = text.find(f'\n{HAND_WRITTEN}')
+  return '' if start < 0 else text[start:]

@@ -1144,6 +1144,25 @@ def test_eval_given_classes_is_its_own_evaluation_and_table(
   assert f'## mIoU (%) on `{other}`' in text
 
 
+def test_a_regenerated_report_keeps_its_hand_written_section(partial_study,
+                                                             tmp_path):
+  _, runs, _ = partial_study
+  results = [r for r in map(read_run, runs) if r is not None]
+  output = tmp_path / 'results.md'
+  kwargs = dict(markdown_path=str(output), curves_path=str(tmp_path / 'c.png'),
+                overlay_paths=[])
+  first = write_report(runs, results, command_line='first', **kwargs)
+  hand = ('\n## What these numbers say (written by hand; the sections above '
+          'are generated)\n\nAn explanation.\n\n### Its own subsection\n')
+  output.write_text(first + hand)
+  second = write_report(runs, results[:2], command_line='second', **kwargs)
+  text = output.read_text()
+  assert text == second and text.endswith(hand)
+  assert text.count('## What these numbers say') == 1
+  assert '`second`' in text and '`first`' not in text
+  assert text[:-len(hand)] != first  # the generated part was regenerated
+
+
 def test_run_diagnostic_runs_the_finished_runs_and_reports_failures(
     partial_study):
   _, runs, finals = partial_study
