@@ -138,7 +138,9 @@ class EvalSpec:
                   split: str | None = None) -> 'EvalSpec':
     """The evaluation of ``config`` (``config.eval.*``, ``config.data``) on
     ``split`` (default ``config.data.eval_split``); one-line ValueError
-    naming the field of a bad value."""
+    naming the field of a bad value. A config recorded before
+    ``eval.given_classes`` existed (a workdir's config.json, rebuilt for
+    inference) has none: its run evaluated without them."""
     return cls(mode=str(config.eval.mode),
                crop_size=int(config.data.crop_size),
                scales=tuple(float(scale) for scale in config.eval.scales),
@@ -147,7 +149,7 @@ class EvalSpec:
                split=str(split or config.data.eval_split),
                data=ml_collections.FrozenConfigDict(config.data),
                class_names=tuple(str(name) for name in class_names),
-               given_classes=bool(config.eval.given_classes))
+               given_classes=bool(config.eval.get('given_classes', False)))
 
   @property
   def num_classes(self) -> int:

@@ -7,6 +7,7 @@ scalars."""
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import subprocess
@@ -476,6 +477,10 @@ def test_eval_spec_from_config_casts_once_and_freezes_the_data():
   given = evaluator.EvalSpec.from_config(config, ['a'])
   assert (given.given_classes, given.description) == (
       True, 'multi_scale, given classes')
+  # A config.json recorded before the field existed: evaluated without.
+  recorded = ml_collections.ConfigDict(json.loads(config.to_json()))
+  del recorded.eval['given_classes']
+  assert not evaluator.EvalSpec.from_config(recorded, ['a']).given_classes
 
 
 @pytest.mark.parametrize('field, value, message', [
