@@ -89,7 +89,7 @@ def save(run: Run, archive: str, repo_root: str = REPO_ROOT, *,
   `target_images` > 0: the record also keeps the target-vs-prediction
   diagnostic of the run's latest checkpoint on that many training images
   (benchmarks/study/targets.py; `{'error': ...}` for a loss without a
-  target map)."""
+  target map); 0: the diagnostic the archived record has, if any, is kept."""
   if not archive:
     return None
   record = run_record(run, repo_root=repo_root)
@@ -100,6 +100,11 @@ def save(run: Run, archive: str, repo_root: str = REPO_ROOT, *,
     from benchmarks.study import targets  # pylint: disable=g-import-not-at-top
     record['targets'] = targets.record_of(
         os.path.join(repo_root, run.workdir), target_images)
+  else:
+    # A record saved again (a new evaluation) keeps the diagnostic it has.
+    earlier = load(run, archive, repo_root)
+    if earlier and earlier.get('targets'):
+      record['targets'] = earlier['targets']
   path = record_path(run, archive, repo_root)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:

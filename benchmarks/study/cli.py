@@ -492,9 +492,12 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
       statuses_by_workdir = evaluate_finished(
           _with_checkpoints(runs), args.eval_data_dir,
           given_classes=args.eval_given_classes)
+      evaluated = [r.run for r in results
+                   if statuses_by_workdir.get(r.run.workdir) == 'evaluated']
+      for run in evaluated:  # the record keeps the new evaluation
+        archive.save(run, args.archive)
       results = [archive.read_result(r.run, args.archive, **tags)
-                 if statuses_by_workdir.get(r.run.workdir) == 'evaluated'
-                 else r for r in results]
+                 if r.run in evaluated else r for r in results]
     core = [r for r in results if _is_core(r.run, runs, preset)]
     if args.diagnostic_images > 0:
       diagnostics = [run_diagnostic(core, images=args.diagnostic_images,

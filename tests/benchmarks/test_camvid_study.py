@@ -1144,6 +1144,40 @@ def test_eval_given_classes_is_its_own_evaluation_and_table(
   assert f'## mIoU (%) on `{other}`' in text
 
 
+def test_report_eval_given_classes_keeps_the_evaluation_in_the_records(
+    partial_study, tmp_path, monkeypatch, capsys):
+  root = str(tmp_path / 'runs')
+  shutil.copytree(partial_study[0], root)
+  from agmm_jax.evaluation import metrics
+  from benchmarks.study import cli
+  table = metrics.format_iou_table(np.full(len(CLASSES), 0.5), CLASSES, 0.5,
+                                   0.8)
+  fake_runner = lambda argv, cwd: subprocess.CompletedProcess(
+      argv, 0, f'val at step 20 (whole, given classes):\n{table}\n', '')
+  real = cli.evaluate_finished
+  monkeypatch.setattr(cli, 'evaluate_finished', lambda *a, **k: real(
+      *a, runner=fake_runner, **k))
+  records = str(tmp_path / 'records')
+  argv = ['--labels=clicks:20', '--methods=pce_only', '--seeds=0,1',
+          '--steps=20', f'--root={root}', f'--archive={records}']
+  runs = plan_runs(['clicks:20'], ['pce_only'], [0, 1], steps=20, root=root)
+  for run in runs:
+    archive.save(run, records)
+    os.makedirs(os.path.join(run.workdir, 'checkpoints'))  # evaluable
+  assert camvid_study.main(['--report', *argv, '--eval_given_classes',
+                            f'--output={tmp_path / "r.md"}',
+                            '--overlay_images=0']) == 0
+  capsys.readouterr()
+  for run in runs:  # the workdirs may go: the records keep the evaluation
+    kept = archive.load(run, records)['evals']
+    assert kept['own eval split, given classes']['miou'] == pytest.approx(0.5)
+  shutil.rmtree(root)
+  assert camvid_study.main(['--report', *argv,
+                            f'--output={tmp_path / "r2.md"}',
+                            '--overlay_images=0']) == 0
+  assert "each image's classes given" in (tmp_path / 'r2.md').read_text()
+
+
 def test_a_regenerated_report_keeps_its_hand_written_section(partial_study,
                                                              tmp_path):
   _, runs, _ = partial_study

@@ -69,6 +69,10 @@ def test_archive_keeps_the_diagnostic_and_the_report_tables_it(
     kept = json.load(f)['targets']
   name, totals = diagnosed
   assert kept == pytest.approx({'target': name, 'images': IMAGES, **totals})
+  # Saved again without the diagnostic (a new evaluation): it stays.
+  archive.save(run, 'records', str(tmp_path))
+  with open(path) as f:
+    assert json.load(f)['targets'] == kept
   # The finished workdir is read first; the archive adds what only it keeps.
   read = archive.read_result(run, 'records', repo_root=str(tmp_path))
   assert read.finished and read.targets == kept
