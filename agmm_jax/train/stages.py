@@ -473,16 +473,23 @@ def run(stages: Sequence[Stage], spec: run_spec_lib.RunSpec,
 
 
 def inference_state(config: ml_collections.ConfigDict, workdir: str,
-                    class_names: Sequence[str], mesh: jax.sharding.Mesh
+                    class_names: Sequence[str], mesh: jax.sharding.Mesh,
+                    stage_name: str | None = None
                     ) -> tuple[train_state_lib.TrainState, train_state_lib.ModelDefs, str]:
   """The state structure, model definitions and checkpoint folder of the
   model eval and predict restore: that of the last training stage of
   ``config``'s plan whose folder holds a finalized checkpoint step (an
   empty or unfinished ``checkpoints/`` does not count; the first stage's
-  when none has). Nothing is trained, loaded or restored."""
+  when none has), or of the training stage ``stage_name``. Nothing is
+  trained, loaded or restored.
+
+  Raises:
+    ValueError: one line naming the plan's training stages when
+      ``stage_name`` is not one of them.
+  """
   spec = run_spec_lib.for_inference(config, workdir, class_names, mesh)
   context = Context(spec, loop.SigtermFlag())
-  chosen = None
+  chosen, names = None, []
   for stage in plan(spec):
     if isinstance(stage, PassStage):
       context.results[stage.name] = os.path.join(spec.workdir, stage.folder)
@@ -491,6 +498,13 @@ def inference_state(config: ml_collections.ConfigDict, workdir: str,
     context.results[stage.name] = Trained(initial.state, initial.model_defs, {}, 0, 1, 0,
                                           lambda state: {})
     folder = os.path.join(spec.workdir, stage.folder)
-    if chosen is None or run_identity.has_checkpoint(folder):
+    names.append(stage.name)
+    if stage_name is not None:
+      if stage.name == stage_name:
+        return initial.state, initial.model_defs, folder
+    elif chosen is None or run_identity.has_checkpoint(folder):
       chosen = (initial.state, initial.model_defs, folder)
+  if stage_name is not None:
+    raise ValueError(f'{workdir}: its plan has no training stage {stage_name!r} '
+                     f'(its training stages: {", ".join(names)})')
   return chosen

@@ -293,3 +293,26 @@ if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   cam_stages.stages = killing_stages
   app.run(main.main, flags_parser=main.parse_flags)
+
+
+def test_recognition_reads_the_classifier_and_the_segmenter(runs):
+  """benchmarks/study/recognition.py on the finished tiny run: every val
+  image counted once, its true classes split into right and missed (the
+  dense labels read here), both stages by name; an unknown stage is one
+  line naming the plan's training stages."""
+  from benchmarks.study import recognition
+  metadata = input_pipeline.read_metadata(runs['data_dir'])
+  true_classes = 0
+  for shard in metadata['splits']['val']['shards']:
+    for data in tfrecord.read_all_records(os.path.join(runs['data_dir'], shard)):
+      dense = input_pipeline.decode_label_png(
+          tfrecord.decode_example(data)[input_pipeline.LABEL_KEYS['dense']], NUM_CLASSES)
+      true_classes += len(np.unique(dense[dense >= 0]))
+  for stage in (None, cam_stages.CLASSIFIER_STAGE):
+    totals = recognition.recognition(runs['work_a'], 'val', stage_name=stage)
+    assert totals['images'] == metadata['splits']['val']['num_examples'] == 2
+    assert totals['right'] + totals['missed'] == true_classes
+    assert 0 <= totals['exact'] <= 2 and totals['step'] == STEPS
+  with pytest.raises(ValueError, match=r"no training stage 'cam_pseudo_labels' \(its "
+                     r'training stages: cam_classifier, cam_segmenter\)'):
+    recognition.recognition(runs['work_a'], 'val', stage_name=PASS)
