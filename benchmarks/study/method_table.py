@@ -100,6 +100,18 @@ def _budget(command: str, config: Mapping[str, Any], train_images: int,
   return ', '.join([label] + setting), total
 
 
+def _wall_s(record: Mapping[str, Any]) -> float | None:
+  """A run's wall time: the sum of its attempts (the study marker of the
+  record's command: each process from start to exit, so the gaps between
+  sessions are not counted), else the span of its scalar events."""
+  marker = record.get('marker') or {}
+  attempts = marker.get('attempts') or []
+  if (marker.get('command') == record.get('command') and attempts
+      and all('wall_s' in a for a in attempts)):
+    return float(sum(a['wall_s'] for a in attempts))
+  return record.get('span_s')
+
+
 def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
   """The Entry of one archived record (None: not a study dataset's command,
   not finished, or without an evaluation)."""
@@ -131,7 +143,7 @@ def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
                seed=int(seed.group(1)) if seed else 0,
                miou=float(miou[1][-1]), final_step=int(final_step),
                per_class=per_class,
-               span_s=record.get('span_s'), command=record['command'],
+               span_s=_wall_s(record), command=record['command'],
                pseudo_labels=record.get('pseudo_labels') or {},
                targets=record.get('targets') or {},
                machine=(f'{cpu["cpu"]}, {cpu["cpu_count"]} cores'
@@ -356,11 +368,14 @@ def block_lines(rows: Sequence[Row], per_class_link: str,
            '`--config.seed=S`).',
            ''] + table_lines(rows, per_class_link)
           + ['', RULE_TEXT, '',
-             'Wall time: mean over the seeds of the span from the first to '
-             "the last scalar event of a run (training and evaluations; "
-             'start-up and first compilation left out), on the shared 2-core '
-             'development machines, loaded by other jobs (recorded: '
-             f'{_machines_text(rows)}): compare them within a budget only.',
+             'Wall time: mean over the seeds of the wall time of a run\'s '
+             'processes (the study marker\'s attempts: start-up, '
+             'compilation, training and evaluations, not the gaps between '
+             'sessions; for a run without one, the span from its first to '
+             'its last scalar event), on the shared 2-core development '
+             'machines, loaded by other jobs and at times paused for another '
+             f'(recorded: {_machines_text(rows)}): compare them within a '
+             'budget only.',
              '', 'Best method per label kind:', ''] + best_sentences(rows))
 
 

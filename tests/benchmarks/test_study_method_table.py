@@ -87,6 +87,18 @@ def test_rows_hold_hand_computed_means_sds_and_wall_times(archive):
   assert [e.seed for e in ncut.entries] == [0, 1]
 
 
+def test_wall_time_sums_the_markers_attempts_over_the_event_span(tmp_path):
+  record = _record('pce_only', 0, 0.2, span_s=9000.0)
+  record['marker']['attempts'] = [{'wall_s': 100.0}, {'wall_s': 250.0}]
+  _write(tmp_path, 'study', 'resumed', record)
+  other = _record('pce_only', 1, 0.2, span_s=700.0)  # another command's
+  other['marker'] = {**other['marker'], 'command': 'python main.py x',
+                     'attempts': [{'wall_s': 5.0}]}
+  _write(tmp_path, 'study', 'by_hand', other)
+  walls = sorted(e.span_s for e in read_entries(str(tmp_path)))
+  assert walls == [350.0, 700.0]
+
+
 def test_table_gaps_and_separation_by_hand(archive):
   rows = group_rows(read_entries(str(archive)))
   lines = table_lines(rows, 'docs/x.md')
