@@ -29,17 +29,20 @@ record_classes = workdir_lib.record_classes
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                          num_classes: int, mesh: jax.sharding.Mesh):
+                          num_classes: int, mesh: jax.sharding.Mesh,
+                          stage_name: str | None = None):
   """Model defs and the best (or latest, ``config.eval.checkpoint``)
   checkpointed state of ``workdir``'s final model: of the last stage of the
   run's plan that has a checkpoint (``agmm_jax.train.stages.
-  inference_state``), its step being that stage's."""
+  inference_state``), or of its training stage ``stage_name``, its step
+  being that stage's."""
   which = config.eval.checkpoint
   if which not in ('best', 'latest'):
     raise ValueError(f"config.eval.checkpoint must be 'best' or 'latest', got {which!r}")
   # Only the count shapes the state.
   class_names = [f'class_{i}' for i in range(num_classes)]
-  state, model_defs, folder = stages.inference_state(config, workdir, class_names, mesh)
+  state, model_defs, folder = stages.inference_state(config, workdir, class_names, mesh,
+                                                     stage_name)
   checkpointer = checkpoint_lib.Checkpointer(
       folder, keep=int(config.keep_checkpoints), read_only=True)
   try:

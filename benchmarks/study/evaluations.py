@@ -37,18 +37,25 @@ def evaluation_key(data_dir: str, given_classes: bool = False) -> str:
   return f'{where}, {GIVEN_CLASSES}' if given_classes else where
 
 
-def eval_argv(run: Run, data_dir: str, given_classes: bool = False
-              ) -> tuple[str, ...]:
-  """`run`'s command in eval mode on the dataset folder `data_dir` ('': its
-  own eval split), with each image's classes given when `given_classes`:
-  the weights of its last step (the ones its final val evaluation scored),
-  so the tables score the same model."""
+def eval_flags(data_dir: str, given_classes: bool = False) -> tuple[str, ...]:
+  """The flags of an evaluation in eval mode: on the dataset folder
+  `data_dir` ('': the run's own eval split), with each image's classes given
+  when `given_classes`."""
   flags = ('--config.mode=eval',)
   if data_dir:
     flags += (f'--config.eval.data_dir={data_dir}',)
   if given_classes:
     flags += ('--config.eval.given_classes=true',)
-  return run.argv + flags + ('--config.eval.checkpoint=latest',)
+  return flags
+
+
+def eval_argv(run: Run, data_dir: str, given_classes: bool = False
+              ) -> tuple[str, ...]:
+  """`run`'s command with eval_flags, on the weights of its last step (the
+  ones its final val evaluation scored), so the tables score the same
+  model."""
+  return (run.argv + eval_flags(data_dir, given_classes)
+          + ('--config.eval.checkpoint=latest',))
 
 
 def eval_command(run: Run, data_dir: str, given_classes: bool = False) -> str:

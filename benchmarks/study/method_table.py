@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks.study.datasets import DATASETS, dataset_of_config
 from benchmarks.study.grid import FULL, labels_kind
 from benchmarks.study.report import format_duration
-from benchmarks.study.runner import utc_now
+from benchmarks.study.runner import attempts_wall_s, utc_now
 
 BEGIN = '<!-- method-table:begin -->'
 END = '<!-- method-table:end -->'
@@ -104,12 +104,8 @@ def _wall_s(record: Mapping[str, Any]) -> float | None:
   """A run's wall time: the sum of its attempts (the study marker of the
   record's command: each process from start to exit, so the gaps between
   sessions are not counted), else the span of its scalar events."""
-  marker = record.get('marker') or {}
-  attempts = marker.get('attempts') or []
-  if (marker.get('command') == record.get('command') and attempts
-      and all('wall_s' in a for a in attempts)):
-    return float(sum(a['wall_s'] for a in attempts))
-  return record.get('span_s')
+  wall_s = attempts_wall_s(record.get('marker'), record.get('command', ''))
+  return record.get('span_s') if wall_s is None else wall_s
 
 
 def entry_of_record(record: Mapping[str, Any]) -> Entry | None:

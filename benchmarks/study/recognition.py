@@ -37,10 +37,9 @@ from flax import nnx
 
 from agmm_jax.data import augment
 from agmm_jax.data import input_pipeline
+from agmm_jax.evaluation import modes
 from agmm_jax.methods import cam
 from agmm_jax.runtime import sharding as sharding_lib
-from agmm_jax.storage import checkpoint as checkpoint_lib
-from agmm_jax.train import stages
 
 DEFAULT_MIN_SHARE = 0.01
 
@@ -79,15 +78,11 @@ def recognition(workdir: str, split: str, *, stage_name: str | None = None,
   head) over ``split`` (module docstring), with ``step``."""
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
     config = ml_collections.ConfigDict(json.load(f))
+  config.eval.checkpoint = 'latest'
   num_classes = int(input_pipeline.read_metadata(config.data.dir)['num_classes'])
   mesh = sharding_lib.create_mesh(config.mesh)
-  state, model_defs, folder = stages.inference_state(
-      config, workdir, [str(k) for k in range(num_classes)], mesh, stage_name)
-  checkpointer = checkpoint_lib.Checkpointer(folder, keep=1, read_only=True)
-  try:
-    state, step = checkpointer.restore_latest(checkpoint_lib.abstract_like(state))
-  finally:
-    checkpointer.close()
+  state, model_defs, step = modes.restore_for_inference(
+      config, workdir, num_classes, mesh, stage_name)
 
   @jax.jit
   def classes_of(params, model_state, image, labeled):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.study.datasets import CAMVID, StudyDataset
+from benchmarks.study.evaluations import eval_flags
 from benchmarks.study.grid import (
     DTYPE_CHECK_OVERRIDE, DTYPE_CHECK_VARIANT, FULL, Cell, Run)
 from benchmarks.study.results import RunResult
@@ -57,9 +58,7 @@ def evaluation_heading(evaluation: Mapping[str, Any]) -> list[str]:
   data_dir = evaluation.get('data_dir', '')
   given = evaluation.get('given_classes', False)
   where = f'on `{data_dir}`' if data_dir else 'on the val split'
-  flags = ' '.join(['--config.mode=eval']
-                   + [f'--config.eval.data_dir={data_dir}'] * bool(data_dir)
-                   + ['--config.eval.given_classes=true'] * given)
+  flags = ' '.join(eval_flags(data_dir, given))
   text = ("The finished runs' last weights (the ones the val table scores) "
           f'evaluated with `{flags}`.')
   if given:

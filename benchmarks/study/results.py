@@ -15,7 +15,7 @@ from benchmarks.study.device_plan import run_shape
 from benchmarks.study.evaluations import is_current, read_evals
 from benchmarks.study.grid import REPO_ROOT, Cell, Run, config_error, dataset_of
 from benchmarks.study.pass_quality import read_qualities
-from benchmarks.study.runner import read_marker
+from benchmarks.study.runner import attempts_wall_s, read_marker
 
 # Scalar tags written by agmm_jax/train/trainer.py.
 DEFAULT_MIOU_TAG = 'eval/miou'
@@ -187,19 +187,21 @@ def result_from_record(run: Run, record: Mapping[str, Any], *,
         per_class[name] = float(values[np.searchsorted(steps, final_step)])
   marker = record['marker']
   own_marker = bool(marker and marker.get('command') == run.command)
-  # Without a marker of this command (run by hand), the event time span.
-  wall_s, loads, cores = record['span_s'], [], []
+  marker_wall_s = attempts_wall_s(marker, run.command)
+  loads, cores = [], []
   if own_marker:
     attempts = marker.get('attempts', [])
-    # The attempt of a run still going has no wall time yet.
-    wall_s = float(sum(a.get('wall_s', 0.0) for a in attempts))
     loads = [float(a['load_average']) for a in attempts
              if 'load_average' in a]
     cores = [int(a['cores']) for a in attempts if 'cores' in a]
   return RunResult(run=run, miou_curve=miou_curve,
                    loss_curve=scalars.get(loss_tag, empty),
-                   per_class_iou=per_class, wall_s=wall_s,
-                   wall_from_events=not own_marker,
+                   per_class_iou=per_class,
+                   # Without a marker of this command (run by hand), the
+                   # event time span.
+                   wall_s=(record['span_s'] if marker_wall_s is None
+                           else marker_wall_s),
+                   wall_from_events=marker_wall_s is None,
                    done=own_marker and bool(marker.get('done')),
                    machine=marker.get('machine') if marker else None,
                    load_averages=loads, cores=cores,

@@ -37,6 +37,16 @@ def read_marker(workdir: str) -> dict[str, Any] | None:
       raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
+def attempts_wall_s(marker: Mapping[str, Any] | None, command: str
+                    ) -> float | None:
+  """The summed wall time of the attempts of `marker` when it is
+  `command`'s and has any (the attempt of a run still going has none yet:
+  0); None otherwise (a run by hand, timed by its events instead)."""
+  if not marker or marker.get('command') != command or not marker.get('attempts'):
+    return None
+  return float(sum(a.get('wall_s', 0.0) for a in marker['attempts']))
+
+
 def write_marker(workdir: str, marker: Mapping[str, Any]) -> None:
   """Writes the marker atomically (a kill never leaves half a file)."""
   path = os.path.join(workdir, MARKER_FILE)
