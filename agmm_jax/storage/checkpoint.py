@@ -28,6 +28,7 @@ asynchronous save, so it surfaces at the next save or wait) raises
 import contextlib
 import logging as py_logging
 import os
+import re
 import sys
 import traceback
 from typing import Any, Iterator, Optional
@@ -46,6 +47,8 @@ DATA_ITEM = 'data'
 BEST_METRIC = 'miou'
 # What marks a file of Orbax's package in a path.
 _ORBAX_DIR = f'{os.sep}orbax{os.sep}'
+# An absl status code, as TensorStore's errors begin.
+_TENSORSTORE_STATUS = re.compile(r'[A-Z][A-Z_]+: ')
 
 
 class SaveError(OSError):
@@ -87,18 +90,29 @@ def _raised_in_orbax(error: Optional[BaseException]) -> bool:
       for frame in traceback.extract_tb(error.__traceback__))
 
 
+def _set_by_tensorstore(error: Optional[BaseException]) -> bool:
+  """True for a TensorStore read error handed to an asyncio future: set from
+  native code, so never raised in Python (no traceback), and worded as a
+  status (``OUT_OF_RANGE: Error reading ...``)."""
+  return (error is not None and error.__traceback__ is None
+          and _TENSORSTORE_STATUS.match(str(error)) is not None)
+
+
 class _FailedRestoreTasks(py_logging.Filter):
-  """Drops asyncio's "<Task or _GatheringFuture> exception was never
+  """Drops asyncio's "<Task, _GatheringFuture or Future> exception was never
   retrieved" records of Orbax's reads (the third form the leftovers of a
-  failed restore take): the record names Orbax's coroutine (a task) or its
-  exception was raised in Orbax's code (a gather of those tasks)."""
+  failed restore take): the record names Orbax's coroutine (a task), its
+  exception was raised in Orbax's code (a gather of those tasks) or
+  TensorStore set it (a read's own future; these can be collected, and
+  logged, at exit, after the error line)."""
 
   def filter(self, record) -> bool:
     message = record.getMessage()
     if 'exception was never retrieved' not in message.split('\n', 1)[0]:
       return True
     error = record.exc_info[1] if record.exc_info else None
-    return not (_ORBAX_DIR in message or _raised_in_orbax(error))
+    return not (_ORBAX_DIR in message or _raised_in_orbax(error)
+                or _set_by_tensorstore(error))
 
 
 def _ignore_failed_restore_leftovers() -> None:

@@ -141,11 +141,24 @@ def _unretrieved_read_errors(reader) -> None:
   gc.collect()
 
 
+def _unretrieved_set_errors(*errors: Exception) -> None:
+  """Leaves futures failed with ``errors`` (set, never raised, as
+  TensorStore sets a read's error) unretrieved, and collects them."""
+  loop = asyncio.new_event_loop()
+  futures = [loop.create_future() for _ in errors]
+  for future, error in zip(futures, errors):
+    future.set_exception(error)
+  del futures, future
+  loop.close()
+  gc.collect()
+
+
 def test_unretrieved_read_errors_are_dropped_only_when_raised_in_orbax(
     tmp_path, caplog, monkeypatch):
   """The third form of a failed restore's leftovers: asyncio's "Task /
-  _GatheringFuture exception was never retrieved" records, with a traceback;
-  the same records of any other code still reach the log."""
+  _GatheringFuture exception was never retrieved" records, with a traceback,
+  and "Future exception ..." records of TensorStore's errors (a status, no
+  traceback); the same records of any other code still reach the log."""
   monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: None)
   monkeypatch.setattr(logging.getLogger('asyncio'), 'filters', [])
   checkpoint._ignore_failed_restore_leftovers()
@@ -154,9 +167,14 @@ def test_unretrieved_read_errors_are_dropped_only_when_raised_in_orbax(
 
   with caplog.at_level(logging.ERROR):
     _unretrieved_read_errors(_reader_module(tmp_path, 'orbax'))
+    _unretrieved_set_errors(ValueError(
+        'OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database at '
+        'local file "/x/state/": Requested byte range [4, 9) is not valid'))
     assert unretrieved() == []
     _unretrieved_read_errors(_reader_module(tmp_path, 'elsewhere'))
+    _unretrieved_set_errors(ValueError('damaged chunk'))
   assert sorted(unretrieved()) == [
+      'Future exception was never retrieved',
       'Task exception was never retrieved',
       '_GatheringFuture exception was never retrieved']
 
