@@ -21,6 +21,8 @@ in-memory one.
 import io
 from typing import Final
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -37,6 +39,21 @@ def labeled_mask(label):
 def real_mask(label):
   """True where the pixel belongs to the image (not padding)."""
   return label != PADDING
+
+
+def labeled_class_counts(label: jax.Array, num_classes: int,
+                         dtype=jnp.float32) -> jax.Array:
+  """``n[b, k]``: the number of pixels of label map b ``[B, H, W]`` labeled
+  k, ``[B, K]``."""
+
+  def one_image(label):
+    # Unlabeled and padding pixels get an out-of-range index, which 'drop'
+    # skips.
+    class_ids = jnp.where(labeled_mask(label), label, num_classes)
+    return jnp.zeros(num_classes, dtype).at[class_ids.reshape(-1)].add(
+        1, mode='drop')
+
+  return jax.vmap(one_image)(label)
 
 
 def from_stored(stored: np.ndarray, num_classes: int) -> np.ndarray:

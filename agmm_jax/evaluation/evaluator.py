@@ -397,8 +397,7 @@ def labeled_classes(label: jax.Array, height: jax.Array, width: jax.Array,
   inside = resample.region_mask(jnp.asarray(height, jnp.int32),
                                 jnp.asarray(width, jnp.int32), label.shape[1:3])
   label = jnp.where(inside, label, labels.UNLABELED)
-  ids = jnp.arange(num_classes, dtype=label.dtype)
-  return jax.vmap(lambda one: jnp.isin(ids, one))(label)
+  return labels.labeled_class_counts(label, num_classes, jnp.int32) > 0
 
 
 def make_eval_step(apply_fn: ApplyFn, *, mode: str, num_classes: int,

@@ -213,7 +213,7 @@ def feature_moments(features: jax.Array, label: jax.Array, num_classes: int, *,
   """
   features = core.upcast(features)
   pulled = _pulled_labels(label, features.shape[1:3], num_classes, features.dtype)
-  counts = core.labeled_class_counts(label, num_classes, features.dtype)
+  counts = labels_lib.labeled_class_counts(label, num_classes, features.dtype)
   if not squared_distance:
     prototypes = _weighted_feature_sums(pulled, features) / (counts[..., None] + EPSILON)
     return FeatureMoments(prototypes, counts, None)

@@ -189,7 +189,7 @@ def make_cam_eval_fn(model_defs: train_state_lib.ModelDefs, num_classes: int,
     model = nnx.merge(model_defs.eval, params, model_state)
     label = batch['label']
     valid = labels_lib.real_mask(label)
-    present = (core.labeled_class_counts(label, num_classes) > 0)[:, None, None, :]
+    present = (labels_lib.labeled_class_counts(label, num_classes) > 0)[:, None, None, :]
     maps = cam.upsampled_maps(_maps_fn(model), batch['image'], batch['width'],
                               label.shape[1:3], flip=False)
     prediction = cam.cam_prediction(cam.normalized_maps(maps, present, valid), present,

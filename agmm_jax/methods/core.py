@@ -539,14 +539,3 @@ def check_inputs(inputs: LossInputs) -> None:
   if inputs.image is not None and inputs.image.shape != (batch, height, width, 3):
     raise ValueError(f'LossInputs.image must be {(batch, height, width, 3)}, '
                      f'got {inputs.image.shape}')
-
-
-def labeled_class_counts(label: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
-  """``n[b, k]``: the number of pixels of image b labeled k, ``[B, K]``."""
-
-  def one_image(label):
-    # Unlabeled and padding pixels get an out-of-range index, which 'drop' skips.
-    class_ids = jnp.where(labels_lib.labeled_mask(label), label, num_classes)
-    return jnp.zeros(num_classes, dtype).at[class_ids.reshape(-1)].add(1.0, mode='drop')
-
-  return jax.vmap(one_image)(label)

@@ -165,7 +165,7 @@ def prediction_pass(logits: jax.Array, label: jax.Array, class_present: jax.Arra
 def _label_grid_weights(label: jax.Array, class_present: jax.Array, num_classes: int,
                         dtype) -> dict[str, jax.Array]:
   """Normalizers of the label-grid terms (see :func:`label_grid_losses`)."""
-  labeled_in_crop = (core.labeled_class_counts(label, num_classes, dtype) > 0).astype(dtype)
+  labeled_in_crop = (labels_lib.labeled_class_counts(label, num_classes, dtype) > 0).astype(dtype)
   return {
       'labeled_pixels': jnp.maximum(jnp.sum(labels_lib.labeled_mask(label)), 1).astype(dtype),
       'real_pixels': jnp.maximum(jnp.sum(labels_lib.real_mask(label)), 1).astype(dtype),

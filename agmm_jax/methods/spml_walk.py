@@ -11,7 +11,6 @@ import jax.numpy as jnp
 
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.model import resample
-from agmm_jax.methods import core
 from agmm_jax.methods import dense_crf
 from agmm_jax.methods.spml import GRID_STRIDE
 from agmm_jax.methods.spml import normalize
@@ -136,7 +135,7 @@ def pseudo_labels(embedding: jax.Array, probabilities: jax.Array, label: jax.Arr
     raise ValueError('pseudo_labels: the CRF (crf_iterations > 0) needs rgb')
   sampled = probabilities[:, ::WALK_STRIDE, ::WALK_STRIDE]
   valid = labels_lib.real_mask(label[:, ::WALK_STRIDE, ::WALK_STRIDE])
-  present = core.labeled_class_counts(label, num_classes) > 0
+  present = labels_lib.labeled_class_counts(label, num_classes) > 0
   walk = dict(beta=beta, gamma=gamma, doublings=doublings)
   if flipped_embedding is None:
     walked = jax.vmap(lambda e, p, c, v: random_walk(e, p, c, v, **walk))(
