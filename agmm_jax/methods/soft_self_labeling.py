@@ -185,8 +185,16 @@ def grid_weights(rgb, valid, neighbourhood, sigma_rgb):
   return tuple(weights)
 
 
+# The scale-free relaxations as their scaled forms of the unit vectors.
+_OF_UNIT_VECTORS = {'normalized_quadratic': 'bilinear',
+                    'collision_divergence': 'collision'}
+
+
 def grid_potts(y, weights, neighbourhood, potts):
   """Per-image ``sum_{ij} w_ij p(y_i, y_j)`` on the grid, ``[B]``."""
+  if potts in _OF_UNIT_VECTORS:
+    # Each pixel normalized once, not once per pair it is in.
+    y, potts = _unit(y), _OF_UNIT_VECTORS[potts]
   total = 0.0
   for (dy, dx), w in zip(_GRID_OFFSETS[neighbourhood], weights):
     a, b = _pair_slices(y, dy, dx)
