@@ -307,165 +307,224 @@ def _command_line(argv: Sequence[str] | None) -> str:
       argv if argv is not None else sys.argv[1:]))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The runs the flags name, and how they would run.
+
+  Attributes:
+    runs: every planned run.
+    preset: the study preset they come from.
+    calls: the device calls of a GPU plan (empty on CPU).
+    call: the call `--call` picks, or None.
+    waiting: runs whose config refuses them today (a method still to
+      land): planned, reported as waiting, skipped by --run.
+    selected: the runs the action covers (the picked call's, every call's,
+      or every run).
+    cache_dir: the persistent compilation cache of the runs ('' none).
+  """
+  runs: list[Run]
+  preset: StudyPreset
+  calls: list[DeviceCall]
+  call: DeviceCall | None
+  waiting: list[Run]
+  selected: list[Run]
+  cache_dir: str
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+  """The plan of `args`.
+
+  Raises:
+    ValueError: the flags name no valid plan (one line).
+  """
+  runs, preset = _planned(args)
+  calls = _device_calls(args, preset, runs) if _is_device_plan(runs) else []
+  call = _select_call(args, calls) if calls else None
+  if args.call and not calls:
+    raise ValueError('--call needs a GPU --size (the plan of device calls)')
+  waiting = [] if calls else [r for r in runs if config_error(r)]
+  selected = call.runs if call else (
+      [r for c in calls for r in c.runs] if calls else runs)
+  cache_dir = (args.compilation_cache_dir if args.compilation_cache_dir
+               is not None else preset.compilation_cache_dir)
+  return _Plan(runs, preset, calls, call, waiting, selected, cache_dir or '')
+
+
 def main(argv: Sequence[str] | None, usage: str) -> int:
   """Runs the action the flags `argv` name (None: sys.argv); `usage`: the
   --help description. Returns the exit status."""
   args = _parse_args(argv, usage)
   if args.readme_table:
-    try:
-      paths = write_method_table(os.path.join(REPO_ROOT, args.archive),
-                                 REPO_ROOT, command_line=_command_line(argv))
-    except ValueError as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
-    print('wrote ' + ', '.join(paths))
-    return 0
+    return _readme_table(args, argv)
   if args.flops:
     from configs import camvid_clicks  # pylint: disable=g-import-not-at-top
     for size in camvid_clicks.SIZES:
       print(f'size={size}: {measure_train_gflop(size):.1f} GFLOP per image')
     return 0
   try:
-    runs, preset = _planned(args)
-    calls = (_device_calls(args, preset, runs) if _is_device_plan(runs)
-             else [])
-    call = _select_call(args, calls) if calls else None
-    if args.call and not calls:
-      raise ValueError('--call needs a GPU --size (the plan of device calls)')
+    plan = _plan(args)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  figures = _figures(args)
-  # Runs whose config refuses them today (a method still to land) are
-  # planned, reported as waiting and skipped by --run.
-  waiting = [] if calls else [r for r in runs if config_error(r)]
-  selected = call.runs if call else (
-      [r for c in calls for r in c.runs] if calls else runs)
-  cache_dir = (args.compilation_cache_dir if args.compilation_cache_dir
-               is not None else preset.compilation_cache_dir)
-
   if args.plan:
-    for run in selected:
-      print(run.command)
-    if calls:
-      calls_by_size = {}
-      for size in GPU_SIZES:
-        try:
-          calls_by_size[size] = _device_calls(args, preset, runs, size)
-        except ValueError as e:
-          print(f'# size={size}: {e}')
-      for line in (format_device_plan(calls, figures, args.call_budget_s)
-                   + [_extras_line(args, preset, runs, calls)]
-                   + format_size_comparison(calls_by_size)):
-        print(line)
-      if cache_dir:
-        print(f'# JAX_COMPILATION_CACHE_DIR={cache_dir} for every run')
-    else:
-      print('\n'.join(_cpu_plan_lines(
-          [r for r in runs if r not in waiting], waiting,
-          os.path.join(REPO_ROOT, args.archive) if args.archive else '')))
-    return 0
-
+    return _print_plan(args, plan)
   if args.status:
     results = {run: archive.read_result(run, args.archive)
-               for run in selected}
+               for run in plan.selected}
     print('\n'.join(format_status([run_status(run, results[run])
-                                   for run in selected])))
+                                   for run in plan.selected])))
     return 0
-
   if args.run:
-    start = time.monotonic()
-    for run in waiting:
-      print(f'{run.cell.name} seed {run.seed}: skipped, not runnable yet '
-            f'({config_error(run)})', file=sys.stderr)
-    selected = [r for r in selected if r not in waiting]
-    if calls and len(calls) > 1 and not call:
-      print(f'warning: the plan needs {len(calls)} device calls of '
-            f'{args.call_budget_s:.0f} s; running them all in order (pass '
-            '--call=K on a device)', file=sys.stderr)
-    from data_prep import common  # pylint: disable=g-import-not-at-top
-    try:
-      prepare_data(selected, args.override)
-    except (ValueError, OSError, common.ConversionError) as e:
-      print(f'error: data preparation: {e}', file=sys.stderr)
-      return 1
-    predicted = {run: seconds for c in calls
-                 for run, seconds in zip(c.runs, c.run_s)}
-    env = {'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO_ROOT, cache_dir)
-           } if cache_dir else None
-    deadline_s = args.deadline_s
-    if deadline_s is None:
-      deadline_s = call_deadline_s(call) if call else 0.0
-    statuses = run_plan(
-        selected, keep_going=not args.stop_on_failure, env=env,
-        deadline=start + deadline_s if deadline_s > 0 else None,
-        predicted_s=predicted,
-        done_elsewhere=lambda run: archive.is_archived(run, args.archive),
-        on_done=lambda run: archive.save(
-            run, args.archive, target_images=args.target_images))
-    failed = [(r, s) for r, s in statuses if s.startswith('failed')]
-    for run, status in failed:
-      print(f'{status}: {run.workdir}/{LOG_FILE}', file=sys.stderr)
-    if args.eval_data_dir or args.eval_given_classes:
-      statuses_by_workdir = evaluate_finished(
-          _with_checkpoints(selected), args.eval_data_dir,
-          given_classes=args.eval_given_classes)
-      for run in selected:
-        if statuses_by_workdir.get(run.workdir) == 'evaluated':
-          archive.save(run, args.archive,
-                       target_images=args.target_images)
-    return 1 if failed or len(statuses) < len(selected) else 0
+    return _run(args, plan)
+  if args.pack:
+    return _pack(args, argv, plan)
+  return _report(args, argv, plan)
 
-  tags = dict(miou_tag=args.miou_tag, loss_tag=args.loss_tag,
+
+def _readme_table(args: argparse.Namespace, argv: Sequence[str] | None
+                  ) -> int:
+  """--readme_table: the README's method table from the records."""
+  try:
+    paths = write_method_table(os.path.join(REPO_ROOT, args.archive),
+                               REPO_ROOT, command_line=_command_line(argv))
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print('wrote ' + ', '.join(paths))
+  return 0
+
+
+def _print_plan(args: argparse.Namespace, plan: _Plan) -> int:
+  """--plan: each selected run's command, then the device calls' budget (a
+  GPU plan) or the CPU plan's summary."""
+  for run in plan.selected:
+    print(run.command)
+  if not plan.calls:
+    print('\n'.join(_cpu_plan_lines(
+        [r for r in plan.runs if r not in plan.waiting], plan.waiting,
+        os.path.join(REPO_ROOT, args.archive) if args.archive else '')))
+    return 0
+  calls_by_size = {}
+  for size in GPU_SIZES:
+    try:
+      calls_by_size[size] = _device_calls(args, plan.preset, plan.runs, size)
+    except ValueError as e:
+      print(f'# size={size}: {e}')
+  for line in (format_device_plan(plan.calls, _figures(args),
+                                  args.call_budget_s)
+               + [_extras_line(args, plan.preset, plan.runs, plan.calls)]
+               + format_size_comparison(calls_by_size)):
+    print(line)
+  if plan.cache_dir:
+    print(f'# JAX_COMPILATION_CACHE_DIR={plan.cache_dir} for every run')
+  return 0
+
+
+def _run(args: argparse.Namespace, plan: _Plan) -> int:
+  """--run: trains the selected runs (resuming, skipping finished ones),
+  archives each as it finishes, then evaluates them as the flags ask."""
+  start = time.monotonic()
+  for run in plan.waiting:
+    print(f'{run.cell.name} seed {run.seed}: skipped, not runnable yet '
+          f'({config_error(run)})', file=sys.stderr)
+  selected = [r for r in plan.selected if r not in plan.waiting]
+  if len(plan.calls) > 1 and not plan.call:
+    print(f'warning: the plan needs {len(plan.calls)} device calls of '
+          f'{args.call_budget_s:.0f} s; running them all in order (pass '
+          '--call=K on a device)', file=sys.stderr)
+  from data_prep import common  # pylint: disable=g-import-not-at-top
+  try:
+    prepare_data(selected, args.override)
+  except (ValueError, OSError, common.ConversionError) as e:
+    print(f'error: data preparation: {e}', file=sys.stderr)
+    return 1
+  predicted = {run: seconds for c in plan.calls
+               for run, seconds in zip(c.runs, c.run_s)}
+  env = {'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO_ROOT, plan.cache_dir)
+         } if plan.cache_dir else None
+  deadline_s = args.deadline_s
+  if deadline_s is None:
+    deadline_s = call_deadline_s(plan.call) if plan.call else 0.0
+  statuses = run_plan(
+      selected, keep_going=not args.stop_on_failure, env=env,
+      deadline=start + deadline_s if deadline_s > 0 else None,
+      predicted_s=predicted,
+      done_elsewhere=lambda run: archive.is_archived(run, args.archive),
+      on_done=lambda run: archive.save(
+          run, args.archive, target_images=args.target_images))
+  failed = [(r, s) for r, s in statuses if s.startswith('failed')]
+  for run, status in failed:
+    print(f'{status}: {run.workdir}/{LOG_FILE}', file=sys.stderr)
+  if args.eval_data_dir or args.eval_given_classes:
+    statuses_by_workdir = evaluate_finished(
+        _with_checkpoints(selected), args.eval_data_dir,
+        given_classes=args.eval_given_classes)
+    for run in selected:
+      if statuses_by_workdir.get(run.workdir) == 'evaluated':
+        archive.save(run, args.archive, target_images=args.target_images)
+  return 1 if failed or len(statuses) < len(selected) else 0
+
+
+def _result_tags(args: argparse.Namespace) -> dict[str, str]:
+  return dict(miou_tag=args.miou_tag, loss_tag=args.loss_tag,
               iou_prefix=args.iou_prefix)
-  dataset = DATASETS[preset.dataset]
+
+
+def _pack(args: argparse.Namespace, argv: Sequence[str] | None,
+          plan: _Plan) -> int:
+  """--pack: the runs' records (and, outside a device call, the overlays
+  and the diagnostic) in one folder to carry back."""
+  runs = plan.runs
+  results = [r for r in (archive.read_result(run, args.archive,
+                                             **_result_tags(args))
+                         for run in runs) if r is not None]
+  core = [r for r in results if _is_core(r.run, runs, plan.preset)]
+  folder = os.path.join(REPO_ROOT, args.pack)
+  # The extras run without --call (a call packs its scalars only).
+  extras = plan.call is None and (args.overlay_images > 0
+                                  or args.diagnostic_images > 0)
+  try:
+    # The scalars first: when the extras overrun the device call, this
+    # pack still comes back (each pack replaces the last atomically).
+    paths = pack_results(runs, folder, command_line=_command_line(argv))
+    print('wrote ' + ', '.join(paths), flush=True)
+    if not extras:
+      return 0
+    with tempfile.TemporaryDirectory() as scratch:
+      figure_paths = []
+      if args.overlay_images > 0:
+        path = make_overlays(summarize(core, finished_only=True),
+                             runs[0].cell.labels, scratch,
+                             num_images=args.overlay_images,
+                             python=args.python)
+        figure_paths += [path] if path else []
+      diagnostic = run_diagnostic(
+          core, images=args.diagnostic_images,
+          python=args.python) if args.diagnostic_images > 0 else ''
+      paths = pack_results(runs, folder, figure_paths=figure_paths,
+                           diagnostic=diagnostic,
+                           command_line=_command_line(argv))
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print('wrote ' + ', '.join(paths) + ' with the overlays and diagnostic')
+  return 0
+
+
+def _report(args: argparse.Namespace, argv: Sequence[str] | None,
+            plan: _Plan) -> int:
+  """--report: the Markdown report, its curves and overlay grids, from the
+  records here or from the packs of --from."""
+  dataset = DATASETS[plan.preset.dataset]
   output = os.path.join(REPO_ROOT, args.output or dataset.default_output)
   # docs/results.md -> docs/results_curves.png and docs/results/: another
   # report (the GPU study's) keeps its figures apart.
   stem = os.path.splitext(output)[0]
-  overlay_dir = stem
-  if args.pack:
-    results = [r for r in (archive.read_result(run, args.archive, **tags)
-                           for run in runs) if r is not None]
-    core = [r for r in results if _is_core(r.run, runs, preset)]
-    folder = os.path.join(REPO_ROOT, args.pack)
-    # The extras run without --call (a call packs its scalars only).
-    extras = call is None and (args.overlay_images > 0
-                               or args.diagnostic_images > 0)
-    try:
-      # The scalars first: when the extras overrun the device call, this
-      # pack still comes back (each pack replaces the last atomically).
-      paths = pack_results(runs, folder, command_line=_command_line(argv))
-      print('wrote ' + ', '.join(paths), flush=True)
-      if not extras:
-        return 0
-      with tempfile.TemporaryDirectory() as scratch:
-        figure_paths = []
-        if args.overlay_images > 0:
-          path = make_overlays(summarize(core, finished_only=True),
-                               runs[0].cell.labels, scratch,
-                               num_images=args.overlay_images,
-                               python=args.python)
-          figure_paths += [path] if path else []
-        diagnostic = run_diagnostic(
-            core, images=args.diagnostic_images,
-            python=args.python) if args.diagnostic_images > 0 else ''
-        paths = pack_results(runs, folder, figure_paths=figure_paths,
-                             diagnostic=diagnostic,
-                             command_line=_command_line(argv))
-    except ValueError as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
-    print('wrote ' + ', '.join(paths) + ' with the overlays and diagnostic')
-    return 0
-
-  # --report.
-  machines, diagnostics, overlay_paths = [], [], []
-  if args.overlay_images > 0 and os.path.isdir(overlay_dir):
+  if args.overlay_images > 0 and os.path.isdir(stem):
     # Only the grids this report links stay.
-    for name in os.listdir(overlay_dir):
+    for name in os.listdir(stem):
       if name.startswith('qualitative_') and name.endswith('.png'):
-        os.remove(os.path.join(overlay_dir, name))
+        os.remove(os.path.join(stem, name))
   if args.from_folders:
     if args.eval_data_dir or args.eval_given_classes:
       print('error: --eval_data_dir and --eval_given_classes evaluate '
@@ -475,37 +534,30 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
       return 2
     try:
       unpacked = unpack_results(
-          [os.path.join(REPO_ROOT, f) for f in args.from_folders], overlay_dir)
+          [os.path.join(REPO_ROOT, f) for f in args.from_folders], stem)
     except ValueError as e:
       print(f'error: {e}', file=sys.stderr)
       return 1
     # The packs' plan: the commands exactly as the device ran them.
     runs = unpacked.runs
-    results = [result_from_record(run, unpacked.records[run.workdir], **tags)
+    results = [result_from_record(run, unpacked.records[run.workdir],
+                                  **_result_tags(args))
                for run in runs if run.workdir in unpacked.records]
     machines, diagnostics = unpacked.machines, unpacked.diagnostics
     overlay_paths = unpacked.figure_paths if args.overlay_images > 0 else []
   else:
-    results = [r for r in (archive.read_result(run, args.archive, **tags)
-                           for run in runs) if r is not None]
-    if args.eval_data_dir or args.eval_given_classes:
-      statuses_by_workdir = evaluate_finished(
-          _with_checkpoints(runs), args.eval_data_dir,
-          given_classes=args.eval_given_classes)
-      evaluated = [r.run for r in results
-                   if statuses_by_workdir.get(r.run.workdir) == 'evaluated']
-      for run in evaluated:  # the record keeps the new evaluation
-        archive.save(run, args.archive)
-      results = [archive.read_result(r.run, args.archive, **tags)
-                 if r.run in evaluated else r for r in results]
-    core = [r for r in results if _is_core(r.run, runs, preset)]
-    if args.diagnostic_images > 0:
-      diagnostics = [run_diagnostic(core, images=args.diagnostic_images,
-                                    python=args.python)]
+    runs = plan.runs
+    results = _local_results(args, plan)
+    machines = []
+    core = [r for r in results if _is_core(r.run, runs, plan.preset)]
+    diagnostics = [run_diagnostic(core, images=args.diagnostic_images,
+                                  python=args.python)
+                   ] if args.diagnostic_images > 0 else []
+    overlay_paths = []
     if args.overlay_images > 0:
       finished = summarize(results, finished_only=True)
       for spec in args.overlay_labels or [runs[0].cell.labels]:
-        path = make_overlays(finished, spec, overlay_dir,
+        path = make_overlays(finished, spec, stem,
                              num_images=args.overlay_images)
         if path:
           overlay_paths.append(path)
@@ -523,3 +575,22 @@ def main(argv: Sequence[str] | None, usage: str) -> int:
   print(f'wrote {output}, {curves_path} and {len(overlay_paths)} overlay '
         'grid(s)')
   return 0
+
+
+def _local_results(args: argparse.Namespace, plan: _Plan) -> list[RunResult]:
+  """The archived results of the plan's runs, after evaluating the finished
+  workdirs here where the flags ask (the records keep the new evaluation)."""
+  tags = _result_tags(args)
+  results = [r for r in (archive.read_result(run, args.archive, **tags)
+                         for run in plan.runs) if r is not None]
+  if not (args.eval_data_dir or args.eval_given_classes):
+    return results
+  statuses_by_workdir = evaluate_finished(
+      _with_checkpoints(plan.runs), args.eval_data_dir,
+      given_classes=args.eval_given_classes)
+  evaluated = [r.run for r in results
+               if statuses_by_workdir.get(r.run.workdir) == 'evaluated']
+  for run in evaluated:
+    archive.save(run, args.archive)
+  return [archive.read_result(r.run, args.archive, **tags)
+          if r.run in evaluated else r for r in results]
