@@ -372,8 +372,24 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
   """
   doc_dir = os.path.dirname(os.path.abspath(markdown_path))
   relative = lambda p: os.path.relpath(os.path.abspath(p), doc_dir)
-  summaries = summarize(results, finished_only=True)
-  labels = list(dict.fromkeys(r.cell.labels for r in runs))
+  lines = (_header_lines(runs, results, command_line, dataset)
+           + _score_lines(runs, results, dataset)
+           + _curve_and_check_lines(runs, results, relative(curves_path))
+           + _figure_and_diagnostic_lines(
+               results, [relative(p) for p in overlay_paths], diagnostics)
+           + _run_lines(runs, results)
+           + _machine_lines(results, machines))
+  text = '\n'.join(lines) + '\n' + hand_written_tail(markdown_path)
+  os.makedirs(doc_dir, exist_ok=True)
+  with open(markdown_path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(markdown_path + '.tmp', markdown_path)
+  return text
+
+
+def _header_lines(runs: Sequence[Run], results: Sequence[RunResult],
+                  command_line: str, dataset: StudyDataset) -> list[str]:
+  """Title, provenance, data and score definition; the partial-grid note."""
   seeds = sorted({r.seed for r in runs})
   finished = sum(r.finished for r in results)
   lines = [
@@ -390,7 +406,15 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
               'planned; "in progress": no seed finished yet; runs not '
               'finished are listed below with the step they reached and '
               'are not averaged.', '']
-  lines += ['## Val mIoU (%)', ''] + score_table(runs, results, summaries)
+  return lines
+
+
+def _score_lines(runs: Sequence[Run], results: Sequence[RunResult],
+                 dataset: StudyDataset) -> list[str]:
+  """The val mIoU table, one table (with per-class IoU) per extra
+  evaluation of the records, and the per-class table."""
+  summaries = summarize(results, finished_only=True)
+  lines = ['## Val mIoU (%)', ''] + score_table(runs, results, summaries)
   keys = list(dict.fromkeys(key for r in results for key in r.evals))
   for key in keys:
     other = summarize(results, finished_only=True, scores_of=dataset_scores(key))
@@ -398,29 +422,43 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
         next(r.evals[key] for r in results if key in r.evals)) + ['']
     lines += score_table(runs, results, other, missing='not evaluated')
     lines += [''] + per_class_table(other)
-
   if per_class_table(summaries):
     lines += ['', '## Per-class val IoU (%), mean over finished seeds', '']
     lines += per_class_table(summaries)
+  return lines
 
-  lines += ['', '## Learning curves', '',
-            f'![val mIoU and train loss vs step]({relative(curves_path)})',
-            '', '### Schedule check', '']
+
+def _curve_and_check_lines(runs: Sequence[Run], results: Sequence[RunResult],
+                           curves_link: str) -> list[str]:
+  """The learning curves' figure, the schedule check and the bfloat16
+  check (where the grid has its variant)."""
+  lines = ['', '## Learning curves', '',
+           f'![val mIoU and train loss vs step]({curves_link})',
+           '', '### Schedule check', '']
   # pCE's first labels spec (MSRC's grid starts with boxes, which pCE is
   # not for).
   lines += schedule_check(results, next(
       (r.cell.labels for r in runs if r.cell.method == 'pce_only'),
-      labels[0]))
+      runs[0].cell.labels))
   dtype_lines = dtype_check(results)
   if dtype_lines or any(r.cell.variant == DTYPE_CHECK_VARIANT for r in runs):
     lines += ['', '## bfloat16 check', ''] + (
         dtype_lines or ['Not run yet.'])
-  if overlay_paths:
+  return lines
+
+
+def _figure_and_diagnostic_lines(results: Sequence[RunResult],
+                                 overlay_links: Sequence[str],
+                                 diagnostics: Sequence[str]) -> list[str]:
+  """The overlay grids, the pseudo-label quality, target-vs-prediction and
+  G-vs-p sections, each where there is something to show."""
+  lines = []
+  if overlay_links:
     lines += ['', '## Qualitative results', '',
               'Val images at training resolution; ground truth and the best '
               'seed of each method overlaid (void and unlabeled pixels '
               'uncoloured).', '']
-    lines += [f'![{os.path.basename(p)}]({relative(p)})' for p in overlay_paths]
+    lines += [f'![{os.path.basename(p)}]({p})' for p in overlay_links]
   quality_lines = pseudo_label_table(results)
   if quality_lines:
     lines += ['', '## Pseudo-label quality', '',
@@ -442,19 +480,25 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
   if diagnostics:
     lines += ['', '## G vs p diagnostic (benchmarks/gmm_diagnostic.py)', '']
     lines += list(diagnostics)
+  return lines
 
-  lines += ['', '## Runs: commands and wall times', '',
-            'Each command is run from the repository root; rerunning it '
-            'resumes or, once finished, does nothing new. Wall time: the '
-            "sum over the run's attempts (training, periodic evaluation, "
-            'checkpoints, compilation; data preparation excluded); '
-            '"(events)": a run started by hand, timed from its first to its '
-            'last scalar event (start-up and first compilation left out). '
-            'images/s: median logged training throughput.',
-            '',
-            '| cell | seed | last step | val mIoU (%) | wall time | images/s '
-            '| status |',
-            '|---|---|---|---|---|---|---|']
+
+def _run_lines(runs: Sequence[Run], results: Sequence[RunResult]
+               ) -> list[str]:
+  """Each planned run's step, score, wall time, rate and status; the
+  commands."""
+  lines = ['', '## Runs: commands and wall times', '',
+           'Each command is run from the repository root; rerunning it '
+           'resumes or, once finished, does nothing new. Wall time: the '
+           "sum over the run's attempts (training, periodic evaluation, "
+           'checkpoints, compilation; data preparation excluded); '
+           '"(events)": a run started by hand, timed from its first to its '
+           'last scalar event (start-up and first compilation left out). '
+           'images/s: median logged training throughput.',
+           '',
+           '| cell | seed | last step | val mIoU (%) | wall time | images/s '
+           '| status |',
+           '|---|---|---|---|---|---|---|']
   result_of = {(r.run.cell, r.run.seed): r for r in results}
   for run in runs:
     result = result_of.get((run.cell, run.seed))
@@ -471,18 +515,21 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
     rate_text = '' if np.isnan(rate) else f'{rate:.0f}'
     lines.append(f'| {run.cell.name} | {run.seed} | {result.last_step} | '
                  f'{miou} | {wall} | {rate_text} | {status} |')
-  lines += ['', '```bash']
-  lines += [run.command for run in runs]
-  lines += ['```']
+  return lines + ['', '```bash'] + [run.command for run in runs] + ['```']
 
+
+def _machine_lines(results: Sequence[RunResult],
+                   machines: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The machine the runs recorded (else this one), the load at their
+  start, and the fewer-cores note."""
   recorded = list(machines) or [r.machine for r in results if r.machine]
   machine = recorded[0] if recorded else machine_description()
-  lines += ['', '## Machine', '',
-            f'- CPU: {machine["cpu"]}, {machine["cpu_count"]} cores'
-            + ('' if recorded else ' (of the machine that wrote this report; '
-               'no run recorded its own)'),
-            f'- {machine["platform"]}, Python {machine["python"]}, jax '
-            f'{machine["jax"]}, flax {machine["flax"]}']
+  lines = ['', '## Machine', '',
+           f'- CPU: {machine["cpu"]}, {machine["cpu_count"]} cores'
+           + ('' if recorded else ' (of the machine that wrote this report; '
+              'no run recorded its own)'),
+           f'- {machine["platform"]}, Python {machine["python"]}, jax '
+           f'{machine["jax"]}, flax {machine["flax"]}']
   if machine.get('devices'):
     lines.append(f'- GPU: {machine["devices"]}')
   loads = [load for r in results for load in r.load_averages]
@@ -493,13 +540,7 @@ def write_report(runs: Sequence[Run], results: Sequence[RunResult], *,
                  f'{min(loads):.1f} to {max(loads):.1f}' + (
                      ' (the machine was shared; wall times include that '
                      'contention)' if shared else ''))
-  lines += _fewer_cores_lines(results, machine)
-  text = '\n'.join(lines) + '\n' + hand_written_tail(markdown_path)
-  os.makedirs(doc_dir, exist_ok=True)
-  with open(markdown_path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(markdown_path + '.tmp', markdown_path)
-  return text
+  return lines + _fewer_cores_lines(results, machine)
 
 
 def hand_written_tail(markdown_path: str) -> str:
