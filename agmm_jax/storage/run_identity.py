@@ -58,7 +58,8 @@ IDENTITY_PREFIXES = (
 # Identity fields added after runs were recorded, with the value every run
 # recorded without them trained with: such a run is compared with that value
 # (other fields missing from an older config.json are logged, not checked).
-ADDED_FIELDS = {'warmup.fraction': 0.0, 'eval.given_classes': False}
+ADDED_FIELDS = {'warmup.fraction': 0.0, 'eval.given_classes': False,
+                'loss.soft_self_labeling.step_scale': 'image'}
 ALLOWED_CHANGES = (
     'model.dilated_conv', 'model.compute_dtype', 'data.num_threads',
     'data.prefetch', 'data.eval_canvas', 'spml_stage2.num_train_steps',

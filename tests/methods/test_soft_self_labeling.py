@@ -174,15 +174,16 @@ def _problem(probs, label, potts_fn, ce):
                         jnp.asarray(label == labels_lib.UNLABELED), potts_fn, ce)
 
 
-@pytest.mark.parametrize('ce, potts, neighbourhood', [
-    ('collision', 'collision_divergence', 'grid4'),
-    ('standard', 'bilinear', 'grid8'),
-    ('reverse', 'collision', 'grid4'),
-    ('reverse', 'quadratic', 'dense'),
-    ('collision', 'normalized_quadratic', 'dense'),
-    ('collision', 'log_quadratic', 'grid8')])
+@pytest.mark.parametrize('ce, potts, neighbourhood, step_scale', [
+    ('collision', 'collision_divergence', 'grid4', 'image'),
+    ('collision', 'collision_divergence', 'grid4', 'pixel'),
+    ('standard', 'bilinear', 'grid8', 'image'),
+    ('reverse', 'collision', 'grid4', 'pixel'),
+    ('reverse', 'quadratic', 'dense', 'image'),
+    ('collision', 'normalized_quadratic', 'dense', 'pixel'),
+    ('collision', 'log_quadratic', 'grid8', 'image')])
 def test_the_solver_keeps_the_simplex_and_the_seeds_and_never_increases_e(
-    ce, potts, neighbourhood):
+    ce, potts, neighbourhood, step_scale):
   rng = np.random.default_rng(3)
   rgb, valid, label, inputs = _batch(rng)
   probs = _softmax(3.0 * np.asarray(inputs.logits))
@@ -195,7 +196,8 @@ def test_the_solver_keeps_the_simplex_and_the_seeds_and_never_increases_e(
     energies, solutions = [], []
     for iterations in (0, 1, 2, 5, 15):
       y, energy = ssl.solve_pseudo_labels(problem, jnp.asarray(probs),
-                                          iterations=iterations, step=1.0)
+                                          iterations=iterations, step=1.0,
+                                          step_scale=step_scale)
       energies.append(np.asarray(energy))
       solutions.append(np.asarray(y))
   energies = np.array(energies)
@@ -217,7 +219,8 @@ def test_the_solver_keeps_the_simplex_and_the_seeds_and_never_increases_e(
   np.testing.assert_allclose(energies[-1], data + 2.0 * smooth, rtol=1e-9)
 
 
-def test_the_solver_reaches_the_closed_form_minimizers():
+@pytest.mark.parametrize('step_scale', ssl.STEP_SCALES)
+def test_the_solver_reaches_the_closed_form_minimizers(step_scale):
   rng = np.random.default_rng(4)
   probs = _softmax(rng.normal(size=(1, 2, 3, NUM_CLASSES)))
   label = np.full((1, 2, 3), labels_lib.UNLABELED)
@@ -226,13 +229,15 @@ def test_the_solver_reaches_the_closed_form_minimizers():
   with jax.enable_x64(True):
     # Reverse cross-entropy alone: Gibbs' inequality, y = sigma.
     y, _ = ssl.solve_pseudo_labels(_problem(probs, label, no_potts, 'reverse'),
-                                   jnp.asarray(uniform), iterations=200, step=1.0)
+                                   jnp.asarray(uniform), iterations=200, step=1.0,
+                                   step_scale=step_scale)
     np.testing.assert_allclose(np.asarray(y), probs, atol=1e-6)
     # Standard and collision cross-entropy alone (linear, resp. -ln of a
     # linear function of y): the vertex at argmax sigma.
     for ce in ('standard', 'collision'):
       y, _ = ssl.solve_pseudo_labels(_problem(probs, label, no_potts, ce),
-                                     jnp.asarray(uniform), iterations=200, step=1.0)
+                                     jnp.asarray(uniform), iterations=200, step=1.0,
+                                     step_scale=step_scale)
       np.testing.assert_allclose(np.asarray(y), np.eye(NUM_CLASSES)[
           probs.argmax(-1)], atol=1e-5)
     # Quadratic Potts on a uniform chain between seeds 0 and 1, two classes,
@@ -243,7 +248,8 @@ def test_the_solver_reaches_the_closed_form_minimizers():
     weights = (jnp.ones((1, 1, 4)), jnp.zeros((1, 0, 5)))
     potts_fn = lambda y: ssl.grid_potts(y, weights, 'grid4', 'quadratic')
     y, _ = ssl.solve_pseudo_labels(_problem(flat, chain, potts_fn, 'collision'),
-                                   jnp.asarray(flat), iterations=300, step=1.0)
+                                   jnp.asarray(flat), iterations=300, step=1.0,
+                                   step_scale=step_scale)
   t = np.arange(5)[:, None] / 4.0
   np.testing.assert_allclose(np.asarray(y)[0, 0], np.hstack([1 - t, t]),
                              atol=1e-6)
@@ -254,7 +260,8 @@ def test_the_network_gradient_matches_finite_differences_with_y_fixed(ce):
   rng = np.random.default_rng(5)
   _, _, label, inputs = _batch(rng, b=2, h=3, w=4)
   options = dict(ce=ce, potts='bilinear', neighbourhood='grid4',
-                 potts_weight=1.0, iterations=5, step=1.0, grid_sigma_rgb=30.0,
+                 potts_weight=1.0, iterations=5, step=1.0, step_scale='image',
+                 grid_sigma_rgb=30.0,
                  kernel_options=(3.0, 60.0, 'exact', 0.5, 0.8))
   unlabeled = label == labels_lib.UNLABELED
   logits = np.asarray(inputs.logits)
@@ -285,6 +292,7 @@ def test_the_network_gradient_matches_finite_differences_with_y_fixed(ce):
     ({'ce': 'kl'}, 'ce'), ({'potts': 'tv'}, 'potts'),
     ({'neighbourhood': 'dense', 'potts': 'collision'}, 'potts'),
     ({'iterations': -1}, 'iterations'), ({'step': 0.0}, 'step'),
+    ({'step_scale': 'class'}, 'step_scale'),
     ({'neighbourhood': 'dense', 'potts': 'quadratic', 'approx': 'lattice'},
      'approx')])
 def test_a_bad_option_fails_at_build_with_one_line(overrides, key):
