@@ -62,7 +62,8 @@ _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # the paper's best eta 0.3 and lambda 6 (Potts weight lambda / eta in
     # the pseudo-label problem; the module says where these come from).
     # Variants: --config.loss.soft_self_labeling.ce=, .potts=,
-    # .neighbourhood=, .potts_weight=.
+    # .neighbourhood=, .potts_weight=; the solver: .iterations=,
+    # .step_scale=pixel.
     'soft_self_labeling': lambda: {
         'weights': {'pce': 1.0, 'soft_self_labeling': SSL_ETA},
         'soft_self_labeling': {'potts_weight': SSL_LAMBDA / SSL_ETA}},
