@@ -470,14 +470,20 @@ def _result_tags(args: argparse.Namespace) -> dict[str, str]:
               iou_prefix=args.iou_prefix)
 
 
+def _archived_results(args: argparse.Namespace, runs: Sequence[Run]
+                      ) -> list[RunResult]:
+  """The results of the archived ones of `runs`, with the flags' tags."""
+  return [r for r in (archive.read_result(run, args.archive,
+                                          **_result_tags(args))
+                      for run in runs) if r is not None]
+
+
 def _pack(args: argparse.Namespace, argv: Sequence[str] | None,
           plan: _Plan) -> int:
   """--pack: the runs' records (and, outside a device call, the overlays
   and the diagnostic) in one folder to carry back."""
   runs = plan.runs
-  results = [r for r in (archive.read_result(run, args.archive,
-                                             **_result_tags(args))
-                         for run in runs) if r is not None]
+  results = _archived_results(args, runs)
   core = [r for r in results if _is_core(r.run, runs, plan.preset)]
   folder = os.path.join(REPO_ROOT, args.pack)
   # The extras run without --call (a call packs its scalars only).
@@ -580,9 +586,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None,
 def _local_results(args: argparse.Namespace, plan: _Plan) -> list[RunResult]:
   """The archived results of the plan's runs, after evaluating the finished
   workdirs here where the flags ask (the records keep the new evaluation)."""
-  tags = _result_tags(args)
-  results = [r for r in (archive.read_result(run, args.archive, **tags)
-                         for run in plan.runs) if r is not None]
+  results = _archived_results(args, plan.runs)
   if not (args.eval_data_dir or args.eval_given_classes):
     return results
   statuses_by_workdir = evaluate_finished(
@@ -592,5 +596,5 @@ def _local_results(args: argparse.Namespace, plan: _Plan) -> list[RunResult]:
                if statuses_by_workdir.get(r.run.workdir) == 'evaluated']
   for run in evaluated:
     archive.save(run, args.archive)
-  return [archive.read_result(r.run, args.archive, **tags)
+  return [archive.read_result(r.run, args.archive, **_result_tags(args))
           if r.run in evaluated else r for r in results]
