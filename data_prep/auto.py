@@ -211,8 +211,9 @@ def prepare_if_missing(prepare: ml_collections.ConfigDict,
   Returns True when a conversion ran; says so in one log line first, naming
   the folder it creates and the source. Raises FileNotFoundError naming the
   folder when it is not prepared and `prepare.converter` is empty, or when
-  it is a raw folder dataset (saying how to convert it), or when its parent
-  does not exist (no directory chain is created), and
+  it is a raw folder dataset (saying how to convert it), or when it is an
+  absolute path whose parent does not exist (the parents of a relative one,
+  a config's default under data/, are created), and
   data_prep.common.ConversionError when the source data are bad.
   """
   check_not_raw(data_dir, 'config.data.dir', prepare)
@@ -233,6 +234,11 @@ def prepare_if_missing(prepare: ml_collections.ConfigDict,
     raise FileNotFoundError(
         f'config.data.prepare.root={prepare.root!r}: source folder not found '
         f'(relative to {os.getcwd()}; run from the repository root)')
+  # A relative data.dir is a config's own default (`data/NAME` under the
+  # repository's git-ignored data/), so its missing parents are made: a fresh
+  # clone has no data/. An absolute one is typed by a user, where a missing
+  # parent is more likely a typo (a wrong mount) than a wish for a new tree.
+  make_parents = not os.path.isabs(data_dir)
   data_dir = os.path.abspath(data_dir)
   if os.path.isdir(data_dir) and not os.listdir(data_dir):
     os.rmdir(data_dir)  # An empty folder is filled like a new one.
@@ -249,6 +255,8 @@ def prepare_if_missing(prepare: ml_collections.ConfigDict,
         'WORKDIR/data), or convert it first with '
         f'`{convert_command(data_dir, prepare, data_dir + "_prepared")}`')
   parent = os.path.dirname(data_dir)
+  if make_parents:
+    os.makedirs(parent, exist_ok=True)
   if not os.path.isdir(parent):
     raise FileNotFoundError(
         f'config.data.dir={data_dir!r}: its parent {parent} does not exist; '

@@ -158,6 +158,18 @@ def test_new_data_dir_is_announced_and_no_parent_is_created(tmp_path, caplog):
   assert not (tmp_path / 'missing').exists()
 
 
+def test_relative_data_dir_gets_its_parents(tmp_path, monkeypatch):
+  # The configs' defaults (data/NAME) on a fresh clone, which has no data/.
+  root, _ = fixtures.make_folder_root(tmp_path, void_value=TINY_VOID)
+  prepare = tiny_config().data.prepare
+  prepare.root = root
+  clone = tmp_path / 'clone'
+  clone.mkdir()
+  monkeypatch.chdir(clone)
+  assert auto.prepare_if_missing(prepare, os.path.join('data', 'new'))
+  assert (clone / 'data' / 'new' / 'metadata.json').is_file()
+
+
 @pytest.mark.parametrize('override, expected', [
     ({'eval_canvas': (20, 20)}, 'config.data.eval_canvas=(20, 20) is smaller '
      f'than the largest image ({fixtures.HEIGHT}x{fixtures.WIDTH})'),
