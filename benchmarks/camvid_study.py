@@ -91,6 +91,7 @@ The cache folder is git-ignored, so it survives between calls while the
 device machine stays warm.
 """
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -104,4 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except BrokenPipeError:
+    # `--plan | head` closed the pipe: stop quietly, as other command-line
+    # tools do (Python's recipe: no traceback, nothing more flushed to it).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)

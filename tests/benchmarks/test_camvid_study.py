@@ -45,6 +45,7 @@ from benchmarks.study.runner import (
     LOG_FILE, MARKER_FILE, machine_description, read_marker, run_plan,
     write_marker)
 from configs import camvid_clicks
+from tests import conftest
 
 CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree',
            'sign_symbol', 'fence', 'car', 'pedestrian', 'bicyclist')
@@ -1220,3 +1221,16 @@ def test_run_diagnostic_runs_the_finished_runs_and_reports_failures(
       results, images=8, runner=failing)
   unfinished = [r for r in results if not r.finished]
   assert run_diagnostic(unfinished, images=8, runner=failing) == ''
+
+
+def test_plan_into_a_closed_pipe_stops_without_traceback():
+  # `--plan | head -1`: the reader leaves after one line.
+  plan = subprocess.Popen(
+      [sys.executable, '-m', 'benchmarks.camvid_study', '--plan',
+       '--preset=msrc'], cwd=conftest.REPO_ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, bufsize=0)
+  assert plan.stdout.readline().startswith(b'python main.py ')
+  plan.stdout.close()
+  _, stderr = plan.communicate(timeout=120)
+  assert plan.returncode == 1
+  assert b'Traceback' not in stderr and b'BrokenPipe' not in stderr, stderr
