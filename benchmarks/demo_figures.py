@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
   step, miou, span_s = final_miou(workdir)
   machine = runner.machine_description()
   print(f'commit: {commit()}')
-  print(f'machine: {machine["cpu"]}, {machine["cpu_count"]} cores, '
-        f'jax {machine["jax"]}')
+  print(f'machine: {runner.cpu_label(machine)}, jax {machine["jax"]}')
   if wall_s is not None:
     print(f'wall time: {wall_s:.0f} s ({wall_s / 60:.1f} min), command: '
           f'python {" ".join(DEMO_COMMAND)} --workdir={args.workdir}')

@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks.study.datasets import DATASETS, dataset_of_config
 from benchmarks.study.grid import FULL, labels_kind
 from benchmarks.study.report import format_duration
-from benchmarks.study.runner import attempts_wall_s, utc_now
+from benchmarks.study.runner import attempts_wall_s, cpu_label, utc_now
 
 BEGIN = '<!-- method-table:begin -->'
 END = '<!-- method-table:end -->'
@@ -142,8 +142,7 @@ def entry_of_record(record: Mapping[str, Any]) -> Entry | None:
                span_s=_wall_s(record), command=record['command'],
                pseudo_labels=record.get('pseudo_labels') or {},
                targets=record.get('targets') or {},
-               machine=(f'{cpu["cpu"]}, {cpu["cpu_count"]} cores'
-                        if cpu.get('cpu') else ''))
+               machine=cpu_label(cpu))
 
 
 def read_entries(archive: str) -> list[Entry]:

@@ -15,7 +15,7 @@ from benchmarks.study.evaluations import eval_flags
 from benchmarks.study.grid import (
     DTYPE_CHECK_OVERRIDE, DTYPE_CHECK_VARIANT, FULL, Cell, Run)
 from benchmarks.study.results import RunResult
-from benchmarks.study.runner import machine_description, utc_now
+from benchmarks.study.runner import cpu_label, machine_description, utc_now
 
 
 @dataclasses.dataclass
@@ -525,7 +525,7 @@ def _machine_lines(results: Sequence[RunResult],
   recorded = list(machines) or [r.machine for r in results if r.machine]
   machine = recorded[0] if recorded else machine_description()
   lines = ['', '## Machine', '',
-           f'- CPU: {machine["cpu"]}, {machine["cpu_count"]} cores'
+           f'- CPU: {cpu_label(machine)}'
            + ('' if recorded else ' (of the machine that wrote this report; '
               'no run recorded its own)'),
            f'- {machine["platform"]}, Python {machine["python"]}, jax '

@@ -62,15 +62,38 @@ def is_done(run: Run, repo_root: str = REPO_ROOT) -> bool:
               and marker.get('command') == run.command)
 
 
+def _vector_isa(flags: set[str]) -> str:
+  """The widest x86 vector extension among /proc/cpuinfo's `flags` ('' if
+  none is known). Two CPUs of one model name can differ here, and XLA:CPU
+  compiles for it, so a run's float rounding (and its mIoU) follows it."""
+  if 'avx512f' in flags:
+    return 'AVX-512'
+  return 'AVX2' if 'avx2' in flags else ''
+
+
+def cpu_label(machine: Mapping[str, Any]) -> str:
+  """'MODEL (ISA), N cores' of a `machine_description()` (records written
+  before the ISA was recorded: 'MODEL, N cores'); '' without a CPU."""
+  if not machine.get('cpu'):
+    return ''
+  isa = machine.get('cpu_vector_isa')
+  return (f'{machine["cpu"]}' + (f' ({isa})' if isa else '')
+          + f', {machine["cpu_count"]} cores')
+
+
 def machine_description() -> dict[str, Any]:
   """CPU model, core count (the machine's, and the ones this process may
   use), OS and library versions of this machine."""
   cpu = platform.processor() or platform.machine()
+  flags = set()
   try:
     with open('/proc/cpuinfo') as f:
-      models = [line.split(':', 1)[1].strip() for line in f
-                if line.startswith('model name')]
+      lines = f.read().splitlines()
+    models = [line.split(':', 1)[1].strip() for line in lines
+              if line.startswith('model name')]
     cpu = models[0] if models else cpu
+    flags = next((set(line.split(':', 1)[1].split()) for line in lines
+                  if line.startswith('flags')), set())
   except OSError:
     pass
   versions = {}
@@ -86,6 +109,7 @@ def machine_description() -> dict[str, Any]:
                              text=True, check=False)
     devices = '; '.join(listing.stdout.strip().splitlines())
   return {'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'cpu_vector_isa': _vector_isa(flags),
           'cores': workdir_lib.usable_cores(),
           'platform': platform.platform(), 'python': platform.python_version(),
           'devices': devices, **versions}

@@ -42,8 +42,8 @@ from benchmarks.study.report import (
     late_gain, schedule_check, score_table, summarize, write_report)
 from benchmarks.study.results import RunResult, read_run, result_from_record
 from benchmarks.study.runner import (
-    LOG_FILE, MARKER_FILE, machine_description, read_marker, run_plan,
-    write_marker)
+    LOG_FILE, MARKER_FILE, cpu_label, machine_description, read_marker,
+    run_plan, write_marker)
 from configs import camvid_clicks
 from tests import conftest
 
@@ -1234,3 +1234,20 @@ def test_plan_into_a_closed_pipe_stops_without_traceback():
   _, stderr = plan.communicate(timeout=120)
   assert plan.returncode == 1
   assert b'Traceback' not in stderr and b'BrokenPipe' not in stderr, stderr
+
+
+def test_machine_names_the_cpus_vector_extension():
+  # Two EPYCs of one model name round differently (XLA:CPU compiles for the
+  # host's vector width): the record says which this one has.
+  machine = machine_description()
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      flags = next(line for line in f if line.startswith('flags')).split()
+    expected = ('AVX-512' if 'avx512f' in flags
+                else 'AVX2' if 'avx2' in flags else '')
+    assert machine['cpu_vector_isa'] == expected
+  assert cpu_label({'cpu': 'EPYC', 'cpu_count': 2,
+                    'cpu_vector_isa': 'AVX2'}) == 'EPYC (AVX2), 2 cores'
+  # Records written before the field existed, and markers without a CPU.
+  assert cpu_label({'cpu': 'EPYC', 'cpu_count': 2}) == 'EPYC, 2 cores'
+  assert cpu_label({}) == ''
