@@ -4,8 +4,13 @@ Two worker processes (one CPU device each, connected with
 ``jax.distributed.initialize`` on a free 127.0.0.1 port; CPU collectives over
 gloo) each feed their half of the global batch to the same jitted train step
 (``tests/runtime/test_sharding.py`` holds the worker). The loss and every updated
-parameter and BatchNorm statistic must equal a single-process, single-device
-step on the whole batch.
+parameter and BatchNorm statistic must equal one process's step with two
+(fake) devices on the whole batch: the same per-device program and the same
+two-term sums, so equal to rounding (they were bitwise equal on a Zen 3 EPYC).
+One device against several is test_sharding's comparison; against two
+processes it differed by up to 3.8e-3 of a BatchNorm bias's largest value
+on that machine, as two devices in one process do: the rounding of each
+device's batch shape, not the processes.
 """
 
 import os
@@ -29,9 +34,9 @@ def free_port() -> int:
 def results(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('multiprocess')
   coordinator = f'127.0.0.1:{free_port()}'
-  reference_path = str(tmp / 'single.npz')
+  reference_path = str(tmp / 'two_devices.npz')
   two_process_path = str(tmp / 'two_processes.npz')
-  processes = [test_sharding.spawn_worker(reference_path, 1)] + [
+  processes = [test_sharding.spawn_worker(reference_path, 2)] + [
       test_sharding.spawn_worker(two_process_path, 1,
                                  (coordinator, '2', str(process_id)))
       for process_id in (0, 1)]
@@ -42,9 +47,9 @@ def results(tmp_path_factory):
 
 def test_two_processes_match_one(results):
   reference, two_processes = results
-  assert int(reference['num_devices']) == 1
+  assert int(reference['num_devices']) == 2
   assert int(two_processes['num_devices']) == 2
-  test_sharding.assert_same_step(two_processes, reference)
+  test_sharding.assert_same_step(two_processes, reference, tolerance=1e-6)
 
 
 def test_data_preparation_failure_on_process_0_stops_every_process(tmp_path):

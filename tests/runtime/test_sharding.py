@@ -102,10 +102,11 @@ def finish(process: subprocess.Popen, timeout: float = 400) -> None:
 
 
 def assert_same_step(result: dict[str, np.ndarray],
-                     reference: dict[str, np.ndarray]) -> None:
-  """Loss within 1e-5 relative; every metric and state leaf within 1e-4 of
-  the leaf's largest magnitude (BatchNorm biases start at 0, so elementwise
-  relative errors of their first update are meaningless)."""
+                     reference: dict[str, np.ndarray],
+                     tolerance: float = 1e-4) -> None:
+  """Loss within 1e-5 relative; every metric and state leaf within
+  `tolerance` of the leaf's largest magnitude (BatchNorm biases start at 0,
+  so elementwise relative errors of their first update are meaningless)."""
   state_keys = [k for k in reference if k.startswith('state/')]
   assert state_keys and set(state_keys) == {
       k for k in result if k.startswith('state/')}
@@ -114,7 +115,7 @@ def assert_same_step(result: dict[str, np.ndarray],
   for key in [k for k in reference if k.startswith('metric/')] + state_keys:
     scale = float(np.max(np.abs(reference[key]))) + 1e-12
     np.testing.assert_allclose(result[key], reference[key], rtol=0,
-                               atol=1e-4 * scale, err_msg=key)
+                               atol=tolerance * scale, err_msg=key)
 
 
 @pytest.fixture(scope='module')
