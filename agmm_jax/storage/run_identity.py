@@ -86,6 +86,17 @@ def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+def with_added_fields(recorded: dict[str, Any], current: dict[str, Any],
+                      prefix: str = '') -> dict[str, Any]:
+  """Flat ``recorded`` with the ``ADDED_FIELDS`` under ``prefix`` it lacks
+  and ``current`` (flat) has, at the value every older run trained with:
+  what an older ``config.json`` (or its ``prefix`` subtree) means today."""
+  added = {field[len(prefix):]: value for field, value in ADDED_FIELDS.items()
+           if field.startswith(prefix)}
+  return {**{field: value for field, value in added.items()
+             if field in current}, **recorded}
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether ``WORKDIR/checkpoints`` holds a step (a finalized folder)."""
   try:
@@ -141,8 +152,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.warning('%s has checkpoints but no %s: the resumed run\'s config '
                     'cannot be checked against theirs', workdir, CONFIG_FILE)
     return
-  old = {**ADDED_FIELDS, **flatten(recorded)}
   new = flatten(json.loads(config.to_json_best_effort()))
+  old = with_added_fields(flatten(recorded), new)
   refused, allowed = [], []
   for field in sorted(new):
     if field not in old:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from agmm_jax.storage import run_identity
 from benchmarks.study.grid import (
     REPO_ROOT, Run, config_error, config_overrides, dataset_of, run_config)
 from benchmarks.study.results import (
@@ -67,6 +68,11 @@ def load(run: Run, archive: str, repo_root: str = REPO_ROOT
     return None
   trained = (record.get('config') or {}).get('loss')
   now = _loss_config_now(run)
+  if trained is not None and now is not None:
+    # A loss field added since the run means what it trained with (ADDED_FIELDS).
+    now = run_identity.flatten(now)
+    trained = run_identity.with_added_fields(
+        run_identity.flatten(trained), now, prefix='loss.')
   if trained is not None and now is not None and trained != now:
     print(f'warning: {path}: trained with another loss config than '
           f'{run.cell.method} has now; not counted (rerun the cell)',

@@ -784,6 +784,18 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
   capsys.readouterr()
   assert archive.load(done, stale_records) is None
   assert 'another loss config' in capsys.readouterr().err
+  # A record older than a loss field added since (run_identity.ADDED_FIELDS)
+  # trained with its recorded value: counted; with another value: stale.
+  older = json.loads(open(path).read())
+  assert older['config']['loss']['soft_self_labeling'].pop(
+      'step_scale') == 'image'
+  for value, counted in ((None, True), ('pixel', False)):
+    if value is not None:
+      older['config']['loss']['soft_self_labeling']['step_scale'] = value
+    with open(archive.record_path(done, stale_records), 'w') as f:
+      json.dump(older, f)
+    assert (archive.load(done, stale_records) is not None) == counted
+  assert capsys.readouterr().err.count('another loss config') == 1
 
   grid = ['--labels=clicks:20', '--methods=pce_only,agmm_paper', '--seeds=0',
           '--steps=20', f'--root={root}', f'--archive={records}']
