@@ -518,6 +518,24 @@ def _run_lines(runs: Sequence[Run], results: Sequence[RunResult]
   return lines + ['', '```bash'] + [run.command for run in runs] + ['```']
 
 
+def _cpus_lines(results: Sequence[RunResult]) -> list[str]:
+  """A line naming which runs each CPU made, when the runs recorded more
+  than one: XLA:CPU compiles for the host's vector extension, so the same
+  command rounds, and scores, differently on each."""
+  runs_by_cpu: dict[str, list[str]] = {}
+  for r in results:
+    if r.machine and r.machine.get('cpu'):
+      runs_by_cpu.setdefault(cpu_label(r.machine), []).append(
+          f'{r.run.cell.name} seed {r.run.seed}')
+  if len(runs_by_cpu) < 2:
+    return []
+  return [f'- CPUs: {len(runs_by_cpu)} (XLA:CPU compiles '
+          'for the vector extension, so each rounds, and scores, its own '
+          'way; a label without one was recorded before the field existed): '
+          + '; '.join(f'{label}: {", ".join(runs)}'
+                      for label, runs in runs_by_cpu.items())]
+
+
 def _machine_lines(results: Sequence[RunResult],
                    machines: Sequence[Mapping[str, Any]]) -> list[str]:
   """The machine the runs recorded (else this one), the load at their
@@ -525,9 +543,10 @@ def _machine_lines(results: Sequence[RunResult],
   recorded = list(machines) or [r.machine for r in results if r.machine]
   machine = recorded[0] if recorded else machine_description()
   lines = ['', '## Machine', '',
-           f'- CPU: {cpu_label(machine)}'
-           + ('' if recorded else ' (of the machine that wrote this report; '
-              'no run recorded its own)'),
+           *(_cpus_lines(results) or [
+               f'- CPU: {cpu_label(machine)}'
+               + ('' if recorded else ' (of the machine that wrote this '
+                  'report; no run recorded its own)')]),
            f'- {machine["platform"]}, Python {machine["python"]}, jax '
            f'{machine["jax"]}, flax {machine["flax"]}']
   if machine.get('devices'):

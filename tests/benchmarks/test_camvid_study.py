@@ -342,6 +342,43 @@ def test_report_names_runs_with_attempts_on_fewer_cores(study, tmp_path,
   assert read_run(runs[0]).cores == [4, 1]
 
 
+def test_report_names_the_runs_of_each_cpu(study, tmp_path, capsys):
+  """Records from two CPUs (a study carried across machines): the Machine
+  section says which runs each made; from one CPU it adds nothing."""
+  root, _, finals = study
+  output = tmp_path / 'docs' / 'results.md'
+  args = ['--report', '--labels=clicks:20', '--seeds=0,1', '--steps=20',
+          f'--root={root}', f'--output={output}', '--overlay_images=0']
+
+  def cpus_lines():
+    assert camvid_study.main(args) == 0
+    capsys.readouterr()
+    return [line for line in output.read_text().splitlines()
+            if line.startswith('- CPU')]
+
+  here = machine_description()
+  other = {**here, 'cpu': 'Other CPU', 'cpu_count': 3,
+           'cpu_vector_isa': 'AVX-512'}
+  moved = list(finals)[1]
+  originals = {run: read_marker(run.workdir) for run in finals}
+  try:
+    for run, marker in originals.items():
+      write_marker(run.workdir, {**marker, 'machine': here})
+    assert cpus_lines() == [f'- CPU: {cpu_label(here)}']
+    write_marker(moved.workdir, {**originals[moved], 'machine': other})
+    [line] = cpus_lines()
+  finally:
+    for run, marker in originals.items():
+      write_marker(run.workdir, marker)
+  assert line.startswith('- CPUs: 2 (')
+  groups = dict(group.split(': ') for group in line.split(
+      'recorded before the field existed): ')[1].split('; '))
+  name = lambda run: f'{run.cell.name} seed {run.seed}'
+  assert groups == {
+      'Other CPU (AVX-512), 3 cores': name(moved),
+      cpu_label(here): ', '.join(name(r) for r in finals if r != moved)}
+
+
 def test_report_writes_markdown_and_plot(study, tmp_path, capsys):
   root, runs, finals = study
   output = tmp_path / 'docs' / 'results.md'
