@@ -12,13 +12,16 @@ G-vs-p diagnostic, an evaluation on another dataset) is made only for runs
 whose workdir is still here.
 """
 
+import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from agmm_jax.storage import run_identity
 from benchmarks.study.grid import (
-    REPO_ROOT, Run, config_error, config_overrides, dataset_of, run_config)
+    REPO_ROOT, Run, config_error, config_overrides, dataset_of, run_config,
+    same_run)
 from benchmarks.study.results import (
     DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, RunResult,
     read_run, result_from_record, run_record)
@@ -64,7 +67,7 @@ def load(run: Run, archive: str, repo_root: str = REPO_ROOT
       record = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}: not valid JSON ({e})') from None
-  if record.get('command') != run.command:
+  if not same_run(record.get('command', ''), run.command):
     return None
   trained = (record.get('config') or {}).get('loss')
   now = _loss_config_now(run)
@@ -85,7 +88,8 @@ def is_archived(run: Run, archive: str, repo_root: str = REPO_ROOT) -> bool:
   """True when the archive holds a finished record of `run`'s command."""
   record = load(run, archive, repo_root)
   marker = (record or {}).get('marker') or {}
-  return bool(marker.get('done') and marker.get('command') == run.command)
+  return bool(marker.get('done')
+              and same_run(marker.get('command', ''), run.command))
 
 
 def save(run: Run, archive: str, repo_root: str = REPO_ROOT, *,
@@ -137,5 +141,8 @@ def read_result(run: Run, archive: str, *, repo_root: str = REPO_ROOT,
     return result
   record = load(run, archive, repo_root)
   if record is not None:
-    return result_from_record(run, record, **tags)
+    # The run as its record's command made it (other bookkeeping flags).
+    recorded = dataclasses.replace(run, argv=tuple(shlex.split(
+        record['command'])))
+    return result_from_record(recorded, record, **tags)
   return result

@@ -41,6 +41,13 @@ KIND_METHODS = {BOX_KIND: presets.BOX_PRESETS, TAGS_KIND: TAG_METHODS}
 # Every method a grid may name (the box and tags presets on MSRC only).
 ALL_METHODS = METHODS + presets.BOX_PRESETS + TAG_METHODS
 
+# Overrides that change only how often a run saves or logs, or how many
+# threads read its data, never what it computes (resumption is exact): two
+# commands that differ only in them make the same run, and an archived record
+# of one stands for the other (same_run).
+BOOKKEEPING_OVERRIDES = ('checkpoint_every_steps', 'keep_checkpoint_every_steps',
+                         'log_every_steps', 'data.num_threads')
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
@@ -103,6 +110,18 @@ class Run:
     """The `--config=` value (config file plus its argument)."""
     prefix = '--config='
     return next(a[len(prefix):] for a in self.argv if a.startswith(prefix))
+
+
+def _without_bookkeeping(command: str) -> list[str]:
+  return [arg for arg in shlex.split(command)
+          if not (arg.startswith('--config.') and arg[len('--config.'):].split(
+              '=', 1)[0] in BOOKKEEPING_OVERRIDES)]
+
+
+def same_run(command: str, other: str) -> bool:
+  """Whether two commands train the same run: equal but for
+  BOOKKEEPING_OVERRIDES."""
+  return _without_bookkeeping(command) == _without_bookkeeping(other)
 
 
 def plan_runs(labels: Sequence[str] = DEFAULT_LABELS,

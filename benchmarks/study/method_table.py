@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.study.datasets import DATASETS, dataset_of_config
-from benchmarks.study.grid import FULL, labels_kind
+from benchmarks.study.grid import BOOKKEEPING_OVERRIDES, FULL, labels_kind
 from benchmarks.study.report import format_duration
 from benchmarks.study.runner import attempts_wall_s, cpu_label, utc_now
 
@@ -79,8 +79,7 @@ def _config_args(command: str) -> tuple[str, dict[str, str]] | None:
 # setting of their own beside the budget (the GPU study's backbone, its
 # bfloat16 check), so that their runs never pool with the CPU grid's.
 SCHEDULE_OVERRIDES = ('seed', 'num_train_steps', 'num_epochs',
-                      'eval_every_steps', 'data.num_threads',
-                      'checkpoint_every_steps', 'keep_checkpoint_every_steps')
+                      'eval_every_steps') + BOOKKEEPING_OVERRIDES
 
 
 def _budget(command: str, config: Mapping[str, Any], train_images: int,

@@ -515,7 +515,11 @@ def _run_lines(runs: Sequence[Run], results: Sequence[RunResult]
     rate_text = '' if np.isnan(rate) else f'{rate:.0f}'
     lines.append(f'| {run.cell.name} | {run.seed} | {result.last_step} | '
                  f'{miou} | {wall} | {rate_text} | {status} |')
-  return lines + ['', '```bash'] + [run.command for run in runs] + ['```']
+  # A run archived under other bookkeeping flags: the command that made it.
+  commands = [result_of[run.cell, run.seed].run.command
+              if (run.cell, run.seed) in result_of else run.command
+              for run in runs]
+  return lines + ['', '```bash'] + commands + ['```']
 
 
 def _cpus_lines(results: Sequence[RunResult]) -> list[str]:

@@ -809,6 +809,14 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
       done, argv=done.argv + ('--config.num_train_steps=40',))
   assert archive.load(longer, records) is None
   assert archive.read_result(longer, records) is None
+  # Other bookkeeping flags (a checkpoint period) make the same run: its
+  # record counts, with the command that made it; an eval period does not.
+  saved_often = dataclasses.replace(
+      done, argv=done.argv + ('--config.checkpoint_every_steps=5',))
+  assert archive.is_archived(saved_often, records)
+  assert archive.read_result(saved_often, records).run.command == done.command
+  assert not archive.is_archived(dataclasses.replace(
+      done, argv=done.argv + ('--config.eval_every_steps=5',)), records)
   # Nor is a record trained with another loss config (a preset changed).
   path = archive.record_path(done, records)
   stale = json.loads(open(path).read())
