@@ -49,8 +49,9 @@ def _loss_config_now(run: Run) -> dict | None:
 
 def load(run: Run, archive: str, repo_root: str = REPO_ROOT
          ) -> dict | None:
-  """The archived record of `run`'s exact command, or None: none, one of
-  another command (a different schedule under the same workdir name), or a
+  """The archived record of `run`'s command (or of one that differs only in
+  bookkeeping flags, grid.same_run), or None: none, one of another command
+  (a different schedule under the same workdir name), or a
   stale one, trained with another loss config than the command gives today
   (a preset's default changed since; a warning names the file).
 
@@ -71,15 +72,21 @@ def load(run: Run, archive: str, repo_root: str = REPO_ROOT
     return None
   trained = (record.get('config') or {}).get('loss')
   now = _loss_config_now(run)
-  if trained is not None and now is not None:
-    # A loss field added since the run means what it trained with (ADDED_FIELDS).
-    now = run_identity.flatten(now)
-    trained = run_identity.with_added_fields(
-        run_identity.flatten(trained), now, prefix='loss.')
-  if trained is not None and now is not None and trained != now:
+  if trained is None or now is None:
+    return record
+  # Compared as a resumed run is (run_identity.check_resumable): an added
+  # field the record lacks means the value of ADDED_FIELDS, or is an option
+  # the run did not have (a term added since), and is not compared.
+  now = run_identity.flatten(now)
+  trained = run_identity.with_added_fields(
+      run_identity.flatten(trained), now, prefix='loss.')
+  changed = [f'loss.{field} {json.dumps(trained[field])} -> {json.dumps(value)}'
+             for field, value in sorted(now.items())
+             if field in trained and trained[field] != value]
+  if changed:
     print(f'warning: {path}: trained with another loss config than '
-          f'{run.cell.method} has now; not counted (rerun the cell)',
-          file=sys.stderr)
+          f'{run.cell.method} has now ({"; ".join(changed)}); not counted '
+          '(rerun the cell)', file=sys.stderr)
     return None
   return record
 

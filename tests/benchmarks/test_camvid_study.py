@@ -828,18 +828,22 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
   assert archive.load(done, records) is not None
   capsys.readouterr()
   assert archive.load(done, stale_records) is None
-  assert 'another loss config' in capsys.readouterr().err
+  assert 'has now (loss.weights.pce 0.5 -> 1.0); not counted' in (
+      capsys.readouterr().err)
   # A record older than a loss field added since (run_identity.ADDED_FIELDS)
-  # trained with its recorded value: counted; with another value: stale.
-  older = json.loads(open(path).read())
-  assert older['config']['loss']['soft_self_labeling'].pop(
-      'step_scale') == 'image'
-  for value, counted in ((None, True), ('pixel', False)):
-    if value is not None:
-      older['config']['loss']['soft_self_labeling']['step_scale'] = value
+  # trained with its recorded value, and one older than a term's options
+  # (options it did not train with): counted; another value: stale.
+  def older(edit):
+    record = json.loads(open(path).read())
+    edit(record['config']['loss'])
     with open(archive.record_path(done, stale_records), 'w') as f:
-      json.dump(older, f)
-    assert (archive.load(done, stale_records) is not None) == counted
+      json.dump(record, f)
+    return archive.load(done, stale_records) is not None
+
+  assert older(lambda loss: loss['soft_self_labeling'].pop('step_scale'))
+  assert older(lambda loss: loss.pop('soft_self_labeling'))
+  assert not older(lambda loss: loss['soft_self_labeling'].update(
+      step_scale='pixel'))
   assert capsys.readouterr().err.count('another loss config') == 1
 
   grid = ['--labels=clicks:20', '--methods=pce_only,agmm_paper', '--seeds=0',
