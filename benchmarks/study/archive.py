@@ -25,6 +25,7 @@ from benchmarks.study.grid import (
 from benchmarks.study.results import (
     DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, RunResult,
     read_run, result_from_record, run_record)
+from benchmarks.study.runner import read_marker
 
 DEFAULT_ARCHIVE = 'docs/results/records'
 
@@ -139,7 +140,9 @@ def read_result(run: Run, archive: str, *, repo_root: str = REPO_ROOT,
   its archived record, else the unfinished workdir (None: neither holds
   anything)."""
   tags = dict(miou_tag=miou_tag, loss_tag=loss_tag, iou_prefix=iou_prefix)
-  result = read_run(run, repo_root=repo_root, **tags)
+  marker = read_marker(os.path.join(repo_root, run.workdir)) or {}
+  result = read_run(_as_made(run, marker.get('command')), repo_root=repo_root,
+                    **tags)
   if result is not None and result.finished:
     # What only the archive keeps of it (save's target diagnostic).
     record = load(run, archive, repo_root)
@@ -148,8 +151,14 @@ def read_result(run: Run, archive: str, *, repo_root: str = REPO_ROOT,
     return result
   record = load(run, archive, repo_root)
   if record is not None:
-    # The run as its record's command made it (other bookkeeping flags).
-    recorded = dataclasses.replace(run, argv=tuple(shlex.split(
-        record['command'])))
-    return result_from_record(recorded, record, **tags)
+    return result_from_record(_as_made(run, record['command']), record, **tags)
   return result
+
+
+def _as_made(run: Run, command: str | None) -> Run:
+  """`run` as `command` made it, when that is the same run with other
+  bookkeeping flags (grid.same_run): its marker and record are that
+  command's."""
+  if command and command != run.command and same_run(command, run.command):
+    return dataclasses.replace(run, argv=tuple(shlex.split(command)))
+  return run

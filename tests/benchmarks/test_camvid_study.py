@@ -795,6 +795,13 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
     assert archive.save(run, records) == archive.record_path(run, records)
   assert archive.record_path(done, records) == os.path.join(
       records, 'grid', 'clicks20_pce_only_seed0.json')
+  # Planned with other bookkeeping flags (a checkpoint period), the same run:
+  # its workdir's marker and record are read, with the command that made it.
+  saved_often = dataclasses.replace(
+      done, argv=done.argv + ('--config.checkpoint_every_steps=5',))
+  from_workdir = archive.read_result(saved_often, records)
+  assert from_workdir.run.command == done.command
+  assert from_workdir.done and from_workdir.wall_s == 60.0
   shutil.rmtree(tmp_path / 'runs')
   assert archive.is_archived(done, records)
   assert not archive.is_archived(unfinished, records)
@@ -809,12 +816,11 @@ def test_archive_keeps_finished_runs_after_their_workdirs_are_gone(
       done, argv=done.argv + ('--config.num_train_steps=40',))
   assert archive.load(longer, records) is None
   assert archive.read_result(longer, records) is None
-  # Other bookkeeping flags (a checkpoint period) make the same run: its
-  # record counts, with the command that made it; an eval period does not.
-  saved_often = dataclasses.replace(
-      done, argv=done.argv + ('--config.checkpoint_every_steps=5',))
+  # From the record alone, the same; an eval period makes another run.
   assert archive.is_archived(saved_often, records)
-  assert archive.read_result(saved_often, records).run.command == done.command
+  from_record = archive.read_result(saved_often, records)
+  assert from_record.run.command == done.command
+  assert from_record.done and from_record.wall_s == 60.0
   assert not archive.is_archived(dataclasses.replace(
       done, argv=done.argv + ('--config.eval_every_steps=5',)), records)
   # Nor is a record trained with another loss config (a preset changed).
