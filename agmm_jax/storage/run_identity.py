@@ -97,6 +97,16 @@ def with_added_fields(recorded: dict[str, Any], current: dict[str, Any],
              if field in current}, **recorded}
 
 
+def changed_fields(recorded: dict[str, Any], current: dict[str, Any]
+                   ) -> list[tuple[str, Any, Any]]:
+  """``(field, recorded value, current value)`` of each flat ``current``
+  field ``recorded`` holds with another value (sorted); a field ``recorded``
+  lacks (fill ``with_added_fields`` first) is not compared."""
+  return [(field, recorded[field], value)
+          for field, value in sorted(current.items())
+          if field in recorded and recorded[field] != value]
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether ``WORKDIR/checkpoints`` holds a step (a finalized folder)."""
   try:
@@ -154,16 +164,13 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   new = flatten(json.loads(config.to_json_best_effort()))
   old = with_added_fields(flatten(recorded), new)
-  refused, allowed = [], []
   for field in sorted(new):
-    if field not in old:
-      if is_identity_field(field):
-        logging.info('%s: %s is not recorded in its %s (an older run); '
-                     'not checked', workdir, field, CONFIG_FILE)
-      continue
-    if old[field] == new[field]:
-      continue
-    change = f'{field} {_show(old[field])} -> {_show(new[field])}'
+    if field not in old and is_identity_field(field):
+      logging.info('%s: %s is not recorded in its %s (an older run); '
+                   'not checked', workdir, field, CONFIG_FILE)
+  refused, allowed = [], []
+  for field, before, after in changed_fields(old, new):
+    change = f'{field} {_show(before)} -> {_show(after)}'
     (refused if is_identity_field(field) else allowed).append(change)
   if refused:
     raise ValueError(

@@ -81,9 +81,9 @@ def load(run: Run, archive: str, repo_root: str = REPO_ROOT
   now = run_identity.flatten(now)
   trained = run_identity.with_added_fields(
       run_identity.flatten(trained), now, prefix='loss.')
-  changed = [f'loss.{field} {json.dumps(trained[field])} -> {json.dumps(value)}'
-             for field, value in sorted(now.items())
-             if field in trained and trained[field] != value]
+  changed = [f'loss.{field} {json.dumps(before)} -> {json.dumps(after)}'
+             for field, before, after in run_identity.changed_fields(
+                 trained, now)]
   if changed:
     print(f'warning: {path}: trained with another loss config than '
           f'{run.cell.method} has now ({"; ".join(changed)}); not counted '
