@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.study.datasets import DATASETS, dataset_of_config
-from benchmarks.study.grid import BOOKKEEPING_OVERRIDES, FULL, labels_kind
+from benchmarks.study.grid import (BOOKKEEPING_OVERRIDES, BOX_KIND, FULL,
+                                   TAGS_KIND, labels_kind)
 from benchmarks.study.report import format_duration
 from benchmarks.study.runner import attempts_wall_s, cpu_label, utc_now
 
@@ -39,10 +40,26 @@ END = '<!-- method-table:end -->'
 README = 'README.md'
 PER_CLASS_DOC = 'docs/results_per_class.md'
 PCE = 'pce_only'
+# What "pCE" means for the label kinds whose labels mark no pixel: for boxes
+# the partial-label cross-entropy over the classes of the boxes that hold a
+# pixel (the plain box loss), for tags the plain CAM pipeline (its segmenter
+# trains pCE on the CAM pseudo-labels). Every other kind: pce_only.
+BASELINE_OF_KIND = {BOX_KIND: 'box_pce', TAGS_KIND: 'cam'}
 SEPARATION_POOLED_SDS = 2.0
 DENSE_LABELS = 'dense'
 # Label kinds in the table's order; others follow alphabetically.
 KIND_ORDER = ('clicks', 'points', 'scribbles', 'boxes', 'tags', DENSE_LABELS)
+
+
+def baseline_method(labels: str) -> str:
+  """The method the other methods on `labels` are compared with."""
+  return BASELINE_OF_KIND.get(labels_kind(labels), PCE)
+
+
+def baseline_name(labels: str) -> str:
+  """How the sentences name it: 'pCE', or the kind's baseline method."""
+  method = baseline_method(labels)
+  return 'pCE' if method == PCE else method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +220,8 @@ def group_rows(entries: Sequence[Entry]) -> list[Row]:
     kind_rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(
         KIND_ORDER) - 1
     return (list(DATASETS).index(e.dataset), e.budget_steps, e.budget,
-            kind_rank, e.labels, e.method != PCE, -row.mean)
+            kind_rank, e.labels, e.method != baseline_method(e.labels),
+            -row.mean)
   return sorted(rows, key=order)
 
 
@@ -274,15 +292,15 @@ def _gap(row: Row, reference: Row | None) -> str:
 
 def _references(rows: Sequence[Row]
                 ) -> tuple[dict[tuple, Row], dict[tuple, Row]]:
-  """pCE's row per (dataset, budget, labels), dense labels' per (dataset,
-  budget)."""
-  pce = {r.key[:3]: r for r in rows if r.key[3] == PCE}
+  """The baseline's row (pCE's: baseline_method) per (dataset, budget,
+  labels), dense labels' per (dataset, budget)."""
+  pce = {r.key[:3]: r for r in rows if r.key[3] == baseline_method(r.key[2])}
   dense = {r.key[:2]: r for r in rows if r.key[3] == FULL}
   return pce, dense
 
 
 def _verdict(row: Row, pce: Row | None) -> str:
-  if row.key[3] in (PCE, FULL) or pce is None:
+  if row.key[3] in (baseline_method(row.key[2]), FULL) or pce is None:
     return '—'
   return separation(row.scores, pce.scores)
 
@@ -308,29 +326,29 @@ def table_lines(rows: Sequence[Row], per_class_link: str) -> list[str]:
 
 def best_sentences(rows: Sequence[Row]) -> list[str]:
   """Per (dataset, budget, labels): the best method in a plain sentence,
-  or 'none beats pCE'."""
+  or 'none beats pCE' (the kind's baseline: baseline_method)."""
   pce_of, dense_of = _references(rows)
   groups = list(dict.fromkeys(r.key[:3] for r in rows if r.key[3] != FULL))
   lines = []
   for key in groups:
     title = f'{section_title(*key[:2])}, {key[2]}'
-    pce = pce_of.get(key)
-    others = [r for r in rows if r.key[:3] == key and r.key[3] != PCE]
+    base, pce = baseline_name(key[2]), pce_of.get(key)
+    others = [r for r in rows if r.key[:3] == key and r is not pce]
     if pce is None:
-      lines.append(f'- {title}: no pCE run to compare with.')
+      lines.append(f'- {title}: no {base} run to compare with.')
       continue
     if not others:
-      lines.append(f'- {title}: only pCE has run ({_score(pce)}).')
+      lines.append(f'- {title}: only {base} has run ({_score(pce)}).')
       continue
     above = [r for r in others if _verdict(r, pce) == 'above']
     dense = dense_of.get(key[:2])
     dense_text = (f'; dense labels {100 * (dense.mean - pce.mean):+.2f} '
-                  'points over pCE' if dense else '')
+                  f'points over {base}' if dense else '')
     if above:
       best = max(above, key=lambda r: r.mean)
       lines.append(
           f'- {title}: **{best.key[3]}** is best ({_score(best)}, '
-          f'{100 * (best.mean - pce.mean):+.2f} points over pCE, '
+          f'{100 * (best.mean - pce.mean):+.2f} points over {base}, '
           f'separated){dense_text}.')
     else:
       top = max(others, key=lambda r: r.mean)
@@ -338,7 +356,7 @@ def best_sentences(rows: Sequence[Row]) -> list[str]:
       status = ('not separated' if verdict in ('no', 'below')
                 else f'{verdict}: separation needs two seeds of each')
       lines.append(
-          f'- {title}: **none beats pCE** ({_score(pce)}; highest other '
+          f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
           f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
   return lines
 
@@ -357,7 +375,10 @@ def block_lines(rows: Sequence[Row], per_class_link: str,
            'under docs/results/records/ (one per finished run). Val mIoU: '
            'at the final evaluation, mean ± sample sd (ddof=1) over n seeds; '
            'vs pCE / vs dense: mean difference in points against pCE on '
-           'the same labels and against dense labels at the same budget; '
+           f'the same labels (boxes: {BASELINE_OF_KIND[BOX_KIND]}, the '
+           'partial cross-entropy over the classes of the boxes holding a '
+           f'pixel; tags: the CAM pipeline {BASELINE_OF_KIND[TAGS_KIND]}) '
+           'and against dense labels at the same budget; '
            "command: the first seed's (another seed S: `_seedS` and "
            '`--config.seed=S`).',
            ''] + table_lines(rows, per_class_link)

@@ -227,3 +227,32 @@ def test_runs_that_checkpoint_differently_pool_with_the_cpu_grid(tmp_path):
   assert [row.key[1] for row in rows] == [
       '40 epochs', '40 epochs, loss.ncut.approx=exact']
   assert len(rows[0].entries) == 2
+
+
+def test_boxes_compare_with_box_pce_and_tags_with_cam(tmp_path):
+  """Box and tag labels mark no pixel: their pCE is the plain box loss
+  (box_pce) and the plain CAM pipeline (cam); pce_only on boxes (the box
+  CAM pipeline) is one method among the others."""
+  root = tmp_path / 'records'
+  for method, seed, miou in [('box_pce', 0, 0.10), ('box_pce', 1, 0.12),
+                             ('boxinst', 0, 0.30), ('boxinst', 1, 0.26),
+                             ('pce_only', 0, 0.14)]:
+    _write(root, 'study', f'{method}_{seed}',
+           _record(method, seed, miou, labels='boxes', steps=0))
+  _write(root, 'study', 'cam_0', _record('cam', 0, 0.08, labels='tags', steps=0))
+  rows = group_rows(read_entries(str(root)))
+  lines = table_lines(rows, 'docs/x.md')
+  cells = [line.split(' | ') for line in lines[2:]]
+  # Baseline first, then by mean; box_pce 11.00 ± 1.41 is the reference.
+  assert [(c[1], c[2]) for c in cells] == [
+      ('boxes', 'box_pce'), ('boxes', 'boxinst'), ('boxes', 'pce_only'),
+      ('tags', 'cam')]
+  assert cells[0][3:7] == ['11.00 ± 1.41 (n=2)', '—', '—', '—']
+  # 28 - 11 = +17.00; pooled sd sqrt((2e-4 + 8e-4) / 2) = 2.24 points.
+  assert cells[1][3:7] == ['28.00 ± 2.83 (n=2)', '+17.00', '—', 'above']
+  assert cells[2][3:7] == ['14.00 (n=1)', '+3.00', '—', 'n/a (one seed)']
+  assert cells[3][3:7] == ['8.00 (n=1)', '—', '—', '—']
+  assert best_sentences(rows) == [
+      '- CamVid, 40 epochs, boxes: **boxinst** is best (28.00 ± 2.83 (n=2), '
+      '+17.00 points over box_pce, separated).',
+      '- CamVid, 40 epochs, tags: only cam has run (8.00 (n=1)).']
