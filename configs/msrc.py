@@ -11,8 +11,8 @@ the weak labels of the project's seeded generator. Arguments:
           dense (full supervision)
   method  a preset of configs/presets.py. With pixel labels: the loss
           (default agmm_released; pce_only for dense). With boxes, a box
-          preset (box_pce, the default; box_pce_gatedcrf; boxinst) trains
-          the box losses in one stage. With tags, or boxes and a pixel preset,
+          preset (box_pce, the default; box_pce_gatedcrf; boxinst;
+          box_fill) trains the box losses in one stage. With tags, or boxes and a pixel preset,
           the method is the segmenter of the CAM stages
           (agmm_jax/methods/cam_stages.py; default pce_only): a classifier
           trained on the tags (config.cam.num_epochs, here the segmenter's

@@ -87,6 +87,11 @@ _BOX_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     # outside-the-boxes constraint.
     'boxinst': lambda: {'weights': {
         'box_projection': 1.0, 'box_outside': 1.0, 'gatedcrf': 0.1}},
+    # The boxes as labels (Simple Does It's "Box" baseline): cross-entropy
+    # toward the class of the smallest box holding a pixel. Their Box^i,
+    # which labels only each box's inner 20% of area and ignores the rest:
+    # --config.loss.box_fill.inner_area=0.2.
+    'box_fill': lambda: {'weights': {'box_fill': 1.0}},
 }
 # The presets of box labels (configs/msrc.py:labels=boxes).
 BOX_PRESETS = tuple(_BOX_PRESETS)

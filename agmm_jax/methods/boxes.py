@@ -23,6 +23,14 @@ background class ``b`` when the dataset has one
   of a class's boxes is the semantic form, and it is exact for tight boxes:
   the projection of the class's mask on an axis equals that of the union of
   its regions' boxes.
+* ``box_fill``: the boxes as labels, the baselines of Khoreva et al. ("Simple
+  Does It", CVPR 2017): each pixel takes the class of the smallest box that
+  contains it (where boxes overlap, the smaller one is taken to lie in
+  front), cross-entropy ``mean_x -log p_t(x)(x)``. ``inner_area`` < 1 is
+  their ``Box^i``: only the centred part of that box with this share of its
+  area is labeled (same centre and aspect), the rest of it is ignored.
+  Pixels in no box take the background class, or are ignored without one.
+  Boxes are those of the crop (a box the crop cuts is its visible part).
 
 Means run over the real pixels (not padding) where ``A(x)`` is not empty:
 with a background class every pixel; without one (MSRC: every class is a
@@ -131,6 +139,61 @@ def box_partial_cross_entropy(inputs: core.LossInputs, *,
   # the where keeps their gradient finite.
   inside = jnp.where(counted, inside, 0.0)
   return _masked_mean(jax.nn.logsumexp(logits, axis=-1) - inside, counted)
+
+
+def _check_fill(*, inner_area: float, background_class: int) -> None:
+  _check_background(background_class=background_class)
+  if not 0.0 < inner_area <= 1.0:
+    raise ValueError('loss_config.box_fill.inner_area must be in (0, 1], '
+                     f'got {inner_area}')
+
+
+def smallest_box_target(boxes: jax.Array, height: int, width: int,
+                        inner_area: float, background_class: int
+                        ) -> jax.Array:
+  """int32 ``[B, H, W]``: ``box_fill``'s label of each pixel (module
+  docstring), ``labels.UNLABELED`` where it is ignored."""
+  boxes = boxes.astype(jnp.int32)
+  classes, y0, x0, y1, x1 = (boxes[..., i] for i in range(5))
+  rows, cols = jnp.arange(height), jnp.arange(width)
+  in_box = (((rows >= y0[..., None]) & (rows < y1[..., None]))[..., :, None]
+            & ((cols >= x0[..., None]) & (cols < x1[..., None]))[..., None, :])
+  in_box = in_box & (classes >= 0)[..., None, None]
+  area = ((y1 - y0) * (x1 - x0)).astype(jnp.float32)
+  # [B, H, W]: the index of the smallest box holding each pixel.
+  smallest = jnp.argmin(
+      jnp.where(in_box, area[..., None, None], jnp.inf), axis=1)
+  # The inner box: half-extents scaled by sqrt(inner_area) about the centre;
+  # at 1 a pixel centre r + 0.5 is inside exactly when y0 <= r < y1.
+  scale = np.sqrt(inner_area)
+  def inner(lo, hi, coords):
+    centre, half = (lo + hi) / 2.0, scale * (hi - lo) / 2.0
+    return jnp.abs(coords + 0.5 - centre[..., None]) < half[..., None]
+  in_inner = (inner(y0, y1, rows)[..., :, None]
+              & inner(x0, x1, cols)[..., None, :])
+  pick = lambda values: jnp.take_along_axis(
+      jnp.broadcast_to(values, in_box.shape), smallest[:, None], 1)[:, 0]
+  box_class = pick(classes[..., None, None])
+  outside = background_class if background_class != NO_BACKGROUND else (
+      labels_lib.UNLABELED)
+  return jnp.where(in_box.any(1),
+                   jnp.where(pick(in_inner), box_class, labels_lib.UNLABELED),
+                   outside).astype(jnp.int32)
+
+
+@core.register_term('box_fill', needs=_NEEDS, check=_check_fill,
+                    shared=('background_class',))
+def box_fill(inputs: core.LossInputs, *, inner_area: float = 1.0,
+             background_class: int = NO_BACKGROUND) -> jax.Array:
+  """Cross-entropy toward the smallest box's class (module docstring)."""
+  _, height, width, _ = inputs.logits.shape
+  target = smallest_box_target(inputs.field(BOXES_FIELD), height, width,
+                               inner_area, background_class)
+  counted = labels_lib.real_mask(inputs.label) & (target >= 0)
+  logits = core.upcast(inputs.logits)
+  chosen = jnp.take_along_axis(logits, jnp.maximum(target, 0)[..., None],
+                               -1)[..., 0]
+  return _masked_mean(jax.nn.logsumexp(logits, axis=-1) - chosen, counted)
 
 
 def dice_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:

@@ -227,11 +227,12 @@ class StudyPreset:
 
 # The MSRC preset's methods per label kind: the best of each kind (the
 # 200-step CamVid winner pce_ncut on clicks; the CRF and self-labeling
-# losses on scribbles; on boxes BoxInst's projection term as well, since the
-# box terms alone label an object's box with the class of the larger box
-# around it, docs/results_msrc.md) beside pCE.
+# losses on scribbles; on boxes BoxInst's projection term and the boxes as
+# labels with the smaller box in front (box_fill) as well, since the box
+# terms alone label an object's box with the class of the larger box around
+# it, docs/results_msrc.md) beside pCE.
 MSRC_KIND_METHODS = {
-    BOX_KIND: ('box_pce_gatedcrf', 'box_pce', 'boxinst'),
+    BOX_KIND: ('box_pce_gatedcrf', 'box_pce', 'boxinst', 'box_fill'),
     'points': ('pce_only', 'pce_ncut'),
     'clicks': ('pce_only', 'pce_ncut'),
     'scribbles': ('pce_only', 'pce_densecrf', 'soft_self_labeling'),

@@ -33,6 +33,7 @@ def test_msrc_preset_plans_the_best_methods_of_each_label_kind(msrc_runs):
   cells = {(r.cell.labels, r.cell.method) for r in msrc_runs}
   assert cells == {
       ('boxes', 'box_pce_gatedcrf'), ('boxes', 'box_pce'), ('boxes', 'boxinst'),
+      ('boxes', 'box_fill'),
       ('clicks:20', 'pce_only'), ('clicks:20', 'pce_ncut'),
       ('scribbles', 'pce_only'), ('scribbles', 'pce_densecrf'),
       ('scribbles', 'soft_self_labeling'), ('dense', FULL)} | {

@@ -110,6 +110,75 @@ def test_box_terms_match_loops(seed, background):
       naive_projection(logits, label, boxes, background), rtol=1e-5)
 
 
+def naive_fill(logits, label, boxes, inner_area, background):
+  """box_fill by loops: each pixel's smallest containing box (the first of
+  equal ones), labeled when the pixel centre lies in that box's inner box
+  (sides scaled by sqrt(inner_area) about the centre)."""
+  scale = math.sqrt(inner_area)
+  total, count = 0.0, 0
+  for b in range(B):
+    for y in range(H):
+      for x in range(W):
+        if label[b, y, x] == labels.PADDING:
+          continue
+        best = None
+        for c, y0, x0, y1, x1 in boxes[b].tolist():
+          area = (y1 - y0) * (x1 - x0)
+          if c >= 0 and y0 <= y < y1 and x0 <= x < x1 and (
+              best is None or area < best[0]):
+            best = (area, c, y0, x0, y1, x1)
+        if best is None:
+          target = background
+        else:
+          _, c, y0, x0, y1, x1 = best
+          inner = (abs(y + 0.5 - (y0 + y1) / 2) < scale * (y1 - y0) / 2
+                   and abs(x + 0.5 - (x0 + x1) / 2) < scale * (x1 - x0) / 2)
+          target = c if inner else -1
+        if target < 0:
+          continue
+        total += -math.log(softmax(logits[b, y, x].astype(np.float64))[target])
+        count += 1
+  return total / max(count, 1)
+
+
+@pytest.mark.parametrize('seed', range(2))
+@pytest.mark.parametrize('inner_area, background', [
+    (1.0, -1), (1.0, 0), (0.25, -1), (0.2, 2), (0.5, -1)])
+def test_box_fill_matches_loops(seed, inner_area, background):
+  inputs, logits, label, boxes = make_inputs(seed, with_padding=seed % 2 == 0)
+  np.testing.assert_allclose(
+      boxes_lib.box_fill(inputs, inner_area=inner_area,
+                         background_class=background),
+      naive_fill(logits, label, boxes, inner_area, background), rtol=1e-5)
+
+
+def test_box_fill_labels_the_smaller_of_nested_boxes():
+  """A sheep box inside a grass box: the sheep box's pixels are sheep, the
+  rest of the grass box grass; Box^i at a quarter of the area labels the
+  centred half of each side."""
+  boxes = jnp.asarray([[[1, 0, 0, 8, 8], [3, 2, 2, 6, 6],
+                        [weak_labels.NO_BOX, 0, 0, 0, 0]]])
+  target = np.asarray(boxes_lib.smallest_box_target(boxes, 9, 8, 1.0, -1))
+  expected = np.full((9, 8), -1)
+  expected[:8, :] = 1
+  expected[2:6, 2:6] = 3
+  np.testing.assert_array_equal(target, expected[None])
+  inner = np.asarray(boxes_lib.smallest_box_target(boxes, 9, 8, 0.25, -1))
+  # The grass box's inner 4 x 4 lies in the sheep box, which is in front:
+  # only the sheep box's inner 2 x 2 is labeled.
+  expected = np.full((9, 8), -1)
+  expected[3:5, 3:5] = 3
+  np.testing.assert_array_equal(inner, expected[None])
+
+
+def test_bad_inner_area_is_one_line():
+  config = presets.preset('box_fill')
+  config.box_fill.inner_area = 0.0
+  with pytest.raises(ValueError, match='box_fill.inner_area') as error:
+    methods.build_loss(config)
+  assert '\n' not in str(error.value)
+
+
 def test_box_cover_counts_boxes_per_class_and_pixel():
   _, _, _, boxes = make_inputs(3)
   cover = np.asarray(boxes_lib.box_cover(jnp.asarray(boxes), H, W, K))
@@ -166,11 +235,11 @@ def test_batch_field_needs_boxes_in_the_records():
   assert field.shape == (boxes_lib.MAX_BOXES, 5)
 
 
-@pytest.mark.parametrize('name', ['box_pce', 'box_pce_gatedcrf', 'boxinst'])
+@pytest.mark.parametrize('name', presets.BOX_PRESETS)
 def test_box_presets_build_and_declare_the_boxes_field(name):
   loss = methods.build_loss(presets.preset(name))
   assert loss.needs.batch_fields == {'boxes': boxes_lib.padded_boxes}
-  assert set(loss.terms) >= {'box_outside'}
+  assert set(loss.terms) & {'box_outside', 'box_fill'}
 
 
 def test_bad_background_class_is_one_line():
