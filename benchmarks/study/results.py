@@ -15,7 +15,7 @@ from benchmarks.study.device_plan import run_shape
 from benchmarks.study.evaluations import is_current, read_evals
 from benchmarks.study.grid import REPO_ROOT, Cell, Run, config_error, dataset_of
 from benchmarks.study.pass_quality import read_qualities
-from benchmarks.study.runner import attempts_wall_s, read_marker
+from benchmarks.study.runner import attempts_wall_s, read_marker, timed_so_far
 
 # Scalar tags written by agmm_jax/train/trainer.py.
 DEFAULT_MIOU_TAG = 'eval/miou'
@@ -162,7 +162,9 @@ def run_record(run: Run, *, repo_root: str = REPO_ROOT,
   return {'workdir': run.workdir, 'command': run.command,
           'scalars': {tag: [steps.tolist(), values.tolist()]
                       for tag, (steps, values) in scalars.items()},
-          'span_s': span_s, 'marker': read_marker(workdir), 'config': config,
+          'span_s': span_s,
+          'marker': timed_so_far(read_marker(workdir), workdir),
+          'config': config,
           'class_order': _class_order(workdir, names, repo_root),
           'evals': read_evals(workdir),
           'pseudo_labels': read_qualities(workdir)}

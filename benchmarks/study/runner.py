@@ -41,7 +41,8 @@ def attempts_wall_s(marker: Mapping[str, Any] | None, command: str
                     ) -> float | None:
   """The summed wall time of the attempts of `marker` when it is
   `command`'s and has any (the attempt of a run still going has none yet:
-  0); None otherwise (a run by hand, timed by its events instead)."""
+  0, unless timed_so_far gave it one); None otherwise (a run by hand, timed
+  by its events instead)."""
   if not marker or marker.get('command') != command or not marker.get('attempts'):
     return None
   return float(sum(a.get('wall_s', 0.0) for a in marker['attempts']))
@@ -133,15 +134,33 @@ def close_lost_attempts(attempts: Sequence[dict[str, Any]],
   steps), its exit status as unknown (None), and it is marked `lost`.
   """
   for attempt in attempts:
-    if 'wall_s' in attempt:
-      continue
-    start = datetime.datetime.strptime(attempt['start'], _UTC_FORMAT).replace(
-        tzinfo=datetime.timezone.utc).timestamp()
-    end = os.path.getmtime(log_path) if os.path.exists(log_path) else start
-    attempt.update(
-        wall_s=max(end - start, 0.0), returncode=None,
-        lost='the study process ended during the run; wall_s runs to the '
-        f'last write of {LOG_FILE}')
+    if 'wall_s' not in attempt:
+      attempt.update(
+          wall_s=_wall_s_to_last_log_write(attempt, log_path), returncode=None,
+          lost='the study process ended during the run; wall_s runs to the '
+          f'last write of {LOG_FILE}')
+
+
+def _wall_s_to_last_log_write(attempt: Mapping[str, Any],
+                              log_path: str) -> float:
+  start = datetime.datetime.strptime(attempt['start'], _UTC_FORMAT).replace(
+      tzinfo=datetime.timezone.utc).timestamp()
+  end = os.path.getmtime(log_path) if os.path.exists(log_path) else start
+  return max(end - start, 0.0)
+
+
+def timed_so_far(marker: Mapping[str, Any] | None, workdir: str
+                 ) -> dict[str, Any] | None:
+  """A copy of `marker` in which an attempt still open (a run going on, or
+  one whose study was killed) is timed to the last write of its log, so
+  that a report gives a run in progress its wall time so far."""
+  if not marker:
+    return None
+  log_path = os.path.join(workdir, LOG_FILE)
+  return {**marker, 'attempts': [
+      attempt if 'wall_s' in attempt else {
+          **attempt, 'wall_s': _wall_s_to_last_log_write(attempt, log_path)}
+      for attempt in marker.get('attempts', [])]}
 
 
 def prepare_data(runs: Sequence[Run], overrides: Sequence[str] = (),

@@ -26,6 +26,7 @@ import pytest
 from agmm_jax.storage import summary
 from benchmarks import camvid_study
 from benchmarks.study import archive
+from benchmarks.study import runner
 from benchmarks.study.cli import DEFAULT_CALL_BUDGET_S
 from benchmarks.study.device_plan import (
     DeviceFigures, RunShape, device_order, is_core_run, predicted_img_per_s,
@@ -218,6 +219,10 @@ def test_run_records_its_attempt_first_and_completes_a_lost_one(tmp_path):
   start = datetime.datetime(2026, 12, 2,
                             tzinfo=datetime.timezone.utc).timestamp()
   os.utime(tmp_path / workdir / LOG_FILE, (start + 125, start + 125))
+  # A report meanwhile (the run may still be going) times it so far.
+  so_far = runner.timed_so_far(marker, str(tmp_path / workdir))
+  assert [a['wall_s'] for a in so_far['attempts']][1] == 125
+  assert 'wall_s' not in marker['attempts'][1]
   run_plan([run], repo_root=str(tmp_path))
   attempts = read_marker(str(tmp_path / workdir))['attempts']
   assert [a['returncode'] for a in attempts] == [3, None, 3]
