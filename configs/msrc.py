@@ -21,7 +21,8 @@ the weak labels of the project's seeded generator. Arguments:
           pseudo-labels by IRN's thresholds and dense CRF (their quality
           against the dense labels in WORKDIR/cam_pseudo_labels/quality.json),
           then the method trained on them, from the classifier's network.
-          method=cam (presets.TAG_PRESETS) is the CAM stages with pCE.
+          method=cam (presets.TAG_PRESETS) is the CAM stages with pCE,
+          from tags or (each class to its boxes) from boxes.
           MSRC has no background class: the box terms leave pixels in no box
           out, and the CAM seeds leave unsure pixels unlabeled.
   size    cpu (ResNet-18 from scratch at full resolution, crop 161, batch 8,
@@ -67,8 +68,9 @@ def _method(labels: str, method: str) -> str:
     return {'dense': 'pce_only', 'tags': 'pce_only'}.get(
         labels, 'box_pce' if is_boxes else 'agmm_released')
   if method in presets.TAG_PRESETS:
-    if labels != 'tags':
-      raise ValueError(f'method={method} needs labels=tags, got labels={labels}')
+    if labels != 'tags' and not is_boxes:
+      raise ValueError(f'method={method} needs labels=tags or boxes, got '
+                       f'labels={labels}')
     return presets.TAG_SEGMENTERS[method]
   if method == common.FULL and (is_boxes or labels == 'tags'):
     raise ValueError(f'method={method} trains on dense labels; use labels=dense')

@@ -98,9 +98,11 @@ BOX_PRESETS = tuple(_BOX_PRESETS)
 _PRESETS.update(_BOX_PRESETS)
 
 
-# The presets of image-level tags (configs/msrc.py:labels=tags): the CAM
-# stages (agmm_jax/methods/cam_stages.py) with the segmenter preset they
-# name; with tags any pixel-label preset may also be named as the segmenter.
+# The presets of image-level tags (configs/msrc.py:labels=tags; with
+# labels=boxes the same stages with each class's maps restricted to its
+# boxes): the CAM stages (agmm_jax/methods/cam_stages.py) with the segmenter
+# preset they name; any pixel-label preset may also be named as the
+# segmenter.
 TAG_SEGMENTERS = {'cam': 'pce_only'}
 TAG_PRESETS = tuple(TAG_SEGMENTERS)
 

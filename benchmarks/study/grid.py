@@ -35,9 +35,11 @@ METHOD_LABEL_KINDS = {
 # The label kinds without labeled pixels: only their own presets train on
 # them, and those train on nothing else.
 BOX_KIND, TAGS_KIND = 'boxes', 'tags'
-# The CAM pipeline's presets for tags (configs/msrc.py:labels=tags).
+# The CAM pipeline's presets (configs/msrc.py: labels=tags, or labels=boxes
+# with each class's maps restricted to its boxes, SPML's box seeds).
 TAG_METHODS = presets.TAG_PRESETS
-KIND_METHODS = {BOX_KIND: presets.BOX_PRESETS, TAGS_KIND: TAG_METHODS}
+KIND_METHODS = {BOX_KIND: presets.BOX_PRESETS + TAG_METHODS,
+                TAGS_KIND: TAG_METHODS}
 # Every method a grid may name (the box and tags presets on MSRC only).
 ALL_METHODS = METHODS + presets.BOX_PRESETS + TAG_METHODS
 
@@ -66,9 +68,10 @@ def applies(method: str, spec: str) -> bool:
   """Whether `method` is for the labels of `spec` (KIND_METHODS: boxes and
   tags have their own presets; METHOD_LABEL_KINDS)."""
   kind = labels_kind(spec)
-  for weak_kind, weak_methods in KIND_METHODS.items():
-    if method in weak_methods or kind == weak_kind:
-      return method in weak_methods and kind == weak_kind
+  own_kinds = [k for k, weak_methods in KIND_METHODS.items()
+               if method in weak_methods]
+  if own_kinds or kind in KIND_METHODS:
+    return kind in own_kinds
   kinds = METHOD_LABEL_KINDS.get(method)
   return kinds is None or kind in kinds
 
@@ -230,9 +233,10 @@ class StudyPreset:
 # losses on scribbles; on boxes BoxInst's projection term and the boxes as
 # labels with the smaller box in front (box_fill) as well, since the box
 # terms alone label an object's box with the class of the larger box around
-# it, docs/results_msrc.md) beside pCE.
+# it, docs/results_msrc.md; and the CAM stages restricted to the boxes)
+# beside pCE.
 MSRC_KIND_METHODS = {
-    BOX_KIND: ('box_pce_gatedcrf', 'box_pce', 'boxinst', 'box_fill'),
+    BOX_KIND: ('box_pce_gatedcrf', 'box_pce', 'boxinst', 'box_fill') + TAG_METHODS,
     'points': ('pce_only', 'pce_ncut'),
     'clicks': ('pce_only', 'pce_ncut'),
     'scribbles': ('pce_only', 'pce_densecrf', 'soft_self_labeling'),

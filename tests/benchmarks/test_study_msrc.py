@@ -33,7 +33,7 @@ def test_msrc_preset_plans_the_best_methods_of_each_label_kind(msrc_runs):
   cells = {(r.cell.labels, r.cell.method) for r in msrc_runs}
   assert cells == {
       ('boxes', 'box_pce_gatedcrf'), ('boxes', 'box_pce'), ('boxes', 'boxinst'),
-      ('boxes', 'box_fill'),
+      ('boxes', 'box_fill'), ('boxes', 'cam'),
       ('clicks:20', 'pce_only'), ('clicks:20', 'pce_ncut'),
       ('scribbles', 'pce_only'), ('scribbles', 'pce_densecrf'),
       ('scribbles', 'soft_self_labeling'), ('dense', FULL)} | {
@@ -54,6 +54,9 @@ def test_box_and_tag_methods_only_on_their_labels():
     assert not applies(method, 'clicks:20') and not applies(method, 'tags')
   for method in presets.PRESETS:
     assert not applies(method, 'boxes') and not applies(method, 'tags')
+  # The CAM stages run from tags and from boxes.
+  assert applies('cam', 'tags') and applies('cam', 'boxes')
+  assert not applies('cam', 'scribbles')
   assert applies('pce_only', 'scribbles')
   assert not applies('spml', 'scribbles')
 

@@ -60,6 +60,8 @@ def test_boxes_with_a_pixel_method_run_the_box_restricted_cam_stages():
   assert config.cam.enabled and config.cam.restrict == 'boxes'
   assert config.data.prepare.sparse == f'boxes:min_area={msrc.BOX_MIN_AREA}'
   assert dict(config.loss.weights) == {'pce': 1.0}
+  # The CAM preset names the same pipeline.
+  assert msrc.get_config('labels=boxes,method=cam').to_dict() == config.to_dict()
   for arg in ('labels=boxes', 'labels=boxes,method=boxinst', 'labels=points:1',
               'labels=dense'):
     assert not msrc.get_config(arg).cam.enabled, arg
@@ -68,7 +70,7 @@ def test_boxes_with_a_pixel_method_run_the_box_restricted_cam_stages():
 @pytest.mark.parametrize('arg, words', [
     ('labels=tags,method=box_pce', 'needs labels=boxes'),
     ('labels=tags,method=full', 'trains on dense labels; use labels=dense'),
-    ('labels=boxes,method=cam', 'method=cam needs labels=tags'),
+    ('labels=scribbles,method=cam', 'method=cam needs labels=tags or boxes'),
     ('labels=points:1,method=box_pce', 'needs labels=boxes'),
     ('labels=lines', 'sparse spec'),
     ('size=gpu', 'size must be')])
