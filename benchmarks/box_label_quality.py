@@ -84,11 +84,9 @@ def allowed_counts(boxes: np.ndarray, dense: np.ndarray, num_classes: int,
                    background_class: int) -> np.ndarray:
   """``[covered, truth allowed, truth alone, summed |A(x)|]`` over the
   densely labeled pixels of one image."""
-  cover = np.asarray(boxes_lib.box_cover(
-      jnp.asarray(boxes[None]), dense.shape[0], dense.shape[1],
-      num_classes))[0] > 0
-  if background_class != boxes_lib.NO_BACKGROUND:
-    cover[..., background_class] = True
+  cover = np.asarray(boxes_lib.allowed_mask(
+      jnp.asarray(boxes[None]), dense.shape[0], dense.shape[1], num_classes,
+      background_class))[0]
   truth = dense != labels_lib.UNLABELED
   sizes = cover.sum(-1)
   covered = truth & (sizes > 0)

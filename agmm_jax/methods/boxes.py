@@ -89,15 +89,23 @@ def box_cover(boxes: jax.Array, height: int, width: int,
   return jnp.einsum('bny,bnx,bnk->byxk', in_rows, in_cols, one_hot)
 
 
+def allowed_mask(boxes: jax.Array, height: int, width: int, num_classes: int,
+                 background_class: int) -> jax.Array:
+  """bool ``[B, H, W, K]``: ``A(x)``, the classes of the boxes holding each
+  pixel plus the background class, if any."""
+  allowed = box_cover(boxes, height, width, num_classes) > 0
+  if background_class != NO_BACKGROUND:
+    allowed = allowed | (jnp.arange(num_classes) == background_class)
+  return allowed
+
+
 def allowed_classes(inputs: core.LossInputs,
                     background_class: int) -> tuple[jax.Array, jax.Array]:
   """``(allowed [B, H, W, K] bool, counted [B, H, W] bool)``: ``A(x)`` and
   the pixels the means run over (real, ``A(x)`` not empty)."""
   _, height, width, num_classes = inputs.logits.shape
-  allowed = box_cover(inputs.field(BOXES_FIELD), height, width,
-                      num_classes) > 0
-  if background_class != NO_BACKGROUND:
-    allowed = allowed | (jnp.arange(num_classes) == background_class)
+  allowed = allowed_mask(inputs.field(BOXES_FIELD), height, width,
+                         num_classes, background_class)
   counted = labels_lib.real_mask(inputs.label) & allowed.any(-1)
   return allowed, counted
 
