@@ -326,7 +326,8 @@ def table_lines(rows: Sequence[Row], per_class_link: str) -> list[str]:
 
 def best_sentences(rows: Sequence[Row]) -> list[str]:
   """Per (dataset, budget, labels): the best method in a plain sentence,
-  or 'none beats pCE' (the kind's baseline: baseline_method)."""
+  'none beats pCE' (the kind's baseline: baseline_method), or 'not decided
+  yet' while the leader or the baseline has a single seed."""
   pce_of, dense_of = _references(rows)
   groups = list(dict.fromkeys(r.key[:3] for r in rows if r.key[3] != FULL))
   lines = []
@@ -351,14 +352,23 @@ def best_sentences(rows: Sequence[Row]) -> list[str]:
           f'{100 * (best.mean - pce.mean):+.2f} points over {base}, '
           f'separated){dense_text}.')
     else:
-      top = max(others, key=lambda r: r.mean)
-      verdict = _verdict(top, pce)
-      status = ('not separated' if verdict in ('no', 'below')
-                else f'{verdict}: separation needs two seeds of each')
-      lines.append(
-          f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
-          f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
+      lines.append(_no_winner_sentence(title, base, pce, others, dense_text))
   return lines
+
+
+def _no_winner_sentence(title: str, base: str, pce: Row,
+                        others: Sequence[Row], dense_text: str) -> str:
+  """No method separates above the baseline: 'none beats' it, or 'not
+  decided yet' where the leader is ahead but the rule lacks a second seed."""
+  top = max(others, key=lambda r: r.mean)
+  verdict = _verdict(top, pce)
+  if verdict in ('no', 'below') or top.mean <= pce.mean:
+    status = 'not separated' if verdict in ('no', 'below') else verdict
+    return (f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
+            f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
+  return (f'- {title}: **not decided yet**: {top.key[3]} has the highest '
+          f'mean ({_score(top)}, {_gap(top, pce)} points over {base}\'s '
+          f'{_score(pce)}); separation needs two seeds of each{dense_text}.')
 
 
 def _machines_text(rows: Sequence[Row]) -> str:

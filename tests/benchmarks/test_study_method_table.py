@@ -157,6 +157,14 @@ def test_best_sentences_name_the_winner_or_none(archive, tmp_path):
   sentences = best_sentences(group_rows(read_entries(str(archive))))
   assert '**none beats pCE** (21.00 ± 1.41 (n=2); highest other mean ' \
       'pce_densecrf 21.50 ± 3.54 (n=2), not separated)' in sentences[0]
+  # A leader on one seed: the rule cannot decide, and the sentence says so.
+  os.remove(archive / 'study' / 'pce_densecrf_1.json')
+  sentences = best_sentences(group_rows(read_entries(str(archive))))
+  # Its seed 0 scores 0.24: 24.00 - 21.00 = +3.00 points.
+  assert sentences[0] == (
+      '- CamVid, 200 steps, clicks:20: **not decided yet**: pce_densecrf has '
+      'the highest mean (24.00 (n=1), +3.00 points over '
+      "pCE's 21.00 ± 1.41 (n=2)); separation needs two seeds of each.")
 
 
 def test_readme_table_rewrites_only_the_block(archive, tmp_path, monkeypatch,
