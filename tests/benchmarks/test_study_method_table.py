@@ -165,6 +165,13 @@ def test_best_sentences_name_the_winner_or_none(archive, tmp_path):
       '- CamVid, 200 steps, clicks:20: **not decided yet**: pce_densecrf has '
       'the highest mean (24.00 (n=1), +3.00 points over '
       "pCE's 21.00 ± 1.41 (n=2)); separation needs two seeds of each.")
+  # Behind on its one seed (0.18 < 21.00): none beats pCE, the verdict n/a.
+  _write(archive, 'study', 'pce_densecrf_0',
+         _record('pce_densecrf', 0, 0.18))
+  sentences = best_sentences(group_rows(read_entries(str(archive))))
+  assert sentences[0] == (
+      '- CamVid, 200 steps, clicks:20: **none beats pCE** (21.00 ± 1.41 '
+      '(n=2); highest other mean pce_densecrf 18.00 (n=1), n/a (one seed)).')
 
 
 def test_readme_table_rewrites_only_the_block(archive, tmp_path, monkeypatch,
