@@ -327,7 +327,7 @@ def table_lines(rows: Sequence[Row], per_class_link: str) -> list[str]:
 def best_sentences(rows: Sequence[Row]) -> list[str]:
   """Per (dataset, budget, labels): the best method in a plain sentence,
   'none beats pCE' (the kind's baseline: baseline_method), or 'not decided
-  yet' while the leader or the baseline has a single seed."""
+  yet' while the leader is ahead on a single seed (its or the baseline's)."""
   pce_of, dense_of = _references(rows)
   groups = list(dict.fromkeys(r.key[:3] for r in rows if r.key[3] != FULL))
   lines = []
@@ -343,14 +343,13 @@ def best_sentences(rows: Sequence[Row]) -> list[str]:
       continue
     above = [r for r in others if _verdict(r, pce) == 'above']
     dense = dense_of.get(key[:2])
-    dense_text = (f'; dense labels {100 * (dense.mean - pce.mean):+.2f} '
-                  f'points over {base}' if dense else '')
+    dense_text = (f'; dense labels {_gap(dense, pce)} points over {base}'
+                  if dense else '')
     if above:
       best = max(above, key=lambda r: r.mean)
       lines.append(
           f'- {title}: **{best.key[3]}** is best ({_score(best)}, '
-          f'{100 * (best.mean - pce.mean):+.2f} points over {base}, '
-          f'separated){dense_text}.')
+          f'{_gap(best, pce)} points over {base}, separated){dense_text}.')
     else:
       lines.append(_no_winner_sentence(title, base, pce, others, dense_text))
   return lines
@@ -361,14 +360,15 @@ def _no_winner_sentence(title: str, base: str, pce: Row,
   """No method separates above the baseline: 'none beats' it, or 'not
   decided yet' where the leader is ahead but the rule lacks a second seed."""
   top = max(others, key=lambda r: r.mean)
-  verdict = _verdict(top, pce)
-  if verdict in ('no', 'below') or top.mean <= pce.mean:
-    status = 'not separated' if verdict in ('no', 'below') else verdict
-    return (f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
-            f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
-  return (f'- {title}: **not decided yet**: {top.key[3]} has the highest '
-          f'mean ({_score(top)}, {_gap(top, pce)} points over {base}\'s '
-          f'{_score(pce)}); separation needs two seeds of each{dense_text}.')
+  verdict = _verdict(top, pce)  # 'no', 'below' or 'n/a (one seed)' here.
+  one_seed = verdict not in ('no', 'below')
+  if one_seed and top.mean > pce.mean:
+    return (f'- {title}: **not decided yet**: {top.key[3]} has the highest '
+            f'mean ({_score(top)}, {_gap(top, pce)} points over {base}\'s '
+            f'{_score(pce)}); separation needs two seeds of each{dense_text}.')
+  status = verdict if one_seed else 'not separated'
+  return (f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
+          f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
 
 
 def _machines_text(rows: Sequence[Row]) -> str:
