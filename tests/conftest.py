@@ -24,6 +24,16 @@ def temporary_user_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope='session')
+def session_compilation_cache(temporary_user_cache) -> str:
+  """The session's user compilation cache folder, for the modules that pass a
+  cache to their subprocess runs: the tiny config's programs, the same in
+  every module, compile once per session instead of once per module."""
+  del temporary_user_cache
+  from agmm_jax.runtime import compilation_cache  # pylint: disable=g-import-not-at-top
+  return compilation_cache.user_cache_dir()
+
+
 # Classes of the shared tiny dataset (tiny_data_dir).
 TINY_NUM_CLASSES = 4
 

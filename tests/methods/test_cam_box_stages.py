@@ -82,11 +82,11 @@ def start(workdir, data_dir, cache_dir, log_path, kill=False):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, session_compilation_cache):
   tmp = tmp_path_factory.mktemp('cam_box_stages')
   data_dir = fixtures.make_folder_dataset_tfrecords(
       tmp / 'data', num_train=NUM_TRAIN, num_val=2, num_classes=NUM_CLASSES, sparse='boxes')
-  cache = str(tmp / 'jax_cache')
+  cache = session_compilation_cache
   work_a, work_b = str(tmp / 'a'), str(tmp / 'b')
   logs = {name: str(tmp / f'{name}.log') for name in ('a', 'b1', 'b2')}
   run_a = start(work_a, data_dir, cache, logs['a'])

@@ -104,11 +104,11 @@ def classifier_files(workdir):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, session_compilation_cache):
   tmp = tmp_path_factory.mktemp('cam_stages')
   data_dir = fixtures.make_folder_dataset_tfrecords(
       tmp / 'data', num_train=6, num_val=2, num_classes=NUM_CLASSES, sparse='tags')
-  cache = str(tmp / 'jax_cache')
+  cache = session_compilation_cache
   work_a, work_b = str(tmp / 'a'), str(tmp / 'b')
   logs = {name: str(tmp / f'{name}.log') for name in ('a', 'b1', 'b2')}
   run_a = start(work_a, data_dir, cache, logs['a'])

@@ -1,8 +1,10 @@
 """TPU and GPU readiness without either: every preset's programs exported for
 TPU and CUDA on a mesh of 8 fake CPU devices (agmm_jax/runtime/export.py).
 
-One worker process (``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
-which must be set before JAX starts) exports, for every method a config can
+A worker process per compute dtype, the two side by side
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which must be set
+before JAX starts; tracing and lowering run on one core, so two processes
+halve the wait), exports, for every method a config can
 name (``configs/common.METHODS``: the presets of ``configs/presets.py``, pixel
 labels and boxes, and ``full``) in float32 and bfloat16 compute, the train
 step, the summary maps, the evaluation step and the predict function of
@@ -86,50 +88,64 @@ def _export_all(programs, what: str, mesh: jax.sharding.Mesh) -> dict:
   return records
 
 
-def worker(output: str) -> None:
-  """Exports every preset's programs and the production shapes; writes the
+def worker(output: str, dtype: str) -> None:
+  """Exports every preset's programs in ``dtype`` compute and, with float32,
+  the production shapes (the two workers then take about as long); writes the
   records ``{what: {dtype: {program: record}}}`` to ``output`` (JSON)."""
   assert jax.device_count() == DEVICES, jax.devices()
   mesh = sharding.create_mesh(tiny.get_config().mesh)
   records = {}
-  for dtype in DTYPES:
-    exported_heads = {}
-    for preset in common.METHODS:
-      config = tiny.get_config()
-      common.set_method(config, preset)
-      config.model.compute_dtype = dtype
-      heads = tuple(sorted(methods.build_loss(config.loss).needs.heads))
-      parts = ('train', 'stage2') + (() if heads in exported_heads else ('eval',))
-      programs = export.run_programs(
-          config, TINY_NUM_CLASSES, mesh, TINY_CANVAS, parts=parts,
-          eval_modes=evaluator.EVAL_MODES if preset == common.METHODS[0] else None)
-      records.setdefault(preset, {})[dtype] = _export_all(programs, preset, mesh)
-      records[preset][dtype]['eval_as'] = exported_heads.setdefault(heads, preset)
-    config = tiny.get_config('method=pce_only')
-    config.cam.enabled = True
+  exported_heads = {}
+  for preset in common.METHODS:
+    config = tiny.get_config()
+    common.set_method(config, preset)
     config.model.compute_dtype = dtype
-    records.setdefault(CAM, {})[dtype] = _export_all(export.run_programs(
-        config, TINY_NUM_CLASSES, mesh, TINY_CANVAS, parts=('cam',)), CAM, mesh)
+    heads = tuple(sorted(methods.build_loss(config.loss).needs.heads))
+    parts = ('train', 'stage2') + (() if heads in exported_heads else ('eval',))
+    programs = export.run_programs(
+        config, TINY_NUM_CLASSES, mesh, TINY_CANVAS, parts=parts,
+        eval_modes=evaluator.EVAL_MODES if preset == common.METHODS[0] else None)
+    records[preset] = {dtype: _export_all(programs, preset, mesh)}
+    records[preset][dtype]['eval_as'] = exported_heads.setdefault(heads, preset)
+  config = tiny.get_config('method=pce_only')
+  config.cam.enabled = True
+  config.model.compute_dtype = dtype
+  records[CAM] = {dtype: _export_all(export.run_programs(
+      config, TINY_NUM_CLASSES, mesh, TINY_CANVAS, parts=('cam',)), CAM, mesh)}
   config = voc_point.get_config()
-  records[VOC] = {config.model.compute_dtype: _export_all(export.run_programs(
-      config, VOC_NUM_CLASSES, mesh, VOC_CANVAS, parts=('train', 'eval')), VOC, mesh)}
+  if dtype == config.model.compute_dtype:
+    records[VOC] = {dtype: _export_all(export.run_programs(
+        config, VOC_NUM_CLASSES, mesh, VOC_CANVAS, parts=('train', 'eval')), VOC, mesh)}
   with open(output, 'w', encoding='utf-8') as f:
     json.dump(records, f)
 
 
 @pytest.fixture(scope='module')
 def records(tmp_path_factory) -> dict:
-  """The worker's records (one run for the module's tests)."""
-  output = str(tmp_path_factory.mktemp('export') / 'exports.json')
+  """The workers' records merged (one run of each for the module's tests)."""
+  folder = tmp_path_factory.mktemp('export')
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   environment = dict(os.environ, JAX_PLATFORMS='cpu',
                      XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}',
                      PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
-  subprocess.run([sys.executable, '-c',
-                  f'from tests.runtime import test_export; test_export.worker({output!r})'],
-                 check=True, env=environment, timeout=1200, cwd=repo)
-  with open(output, encoding='utf-8') as f:
-    return json.load(f)
+  workers = {}
+  for dtype in DTYPES:
+    output = str(folder / f'{dtype}.json')
+    workers[output] = subprocess.Popen(
+        [sys.executable, '-c',
+         f'from tests.runtime import test_export; test_export.worker({output!r}, {dtype!r})'],
+        env=environment, cwd=repo)
+  merged = {}
+  try:
+    for output, process in workers.items():
+      assert process.wait(timeout=1200) == 0, output
+      with open(output, encoding='utf-8') as f:
+        for what, by_dtype in json.load(f).items():
+          merged.setdefault(what, {}).update(by_dtype)
+  finally:
+    for process in workers.values():
+      process.kill()
+  return merged
 
 
 DATA = "P('data',)"

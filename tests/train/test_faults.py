@@ -22,7 +22,8 @@ reference) and, in another, as a chain of runs each stopped by one fault
 Every checkpoint the chain made (each written by a rerun) must equal the
 reference's at the same step, bit for bit: parameters, BatchNorm statistics,
 optimizer state, step, RNG and data-iterator position; and so must the best
-checkpoint. The subprocesses share a persistent compilation cache.
+checkpoint. The subprocesses share the session's persistent compilation
+cache (``session_compilation_cache``).
 """
 
 import hashlib
@@ -131,12 +132,12 @@ def state_digest(checkpoint_dir: str, step: int) -> tuple[str, dict]:
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, session_compilation_cache):
   tmp = tmp_path_factory.mktemp('faults')
   source_root, _ = fixtures.make_folder_root(
       tmp, num_classes=NUM_CLASSES, split_sizes={'train': 6, 'val': 3},
       name='raw')
-  cache = str(tmp / 'jax_cache')
+  cache = session_compilation_cache
   reference, chain = str(tmp / 'reference'), str(tmp / 'chain')
   reference_run = start(reference, source_root, cache,
                         str(tmp / 'reference.log'))

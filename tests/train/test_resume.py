@@ -7,8 +7,9 @@ step and exit 143); a third rerun finishes. B's final parameters, BatchNorm
 statistics, optimizer state and data-iterator state must equal A's: the
 checkpoints hold everything a run depends on, the input iterator included.
 
-The subprocesses share a persistent compilation cache, so only the first two
-compile the train step.
+The subprocesses share the session's persistent compilation cache (with the
+other modules' runs of the tiny config), so at most the first two compile
+the train step.
 """
 
 import json
@@ -118,11 +119,11 @@ def assert_resume_matches(folder_a: str, folder_b: str, step: int, resumed_from:
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, session_compilation_cache):
   tmp = tmp_path_factory.mktemp('resume')
   data_dir = fixtures.make_folder_dataset_tfrecords(tmp / 'data', num_train=6,
                                                     num_val=2, num_classes=4)
-  cache = str(tmp / 'jax_cache')
+  cache = session_compilation_cache
   work_a, work_b = str(tmp / 'a'), str(tmp / 'b')
   logs = {name: str(tmp / f'{name}.log') for name in ('a', 'b1', 'b2', 'b3')}
   run_a = start(work_a, data_dir, cache, logs['a'])

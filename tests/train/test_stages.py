@@ -114,11 +114,11 @@ def start(workdir, data_dir, cache_dir, log_path, kill_at=0):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, session_compilation_cache):
   tmp = tmp_path_factory.mktemp('stages')
   data_dir = fixtures.make_folder_dataset_tfrecords(tmp / 'data', num_train=6,
                                                     num_val=2, num_classes=4)
-  cache = str(tmp / 'jax_cache')
+  cache = session_compilation_cache
   work_a, work_b = str(tmp / 'a'), str(tmp / 'b')
   logs = {name: str(tmp / f'{name}.log') for name in ('a', 'b1', 'b2')}
   run_a = start(work_a, data_dir, cache, logs['a'])
