@@ -3,7 +3,8 @@
 A converter (``folder``, ``voc``, ``cityscapes``) only finds its files and
 describes their label encodings; ``convert`` does the rest:
 
-1. every example is loaded and checked in worker processes (image decodes;
+1. every example is loaded and checked (in worker processes once the first
+   examples show that the conversion repays their start-up; image decodes;
    label files exist, are single-channel, have the image's size and only
    declared values), label values are mapped to the stored convention (class
    ids, 255 = unlabeled/void; ``agmm_jax.data.labels``), sparse labels are read or
@@ -415,6 +416,55 @@ def _exit_with_parent(parent_pid: int) -> None:
   threading.Thread(target=watch, daemon=True).start()
 
 
+# The worker pool starts only once the examples converted so far show that
+# the rest would take longer than this here: each spawned worker imports the
+# library first (4-6 s on 2 vCPUs), more than a cheap conversion takes (MSRC's
+# 335 dense images: 2.1 s here, 8.7 s with two workers; CamVid with generated
+# scribbles: 184 s here, 119 s with two; docs/benchmarks.md).
+_POOL_START_S = 10.0
+# Examples converted here before the first decision.
+_POOL_PROBE = 2
+
+
+class _Pool:
+  """The converter's worker processes, started on first use (``get``)."""
+
+  def __init__(self, num_workers: int):
+    self.num_workers = num_workers
+    self.executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+  def get(self) -> concurrent.futures.ProcessPoolExecutor:
+    if self.executor is None:
+      # spawn: workers must not inherit a forked JAX runtime or locks of the
+      # calling program.
+      self.executor = concurrent.futures.ProcessPoolExecutor(
+          self.num_workers, mp_context=multiprocessing.get_context('spawn'),
+          initializer=_exit_with_parent, initargs=(os.getpid(),))
+    return self.executor
+
+  def shutdown(self) -> None:
+    if self.executor is not None:
+      self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool_pays_off(seconds: float, done: int, left: int) -> bool:
+  """Whether ``left`` more examples, at the ``seconds / done`` each that
+  ``done`` took here, would take longer than a pool's start-up."""
+  return done >= _POOL_PROBE and seconds / done * left > _POOL_START_S
+
+
+def _results(tasks: list[tuple], pool: _Pool | None) -> Iterable:
+  """``_process_star`` of each task, in order: in this process, and on
+  ``pool`` from the first task where it pays off (at once if it is running)."""
+  start = time.monotonic()
+  for position, task in enumerate(tasks):
+    if pool is not None and (pool.executor is not None or _pool_pays_off(
+        time.monotonic() - start, position, len(tasks) - position)):
+      yield from pool.get().map(_process_star, tasks[position:], chunksize=4)
+      return
+    yield _process_star(task)
+
+
 def _raise_on_signal(signum, frame):
   del frame
   raise KeyboardInterrupt(f'signal {signum}')
@@ -538,17 +588,11 @@ def _convert_into(directory: str, *, name, classes, splits, num_shards,
   for split, source in splits.items():
     all_problems.extend(source.problems)
     all_problems.extend(_check_ids(split, source.examples))
-  executor = None
-  if num_workers > 1:
-    # spawn: workers must not inherit a forked JAX runtime or locks of the
-    # calling program.
-    executor = concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context('spawn'),
-        initializer=_exit_with_parent, initargs=(os.getpid(),))
+  pool = _Pool(num_workers) if num_workers > 1 else None
   try:
     for split, source in splits.items():
       split_metadata, sparse_metadata, problems = _convert_split(
-          directory, split, source, num_shards=num_shards, executor=executor,
+          directory, split, source, num_shards=num_shards, pool=pool,
           overlays=overlays, progress=progress, num_classes=num_classes,
           skip_bad=skip_bad, failed_already=bool(all_problems))
       all_problems.extend(problems)
@@ -556,8 +600,8 @@ def _convert_into(directory: str, *, name, classes, splits, num_shards,
       if sparse_metadata is not None:
         metadata['sparse_labels'][split] = sparse_metadata
   finally:
-    if executor is not None:
-      executor.shutdown(wait=True, cancel_futures=True)
+    if pool is not None:
+      pool.shutdown()
   if all_problems and not skip_bad:
     raise ConversionError(all_problems, skippable=True)
   metadata['num_bad_files'] = len(all_problems)
@@ -568,7 +612,7 @@ def _convert_into(directory: str, *, name, classes, splits, num_shards,
 
 
 def _convert_split(directory, split, source: SplitSource, *, num_shards,
-                   executor, overlays, progress, num_classes, skip_bad,
+                   pool, overlays, progress, num_classes, skip_bad,
                    failed_already):
   """Writes one split's shards; returns (split metadata, sparse metadata,
   problems)."""
@@ -581,10 +625,7 @@ def _convert_split(directory, split, source: SplitSource, *, num_shards,
   tasks = [(example, options, num_classes,
             options.has_sparse and position < overlays)
            for position, example in enumerate(examples)]
-  if executor is None:
-    results = map(_process_star, tasks)
-  else:
-    results = executor.map(_process_star, tasks, chunksize=4)
+  results = _results(tasks, pool)
   problems = []
   sparse_stats = sparse_labels.SparseStats(num_classes)
   unlabeled_found = set()

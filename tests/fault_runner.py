@@ -8,8 +8,9 @@ rather than after a sleep. KIND is one of:
 
 * ``prep_kill`` / ``prep_term``: SIGKILL / SIGTERM to this process during data
   preparation, once the train split is written into the converter's temporary
-  folder and before the val split is; the converter's worker process ids are
-  written to the file ``$FAULT_WORKERS_FILE`` first.
+  folder (by its worker pool, started at once) and before the val split is;
+  the converter's worker process ids are written to the file
+  ``$FAULT_WORKERS_FILE`` first.
 * ``step_kill:STEP``: SIGKILL between steps, right after train step STEP.
 * ``eval_kill:STEP`` / ``eval_term:STEP``: SIGKILL / SIGTERM during the
   evaluation of step STEP, after its first batch.
@@ -70,14 +71,17 @@ def _install(kind: str, step: int) -> None:
   if kind in ('prep_kill', 'prep_term'):
     convert_split = data_prep_common._convert_split  # pylint: disable=protected-access
 
-    def faulty_convert_split(directory, split, *args, executor, **kwargs):
+    def faulty_convert_split(directory, split, *args, pool, **kwargs):
       if split != 'train':
         # The converter's worker processes, for the test to check they end.
         with open(os.environ['FAULT_WORKERS_FILE'], 'w') as f:
-          f.write(' '.join(str(p) for p in getattr(executor, '_processes', {})))
+          f.write(' '.join(str(p) for p in getattr(pool.executor, '_processes', {})))
         _signal_self(signal.SIGKILL if kind == 'prep_kill' else signal.SIGTERM)
-      return convert_split(directory, split, *args, executor=executor, **kwargs)
+      return convert_split(directory, split, *args, pool=pool, **kwargs)
     data_prep_common._convert_split = faulty_convert_split  # pylint: disable=protected-access
+    # The tiny dataset converts faster than workers start: start them anyway,
+    # so that the fault finds workers to leave behind.
+    data_prep_common._pool_pays_off = lambda *args: True  # pylint: disable=protected-access
 
   elif kind == 'step_kill':
     make_train_step = steps.make_train_step

@@ -136,8 +136,10 @@ def test_folder_downscale(folder_root, tmp_path):
     assert image(example).shape == (full.shape[0] // 2, full.shape[1] // 2, 3)
 
 
-def test_parallel_conversion_matches_serial(folder_root, tmp_path):
+def test_parallel_conversion_matches_serial(folder_root, tmp_path, monkeypatch):
   root, _ = folder_root
+  # The fixture converts faster than workers start: start them anyway.
+  monkeypatch.setattr(common, '_pool_pays_off', lambda *args: True)
   outputs = []
   for workers in (1, 2):
     output = str(tmp_path / f'w{workers}')
@@ -147,6 +149,32 @@ def test_parallel_conversion_matches_serial(folder_root, tmp_path):
     outputs.append(output)
   for split in ('train', 'val'):
     assert read_split(outputs[0], split) == read_split(outputs[1], split)
+
+
+def test_a_cheap_conversion_starts_no_workers(folder_root, tmp_path, monkeypatch):
+  root, truth = folder_root
+
+  def no_pool(self):
+    raise AssertionError('a worker pool was started')
+  monkeypatch.setattr(common._Pool, 'get', no_pool)
+  output = str(tmp_path / 'cheap')
+  folder.convert_folder(root, output, void_values=(4,), num_workers=4,
+                        progress=False)
+  assert sorted(read_split(output, 'val')) == sorted(truth['val'])
+
+
+@pytest.mark.parametrize('seconds, done, left, pays_off', [
+    (0.0, 0, 1000, False),   # nothing measured yet
+    (1.0, 1, 1000, False),   # one example is not a measurement
+    (1.0, 2, 21, True),      # 0.5 s each x 21 = 10.5 s > 10 s
+    (1.0, 2, 20, False),     # exactly 10 s: not more than the start-up
+    (0.012, 2, 333, False),  # MSRC dense: 6 ms each, 2 s left
+    (0.8, 2, 466, True),     # CamVid, generated scribbles: 0.4 s each
+])
+def test_the_pool_starts_when_the_rest_would_outlast_its_start_up(
+    seconds, done, left, pays_off):
+  assert common._POOL_START_S == 10.0 and common._POOL_PROBE == 2
+  assert common._pool_pays_off(seconds, done, left) == pays_off
 
 
 @pytest.mark.parametrize('unlabeled', [255, 21])
