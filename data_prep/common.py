@@ -755,7 +755,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--num_shards', type=int, default=0,
                       help='shards per split (0: about one per 500 examples)')
   parser.add_argument('--num_workers', type=int, default=1,
-                      help='worker processes for decoding/encoding')
+                      help='worker processes for decoding/encoding, at most: '
+                      'they start once the first examples show they save '
+                      'time (each takes seconds to start)')
   parser.add_argument('--seed', type=int, default=0,
                       help='seed of the sparse-label generator')
   parser.add_argument('--skip_bad', action='store_true',
