@@ -18,9 +18,18 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 def temporary_user_cache(tmp_path_factory):
   """XDG_CACHE_HOME in a temporary folder: the runs' persistent compilation
   cache (config.compilation_cache_dir = 'user') stays out of the home folder
-  and starts empty; subprocesses inherit it."""
+  and starts empty; subprocesses inherit it. Under pytest-xdist (the README's
+  ``-n 2``) the workers share one folder, beside their own temporary ones, so
+  that a program one worker compiled is not compiled again by the other
+  (jax writes each entry once; a read of an entry being written fails over to
+  compiling, with a warning)."""
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    folder = tmp_path_factory.getbasetemp().parent / 'user_cache'
+    folder.mkdir(exist_ok=True)
+  else:
+    folder = tmp_path_factory.mktemp('user_cache')
   with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('XDG_CACHE_HOME', str(tmp_path_factory.mktemp('user_cache')))
+    patch.setenv('XDG_CACHE_HOME', str(folder))
     yield
 
 
