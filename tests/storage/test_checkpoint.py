@@ -198,6 +198,7 @@ def test_unstarted_orbax_reads_do_not_warn_and_other_coroutines_do(tmp_path):
   """The fourth form of a failed restore's leftovers: Orbax's unstarted
   shard reads warn "never awaited" when collected, at any later point of the
   run; that warning is dropped, the same warning of another coroutine is not."""
+  # At a module's top level: the warning names the coroutine's qualified name.
   folder = tmp_path / 'coroutines'
   folder.mkdir()
   (folder / 'reads.py').write_text(
