@@ -112,12 +112,13 @@ def test_restore_falls_back_past_unreadable_steps(tmp_path, caplog,
   checkpointer.close()
 
 
-def _reader_module(root, package: str):
-  """A module at ``root/package/`` whose ``read`` coroutine raises."""
+def _reader_module(root, package: str,
+                   source: str = 'async def read():\n  raise ValueError("damaged chunk")\n'):
+  """The module ``root/package/reader.py`` of ``source`` (by default a
+  ``read`` coroutine that raises), loaded."""
   folder = root / package
   folder.mkdir()
-  (folder / 'reader.py').write_text(
-      'async def read():\n  raise ValueError("damaged chunk")\n')
+  (folder / 'reader.py').write_text(source)
   spec = importlib.util.spec_from_file_location(
       f'{package}_reader', folder / 'reader.py')
   module = importlib.util.module_from_spec(spec)
@@ -181,8 +182,9 @@ def test_unretrieved_read_errors_are_dropped_only_when_raised_in_orbax(
 
 
 def _unstarted_coroutine_warnings(module) -> list[str]:
-  """The warnings of a coroutine of each of ``module``'s coroutine functions
-  created and dropped unstarted (as a failed restore leaves Orbax's shard
+  """The warnings of a coroutine of ``module``'s
+  ``_read_array_index_and_device_put`` and of its ``read``, each created and
+  dropped unstarted (as a failed restore leaves Orbax's shard
   reads), under the filters ``_ignore_failed_restore_leftovers`` sets."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
@@ -199,14 +201,10 @@ def test_unstarted_orbax_reads_do_not_warn_and_other_coroutines_do(tmp_path):
   shard reads warn "never awaited" when collected, at any later point of the
   run; that warning is dropped, the same warning of another coroutine is not."""
   # At a module's top level: the warning names the coroutine's qualified name.
-  folder = tmp_path / 'coroutines'
-  folder.mkdir()
-  (folder / 'reads.py').write_text(
+  module = _reader_module(
+      tmp_path, 'coroutines',
       'async def _read_array_index_and_device_put():\n  pass\n\n\n'
       'async def read():\n  pass\n')
-  spec = importlib.util.spec_from_file_location('reads', folder / 'reads.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   assert _unstarted_coroutine_warnings(module) == [
       "coroutine 'read' was never awaited"]
 
