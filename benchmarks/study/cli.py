@@ -23,7 +23,7 @@ from benchmarks.study.evaluations import evaluate_finished, run_diagnostic
 from benchmarks.study.grid import (
     ALL_METHODS, DEFAULT_LABELS, FULL, DEFAULT_METHODS, DEFAULT_ROOT, DEFAULT_SEEDS,
     REPO_ROOT, STUDY_PRESETS, Run, StudyPreset, common_args_of, config_error,
-    dataset_of, plan_preset)
+    dataset_of, labels_tag, plan_preset)
 from benchmarks.study.method_table import (
     group_rows, method_cost_factors, read_entries, write_method_table)
 from benchmarks.study.pack import (
@@ -517,6 +517,17 @@ def _pack(args: argparse.Namespace, argv: Sequence[str] | None,
   return 0
 
 
+def _remove_unlinked_grids(folder: str, linked: Sequence[str]) -> None:
+  """Deletes the qualitative grids in `folder` that the report does not
+  link (those of label specs no longer asked for)."""
+  keep = {os.path.abspath(p) for p in linked}
+  for name in os.listdir(folder):
+    path = os.path.abspath(os.path.join(folder, name))
+    if (name.startswith('qualitative_') and name.endswith('.png')
+        and path not in keep):
+      os.remove(path)
+
+
 def _report(args: argparse.Namespace, argv: Sequence[str] | None,
             plan: _Plan) -> int:
   """--report: the Markdown report, its curves and overlay grids, from the
@@ -526,11 +537,6 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None,
   # docs/results.md -> docs/results_curves.png and docs/results/: another
   # report (the GPU study's) keeps its figures apart.
   stem = os.path.splitext(output)[0]
-  if args.overlay_images > 0 and os.path.isdir(stem):
-    # Only the grids this report links stay.
-    for name in os.listdir(stem):
-      if name.startswith('qualitative_') and name.endswith('.png'):
-        os.remove(os.path.join(stem, name))
   if args.from_folders:
     if args.eval_data_dir or args.eval_given_classes:
       print('error: --eval_data_dir and --eval_given_classes evaluate '
@@ -563,10 +569,16 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None,
     if args.overlay_images > 0:
       finished = summarize(results, finished_only=True)
       for spec in args.overlay_labels or [runs[0].cell.labels]:
+        # runs/ does not outlive a session: while some method's workdir is
+        # gone, the grid an earlier report made stays.
+        earlier = os.path.join(stem, f'qualitative_{labels_tag(spec)}.png')
         path = make_overlays(finished, spec, stem,
-                             num_images=args.overlay_images)
-        if path:
-          overlay_paths.append(path)
+                             num_images=args.overlay_images,
+                             complete_only=os.path.exists(earlier))
+        if path or os.path.exists(earlier):
+          overlay_paths.append(path or earlier)
+  if args.overlay_images > 0 and os.path.isdir(stem):
+    _remove_unlinked_grids(stem, overlay_paths)
   summaries = summarize(results)
   if not summaries:
     print(f'error: no run under {runs[0].workdir.rsplit(os.sep, 1)[0]} has an '

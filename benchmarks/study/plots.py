@@ -52,20 +52,24 @@ def plot_curves(summaries: Sequence[CellSummary], path: str) -> None:
 def make_overlays(summaries: Sequence[CellSummary], labels_spec: str,
                   output_dir: str, *, num_images: int = 3,
                   python: str = sys.executable,
-                  repo_root: str = REPO_ROOT) -> str | None:
+                  repo_root: str = REPO_ROOT,
+                  complete_only: bool = False) -> str | None:
   """Predicts a few val images with the best seed of every method trained on
   `labels_spec` (plus `full`) and writes one small grid PNG; returns its path
-  (None when no such run has a checkpoint).
+  (None when no such run has a checkpoint, or, with `complete_only`, when
+  one method's best seed has none: a grid missing methods would replace a
+  complete one).
 
   Columns: input, ground truth, one prediction per method. The predictions
   come from the trainer's predict mode (best checkpoint) on val images
   shrunk by the run's `data.prepare.downscale` (the training resolution).
   """
-  chosen = [s for s in summaries
-            if (s.cell.labels == labels_spec or s.cell.method == FULL)
-            and os.path.isdir(os.path.join(repo_root, s.best.run.workdir,
-                                           'checkpoints'))]
-  if not chosen:
+  wanted = [s for s in summaries
+            if s.cell.labels == labels_spec or s.cell.method == FULL]
+  chosen = [s for s in wanted
+            if os.path.isdir(os.path.join(repo_root, s.best.run.workdir,
+                                          'checkpoints'))]
+  if not chosen or (complete_only and len(chosen) < len(wanted)):
     return None
   with open(os.path.join(repo_root, chosen[0].best.run.workdir,
                          'config.json')) as f:

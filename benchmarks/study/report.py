@@ -457,7 +457,9 @@ def _figure_and_diagnostic_lines(results: Sequence[RunResult],
     lines += ['', '## Qualitative results', '',
               'Val images at training resolution; ground truth and the best '
               'seed of each method overlaid (void and unlabeled pixels '
-              'uncoloured).', '']
+              'uncoloured). A grid is drawn from the runs\' checkpoints; '
+              'while a method\'s best seed has no workdir on the machine, '
+              'the grid of an earlier report stays.', '']
     lines += [f'![{os.path.basename(p)}]({p})' for p in overlay_links]
   quality_lines = pseudo_label_table(results)
   if quality_lines:

@@ -1323,3 +1323,26 @@ def test_machine_names_the_cpus_vector_extension():
   # Records written before the field existed, and markers without a CPU.
   assert cpu_label({'cpu': 'EPYC', 'cpu_count': 2}) == 'EPYC, 2 cores'
   assert cpu_label({}) == ''
+
+
+def test_report_keeps_an_earlier_grid_no_workdir_can_redraw(study, tmp_path,
+                                                            capsys):
+  root, runs, _ = study
+  for run in runs:  # the overlay test above gives some of them checkpoints
+    shutil.rmtree(os.path.join(run.workdir, 'checkpoints'), ignore_errors=True)
+  output = tmp_path / 'docs' / 'results.md'
+  figures = tmp_path / 'docs' / 'results'
+  figures.mkdir(parents=True)
+  earlier = figures / 'qualitative_clicks20.png'
+  Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8)).save(earlier)
+  before = earlier.read_bytes()
+  stale = figures / 'qualitative_scribbles.png'
+  stale.write_bytes(before)
+  assert camvid_study.main(['--report', '--labels=clicks:20', '--seeds=0,1',
+                            '--steps=20', f'--root={root}',
+                            f'--output={output}', '--overlay_images=2',
+                            '--overlay_labels=clicks:20']) == 0
+  capsys.readouterr()
+  assert earlier.read_bytes() == before and not stale.exists()
+  assert '![qualitative_clicks20.png](results/qualitative_clicks20.png)' in (
+      output.read_text())
