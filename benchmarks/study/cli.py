@@ -29,7 +29,8 @@ from benchmarks.study.method_table import (
 from benchmarks.study.pack import (
     PACK_FIGURES, PACK_JSON, pack_results, unpack_results)
 from benchmarks.study.plots import make_overlays, plot_curves
-from benchmarks.study.report import format_duration, summarize, write_report
+from benchmarks.study.report import (
+    format_duration, hand_written_tail, summarize, write_report)
 from benchmarks.study.results import (
     DEFAULT_IOU_PREFIX, DEFAULT_LOSS_TAG, DEFAULT_MIOU_TAG, RunResult,
     format_status, read_run, result_from_record, run_status)
@@ -517,14 +518,17 @@ def _pack(args: argparse.Namespace, argv: Sequence[str] | None,
   return 0
 
 
-def _remove_unlinked_grids(folder: str, linked: Sequence[str]) -> None:
-  """Deletes the qualitative grids in `folder` that the report does not
-  link (those of label specs no longer asked for)."""
+def _remove_unlinked_grids(folder: str, linked: Sequence[str],
+                           markdown_path: str) -> None:
+  """Deletes the qualitative grids in `folder` that neither the report links
+  (`linked`) nor the hand-written section of `markdown_path` names (grids
+  of label specs no longer asked for)."""
   keep = {os.path.abspath(p) for p in linked}
+  hand_written = hand_written_tail(markdown_path)
   for name in os.listdir(folder):
     path = os.path.abspath(os.path.join(folder, name))
     if (name.startswith('qualitative_') and name.endswith('.png')
-        and path not in keep):
+        and path not in keep and f'/{name})' not in hand_written):
       os.remove(path)
 
 
@@ -578,7 +582,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None,
         if path or os.path.exists(earlier):
           overlay_paths.append(path or earlier)
   if args.overlay_images > 0 and os.path.isdir(stem):
-    _remove_unlinked_grids(stem, overlay_paths)
+    _remove_unlinked_grids(stem, overlay_paths, output)
   summaries = summarize(results)
   if not summaries:
     print(f'error: no run under {runs[0].workdir.rsplit(os.sep, 1)[0]} has an '

@@ -1338,11 +1338,17 @@ def test_report_keeps_an_earlier_grid_no_workdir_can_redraw(study, tmp_path,
   before = earlier.read_bytes()
   stale = figures / 'qualitative_scribbles.png'
   stale.write_bytes(before)
+  cited = figures / 'qualitative_full_seed0.png'
+  cited.write_bytes(before)
+  output.write_text('# old\n\n## What these numbers say (written by hand; '
+                    'the sections above are generated)\n\nSee '
+                    '![full](results/qualitative_full_seed0.png).\n')
   assert camvid_study.main(['--report', '--labels=clicks:20', '--seeds=0,1',
                             '--steps=20', f'--root={root}',
                             f'--output={output}', '--overlay_images=2',
                             '--overlay_labels=clicks:20']) == 0
   capsys.readouterr()
   assert earlier.read_bytes() == before and not stale.exists()
+  assert cited.exists()  # the hand-written section links it
   assert '![qualitative_clicks20.png](results/qualitative_clicks20.png)' in (
       output.read_text())
