@@ -76,7 +76,9 @@ does not outlive it, so `--run` writes each run it finishes (or finds
 finished) as one JSON record there, to be committed; `--run` skips archived
 runs, `--status` and `--report` read a run from its record when its workdir
 is gone. Overlays, the G-vs-p diagnostic and `--eval_data_dir` need a
-workdir's checkpoints and cover only runs still present.
+workdir's checkpoints and cover only runs still present; a qualitative grid
+is redrawn only while every method's best seed has its workdir, otherwise
+the grid of an earlier report stays.
 
 Device time (GPU preset): runs are separate `main.py` processes sharing JAX's
 persistent compilation cache (JAX_COMPILATION_CACHE_DIR in the children's
