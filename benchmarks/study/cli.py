@@ -23,12 +23,12 @@ from benchmarks.study.evaluations import evaluate_finished, run_diagnostic
 from benchmarks.study.grid import (
     ALL_METHODS, DEFAULT_LABELS, FULL, DEFAULT_METHODS, DEFAULT_ROOT, DEFAULT_SEEDS,
     REPO_ROOT, STUDY_PRESETS, Run, StudyPreset, common_args_of, config_error,
-    dataset_of, labels_tag, plan_preset)
+    dataset_of, plan_preset)
 from benchmarks.study.method_table import (
     group_rows, method_cost_factors, read_entries, write_method_table)
 from benchmarks.study.pack import (
     PACK_FIGURES, PACK_JSON, pack_results, unpack_results)
-from benchmarks.study.plots import make_overlays, plot_curves
+from benchmarks.study.plots import make_overlays, overlay_path, plot_curves
 from benchmarks.study.report import (
     format_duration, hand_written_tail, summarize, write_report)
 from benchmarks.study.results import (
@@ -575,11 +575,12 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None,
       for spec in args.overlay_labels or [runs[0].cell.labels]:
         # runs/ does not outlive a session: while some method's workdir is
         # gone, the grid an earlier report made stays.
-        earlier = os.path.join(stem, f'qualitative_{labels_tag(spec)}.png')
+        earlier = overlay_path(stem, spec)
+        has_earlier = os.path.exists(earlier)
         path = make_overlays(finished, spec, stem,
                              num_images=args.overlay_images,
-                             complete_only=os.path.exists(earlier))
-        if path or os.path.exists(earlier):
+                             complete_only=has_earlier)
+        if path or has_earlier:
           overlay_paths.append(path or earlier)
   if args.overlay_images > 0 and os.path.isdir(stem):
     _remove_unlinked_grids(stem, overlay_paths, output)

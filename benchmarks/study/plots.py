@@ -49,6 +49,11 @@ def plot_curves(summaries: Sequence[CellSummary], path: str) -> None:
   plt.close(figure)
 
 
+def overlay_path(output_dir: str, labels_spec: str) -> str:
+  """Where make_overlays writes the grid of `labels_spec`."""
+  return os.path.join(output_dir, f'qualitative_{labels_tag(labels_spec)}.png')
+
+
 def make_overlays(summaries: Sequence[CellSummary], labels_spec: str,
                   output_dir: str, *, num_images: int = 3,
                   python: str = sys.executable,
@@ -143,7 +148,7 @@ def make_overlays(summaries: Sequence[CellSummary], labels_spec: str,
   figure.savefig(buffer, format='png', dpi=80)
   plt.close(figure)
   os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, f'qualitative_{labels_tag(labels_spec)}.png')
+  path = overlay_path(output_dir, labels_spec)
   # A 256-colour palette PNG is about a third of the RGB one.
   with Image.open(buffer) as grid:
     grid.convert('RGB').quantize(256).save(path, optimize=True)
