@@ -327,7 +327,8 @@ def table_lines(rows: Sequence[Row], per_class_link: str) -> list[str]:
 def best_sentences(rows: Sequence[Row]) -> list[str]:
   """Per (dataset, budget, labels): the best method in a plain sentence,
   'none beats pCE' (the kind's baseline: baseline_method), or 'not decided
-  yet' while the leader is ahead on a single seed (its or the baseline's)."""
+  yet' while the leader is ahead on a single seed (its or the baseline's)
+  that a second could still separate."""
   pce_of, dense_of = _references(rows)
   groups = list(dict.fromkeys(r.key[:3] for r in rows if r.key[3] != FULL))
   lines = []
@@ -358,10 +359,20 @@ def best_sentences(rows: Sequence[Row]) -> list[str]:
 def _no_winner_sentence(title: str, base: str, pce: Row,
                         others: Sequence[Row], dense_text: str) -> str:
   """No method separates above the baseline: 'none beats' it, or 'not
-  decided yet' where the leader is ahead but the rule lacks a second seed."""
+  decided yet' where the leader is ahead on one seed and a second could
+  still separate it (its seeds all above the baseline's best)."""
   top = max(others, key=lambda r: r.mean)
   verdict = _verdict(top, pce)  # 'no', 'below' or 'n/a (one seed)' here.
   one_seed = verdict not in ('no', 'below')
+  if one_seed and top.mean > pce.mean and pce.scores.size > 1 and (
+      top.scores.min() <= pce.scores.max()):
+    # The rule wants every seed of the method above pCE's best: a seed
+    # already under it decides, whatever the missing seeds score.
+    status = (f"its seed {100 * top.scores.min():.2f} under {base}'s best "
+              f'seed {100 * pce.scores.max():.2f}: no further seed can '
+              'separate it')
+    return (f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
+            f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
   if one_seed and top.mean > pce.mean:
     return (f'- {title}: **not decided yet**: {top.key[3]} has the highest '
             f'mean ({_score(top)}, {_gap(top, pce)} points over {base}\'s '

@@ -165,6 +165,16 @@ def test_best_sentences_name_the_winner_or_none(archive, tmp_path):
       '- CamVid, 200 steps, clicks:20: **not decided yet**: pce_densecrf has '
       'the highest mean (24.00 (n=1), +3.00 points over '
       "pCE's 21.00 ± 1.41 (n=2)); separation needs two seeds of each.")
+  # Ahead on the mean (21.50 > 21.00) but its one seed under pCE's best
+  # (0.22): the rule's every-seed-above test already fails, so it is
+  # decided without a second seed.
+  _write(archive, 'study', 'pce_densecrf_0',
+         _record('pce_densecrf', 0, 0.215))
+  sentences = best_sentences(group_rows(read_entries(str(archive))))
+  assert sentences[0] == (
+      '- CamVid, 200 steps, clicks:20: **none beats pCE** (21.00 ± 1.41 '
+      '(n=2); highest other mean pce_densecrf 21.50 (n=1), its seed 21.50 '
+      "under pCE's best seed 22.00: no further seed can separate it).")
   # Behind on its one seed (0.18 < 21.00): none beats pCE, the verdict n/a.
   _write(archive, 'study', 'pce_densecrf_0',
          _record('pce_densecrf', 0, 0.18))
