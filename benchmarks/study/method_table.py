@@ -15,7 +15,10 @@ Separation rule (`separation`), written once here and stated under the
 table: a method separates from pCE when it has at least two seeds, as pCE
 does, every seed of it is above pCE's best seed (below its worst for
 'below'), and its mean gap exceeds SEPARATION_POOLED_SDS pooled sample
-standard deviations of the two cells.
+standard deviations of the two cells. A cell with one seed (its or pCE's)
+is 'n/a (one seed)' until a second lands, except where the two cells'
+seed ranges already overlap: further seeds only widen the ranges, so
+neither 'above' nor 'below' can follow, and the verdict is 'no' at once.
 """
 
 import dataclasses
@@ -235,7 +238,8 @@ def pooled_sd(a: np.ndarray, b: np.ndarray) -> float:
 def separation(method: np.ndarray, pce: np.ndarray) -> str:
   """'above', 'below', 'no' or 'n/a (one seed)': the module's rule."""
   if method.size < 2 or pce.size < 2:
-    return 'n/a (one seed)'
+    overlap = method.min() <= pce.max() and method.max() >= pce.min()
+    return 'no' if overlap else 'n/a (one seed)'
   gap = float(method.mean() - pce.mean())
   margin = SEPARATION_POOLED_SDS * pooled_sd(method, pce)
   if method.min() > pce.max() and gap > margin:
@@ -250,7 +254,9 @@ RULE_TEXT = (
     "the method above pCE's best seed (below its worst: 'below'), and the "
     f'mean gap larger than {SEPARATION_POOLED_SDS:g} pooled sample standard '
     'deviations of the two cells; otherwise the difference is within the '
-    'seed noise of these runs ("no").')
+    'seed noise of these runs ("no"). With one seed: "n/a", or "no" where '
+    "its range of seeds already overlaps pCE's, which no further seed can "
+    'undo.')
 
 
 def method_cost_factors(rows: Sequence[Row]) -> dict[str, float]:
@@ -328,7 +334,7 @@ def best_sentences(rows: Sequence[Row]) -> list[str]:
   """Per (dataset, budget, labels): the best method in a plain sentence,
   'none beats pCE' (the kind's baseline: baseline_method), or 'not decided
   yet' while the leader is ahead on a single seed (its or the baseline's)
-  that a second could still separate."""
+  and a second could still separate it."""
   pce_of, dense_of = _references(rows)
   groups = list(dict.fromkeys(r.key[:3] for r in rows if r.key[3] != FULL))
   lines = []
@@ -360,24 +366,21 @@ def _no_winner_sentence(title: str, base: str, pce: Row,
                         others: Sequence[Row], dense_text: str) -> str:
   """No method separates above the baseline: 'none beats' it, or 'not
   decided yet' where the leader is ahead on one seed and a second could
-  still separate it (its seeds all above the baseline's best)."""
+  still separate it (separation's 'n/a (one seed)')."""
   top = max(others, key=lambda r: r.mean)
   verdict = _verdict(top, pce)  # 'no', 'below' or 'n/a (one seed)' here.
-  one_seed = verdict not in ('no', 'below')
-  if one_seed and top.mean > pce.mean and pce.scores.size > 1 and (
-      top.scores.min() <= pce.scores.max()):
-    # The rule wants every seed of the method above pCE's best: a seed
-    # already under it decides, whatever the missing seeds score.
-    status = (f"its seed {100 * top.scores.min():.2f} under {base}'s best "
-              f'seed {100 * pce.scores.max():.2f}: no further seed can '
-              'separate it')
-    return (f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
-            f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
-  if one_seed and top.mean > pce.mean:
+  one_seed = min(len(top.entries), len(pce.entries)) < 2
+  if verdict == 'n/a (one seed)' and top.mean > pce.mean:
     return (f'- {title}: **not decided yet**: {top.key[3]} has the highest '
             f'mean ({_score(top)}, {_gap(top, pce)} points over {base}\'s '
             f'{_score(pce)}); separation needs two seeds of each{dense_text}.')
-  status = verdict if one_seed else 'not separated'
+  if verdict == 'n/a (one seed)':
+    status = verdict
+  elif one_seed:  # 'no' on one seed: the ranges overlap already.
+    status = (f"not separated: its seeds overlap {base}'s, which no further "
+              'seed can undo')
+  else:
+    status = 'not separated'
   return (f'- {title}: **none beats {base}** ({_score(pce)}; highest other '
           f'mean {top.key[3]} {_score(top)}, {status}){dense_text}.')
 

@@ -128,6 +128,10 @@ def test_table_gaps_and_separation_by_hand(archive):
     ((0.29,) + (0.5,) * 9, (0.20, 0.30), 'no'),
     ((0.10, 0.12), (0.20, 0.22), 'below'),
     ((0.30,), (0.20, 0.22), 'n/a (one seed)'),
+    ((0.19,), (0.20, 0.22), 'n/a (one seed)'),
+    # One seed inside pCE's range: neither 'above' nor 'below' can follow.
+    ((0.215,), (0.20, 0.22), 'no'),
+    ((0.20, 0.24), (0.22,), 'no'),
 ])
 def test_separation_rule(method, pce, verdict):
   method, pce = np.array(method), np.array(pce)
@@ -141,6 +145,10 @@ def test_separation_rule(method, pce, verdict):
                 else 'below' if method.max() < pce.min()
                 and -gap > 2 * pooled else 'no')
     assert expected == verdict
+  else:
+    # More seeds only widen the ranges: once they overlap, it is 'no'.
+    overlap = method.min() <= pce.max() and method.max() >= pce.min()
+    assert verdict == ('no' if overlap else 'n/a (one seed)')
   assert separation(method, pce) == verdict
 
 
@@ -173,8 +181,8 @@ def test_best_sentences_name_the_winner_or_none(archive, tmp_path):
   sentences = best_sentences(group_rows(read_entries(str(archive))))
   assert sentences[0] == (
       '- CamVid, 200 steps, clicks:20: **none beats pCE** (21.00 ± 1.41 '
-      '(n=2); highest other mean pce_densecrf 21.50 (n=1), its seed 21.50 '
-      "under pCE's best seed 22.00: no further seed can separate it).")
+      '(n=2); highest other mean pce_densecrf 21.50 (n=1), not separated: '
+      "its seeds overlap pCE's, which no further seed can undo).")
   # Behind on its one seed (0.18 < 21.00): none beats pCE, the verdict n/a.
   _write(archive, 'study', 'pce_densecrf_0',
          _record('pce_densecrf', 0, 0.18))
