@@ -56,8 +56,6 @@ from agmm_jax import methods
 from agmm_jax.data import input_pipeline
 from agmm_jax.data import labels as labels_lib
 from agmm_jax.runtime import sharding as sharding_lib
-from agmm_jax.storage import checkpoint as checkpoint_lib
-from agmm_jax.train import stages
 from benchmarks.study import targets
 
 # A pixel is pulled when its pull's L1 norm is at least this share of the
@@ -127,44 +125,6 @@ def make_pulls(model_defs, losses: dict[str, methods.Loss], num_classes: int):
   return jax.jit(pulls)
 
 
-def chosen_steps(which: str, kept: Sequence[int]) -> list[int]:
-  """The checkpoint steps ``which`` names among the ``kept`` ones:
-  ``latest``, ``all`` (ascending) or a comma list of steps; a one-line
-  ValueError for a step that is not kept."""
-  if not kept:
-    raise ValueError('no checkpoint')
-  if which == 'latest':
-    return [max(kept)]
-  if which == 'all':
-    return sorted(kept)
-  items = [item for item in which.split(',') if item]
-  missing = [item for item in items if not item.isdigit() or int(item) not in kept]
-  if missing or not items:
-    raise ValueError(f'--steps={which}: no checkpoint of step {", ".join(missing) or "?"}; '
-                     f'kept: {", ".join(map(str, sorted(kept)))}')
-  return [int(item) for item in items]
-
-
-def _checkpoints(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
-                 mesh: jax.sharding.Mesh, which: str):
-  """``(model defs, [(step, state)])``: the final model's checkpoints that
-  ``which`` names (:func:`chosen_steps`; ``keep_checkpoint_every_steps``
-  keeps some through a run)."""
-  class_names = [f'class_{i}' for i in range(num_classes)]
-  state, model_defs, folder = stages.inference_state(config, workdir, class_names, mesh)
-  checkpointer = checkpoint_lib.Checkpointer(folder, keep=int(config.keep_checkpoints),
-                                             read_only=True)
-  try:
-    try:
-      chosen = chosen_steps(which, checkpointer.all_steps())
-    except ValueError as error:
-      raise ValueError(f'{folder}: {error}') from None
-    abstract = checkpoint_lib.abstract_like(state)
-    return model_defs, [(step, checkpointer.restore_step(abstract, step)) for step in chosen]
-  finally:
-    checkpointer.close()
-
-
 def diagnose(workdir: str, terms: Sequence[str], num_images: int,
              which: str = 'latest') -> dict[int, dict[str, dict[str, float]]]:
   """``{step: {term: pooled pull_sums}}`` of ``workdir``'s checkpoints."""
@@ -174,7 +134,7 @@ def diagnose(workdir: str, terms: Sequence[str], num_images: int,
   mesh = sharding_lib.create_mesh(config.mesh)
   terms = list(terms) or unlabeled_terms(config.loss)
   losses = {term: term_loss(config.loss, term) for term in terms}
-  model_defs, states = _checkpoints(config, workdir, num_classes, mesh, which)
+  model_defs, states = targets.kept_states(config, workdir, num_classes, mesh, which)
   pulls = make_pulls(model_defs, losses, num_classes)
   images = list(targets.train_images(config.data.dir, num_images, num_classes))
   by_step = {}

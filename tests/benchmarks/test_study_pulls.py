@@ -97,17 +97,3 @@ def test_terms_that_read_the_batch_are_one_line_errors():
   common.set_method(config, 'spml')
   with pytest.raises(ValueError, match="term 'spml' needs a method state or batch fields"):
     pulls.term_loss(config.loss, 'spml')
-
-
-def test_steps_name_the_latest_every_kept_or_listed_checkpoints():
-  kept = [1200, 600, 1150]
-  assert pulls.chosen_steps('latest', kept) == [1200]
-  assert pulls.chosen_steps('all', kept) == [600, 1150, 1200]
-  assert pulls.chosen_steps('1200,600', kept) == [1200, 600]
-  for which, missing in (('1800', '1800'), ('600,x', 'x'), (',', '?')):
-    with pytest.raises(ValueError) as error:
-      pulls.chosen_steps(which, kept)
-    assert str(error.value) == (f'--steps={which}: no checkpoint of step {missing}; '
-                                'kept: 600, 1150, 1200')
-  with pytest.raises(ValueError, match='^no checkpoint$'):
-    pulls.chosen_steps('latest', [])

@@ -44,6 +44,43 @@ def test_agmm_target_matches_gmm_diagnostic(tiny_trained_run, diagnosed):
     assert totals[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+def test_steps_all_diagnoses_every_kept_checkpoint(tiny_trained_run, diagnosed,
+                                                   tmp_path):
+  # The shared run keeps steps 2 and 4; step 4 is `diagnose`'s latest, and
+  # step 2 is gmm_diagnostic's latest on a copy without step 4.
+  workdir, _ = tiny_trained_run
+  name, by_step = targets.diagnose_steps(workdir, IMAGES, 'all')
+  assert name == 'gmm_response' and list(by_step) == [2, 4]
+  latest = {key: value for key, value in diagnosed[1].items() if key != 'step'}
+  assert diagnosed[1]['step'] == 4 and by_step[4] == pytest.approx(latest)
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'checkpoints' / '4')
+  with open(f'{workdir}/config.json') as f:
+    form = json.load(f)['loss']['gmm']['form']
+  expected = gmm_diagnostic.diagnose(str(copy), num_images=IMAGES,
+                                     batch_size=IMAGES)[form]
+  assert by_step[2] != pytest.approx(by_step[4])
+  assert expected.pop('step') == 2
+  for key, value in expected.items():
+    assert by_step[2][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+  assert targets.diagnose_steps(workdir, IMAGES, '2')[1].keys() == {2}
+
+
+def test_steps_name_the_latest_every_kept_or_listed_checkpoints():
+  kept = [1200, 600, 1150]
+  assert targets.chosen_steps('latest', kept) == [1200]
+  assert targets.chosen_steps('all', kept) == [600, 1150, 1200]
+  assert targets.chosen_steps('1200,600', kept) == [1200, 600]
+  for which, missing in (('1800', '1800'), ('600,x', 'x'), (',', '?')):
+    with pytest.raises(ValueError) as error:
+      targets.chosen_steps(which, kept)
+    assert str(error.value) == (f'--steps={which}: no checkpoint of step {missing}; '
+                                'kept: 600, 1150, 1200')
+  with pytest.raises(ValueError, match='^no checkpoint$'):
+    targets.chosen_steps('latest', [])
+
+
 def test_a_loss_without_target_map_is_one_error_line(tmp_path, capsys):
   config = tiny.get_config()
   config.loss = presets.preset('pce_only')
