@@ -117,7 +117,6 @@ def kept_states(config: ml_collections.ConfigDict, workdir: str, num_classes: in
     checkpointer.close()
 
 
-
 def diagnose_steps(workdir: str, num_images: int, which: str = 'latest'
                    ) -> tuple[str, dict[int, dict[str, float]]]:
   """`(target name, {step: pooled target_quality sums})` of `workdir`'s
